@@ -1,0 +1,410 @@
+"""The Python API: `Index`, one object for creating, filling and searching an image index.
+
+from simsearch import Index
+
+with Index.create("indexes/photos", model="/models/vit") as index:
+    index.add(["~/Pictures"])
+    for hit in index.search("query.jpg", k=5):
+        print(hit.score, hit.path)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from simsearch.config import (
+    DATABASE_FILE,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_K,
+    DEFAULT_MODEL,
+    DEFAULT_WORKERS,
+    MANIFEST_FILE,
+    VECTORS_FILE,
+)
+from simsearch.errors import (
+    ImageError,
+    IndexExistsError,
+    IndexFormatError,
+    IndexNotFoundError,
+    QueryError,
+)
+from simsearch.images import decode_image
+from simsearch.records import AddSummary, FailedFile, Hit, IndexInfo
+from simsearch.store import STATUS_OK, Store
+from simsearch.vectors import FILE_MODE, VectorIndex, fsync_dir
+
+log = logging.getLogger(__name__)
+
+Query = str | os.PathLike | int | np.ndarray
+
+
+class Index:
+    """An image index: a folder holding the manifest, the SQLite store and the FAISS file.
+
+    Make one with `Index.create` or `Index.open`; close it (or use `with`) when done. The
+    model is loaded only when something needs it (adding images, searching by a new image).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        store: Store,
+        *,
+        model: str | None = None,
+        device: str = "auto",
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        embedder=None,
+    ) -> None:
+        self.path = path
+        self.store = store
+        manifest = store.manifest()
+        if manifest is None:
+            raise IndexFormatError(f"{path} has a database but no manifest: it is not an index")
+        self.manifest = manifest
+        self._model = model or manifest.model
+        self._device = device
+        self._batch_size = batch_size
+        self._embedder = embedder
+        self._vectors: VectorIndex | None = None
+
+    # -- opening -------------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike,
+        model: str | os.PathLike = DEFAULT_MODEL,
+        *,
+        layer: int = -1,
+        pool: str = "cls",
+        device: str = "auto",
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        embedder=None,
+    ) -> Index:
+        """Create a new, empty index at `path` for `model`, `layer` and `pool`.
+
+        Loads the model (to learn its dimension and preprocessing). Raises IndexExistsError
+        when an index is already there. `embedder` replaces the transformers model (tests).
+        """
+        path = Path(path)
+        if (path / DATABASE_FILE).exists():
+            raise IndexExistsError(f"an index already exists at {path}; open it instead")
+        if embedder is None:
+            from simsearch.embed import Embedder
+
+            embedder = Embedder(model, layer=layer, pool=pool, device=device, batch_size=batch_size)
+        manifest = embedder.manifest()
+        path.mkdir(parents=True, exist_ok=True)
+        # Build the database under a temporary name and rename it into place, so a crash
+        # never leaves a half-made index that later runs would trip over.
+        fd, tmp = tempfile.mkstemp(prefix=DATABASE_FILE + ".", suffix=".tmp", dir=path)
+        os.close(fd)
+        os.chmod(tmp, FILE_MODE)
+        try:
+            store = Store(Path(tmp), create=True)
+            store.set_manifest(manifest)
+            store.close()
+            os.replace(tmp, path / DATABASE_FILE)
+        finally:
+            for leftover in (tmp, tmp + "-wal", tmp + "-shm"):
+                Path(leftover).unlink(missing_ok=True)
+        _write_atomic(path / MANIFEST_FILE, manifest.to_json() + "\n")
+        fsync_dir(path)
+        return cls(
+            path,
+            Store(path / DATABASE_FILE),
+            device=device,
+            batch_size=batch_size,
+            embedder=embedder,
+        )
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike,
+        *,
+        model: str | os.PathLike | None = None,
+        layer: int | None = None,
+        pool: str | None = None,
+        device: str = "auto",
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        embedder=None,
+    ) -> Index:
+        """Open an existing index. `model`, `layer` and `pool`, when given, must match it.
+
+        A mismatch raises ManifestMismatchError naming what differs. `model` may also point
+        at the same weights in a new place (a moved folder), which the index then uses.
+        """
+        path = Path(path)
+        if not (path / DATABASE_FILE).is_file():
+            raise IndexNotFoundError(
+                f"no index at {path}; create one with `simsearch index DIR --index {path}`"
+            )
+        index = cls(
+            path,
+            Store(path / DATABASE_FILE),
+            model=None if model is None else str(model),
+            device=device,
+            batch_size=batch_size,
+            embedder=embedder,
+        )
+        try:
+            index._check_request(model, layer, pool)
+        except BaseException:
+            index.close()
+            raise
+        return index
+
+    def _check_request(self, model, layer: int | None, pool: str | None) -> None:
+        from dataclasses import replace
+
+        from simsearch.embed import resolve_layer
+
+        wanted = self.manifest
+        if layer is not None:
+            wanted = replace(wanted, layer=resolve_layer(layer, self.manifest.num_layers))
+        if pool is not None:
+            wanted = replace(wanted, pool=pool)
+        if model is not None and self._embedder is None:
+            from simsearch.embed import hash_weights, resolve_model
+
+            folder, _ = resolve_model(str(model))
+            wanted = replace(wanted, model=str(model), weights_sha256=hash_weights(folder))
+        self.manifest.check_compatible(wanted)
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> Index:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- the model -----------------------------------------------------------------------
+
+    @property
+    def embedder(self):
+        """The Embedder for this index's model, loaded on first use and checked against it."""
+        if self._embedder is None:
+            from simsearch.embed import Embedder
+
+            embedder = Embedder(
+                self._model,
+                layer=self.manifest.layer,
+                pool=self.manifest.pool,
+                device=self._device,
+                batch_size=self._batch_size,
+            )
+            self.manifest.check_compatible(embedder.manifest())
+            self._embedder = embedder
+        return self._embedder
+
+    def embed(self, images: Sequence) -> np.ndarray:
+        """Return one unit-norm float32 row per image (file paths or PIL images)."""
+        return self.embedder.embed_images([_as_image(img) for img in images])
+
+    # -- adding --------------------------------------------------------------------------
+
+    def add(
+        self,
+        paths: str | os.PathLike | Iterable[str | os.PathLike],
+        *,
+        workers: int = DEFAULT_WORKERS,
+        progress=None,
+    ) -> AddSummary:
+        """Index the images under `paths` (files or folders, searched recursively).
+
+        New and changed files are embedded; unchanged ones are skipped unread; files that
+        cannot be decoded are recorded with the reason (see `failed()`). Each batch is
+        committed as it completes. `progress` is an optional tqdm-like object.
+        """
+        from simsearch.ingest import ingest
+
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        vectors = self.vectors
+        try:
+            summary = ingest(
+                paths, self.store, vectors, self.embedder, workers=workers, progress=progress
+            )
+        finally:
+            self._save_vectors()
+        return summary
+
+    # -- searching -----------------------------------------------------------------------
+
+    def search(self, query: Query, k: int = DEFAULT_K) -> list[Hit]:
+        """Return the `k` indexed images most similar to `query`, best first.
+
+        `query` is an image file (indexed or not), a PIL image, an indexed image's id (an int
+        or "id:N"), or a vector of the index's dimension.
+        """
+        return self.search_many([query], k)[0]
+
+    def search_many(self, queries: Sequence[Query], k: int = DEFAULT_K) -> list[list[Hit]]:
+        """Return the hits for each query, answering all of them in one FAISS call."""
+        if k < 1:
+            raise QueryError("k must be at least 1")
+        if not queries:
+            return []
+        matrix = np.stack([self._query_vector(q) for q in queries])
+        scores, ids = self.vectors.search(matrix, k)
+        paths = self.store.paths(np.unique(ids[ids >= 0]))
+        results = []
+        for row_scores, row_ids in zip(scores, ids, strict=True):
+            pairs = zip(row_scores, row_ids.tolist(), strict=True)
+            results.append([Hit(i, paths[i], float(s)) for s, i in pairs if i in paths])
+        return results
+
+    def _query_vector(self, query: Query) -> np.ndarray:
+        if isinstance(query, np.ndarray):
+            if query.shape != (self.manifest.dim,):
+                raise QueryError(f"a query vector must have shape ({self.manifest.dim},)")
+            return query.astype(np.float32)
+        image_id = _parse_id(query)
+        if image_id is not None:
+            vector = self.store.vector(image_id)
+            if vector is None:
+                raise QueryError(f"no indexed image has id {image_id}")
+            return vector
+        if isinstance(query, (str, os.PathLike)):
+            known = self._stored_vector_for(Path(query))
+            if known is not None:
+                return known
+        return self.embed([query])[0]
+
+    def _stored_vector_for(self, path: Path) -> np.ndarray | None:
+        """Return the stored vector of an indexed file that has not changed since, else None."""
+        key = os.path.abspath(path)
+        known = self.store.lookup(key)
+        if known is None or known.status != STATUS_OK:
+            return None
+        try:
+            st = os.stat(key)
+        except OSError:
+            return None
+        if (known.size, known.mtime_ns) != (st.st_size, st.st_mtime_ns):
+            return None
+        return self.store.vector(known.id)
+
+    # -- the FAISS cache -----------------------------------------------------------------
+
+    @property
+    def vectors(self) -> VectorIndex:
+        """The FAISS index, loaded from disk when current, else rebuilt from the store."""
+        if self._vectors is None:
+            self._vectors = self._load_or_rebuild_vectors()
+        return self._vectors
+
+    def _load_or_rebuild_vectors(self) -> VectorIndex:
+        dim = self.manifest.dim
+        file = self.path / VECTORS_FILE
+        generation = self.store.generation()
+        if file.is_file() and self.store.faiss_generation() == generation:
+            try:
+                vectors = VectorIndex.load(file, dim)
+                if np.array_equal(vectors.ids(), self.store.vector_ids()):
+                    return vectors
+            except Exception as exc:  # a damaged cache is rebuilt, never trusted
+                log.warning("rebuilding %s: %s", file, exc)
+        vectors = VectorIndex(dim)
+        for ids, vecs in self.store.iter_vectors(dim):
+            vectors.add(ids, vecs)
+        self._vectors = vectors
+        if generation > 0:
+            log.info("rebuilt %s from the database (%d vectors)", file, len(vectors))
+            self._save_vectors()
+        return vectors
+
+    def _save_vectors(self) -> None:
+        if self._vectors is None:
+            return
+        generation = self.store.generation()
+        try:
+            self._vectors.save(self.path / VECTORS_FILE)
+        except OSError as exc:
+            log.warning("cannot save %s (it will be rebuilt next time): %s", VECTORS_FILE, exc)
+            return
+        self.store.set_faiss_generation(generation)
+
+    # -- reporting -----------------------------------------------------------------------
+
+    def info(self) -> IndexInfo:
+        """Return counts, settings and size on disk."""
+        indexed, failed = self.store.counts()
+        m = self.manifest
+        size = sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
+        return IndexInfo(
+            path=str(self.path),
+            indexed=indexed,
+            failed=failed,
+            model=m.model,
+            weights_sha256=m.weights_sha256,
+            revision=m.revision,
+            architecture=m.architecture,
+            dim=m.dim,
+            layer=m.layer,
+            num_layers=m.num_layers,
+            pool=m.pool,
+            precision=m.precision,
+            preprocessing=m.preprocessing,
+            size_bytes=size,
+            format_version=m.format_version,
+        )
+
+    def failed(self) -> list[FailedFile]:
+        """Return every file that could not be indexed, with the reason."""
+        return self.store.failed()
+
+    def __len__(self) -> int:
+        return self.store.counts()[0]
+
+
+def _parse_id(query: Query) -> int | None:
+    if isinstance(query, (bool, np.bool_)):
+        raise QueryError(f"not a query: {query!r}")
+    if isinstance(query, (int, np.integer)):
+        return int(query)
+    if isinstance(query, str) and query.startswith("id:"):
+        try:
+            return int(query[3:])
+        except ValueError:
+            raise QueryError(f"bad id query {query!r}: expected id:N with N an integer") from None
+    return None
+
+
+def _as_image(image):
+    """Return a PIL RGB image for a path or a PIL image."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        from simsearch.images import to_rgb
+
+        return to_rgb(image)
+    path = Path(image)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise QueryError(f"no such image file: {path}") from None
+    except OSError as exc:
+        raise QueryError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        return decode_image(data)
+    except ImageError as exc:
+        raise QueryError(f"{path}: {exc}") from None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,311 @@
+"""The `simsearch` command: parse arguments, call the API, print. No logic of its own."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+
+from simsearch import __version__
+from simsearch.config import DEFAULT_BATCH_SIZE, DEFAULT_INDEX, DEFAULT_K, DEFAULT_MODEL
+from simsearch.errors import SimsearchError
+
+log = logging.getLogger("simsearch")
+
+
+class _Group(click.Group):
+    """A click group whose errors are one line on stderr, never a usage dump or traceback."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as exc:
+            hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+            click.echo(f"Error: {exc.format_message()}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except SimsearchError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(1)
+        except click.Abort:
+            click.echo("Interrupted; everything committed before it is kept.", err=True)
+            sys.exit(130)
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+class _TqdmHandler(logging.Handler):
+    """Writes log records through tqdm, so notices do not tear progress bars apart."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    level = (
+        logging.ERROR
+        if quiet
+        else logging.DEBUG
+        if verbose > 1
+        else (logging.INFO if verbose else logging.WARNING)
+    )
+    logging.getLogger("simsearch").setLevel(level)
+
+
+index_option = click.option(
+    "--index",
+    "index_path",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_INDEX,
+    envvar="SIMSEARCH_INDEX",
+    show_default=True,
+    show_envvar=True,
+    help="Index folder.",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+device_option = click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="Where the model runs; auto uses CUDA when there is one.",
+)
+batch_option = click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=DEFAULT_BATCH_SIZE,
+    show_default=True,
+    help="Images per model call.",
+)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="simsearch")
+@click.option("-v", "--verbose", count=True, help="More detail on stderr (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or notices, only results.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
+    """Image similarity search: index folders of images, find the ones that look alike.
+
+    \b
+    Quick start:
+      simsearch index ~/Pictures                 # embed every image (incremental)
+      simsearch search query.jpg -k 5            # the 5 most similar indexed images
+      simsearch info                             # what is in the index
+
+    Without hub access, point --model (or SIMSEARCH_MODEL) at a folder written by
+    transformers' save_pretrained.
+    """
+    _setup_logging(verbose, quiet)
+    ctx.obj = {"quiet": quiet}
+
+
+@cli.command()
+@click.argument("dirs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@index_option
+@click.option(
+    "--model",
+    envvar="SIMSEARCH_MODEL",
+    show_envvar=True,
+    help=f"Hub id or local folder of the backbone. New index: defaults to {DEFAULT_MODEL}; "
+    "existing index: its own model (a folder with the same weights may be given).",
+)
+@click.option(
+    "--layer",
+    type=int,
+    default=None,
+    help="Hidden state to embed: 0 = patch embeddings, 1..N = blocks, negative from the end. "
+    "New index: -1 (last block, after the final norm).",
+)
+@click.option(
+    "--pool",
+    type=click.Choice(["cls", "mean"]),
+    default=None,
+    help="[CLS] token or mean of the patch tokens. New index: cls.",
+)
+@batch_option
+@device_option
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Threads that read and decode images.  [default: min(4, cores)]",
+)
+@json_option
+@click.pass_obj
+def index(obj, dirs, index_path, model, layer, pool, batch_size, device, workers, as_json):
+    """Add the images under DIRS to an index, creating it if needed.
+
+    Folders are searched recursively for jpg, jpeg, png, webp, bmp, gif and tiff files.
+    Files indexed before and unchanged since (same size and mtime) are skipped; files that
+    cannot be read are recorded with the reason (`simsearch info --errors`) and the run
+    goes on. Work is committed in batches, so an interrupted run keeps what it finished.
+
+    \b
+    Examples:
+      simsearch index ~/Pictures
+      simsearch index photos/ scans/ --index indexes/family
+      simsearch index photos/ --model ./models/vit-base --layer -2 --pool mean
+    """
+    from tqdm import tqdm
+
+    from simsearch.api import Index
+    from simsearch.config import DATABASE_FILE, DEFAULT_WORKERS
+
+    if (index_path / DATABASE_FILE).exists():
+        idx = Index.open(
+            index_path, model=model, layer=layer, pool=pool, device=device, batch_size=batch_size
+        )
+    else:
+        log.info("creating index %s", index_path)
+        idx = Index.create(
+            index_path,
+            model=model or DEFAULT_MODEL,
+            layer=-1 if layer is None else layer,
+            pool=pool or "cls",
+            device=device,
+            batch_size=batch_size,
+        )
+    with idx:
+        m = idx.manifest
+        log.info(
+            "model %s: %d-dim, layer %d of %d, %s pooling",
+            m.model,
+            m.dim,
+            m.layer,
+            m.num_layers,
+            m.pool,
+        )
+        _ = idx.embedder  # load the model before listing, so its errors come first
+        # disable=None: tqdm draws only when stderr is a terminal.
+        quiet = True if obj["quiet"] else None
+        with tqdm(desc="indexing", unit="img", file=sys.stderr, disable=quiet) as bar:
+            summary = idx.add(dirs, workers=workers or DEFAULT_WORKERS, progress=bar)
+    if as_json:
+        click.echo(json.dumps(asdict(summary)))
+    else:
+        click.echo(summary.line())
+
+
+@cli.command()
+@click.argument("queries", nargs=-1, required=True)
+@index_option
+@click.option(
+    "-k",
+    "k",
+    type=click.IntRange(min=1),
+    default=DEFAULT_K,
+    show_default=True,
+    help="Number of results per query.",
+)
+@click.option(
+    "--model",
+    envvar="SIMSEARCH_MODEL",
+    show_envvar=True,
+    help="Where the index's model is now, if its folder moved.",
+)
+@device_option
+@json_option
+def search(queries, index_path, k, model, device, as_json):
+    """Find the indexed images most similar to each QUERY.
+
+    A QUERY is an image file (indexed or not) or id:N for the indexed image with id N.
+    Indexed, unchanged files and ids are answered from stored vectors without loading the
+    model. Results are best first; an indexed query finds itself at score 1.
+
+    \b
+    Examples:
+      simsearch search holiday.jpg
+      simsearch search id:42 -k 20
+      simsearch search a.jpg b.jpg --json | jq -r '.hits[0].path'
+
+    --json prints one line per query:
+    {"query": "a.jpg", "hits": [{"id": 7, "path": "/photos/x.jpg", "score": 0.93}, ...]}
+    """
+    from simsearch.api import Index
+
+    with Index.open(index_path, model=model, device=device) as idx:
+        results = idx.search_many(list(queries), k)
+    for query, hits in zip(queries, results, strict=True):
+        if as_json:
+            click.echo(json.dumps({"query": query, "hits": [asdict(h) for h in hits]}))
+            continue
+        click.echo(f"query: {query}")
+        click.echo(f"{'rank':>4}  {'score':>6}  path")
+        for rank, hit in enumerate(hits, 1):
+            click.echo(f"{rank:>4}  {hit.score:6.4f}  {hit.path}")
+
+
+@cli.command()
+@index_option
+@click.option("--errors", is_flag=True, help="List every file that failed, with the reason.")
+@json_option
+def info(index_path, errors, as_json):
+    """Show what an index holds: counts, model, vector settings, size on disk.
+
+    \b
+    Examples:
+      simsearch info
+      simsearch info --errors
+      simsearch info --json | jq .indexed
+    """
+    from simsearch.api import Index
+
+    with Index.open(index_path) as idx:
+        about = idx.info()
+        failed = idx.failed() if errors else []
+    if as_json:
+        data = asdict(about)
+        if errors:
+            data["errors"] = [asdict(f) for f in failed]
+        click.echo(json.dumps(data))
+        return
+    revision = f", revision {about.revision[:12]}" if about.revision else ""
+    click.echo(f"index:    {about.path}")
+    click.echo(f"images:   {about.indexed} indexed, {about.failed} failed")
+    click.echo(
+        f"model:    {about.model} ({about.architecture}, weights "
+        f"{about.weights_sha256[:12]}{revision})"
+    )
+    click.echo(
+        f"vectors:  {about.dim}-dim, layer {about.layer} of {about.num_layers}, "
+        f"{about.pool} pooling, {about.precision}, cosine"
+    )
+    click.echo(f"size:     {_human_bytes(about.size_bytes)} on disk")
+    if errors:
+        for f in failed:
+            click.echo(f"failed:   {f.path}: {f.error}")
+
+
+def _human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TB"
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Defaults in one place, each with the reason it has the value it has, and the index manifest."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from simsearch.errors import IndexFormatError, ManifestMismatchError
+
+# The mission's default backbone: ViT-L/16 pre-trained on ImageNet-21k gives general-purpose,
+# 1024-dim [CLS] vectors that work for "looks like" search without fine-tuning.
+DEFAULT_MODEL = "google/vit-large-patch16-224-in21k"
+
+# Where an index lives when neither --index nor SIMSEARCH_INDEX names one: the repo's indexes/
+# folder, so a first run needs no flags and the result is easy to find.
+DEFAULT_INDEX = Path("indexes/default")
+
+# 32 images of 224 px fill the CPU's matrix units well and keep a batch of ViT-L activations
+# under ~1 GB; larger batches gain < 5 % on CPU and only delay the first commit.
+DEFAULT_BATCH_SIZE = 32
+
+# Ten neighbours fit on one screen.
+DEFAULT_K = 10
+
+# Decode this many images ahead of the model so it rarely waits on Pillow.
+PREFETCH_BATCHES = 2
+
+# Pillow's own bomb limit is ~89 Mpx and only warns below 2x that; we refuse anything above
+# this many pixels before decoding, so one hostile file cannot allocate gigabytes.
+MAX_IMAGE_PIXELS = 178_956_970
+
+# File suffixes we treat as images (compared case-insensitively).
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
+# Version of the on-disk layout (manifest.json, meta.sqlite, vectors.faiss). Bumped on any
+# incompatible change; an index with a newer version is refused rather than misread.
+FORMAT_VERSION = 1
+
+MANIFEST_FILE = "manifest.json"
+DATABASE_FILE = "meta.sqlite"
+VECTORS_FILE = "vectors.faiss"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What produced an index's vectors: everything that must match for vectors to compare."""
+
+    model: str  # the model as the user named it (hub id or folder)
+    weights_sha256: str  # identity of the weights: the check that matters
+    architecture: str  # config.model_type, e.g. "vit", "dinov2"
+    layer: int  # absolute hidden-state index: 0 = patch embeddings, num_layers = last block
+    num_layers: int
+    pool: str  # "cls" or "mean"
+    dim: int
+    preprocessing: dict = field(default_factory=dict)
+    revision: str | None = None  # hub commit, when the model came from the hub
+    precision: str = "fp32"
+    metric: str = "cosine"
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        data = json.loads(text)
+        version = data.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise IndexFormatError(
+                f"index format version {version!r} is not supported by this simsearch "
+                f"(it reads versions up to {FORMAT_VERSION}); upgrade simsearch"
+            )
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def check_compatible(self, other: Manifest) -> None:
+        """Raise ManifestMismatchError naming each setting where `other` differs from this index."""
+        diffs = []
+        if other.weights_sha256 != self.weights_sha256:
+            diffs.append(
+                f"model: index was built with {self.model!r} "
+                f"(weights {self.weights_sha256[:12]}), not {other.model!r} "
+                f"(weights {other.weights_sha256[:12]})"
+            )
+        for name in ("layer", "pool", "dim", "preprocessing"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine != theirs:
+                diffs.append(f"{name}: index has {mine!r}, requested {theirs!r}")
+        if diffs:
+            raise ManifestMismatchError(
+                "this index was built with different settings; "
+                + "; ".join(diffs)
+                + ". Use a new --index for a different model, layer or pooling."
+            )
+
+
+# Files larger than this are refused unread: no photo is this big, and reading one whole
+# would cost that much memory.
+MAX_FILE_BYTES = 1 << 30
+
+# Threads that read, hash, decode and resize images while the model runs. Pillow releases
+# the GIL while decoding, so threads overlap with the forward pass; more than 4 rarely helps
+# a CPU that is also running the model.
+DEFAULT_WORKERS = min(4, os.cpu_count() or 1)

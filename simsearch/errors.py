@@ -1,0 +1,41 @@
+"""The exceptions simsearch raises. The CLI turns any SimsearchError into a one-line message."""
+
+
+class SimsearchError(Exception):
+    """Base class: an error a user can act on, with a message that says how."""
+
+
+class ModelLoadError(SimsearchError):
+    """The model could not be found, downloaded or loaded."""
+
+
+class LayerError(SimsearchError):
+    """A --layer or --pool that the model cannot provide."""
+
+
+class IndexNotFoundError(SimsearchError):
+    """No index exists at the given path."""
+
+
+class IndexExistsError(SimsearchError):
+    """An index already exists where a new one was to be created."""
+
+
+class IndexFormatError(SimsearchError):
+    """The index folder is not one this version can read."""
+
+
+class ManifestMismatchError(SimsearchError):
+    """The index was built with another model, layer or pooling."""
+
+
+class ImageError(SimsearchError):
+    """An image file could not be read or decoded; the message is the reason."""
+
+
+class QueryError(SimsearchError):
+    """A search query that names no usable image or id."""
+
+
+class InputPathError(SimsearchError):
+    """A path given to index does not exist."""

@@ -1,0 +1,228 @@
+"""Finding image files, decoding them safely to RGB, and turning them into model input."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from simsearch.config import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS
+from simsearch.errors import ImageError, InputPathError
+
+log = logging.getLogger(__name__)
+
+# Colour that transparent pixels are laid on: photo tools show transparency on white.
+BACKGROUND = (255, 255, 255)
+
+
+def is_image_name(path: Path) -> bool:
+    """Return True when the file name has one of the image suffixes we index."""
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def find_images(paths: Iterable[str | os.PathLike]) -> Iterator[Path]:
+    """Yield image files under `paths`, depth first in sorted order, each once.
+
+    A directory is searched recursively (symlinked directories are not followed, so a link
+    loop cannot trap the walk); a file named directly is yielded whatever its suffix.
+    """
+    seen: set[str] = set()
+    for root in paths:
+        root = Path(os.path.abspath(root))
+        if root.is_dir():
+            candidates = _walk(root)
+        elif root.exists() or root.is_symlink():
+            candidates = iter([root])
+        else:
+            raise InputPathError(f"no such file or directory: {root}")
+        for path in candidates:
+            key = str(path)
+            if key not in seen:
+                seen.add(key)
+                yield path
+
+
+def _walk(root: Path) -> Iterator[Path]:
+    def on_error(err: OSError) -> None:
+        log.warning("cannot list %s: %s", err.filename, err.strerror)
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=on_error):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = Path(dirpath, name)
+            if is_image_name(path):
+                yield path
+
+
+def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Return the image in `data` as upright RGB, or raise ImageError with the reason.
+
+    The pixel count is checked from the header before any pixel is decoded, so a
+    decompression bomb costs nothing. EXIF orientation is applied; palette, alpha, CMYK,
+    16-bit and float modes are all converted to 8-bit RGB; animations give their first frame.
+    """
+    if not data:
+        raise ImageError("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            # We enforce our own pixel limit below; Pillow's warning would only repeat it.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageError(
+                    f"image is {width}x{height} = {width * height:,} pixels, above the limit "
+                    f"of {max_pixels:,} pixels"
+                )
+            img.load()
+    except ImageError:
+        raise
+    except Image.UnidentifiedImageError:
+        raise ImageError("not an image, or a format Pillow cannot read") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"refused as a decompression bomb: {exc}") from None
+    except Exception as exc:  # Pillow raises many types for bad data; all mean "cannot decode"
+        raise ImageError(f"cannot decode image: {_reason(exc)}") from None
+    if width < 1 or height < 1:
+        raise ImageError(f"image has no pixels ({width}x{height})")
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception as exc:  # a corrupt EXIF block should not lose an otherwise good image
+        log.debug("ignoring unreadable EXIF orientation: %s", exc)
+    return to_rgb(img)
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Return `img` as 8-bit RGB; transparency is composited on white."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode == "P" and "transparency" in img.info:
+        img, mode = img.convert("RGBA"), "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, BACKGROUND)
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    if mode.startswith("I") or mode == "F":
+        return _high_depth_to_rgb(img)
+    return img.convert("RGB")
+
+
+def _high_depth_to_rgb(img: Image.Image) -> Image.Image:
+    """Map 16-bit, 32-bit integer or float greyscale to 8 bits by the range its type implies."""
+    arr = np.asarray(img)
+    lo, hi = float(arr.min()), float(arr.max())
+    if arr.dtype.kind == "f":
+        if lo >= 0 and hi <= 1:  # the usual convention for float images
+            lo, hi = 0.0, 1.0
+    elif lo >= 0 and hi <= 65535:  # 16-bit data, whatever container Pillow chose for it
+        lo, hi = 0.0, 65535.0
+    scaled = (arr.astype(np.float64) - lo) * (255.0 / max(hi - lo, 1e-12))
+    grey = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey, "L").convert("RGB")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """A checkpoint's image-processor settings, applied with Pillow and numpy.
+
+    Follows transformers' image processors: resize (to an exact size, or the shortest edge
+    to `size`), optional centre crop, rescale to [0, 1], normalise by mean and std.
+    """
+
+    resize: str  # "exact" (to height x width) or "shortest_edge"
+    size: tuple[int, ...]  # (height, width) for exact, (edge,) for shortest_edge
+    resample: int  # a PIL.Image.Resampling value, as the configs store it
+    crop: tuple[int, int] | None  # (height, width) of the centre crop, or None
+    rescale_factor: float | None  # None: no rescaling
+    mean: tuple[float, float, float] | None  # None: no normalisation
+    std: tuple[float, float, float] | None
+
+    @classmethod
+    def from_processor(cls, proc) -> Preprocessing:
+        """Read the settings of a transformers image processor."""
+        size = dict(getattr(proc, "size", None) or {})
+        if not getattr(proc, "do_resize", True):
+            resize, dims = "none", ()
+        elif "height" in size and "width" in size:
+            resize, dims = "exact", (int(size["height"]), int(size["width"]))
+        elif "shortest_edge" in size:
+            resize, dims = "shortest_edge", (int(size["shortest_edge"]),)
+        else:
+            raise ImageError(f"unsupported image processor size setting: {size}")
+        crop = None
+        if getattr(proc, "do_center_crop", False):
+            cs = dict(getattr(proc, "crop_size", None) or {})
+            crop = (int(cs["height"]), int(cs["width"]))
+        rescale = float(proc.rescale_factor) if getattr(proc, "do_rescale", True) else None
+        mean = std = None
+        if getattr(proc, "do_normalize", True):
+            mean = tuple(float(x) for x in proc.image_mean)
+            std = tuple(float(x) for x in proc.image_std)
+        resample = getattr(proc, "resample", Image.Resampling.BILINEAR)
+        return cls(resize, dims, int(resample), crop, rescale, mean, std)
+
+    def to_dict(self) -> dict:
+        """Return a JSON-friendly dict (lists, not tuples) for the manifest."""
+        return json_ready(asdict(self))
+
+    def output_size(self, width: int, height: int) -> tuple[int, int]:
+        """Return the (width, height) the image will have after resizing, before cropping."""
+        if self.resize == "exact":
+            return self.size[1], self.size[0]
+        if self.resize == "shortest_edge":
+            edge = self.size[0]
+            if width <= height:
+                return edge, int(edge * height / width)
+            return int(edge * width / height), edge
+        return width, height
+
+    def __call__(self, img: Image.Image) -> np.ndarray:
+        """Return the model input for an RGB image: float32, channels first (3, H, W)."""
+        new_w, new_h = self.output_size(*img.size)
+        if (new_w, new_h) != img.size:
+            img = img.resize((new_w, new_h), resample=Image.Resampling(self.resample))
+        arr = np.asarray(img, dtype=np.uint8)
+        if self.crop is not None:
+            arr = _center_crop(arr, *self.crop)
+        out = arr.astype(np.float32)
+        if self.rescale_factor is not None:
+            out *= np.float32(self.rescale_factor)
+        if self.mean is not None:
+            out -= np.asarray(self.mean, dtype=np.float32)
+            out /= np.asarray(self.std, dtype=np.float32)
+        return np.ascontiguousarray(out.transpose(2, 0, 1))
+
+
+def _center_crop(arr: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
+    """Centre-crop an (H, W, C) array as transformers does, zero-padding when it is smaller."""
+    h, w = arr.shape[:2]
+    if h < crop_h or w < crop_w:
+        padded = np.zeros((max(h, crop_h), max(w, crop_w), arr.shape[2]), dtype=arr.dtype)
+        top, left = -(-(padded.shape[0] - h) // 2), -(-(padded.shape[1] - w) // 2)
+        padded[top : top + h, left : left + w] = arr
+        arr, h, w = padded, padded.shape[0], padded.shape[1]
+    top, left = (h - crop_h) // 2, (w - crop_w) // 2
+    return arr[top : top + crop_h, left : left + crop_w]
+
+
+def json_ready(value):
+    """Return `value` with tuples turned into lists, so it equals its own JSON round trip."""
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    return value

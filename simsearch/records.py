@@ -1,0 +1,61 @@
+"""Small frozen dataclasses that the API returns; `dataclasses.asdict` turns them into JSON."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result: an indexed image and its cosine similarity to the query."""
+
+    id: int
+    path: str
+    score: float
+
+
+@dataclass(frozen=True)
+class FailedFile:
+    """A file that could not be indexed, and why."""
+
+    path: str
+    error: str
+
+
+@dataclass(frozen=True)
+class AddSummary:
+    """What one `Index.add` run did."""
+
+    seen: int  # image files found under the given paths
+    indexed: int  # files embedded in this run (new or changed)
+    unchanged: int  # skipped: same size and mtime as when last indexed
+    failed: int  # could not be read or decoded; see Index.failed()
+    seconds: float
+
+    def line(self) -> str:
+        return (
+            f"{self.seen} files seen, {self.indexed} indexed, "
+            f"{self.unchanged} skipped as unchanged, {self.failed} failed "
+            f"({self.seconds:.1f} s)"
+        )
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    """Counts and settings of an index, as `simsearch info` shows them."""
+
+    path: str
+    indexed: int  # images that have a vector
+    failed: int
+    model: str
+    weights_sha256: str
+    revision: str | None
+    architecture: str
+    dim: int
+    layer: int
+    num_layers: int
+    pool: str
+    precision: str
+    preprocessing: dict
+    size_bytes: int
+    format_version: int

@@ -1,0 +1,310 @@
+"""The Store: image metadata, durable vectors and the manifest in SQLite (SQLAlchemy 2.0).
+
+SQLite is the source of truth for an index. Every change is one transaction that also bumps
+a generation number, so the FAISS file (a derived cache) can tell whether it is current.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+from sqlalchemy import (
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    create_engine,
+    delete,
+    event,
+    func,
+    select,
+)
+from sqlalchemy.dialects.sqlite import insert
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from simsearch.config import Manifest
+from simsearch.records import FailedFile
+
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+
+# Rows fetched per round trip when streaming vectors out, to keep memory flat on big indexes.
+FETCH_ROWS = 10_000
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ImageRow(Base):
+    __tablename__ = "images"
+    # AUTOINCREMENT: an id is never reused, so a stale FAISS id can never name a new image.
+    __table_args__: ClassVar[dict] = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    path: Mapped[str] = mapped_column(Text, unique=True)
+    size: Mapped[int] = mapped_column(Integer)
+    mtime_ns: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str | None] = mapped_column(String(64), index=True)
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))
+    error: Mapped[str | None] = mapped_column(Text)
+    indexed_at: Mapped[float] = mapped_column()
+
+
+class VectorRow(Base):
+    __tablename__ = "vectors"
+
+    image_id: Mapped[int] = mapped_column(
+        ForeignKey("images.id", ondelete="CASCADE"), primary_key=True
+    )
+    vector: Mapped[bytes] = mapped_column(LargeBinary)  # float32, little-endian, dim values
+
+
+class MetaRow(Base):
+    __tablename__ = "meta"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+@dataclass(frozen=True)
+class Known:
+    """What the store remembers of a file, to decide whether it must be read again."""
+
+    id: int
+    size: int
+    mtime_ns: int
+    status: str
+
+
+@dataclass(frozen=True)
+class GoodImage:
+    path: str
+    size: int
+    mtime_ns: int
+    sha256: str
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class BadImage:
+    path: str
+    size: int
+    mtime_ns: int
+    error: str
+    sha256: str | None = None
+
+
+class Store:
+    """SQLite database of one index. Open with `Store(path)`; `create=True` makes a new one."""
+
+    def __init__(self, path: Path, *, create: bool = False) -> None:
+        self.path = Path(path)
+        if not create and not self.path.is_file():
+            raise FileNotFoundError(self.path)
+        self.engine = create_engine(f"sqlite:///{self.path}")
+        event.listen(self.engine, "connect", _on_connect)
+        if create:
+            Base.metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- manifest and generations --------------------------------------------------------
+
+    def manifest(self) -> Manifest | None:
+        text = self._get_meta("manifest")
+        return None if text is None else Manifest.from_json(text)
+
+    def set_manifest(self, manifest: Manifest) -> None:
+        with Session(self.engine) as session, session.begin():
+            _put_meta(session, "manifest", manifest.to_json())
+
+    def generation(self) -> int:
+        """Return the number of committed changes to images and vectors."""
+        return int(self._get_meta("generation") or 0)
+
+    def faiss_generation(self) -> int:
+        """Return the generation the saved FAISS file was built from (-1: none saved)."""
+        return int(self._get_meta("faiss_generation") or -1)
+
+    def set_faiss_generation(self, generation: int) -> None:
+        with Session(self.engine) as session, session.begin():
+            _put_meta(session, "faiss_generation", str(generation))
+
+    def _get_meta(self, key: str) -> str | None:
+        with Session(self.engine) as session:
+            return session.scalar(select(MetaRow.value).where(MetaRow.key == key))
+
+    # -- reading -------------------------------------------------------------------------
+
+    def known_files(self) -> dict[str, Known]:
+        """Return every stored path with its size, mtime and status."""
+        stmt = select(ImageRow.path, ImageRow.id, ImageRow.size, ImageRow.mtime_ns, ImageRow.status)
+        with Session(self.engine) as session:
+            return {p: Known(i, s, m, st) for p, i, s, m, st in session.execute(stmt)}
+
+    def counts(self) -> tuple[int, int]:
+        """Return (images with a vector, failed images)."""
+        with Session(self.engine) as session:
+            indexed = session.scalar(select(func.count()).select_from(VectorRow))
+            failed = session.scalar(select(func.count()).where(ImageRow.status == STATUS_ERROR))
+        return int(indexed), int(failed)
+
+    def failed(self) -> list[FailedFile]:
+        stmt = (
+            select(ImageRow.path, ImageRow.error)
+            .where(ImageRow.status == STATUS_ERROR)
+            .order_by(ImageRow.path)
+        )
+        with Session(self.engine) as session:
+            return [FailedFile(p, e or "") for p, e in session.execute(stmt)]
+
+    def paths(self, ids: Sequence[int]) -> dict[int, str]:
+        """Return the stored path of each id that exists."""
+        ids = [int(i) for i in ids]
+        with Session(self.engine) as session:
+            stmt = select(ImageRow.id, ImageRow.path).where(ImageRow.id.in_(ids))
+            return {int(i): p for i, p in session.execute(stmt)}
+
+    def lookup(self, path: str) -> Known | None:
+        """Return what the store knows of `path`, or None."""
+        stmt = select(ImageRow.id, ImageRow.size, ImageRow.mtime_ns, ImageRow.status).where(
+            ImageRow.path == path
+        )
+        with Session(self.engine) as session:
+            row = session.execute(stmt).first()
+        return None if row is None else Known(*row)
+
+    def vector(self, image_id: int) -> np.ndarray | None:
+        """Return the stored vector of an image, or None when it has none."""
+        with Session(self.engine) as session:
+            blob = session.scalar(select(VectorRow.vector).where(VectorRow.image_id == image_id))
+        return None if blob is None else np.frombuffer(blob, dtype="<f4").copy()
+
+    def iter_vectors(
+        self, dim: int, rows: int = FETCH_ROWS
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (ids int64, vectors float32) chunks of every stored vector, in id order."""
+        last = -1
+        with Session(self.engine) as session:
+            while True:
+                stmt = (
+                    select(VectorRow.image_id, VectorRow.vector)
+                    .where(VectorRow.image_id > last)
+                    .order_by(VectorRow.image_id)
+                    .limit(rows)
+                )
+                chunk = session.execute(stmt).all()
+                if not chunk:
+                    return
+                ids = np.fromiter((r[0] for r in chunk), dtype=np.int64, count=len(chunk))
+                vecs = np.frombuffer(b"".join(r[1] for r in chunk), dtype="<f4").reshape(-1, dim)
+                last = int(ids[-1])
+                yield ids, vecs.astype(np.float32, copy=False)
+
+    def vector_ids(self) -> np.ndarray:
+        with Session(self.engine) as session:
+            ids = session.scalars(select(VectorRow.image_id).order_by(VectorRow.image_id)).all()
+        return np.asarray(ids, dtype=np.int64)
+
+    # -- writing -------------------------------------------------------------------------
+
+    def write_batch(
+        self, good: Sequence[GoodImage], vectors: np.ndarray, bad: Sequence[BadImage] = ()
+    ) -> tuple[list[int], list[int]]:
+        """Store a batch of embedded and failed files in one transaction.
+
+        Returns (ids of `good`, in order; ids of `bad` rows that lost a vector). A path seen
+        before keeps its id; its row and vector are replaced.
+        """
+        if len(good) != len(vectors):
+            raise ValueError("one vector per good image is required")
+        now = time.time()
+        vectors = np.ascontiguousarray(vectors, dtype="<f4")
+        with Session(self.engine) as session, session.begin():
+            ids = []
+            for img, vec in zip(good, vectors, strict=True):
+                image_id = _upsert_image(
+                    session,
+                    img.path,
+                    img.size,
+                    img.mtime_ns,
+                    now,
+                    sha256=img.sha256,
+                    width=img.width,
+                    height=img.height,
+                    status=STATUS_OK,
+                    error=None,
+                )
+                blob = vec.tobytes()
+                session.execute(
+                    insert(VectorRow)
+                    .values(image_id=image_id, vector=blob)
+                    .on_conflict_do_update(index_elements=["image_id"], set_={"vector": blob})
+                )
+                ids.append(image_id)
+            dropped = []
+            for img in bad:
+                image_id = _upsert_image(
+                    session,
+                    img.path,
+                    img.size,
+                    img.mtime_ns,
+                    now,
+                    sha256=img.sha256,
+                    width=None,
+                    height=None,
+                    status=STATUS_ERROR,
+                    error=img.error,
+                )
+                gone = session.execute(delete(VectorRow).where(VectorRow.image_id == image_id))
+                if gone.rowcount:
+                    dropped.append(image_id)
+            _bump_generation(session)
+        return ids, dropped
+
+
+def _upsert_image(session: Session, path: str, size: int, mtime_ns: int, now: float, **cols) -> int:
+    values = dict(path=path, size=size, mtime_ns=mtime_ns, indexed_at=now, **cols)
+    stmt = (
+        insert(ImageRow)
+        .values(**values)
+        .on_conflict_do_update(
+            index_elements=["path"], set_={k: v for k, v in values.items() if k != "path"}
+        )
+        .returning(ImageRow.id)
+    )
+    return int(session.execute(stmt).scalar_one())
+
+
+def _put_meta(session: Session, key: str, value: str) -> None:
+    session.execute(
+        insert(MetaRow)
+        .values(key=key, value=value)
+        .on_conflict_do_update(index_elements=["key"], set_={"value": value})
+    )
+
+
+def _bump_generation(session: Session) -> None:
+    current = session.scalar(select(MetaRow.value).where(MetaRow.key == "generation"))
+    _put_meta(session, "generation", str(int(current or 0) + 1))
+
+
+def _on_connect(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()
+    # WAL lets searches read while a writer commits; FULL makes each commit survive power loss.
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.close()
