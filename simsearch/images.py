@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -87,7 +88,13 @@ def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image
     except Image.UnidentifiedImageError:
         raise ImageError("not an image, or a format Pillow cannot read") from None
     except Image.DecompressionBombError as exc:
-        raise ImageError(f"refused as a decompression bomb: {exc}") from None
+        # Pillow refuses images far above its own limit as soon as it reads the header.
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        count = f"{int(found.group(1)):,}" if found else "more"
+        raise ImageError(
+            f"image is {count} pixels, above the limit of {max_pixels:,} pixels "
+            "(a possible decompression bomb)"
+        ) from None
     except Exception as exc:  # Pillow raises many types for bad data; all mean "cannot decode"
         raise ImageError(f"cannot decode image: {_reason(exc)}") from None
     if width < 1 or height < 1:

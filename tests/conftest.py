@@ -1,0 +1,102 @@
+"""Fixtures: tiny random transformers models saved to disk, and images drawn with Pillow.
+
+Nothing here touches the network: every model is built from a config and loaded back through
+the same `from_pretrained` path that real checkpoints take.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch, tmp_path):
+    """Keep tests away from the user's settings and the model hub."""
+    for var in ("SIMSEARCH_INDEX", "SIMSEARCH_MODEL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("simsearch.embed._hub_reachable", lambda *a, **k: False)
+
+
+def _save_vit(folder: Path, seed: int, **overrides) -> Path:
+    import torch
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    torch.manual_seed(seed)
+    settings = dict(
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+    )
+    settings.update(overrides)
+    config = ViTConfig(**settings)
+    ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
+    size = config.image_size
+    ViTImageProcessor(size={"height": size, "width": size}).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_vit(tmp_path_factory) -> Path:
+    """A 3-layer, 32-dim ViT on 32x32 input, saved as a local model folder."""
+    return _save_vit(tmp_path_factory.mktemp("tiny-vit"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def other_vit(tmp_path_factory) -> Path:
+    """Same architecture as tiny_vit, different weights: a different model."""
+    return _save_vit(tmp_path_factory.mktemp("other-vit"), seed=1)
+
+
+PALETTE = [
+    (220, 40, 40),
+    (40, 160, 60),
+    (40, 70, 210),
+    (240, 200, 30),
+    (150, 50, 180),
+    (20, 20, 20),
+    (250, 250, 250),
+    (30, 190, 200),
+]
+
+
+def draw_image(i: int, size: tuple[int, int] = (96, 72)) -> Image.Image:
+    """Draw the i-th test picture: a distinct background gradient, shape and colour each."""
+    w, h = size
+    rng = np.random.default_rng(i)
+    base = np.array(PALETTE[i % len(PALETTE)], dtype=np.float32)
+    other = np.array(PALETTE[(i * 3 + 1) % len(PALETTE)], dtype=np.float32)
+    t = np.linspace(0, 1, w if i % 2 else h, dtype=np.float32)
+    grad = base[None, :] * (1 - t[:, None]) + other[None, :] * t[:, None]
+    arr = np.broadcast_to(grad[None] if i % 2 else grad[:, None], (h, w, 3)).copy()
+    arr += rng.normal(0, 6, arr.shape)
+    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(img)
+    colour = PALETTE[(i + 4) % len(PALETTE)]
+    box = (w * (0.15 + 0.05 * (i % 3)), h * 0.2, w * (0.6 + 0.1 * (i % 4)), h * 0.85)
+    if i % 3 == 0:
+        draw.ellipse(box, fill=colour)
+    elif i % 3 == 1:
+        draw.rectangle(box, fill=colour)
+    else:
+        draw.polygon([(box[0], box[3]), ((box[0] + box[2]) / 2, box[1]), (box[2], box[3])], colour)
+    return img
+
+
+@pytest.fixture
+def photo_dir(tmp_path) -> Path:
+    """A folder of 8 distinct drawn images, JPEG and PNG, one in a subfolder."""
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    for i in range(8):
+        target = folder / "sub" if i == 7 else folder
+        ext = "png" if i % 2 else "jpg"
+        draw_image(i).save(target / f"img{i}.{ext}", quality=95)
+    return folder

@@ -1,0 +1,162 @@
+"""The simsearch command end to end through click's CliRunner."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from simsearch import __version__
+from simsearch.cli import cli
+
+
+@pytest.fixture
+def run():
+    runner = CliRunner()
+
+    def invoke(*args, env=None):
+        return runner.invoke(cli, [str(a) for a in args], env=env, catch_exceptions=False)
+
+    return invoke
+
+
+@pytest.fixture
+def built(run, tmp_path, tiny_vit, photo_dir):
+    index = tmp_path / "index"
+    result = run("index", photo_dir, "--index", index, "--model", tiny_vit)
+    assert result.exit_code == 0, result.output
+    return index
+
+
+def test_index_prints_one_summary_line(run, tmp_path, tiny_vit, photo_dir):
+    (photo_dir / "broken.png").write_bytes(b"\x89PNG broken")
+    result = run("index", photo_dir, "--index", tmp_path / "ix", "--model", tiny_vit)
+    assert result.exit_code == 0
+    assert len(result.stdout.strip().splitlines()) == 1
+    assert result.stdout.startswith("9 files seen, 8 indexed, 0 skipped as unchanged, 1 failed")
+    assert "skipping" in result.stderr and "broken.png" in result.stderr
+    again = run("index", photo_dir, "--index", tmp_path / "ix", "--json")
+    data = json.loads(again.stdout)
+    # The broken file is tried again (it may have been fixed), and fails again.
+    assert (data["seen"], data["indexed"], data["unchanged"], data["failed"]) == (9, 0, 8, 1)
+
+
+def test_model_and_index_come_from_the_environment(run, tmp_path, tiny_vit, photo_dir):
+    env = {"SIMSEARCH_INDEX": str(tmp_path / "envix"), "SIMSEARCH_MODEL": str(tiny_vit)}
+    assert run("index", photo_dir, env=env).exit_code == 0
+    info = json.loads(run("info", "--json", env=env).stdout)
+    assert info["indexed"] == 8 and info["model"] == str(tiny_vit)
+
+
+def test_search_json_lines_parse_back(run, built, photo_dir):
+    query = photo_dir / "img1.png"
+    result = run("search", query, "id:3", "--index", built, "-k", "3", "--json")
+    assert result.exit_code == 0
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["query"] for line in lines] == [str(query), "id:3"]
+    first = lines[0]["hits"]
+    assert len(first) == 3
+    assert set(first[0]) == {"id", "path", "score"}
+    assert first[0]["path"] == str(query)
+    assert first[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    assert [h["score"] for h in first] == sorted((h["score"] for h in first), reverse=True)
+    assert lines[1]["hits"][0]["id"] == 3
+
+
+def test_search_table_for_people(run, built, photo_dir):
+    result = run("search", photo_dir / "img0.jpg", "--index", built, "-k", "2")
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"query: {photo_dir / 'img0.jpg'}"
+    assert lines[1].split() == ["rank", "score", "path"]
+    assert lines[2].split() == ["1", "1.0000", str(photo_dir / "img0.jpg")]
+    assert len(lines) == 4
+
+
+def test_info_json_has_counts_and_settings(run, built):
+    data = json.loads(run("info", "--index", built, "--json").stdout)
+    assert data["indexed"] == 8 and data["failed"] == 0
+    assert (data["dim"], data["layer"], data["pool"]) == (32, 3, "cls")
+    assert data["size_bytes"] > 0
+
+
+def test_layer_and_pool_are_recorded_and_enforced(run, tmp_path, tiny_vit, photo_dir):
+    ix = tmp_path / "mean"
+    result = run(
+        "index", photo_dir, "--index", ix, "--model", tiny_vit, "--layer", "-2", "--pool", "mean"
+    )
+    assert result.exit_code == 0
+    data = json.loads(run("info", "--index", ix, "--json").stdout)
+    assert (data["layer"], data["pool"]) == (2, "mean")
+    clash = run("index", photo_dir, "--index", ix, "--pool", "cls")
+    assert clash.exit_code == 1
+    assert clash.stderr.strip() == (
+        "Error: this index was built with different settings; pool: index has 'mean', "
+        "requested 'cls'. Use a new --index for a different model, layer or pooling."
+    )
+
+
+def test_other_model_on_existing_index_is_refused(run, built, other_vit, photo_dir):
+    result = run("index", photo_dir, "--index", built, "--model", other_vit)
+    assert result.exit_code == 1
+    assert "model: index was built with" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_info_errors_lists_failed_files(run, tmp_path, tiny_vit, photo_dir):
+    (photo_dir / "zero.jpg").write_bytes(b"")
+    ix = tmp_path / "ix"
+    run("index", photo_dir, "--index", ix, "--model", tiny_vit)
+    text = run("info", "--index", ix, "--errors").stdout
+    assert f"failed:   {photo_dir / 'zero.jpg'}: empty file (0 bytes)" in text
+    data = json.loads(run("info", "--index", ix, "--errors", "--json").stdout)
+    assert data["errors"] == [
+        {"path": str(photo_dir / "zero.jpg"), "error": "empty file (0 bytes)"}
+    ]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["search"], "Error: Missing argument 'QUERIES...'. (see 'cli search --help')"),
+        (
+            ["index", "/no/such/dir"],
+            "Error: Invalid value for 'DIRS...': Path '/no/such/dir' "
+            "does not exist. (see 'cli index --help')",
+        ),
+        (
+            ["search", "x.jpg", "-k", "0"],
+            "Error: Invalid value for '-k': 0 is not in the range x>=1. (see 'cli search --help')",
+        ),
+        (["frobnicate"], "Error: No such command 'frobnicate'. (see 'cli --help')"),
+    ],
+)
+def test_usage_errors_are_one_line_with_exit_code_2(run, args, message):
+    result = run(*args)
+    assert result.exit_code == 2
+    assert result.stderr.strip() == message
+    assert result.stdout == ""
+
+
+def test_missing_index_is_a_one_line_error(run, tmp_path):
+    result = run("search", "id:1", "--index", tmp_path / "none")
+    assert result.exit_code == 1
+    assert result.stderr.strip().startswith(f"Error: no index at {tmp_path / 'none'}")
+
+
+def test_unreachable_hub_model_is_one_clear_line(run, tmp_path, photo_dir):
+    result = run("index", photo_dir, "--index", tmp_path / "ix", "--model", "someone/uncached")
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--model /path/to/model" in lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_help_teaches_with_examples_and_version(run):
+    top = run("-h")
+    assert top.exit_code == 0 and "simsearch index ~/Pictures" in top.stdout
+    for command in ("index", "search", "info"):
+        text = run(command, "--help").stdout
+        assert "Examples:" in text and "--index" in text
+    assert "SIMSEARCH_MODEL" in run("index", "--help").stdout
+    assert run("--version").stdout.strip() == f"simsearch, version {__version__}"
