@@ -161,6 +161,36 @@ class Index:
             raise
         return index
 
+    @classmethod
+    def open_or_create(
+        cls,
+        path: str | os.PathLike,
+        model: str | os.PathLike | None = None,
+        *,
+        layer: int | None = None,
+        pool: str | None = None,
+        device: str = "auto",
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ) -> Index:
+        """Open the index at `path`, or create it there if there is none.
+
+        Settings left as None take the existing index's values, or for a new index the
+        defaults (DEFAULT_MODEL, the last layer, cls pooling); settings given must match.
+        """
+        if (Path(path) / DATABASE_FILE).exists():
+            return cls.open(
+                path, model=model, layer=layer, pool=pool, device=device, batch_size=batch_size
+            )
+        log.info("creating index %s", path)
+        return cls.create(
+            path,
+            model=DEFAULT_MODEL if model is None else model,
+            layer=-1 if layer is None else layer,
+            pool=pool or "cls",
+            device=device,
+            batch_size=batch_size,
+        )
+
     def _check_request(self, model, layer: int | None, pool: str | None) -> None:
         from dataclasses import replace
 

@@ -167,22 +167,11 @@ def index(obj, dirs, index_path, model, layer, pool, batch_size, device, workers
     from tqdm import tqdm
 
     from simsearch.api import Index
-    from simsearch.config import DATABASE_FILE, DEFAULT_WORKERS
+    from simsearch.config import DEFAULT_WORKERS
 
-    if (index_path / DATABASE_FILE).exists():
-        idx = Index.open(
-            index_path, model=model, layer=layer, pool=pool, device=device, batch_size=batch_size
-        )
-    else:
-        log.info("creating index %s", index_path)
-        idx = Index.create(
-            index_path,
-            model=model or DEFAULT_MODEL,
-            layer=-1 if layer is None else layer,
-            pool=pool or "cls",
-            device=device,
-            batch_size=batch_size,
-        )
+    idx = Index.open_or_create(
+        index_path, model, layer=layer, pool=pool, device=device, batch_size=batch_size
+    )
     with idx:
         m = idx.manifest
         log.info(

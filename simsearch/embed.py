@@ -246,11 +246,24 @@ def _weight_files(folder: Path) -> list[Path]:
     return []
 
 
+# Weight hashes already computed in this process, keyed by the files' paths, sizes and mtimes:
+# hashing ViT-L's 1.2 GB takes about a second, and opening an index with --model and then
+# loading that model would otherwise do it twice.
+_HASHES: dict[tuple, str] = {}
+
+
 def hash_weights(folder: Path) -> str:
     """Return the SHA-256 over the model's weight files (name and content, in name order)."""
     files = _weight_files(folder)
     if not files:
         raise ModelLoadError(f"no weight files (*.safetensors or pytorch_model.bin) in {folder}")
+    key = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    if key not in _HASHES:
+        _HASHES[key] = _sha256_files(files)
+    return _HASHES[key]
+
+
+def _sha256_files(files: list[Path]) -> str:
     digest = hashlib.sha256()
     for file in files:
         digest.update(file.name.encode())
