@@ -47,10 +47,9 @@ def _load(name: str):
     from PIL import Image
 
     if name == "motorcycle":
-        return Image.fromarray(skimage.data.stereo_motorcycle()[0])
-    if name == "clock":
-        return Image.fromarray(skimage.data.clock())
-    arr = getattr(skimage.data, name)()
+        arr = skimage.data.stereo_motorcycle()[0]
+    else:
+        arr = getattr(skimage.data, name)()
     if arr.dtype == bool:
         arr = (arr * 255).astype(np.uint8)
     return Image.fromarray(arr).convert("RGB")
