@@ -36,7 +36,7 @@ from simsearch.errors import (
 )
 from simsearch.images import decode_image
 from simsearch.records import AddSummary, FailedFile, Hit, IndexInfo
-from simsearch.store import STATUS_OK, Store
+from simsearch.store import Store
 from simsearch.vectors import FILE_MODE, VectorIndex, fsync_dir
 
 log = logging.getLogger(__name__)
@@ -314,13 +314,10 @@ class Index:
         """Return the stored vector of an indexed file that has not changed since, else None."""
         key = os.path.abspath(path)
         known = self.store.lookup(key)
-        if known is None or known.status != STATUS_OK:
-            return None
         try:
-            st = os.stat(key)
+            if known is None or not known.unchanged(os.stat(key)):
+                return None
         except OSError:
-            return None
-        if (known.size, known.mtime_ns) != (st.st_size, st.st_mtime_ns):
             return None
         return self.store.vector(known.id)
 

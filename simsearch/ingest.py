@@ -17,7 +17,7 @@ from simsearch.config import DEFAULT_WORKERS, MAX_FILE_BYTES, PREFETCH_BATCHES
 from simsearch.errors import ImageError
 from simsearch.images import Preprocessing, decode_image, find_images
 from simsearch.records import AddSummary
-from simsearch.store import STATUS_OK, BadImage, GoodImage, Store
+from simsearch.store import BadImage, GoodImage, Store
 from simsearch.vectors import VectorIndex
 
 log = logging.getLogger(__name__)
@@ -56,18 +56,15 @@ def ingest(
         try:
             st = path.stat()
         except OSError as exc:
-            todo.append((key, -1, -1, f"cannot stat file: {exc.strerror or exc}"))
+            reason = (
+                "broken symbolic link: its target does not exist"
+                if path.is_symlink() and not path.exists()
+                else f"cannot stat file: {exc.strerror or exc}"
+            )
+            todo.append((key, -1, -1, reason))
             continue
         prior = known.get(key)
-        if (
-            prior
-            and prior.status == STATUS_OK
-            and (prior.size, prior.mtime_ns)
-            == (
-                st.st_size,
-                st.st_mtime_ns,
-            )
-        ):
+        if prior is not None and prior.unchanged(st):
             unchanged += 1
         else:
             todo.append((key, st.st_size, st.st_mtime_ns, None))

@@ -6,6 +6,7 @@ a generation number, so the FAISS file (a derived cache) can tell whether it is 
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -83,6 +84,13 @@ class Known:
     size: int
     mtime_ns: int
     status: str
+
+    def unchanged(self, st: os.stat_result) -> bool:
+        """Return True when the file was indexed and still has the size and mtime it had."""
+        return self.status == STATUS_OK and (self.size, self.mtime_ns) == (
+            st.st_size,
+            st.st_mtime_ns,
+        )
 
 
 @dataclass(frozen=True)
