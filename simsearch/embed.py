@@ -206,7 +206,10 @@ def resolve_model(name: str) -> tuple[Path, str | None]:
             if not _weight_files(folder):
                 folder = Path(snapshot_download(name, allow_patterns=["*.json", "*.bin"]))
         except Exception as exc:
-            raise ModelLoadError(f"cannot download model {name!r}: {_first_line(exc)}") from None
+            raise ModelLoadError(
+                f"cannot download model {name!r} from the hub: {_first_line(exc)} "
+                f"(if {name!r} was meant as a local folder: there is no such folder)"
+            ) from None
     return folder, folder.name
 
 

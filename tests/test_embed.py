@@ -264,3 +264,20 @@ def test_model_without_cls_token_asks_for_mean_pooling(tmp_path, images):
     embedder = Embedder(_siglip(tmp_path / "siglip"))
     with pytest.raises(LayerError, match=r"has no \[CLS\] token.*--pool mean"):
         embedder.embed_images(images[:1])
+
+
+def test_hub_id_loads_from_the_local_cache_without_network(tiny_vit, tmp_path, monkeypatch):
+    import shutil
+
+    from huggingface_hub import constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someone--tiny-vit"
+    shutil.copytree(tiny_vit, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    embedder = Embedder("someone/tiny-vit")
+    manifest = embedder.manifest()
+    assert (manifest.model, manifest.revision) == ("someone/tiny-vit", commit)
+    assert manifest.weights_sha256 == Embedder(tiny_vit).weights_sha256
