@@ -63,8 +63,13 @@ class Index:
     ) -> None:
         self.path = path
         self.store = store
-        manifest = store.manifest()
+        try:
+            manifest = store.manifest()
+        except BaseException:
+            store.close()
+            raise
         if manifest is None:
+            store.close()
             raise IndexFormatError(f"{path} has a database but no manifest: it is not an index")
         self.manifest = manifest
         self._model = model or manifest.model
@@ -90,7 +95,8 @@ class Index:
         """Create a new, empty index at `path` for `model`, `layer` and `pool`.
 
         Loads the model (to learn its dimension and preprocessing). Raises IndexExistsError
-        when an index is already there. `embedder` replaces the transformers model (tests).
+        when an index is already there. `embedder`: an Embedder already loaded, used instead
+        of `model`, `layer`, `pool`, `device` and `batch_size`.
         """
         path = Path(path)
         if (path / DATABASE_FILE).exists():
@@ -140,6 +146,7 @@ class Index:
 
         A mismatch raises ManifestMismatchError naming what differs. `model` may also point
         at the same weights in a new place (a moved folder), which the index then uses.
+        `embedder`: an Embedder already loaded, checked against the index like `model`.
         """
         path = Path(path)
         if not (path / DATABASE_FILE).is_file():
@@ -196,6 +203,8 @@ class Index:
 
         from simsearch.embed import resolve_layer
 
+        if self._embedder is not None:
+            self.manifest.check_compatible(self._embedder.manifest())
         wanted = self.manifest
         if layer is not None:
             wanted = replace(wanted, layer=resolve_layer(layer, self.manifest.num_layers))

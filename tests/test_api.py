@@ -207,3 +207,15 @@ def test_bad_queries_are_clear_errors(index, tmp_path):
     bad.write_text("nope")
     with pytest.raises(QueryError, match="not an image"):
         index.search(bad)
+
+
+def test_a_loaded_embedder_can_be_shared_and_is_checked(index, tiny_vit, other_vit, tmp_path):
+    from simsearch.embed import Embedder
+
+    embedder = Embedder(tiny_vit)
+    with Index.open(index.path, embedder=embedder) as idx:
+        assert idx.embedder is embedder
+    with Index.create(tmp_path / "second", embedder=embedder) as second:
+        assert second.manifest == index.manifest
+    with pytest.raises(ManifestMismatchError, match="model: index was built with"):
+        Index.open(index.path, embedder=Embedder(other_vit))
