@@ -283,7 +283,8 @@ class Index:
         """Return the `k` indexed images most similar to `query`, best first.
 
         `query` is an image file (indexed or not), a PIL image, an indexed image's id (an int
-        or "id:N"), or a vector of the index's dimension.
+        or "id:N"), or a vector of the index's dimension (normalised here, so scores are
+        cosine similarities).
         """
         return self.search_many([query], k)[0]
 
@@ -293,7 +294,11 @@ class Index:
             raise QueryError("k must be at least 1")
         if not queries:
             return []
-        matrix = np.stack([self._query_vector(q) for q in queries])
+        vectors = [self._stored_query_vector(q) for q in queries]
+        # Queries with no stored vector go through the model together, in batches.
+        fresh = [q for q, v in zip(queries, vectors, strict=True) if v is None]
+        embedded = iter(self.embed(fresh) if fresh else [])
+        matrix = np.stack([next(embedded) if v is None else v for v in vectors])
         scores, ids = self.vectors.search(matrix, k)
         paths = self.store.paths(np.unique(ids[ids >= 0]))
         results = []
@@ -302,11 +307,15 @@ class Index:
             results.append([Hit(i, paths[i], float(s)) for s, i in pairs if i in paths])
         return results
 
-    def _query_vector(self, query: Query) -> np.ndarray:
+    def _stored_query_vector(self, query: Query) -> np.ndarray | None:
+        """Return the query's vector when no model is needed for it, else None."""
         if isinstance(query, np.ndarray):
             if query.shape != (self.manifest.dim,):
                 raise QueryError(f"a query vector must have shape ({self.manifest.dim},)")
-            return query.astype(np.float32)
+            norm = float(np.linalg.norm(query))
+            if not np.isfinite(norm) or norm == 0:
+                raise QueryError("a query vector must be finite and non-zero")
+            return (query / norm).astype(np.float32)
         image_id = _parse_id(query)
         if image_id is not None:
             vector = self.store.vector(image_id)
@@ -314,10 +323,8 @@ class Index:
                 raise QueryError(f"no indexed image has id {image_id}")
             return vector
         if isinstance(query, (str, os.PathLike)):
-            known = self._stored_vector_for(Path(query))
-            if known is not None:
-                return known
-        return self.embed([query])[0]
+            return self._stored_vector_for(Path(query))
+        return None
 
     def _stored_vector_for(self, path: Path) -> np.ndarray | None:
         """Return the stored vector of an indexed file that has not changed since, else None."""

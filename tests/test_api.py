@@ -219,3 +219,17 @@ def test_a_loaded_embedder_can_be_shared_and_is_checked(index, tiny_vit, other_v
         assert second.manifest == index.manifest
     with pytest.raises(ManifestMismatchError, match="model: index was built with"):
         Index.open(index.path, embedder=Embedder(other_vit))
+
+
+def test_mixed_queries_in_one_call_answer_like_single_ones(index, photo_dir):
+    stored = index.search("id:2", k=1)[0]
+    vector = index.embed([stored.path])[0] * 3.0  # not unit length: normalised by search
+    queries = [photo_dir / "img1.png", draw_image(6), "id:2", vector, Image.open(stored.path)]
+    together = index.search_many(queries, k=3)
+    alone = [index.search(q, k=3) for q in queries]
+    assert [[h.id for h in hits] for hits in together] == [[h.id for h in hits] for hits in alone]
+    for a, b in zip(together, alone, strict=True):  # batched matmuls round differently
+        np.testing.assert_allclose([h.score for h in a], [h.score for h in b], atol=1e-5)
+    assert together[3][0].id == stored.id and together[3][0].score == pytest.approx(1, abs=1e-4)
+    with pytest.raises(QueryError, match="finite and non-zero"):
+        index.search(np.zeros(32, dtype=np.float32))
