@@ -10,6 +10,7 @@ with Index.create("indexes/photos", model="/models/vit") as index:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -25,7 +26,9 @@ from simsearch.config import (
     DEFAULT_MODEL,
     DEFAULT_WORKERS,
     MANIFEST_FILE,
+    MAX_IMAGE_PIXELS,
     VECTORS_FILE,
+    Manifest,
 )
 from simsearch.errors import (
     ImageError,
@@ -33,8 +36,10 @@ from simsearch.errors import (
     IndexFormatError,
     IndexNotFoundError,
     QueryError,
+    StorageError,
 )
 from simsearch.images import decode_image
+from simsearch.lock import WriteLock
 from simsearch.records import AddSummary, FailedFile, Hit, IndexInfo
 from simsearch.store import Store
 from simsearch.vectors import FILE_MODE, VectorIndex, fsync_dir
@@ -77,6 +82,7 @@ class Index:
         self._batch_size = batch_size
         self._embedder = embedder
         self._vectors: VectorIndex | None = None
+        self._lock = WriteLock(path)
 
     # -- opening -------------------------------------------------------------------------
 
@@ -107,21 +113,10 @@ class Index:
             embedder = Embedder(model, layer=layer, pool=pool, device=device, batch_size=batch_size)
         manifest = embedder.manifest()
         path.mkdir(parents=True, exist_ok=True)
-        # Build the database under a temporary name and rename it into place, so a crash
-        # never leaves a half-made index that later runs would trip over.
-        fd, tmp = tempfile.mkstemp(prefix=DATABASE_FILE + ".", suffix=".tmp", dir=path)
-        os.close(fd)
-        os.chmod(tmp, FILE_MODE)
-        try:
-            store = Store(Path(tmp), create=True)
-            store.set_manifest(manifest)
-            store.close()
-            os.replace(tmp, path / DATABASE_FILE)
-        finally:
-            for leftover in (tmp, tmp + "-wal", tmp + "-shm"):
-                Path(leftover).unlink(missing_ok=True)
-        _write_atomic(path / MANIFEST_FILE, manifest.to_json() + "\n")
-        fsync_dir(path)
+        with WriteLock(path):
+            if (path / DATABASE_FILE).exists():
+                raise IndexExistsError(f"an index already exists at {path}; open it instead")
+            _create_database(path, manifest)
         return cls(
             path,
             Store(path / DATABASE_FILE),
@@ -218,6 +213,7 @@ class Index:
         self.manifest.check_compatible(wanted)
 
     def close(self) -> None:
+        self._lock.release()
         self.store.close()
 
     def __enter__(self) -> Index:
@@ -256,26 +252,60 @@ class Index:
         paths: str | os.PathLike | Iterable[str | os.PathLike],
         *,
         workers: int = DEFAULT_WORKERS,
+        prune: bool = True,
+        max_pixels: int = MAX_IMAGE_PIXELS,
         progress=None,
     ) -> AddSummary:
-        """Index the images under `paths` (files or folders, searched recursively).
+        """Bring the index up to date with the images under `paths` (files or folders).
 
-        New and changed files are embedded; unchanged ones are skipped unread; files that
-        cannot be decoded are recorded with the reason (see `failed()`). Each batch is
-        committed as it completes. `progress` is an optional tqdm-like object.
+        New and changed files are embedded; unchanged ones are skipped unread; renamed and
+        byte-identical files reuse stored vectors; files that disappeared from under `paths`
+        are removed (unless `prune=False`); files that cannot be decoded, or that have more
+        than `max_pixels` pixels, are recorded with the reason (see `failed()`). Each batch
+        is committed as it completes, so an interrupted run loses nothing it committed.
+        Takes the index's write lock (IndexLockedError when another process holds it).
+        `progress` is an optional tqdm-like object.
         """
+        from sqlalchemy.exc import OperationalError
+
         from simsearch.ingest import ingest
 
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
-        vectors = self.vectors
-        try:
-            summary = ingest(
-                paths, self.store, vectors, self.embedder, workers=workers, progress=progress
-            )
-        finally:
-            self._save_vectors()
-        return summary
+        with self._writing():
+            embedder = self.embedder  # load the model before the run, so its errors come first
+            vectors = self.vectors
+            try:
+                return ingest(
+                    paths,
+                    self.store,
+                    vectors,
+                    embedder,
+                    workers=workers,
+                    prune=prune,
+                    max_pixels=max_pixels,
+                    progress=progress,
+                    checkpoint=self._save_vectors,
+                )
+            except OperationalError as exc:
+                raise StorageError(
+                    f"cannot write to {self.path / DATABASE_FILE}: {exc.orig}. Everything "
+                    "committed before this is kept; fix the cause (free disk space?) and run "
+                    "the same command again to continue"
+                ) from None
+            finally:
+                self._save_vectors()
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """Hold the index's write lock for the block, and tidy what a crash left behind."""
+        if self._lock.held:
+            yield
+            return
+        with self._lock:
+            for leftover in self.path.glob("*.tmp"):
+                leftover.unlink(missing_ok=True)
+            yield
 
     # -- searching -----------------------------------------------------------------------
 
@@ -349,33 +379,155 @@ class Index:
     def _load_or_rebuild_vectors(self) -> VectorIndex:
         dim = self.manifest.dim
         file = self.path / VECTORS_FILE
-        generation = self.store.generation()
-        if file.is_file() and self.store.faiss_generation() == generation:
+        generation, saved = self.store.generations()
+        if file.is_file() and saved == generation:
             try:
                 vectors = VectorIndex.load(file, dim)
                 if np.array_equal(vectors.ids(), self.store.vector_ids()):
                     return vectors
+                log.warning("rebuilding %s: its ids differ from the database's", file)
             except Exception as exc:  # a damaged cache is rebuilt, never trusted
                 log.warning("rebuilding %s: %s", file, exc)
-        vectors = VectorIndex(dim)
-        for ids, vecs in self.store.iter_vectors(dim):
+        elif generation > 0:
+            log.info("rebuilding %s: it is older than the database", file)
+        vectors = self._rebuild_vectors()
+        # Save the rebuilt file, unless another process is writing (it saves its own).
+        if generation > 0:
+            if self._lock.held:
+                self._save_vectors()
+            elif self._lock.try_acquire():
+                try:
+                    if self.store.generation() == generation:
+                        self._save_vectors()
+                finally:
+                    self._lock.release()
+        return vectors
+
+    def _rebuild_vectors(self) -> VectorIndex:
+        vectors = VectorIndex(self.manifest.dim)
+        for ids, vecs in self.store.iter_vectors(self.manifest.dim):
             vectors.add(ids, vecs)
         self._vectors = vectors
-        if generation > 0:
-            log.info("rebuilt %s from the database (%d vectors)", file, len(vectors))
-            self._save_vectors()
         return vectors
 
     def _save_vectors(self) -> None:
+        """Write the FAISS file for the current generation (the caller holds the lock)."""
         if self._vectors is None:
             return
         generation = self.store.generation()
         try:
             self._vectors.save(self.path / VECTORS_FILE)
-        except OSError as exc:
+        except Exception as exc:  # disk full, read-only: the database still has everything
             log.warning("cannot save %s (it will be rebuilt next time): %s", VECTORS_FILE, exc)
             return
         self.store.set_faiss_generation(generation)
+
+    # -- checking and repairing ----------------------------------------------------------
+
+    def verify(self) -> list[str]:
+        """Return a description of every broken invariant; an empty list: the index is sound.
+
+        Checks the database (SQLite integrity; every indexed image has one finite unit
+        vector of the right dimension; no stray vectors), manifest.json against the
+        database's manifest, and vectors.faiss against the database (generation, count,
+        ids, and every vector). While a writer runs, vectors.faiss is reported as stale.
+        """
+        problems = []
+        try:
+            on_disk = Manifest.from_json((self.path / MANIFEST_FILE).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            problems.append(f"{MANIFEST_FILE} is missing")
+        except Exception as exc:
+            problems.append(f"{MANIFEST_FILE} is unreadable: {exc}")
+        else:
+            if on_disk != self.manifest:
+                problems.append(f"{MANIFEST_FILE} differs from the manifest in {DATABASE_FILE}")
+        report = self.store.check(self.manifest.dim)
+        problems += report.problems
+        if not report.corrupt:
+            problems += self._verify_faiss()
+        return problems
+
+    def _verify_faiss(self) -> list[str]:
+        file = self.path / VECTORS_FILE
+        generation, saved = self.store.generations()
+        if not file.is_file():
+            return [f"{VECTORS_FILE} is missing"] if generation > 0 else []
+        problems = []
+        if saved != generation:
+            problems.append(
+                f"{VECTORS_FILE} is stale: built at generation {saved}, the database is at "
+                f"{generation}"
+            )
+        try:
+            vectors = VectorIndex.load(file, self.manifest.dim)
+        except Exception as exc:
+            return [*problems, f"{VECTORS_FILE} is unreadable: {exc}"]
+        db_ids, file_ids = self.store.vector_ids(), vectors.ids()
+        if len(db_ids) != len(file_ids):
+            problems.append(
+                f"{VECTORS_FILE} holds {len(file_ids)} vectors, the database {len(db_ids)}"
+            )
+        elif not np.array_equal(db_ids, file_ids):
+            problems.append(f"the ids in {VECTORS_FILE} differ from the database's")
+        else:
+            differ = 0
+            for ids, vecs in vectors.items():
+                stored = self.store.vectors_by_id(ids)
+                differ += sum(
+                    1
+                    for i, v in zip(ids.tolist(), vecs, strict=True)
+                    if i not in stored or not np.allclose(stored[i], v, atol=1e-6)
+                )
+            if differ:
+                problems.append(f"{differ} vectors in {VECTORS_FILE} differ from the database's")
+        return problems
+
+    def repair(self) -> list[str]:
+        """Rebuild what can be rebuilt from the database; return what was done.
+
+        Damaged or missing vectors are dropped and their images marked to be embedded again
+        by the next `add`; stray vectors are deleted; manifest.json and vectors.faiss are
+        rewritten from the database. A damaged database itself cannot be repaired here
+        (IndexFormatError).
+        """
+        actions = []
+        with self._writing():
+            report = self.store.check(self.manifest.dim)
+            if report.corrupt:
+                raise IndexFormatError(
+                    f"{self.path / DATABASE_FILE} itself is damaged ({report.problems[0]}); "
+                    "it cannot be repaired: restore it from a backup, or index into a new "
+                    "--index"
+                )
+            redo = sorted(set(report.damaged) | set(report.unvectored))
+            if redo:
+                self.store.reset_vectors(
+                    redo, "its stored vector was damaged; the next `simsearch index` embeds it"
+                )
+                actions.append(
+                    f"marked {len(redo)} images with damaged or missing vectors to be "
+                    "embedded again by the next `simsearch index`"
+                )
+            if report.stray:
+                self.store.delete_vectors(report.stray)
+                actions.append(f"deleted {len(report.stray)} stray vectors")
+            manifest_file = self.path / MANIFEST_FILE
+            wanted = self.manifest.to_json() + "\n"
+            try:
+                current = manifest_file.read_text(encoding="utf-8")
+            except OSError:
+                current = None
+            if current != wanted:
+                _write_atomic(manifest_file, wanted)
+                actions.append(f"rewrote {MANIFEST_FILE} from the database")
+            if self._verify_faiss():
+                self._rebuild_vectors()
+                self._save_vectors()
+                actions.append(
+                    f"rebuilt {VECTORS_FILE} from the database ({len(self._vectors)} vectors)"
+                )
+        return actions
 
     # -- reporting -----------------------------------------------------------------------
 
@@ -444,6 +596,25 @@ def _as_image(image):
         raise QueryError(f"{path}: {exc}") from None
 
 
+def _create_database(path: Path, manifest) -> None:
+    """Write a new database holding `manifest`, and manifest.json beside it, atomically."""
+    # Build the database under a temporary name and rename it into place, so a crash never
+    # leaves a half-made index that later runs would trip over.
+    fd, tmp = tempfile.mkstemp(prefix=DATABASE_FILE + ".", suffix=".tmp", dir=path)
+    os.close(fd)
+    os.chmod(tmp, FILE_MODE)
+    try:
+        store = Store(Path(tmp), create=True)
+        store.set_manifest(manifest)
+        store.close()
+        os.replace(tmp, path / DATABASE_FILE)
+    finally:
+        for leftover in (tmp, tmp + "-wal", tmp + "-shm"):
+            Path(leftover).unlink(missing_ok=True)
+    _write_atomic(path / MANIFEST_FILE, manifest.to_json() + "\n")
+    fsync_dir(path)
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
@@ -451,3 +622,4 @@ def _write_atomic(path: Path, text: str) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)

@@ -11,7 +11,13 @@ from pathlib import Path
 import click
 
 from simsearch import __version__
-from simsearch.config import DEFAULT_BATCH_SIZE, DEFAULT_INDEX, DEFAULT_K, DEFAULT_MODEL
+from simsearch.config import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_INDEX,
+    DEFAULT_K,
+    DEFAULT_MODEL,
+    MAX_IMAGE_PIXELS,
+)
 from simsearch.errors import SimsearchError
 
 log = logging.getLogger("simsearch")
@@ -148,21 +154,53 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
     default=None,
     help="Threads that read and decode images.  [default: min(4, cores)]",
 )
+@click.option(
+    "--prune/--no-prune",
+    default=True,
+    show_default=True,
+    help="Remove indexed files under DIRS that no longer exist.",
+)
+@click.option(
+    "--max-pixels",
+    type=click.IntRange(min=1),
+    default=MAX_IMAGE_PIXELS,
+    show_default=True,
+    help="Refuse images with more pixels than this (decompression bombs), unread.",
+)
+@click.option("--strict", is_flag=True, help="Exit with status 3 if any file failed.")
 @json_option
 @click.pass_obj
-def index(obj, dirs, index_path, model, layer, pool, batch_size, device, workers, as_json):
-    """Add the images under DIRS to an index, creating it if needed.
+def index(
+    obj,
+    dirs,
+    index_path,
+    model,
+    layer,
+    pool,
+    batch_size,
+    device,
+    workers,
+    prune,
+    max_pixels,
+    strict,
+    as_json,
+):
+    """Bring an index up to date with the images under DIRS, creating it if needed.
 
     Folders are searched recursively for jpg, jpeg, png, webp, bmp, gif and tiff files.
-    Files indexed before and unchanged since (same size and mtime) are skipped; files that
-    cannot be read are recorded with the reason (`simsearch info --errors`) and the run
-    goes on. Work is committed in batches, so an interrupted run keeps what it finished.
+    Unchanged files (same size and mtime) are skipped unread; renamed files and copies of
+    indexed files reuse their vectors; files gone from DIRS are removed (--no-prune keeps
+    them). Files that cannot be read are recorded with the reason (`simsearch info
+    --errors`) and the run goes on. Work is committed in batches: after a crash or Ctrl-C,
+    the same command continues where it stopped. One writer at a time per index; searches
+    keep working while it runs.
 
     \b
     Examples:
       simsearch index ~/Pictures
       simsearch index photos/ scans/ --index indexes/family
       simsearch index photos/ --model ./models/vit-base --layer -2 --pool mean
+      simsearch index photos/ --strict --json     # for scripts: exit 3 if any file failed
     """
     from tqdm import tqdm
 
@@ -182,15 +220,23 @@ def index(obj, dirs, index_path, model, layer, pool, batch_size, device, workers
             m.num_layers,
             m.pool,
         )
-        _ = idx.embedder  # load the model before listing, so its errors come first
         # disable=None: tqdm draws only when stderr is a terminal.
         quiet = True if obj["quiet"] else None
         with tqdm(desc="indexing", unit="img", file=sys.stderr, disable=quiet) as bar:
-            summary = idx.add(dirs, workers=workers or DEFAULT_WORKERS, progress=bar)
-    if as_json:
-        click.echo(json.dumps(asdict(summary)))
-    else:
-        click.echo(summary.line())
+            summary = idx.add(
+                dirs,
+                workers=workers or DEFAULT_WORKERS,
+                prune=prune,
+                max_pixels=max_pixels,
+                progress=bar,
+            )
+    click.echo(json.dumps(asdict(summary)) if as_json else summary.line())
+    if strict and summary.failed:
+        click.echo(
+            f"Error: {summary.failed} files failed (--strict); see `simsearch info --errors`",
+            err=True,
+        )
+        sys.exit(3)
 
 
 @cli.command()
@@ -281,6 +327,68 @@ def info(index_path, errors, as_json):
     if errors:
         for f in failed:
             click.echo(f"failed:   {f.path}: {f.error}")
+
+
+@cli.command()
+@index_option
+@json_option
+def verify(index_path, as_json):
+    """Check every invariant of an index; exit 1 and describe each one that fails.
+
+    Checks the database (SQLite integrity, one finite unit vector of the right dimension
+    per indexed image, no stray vectors), manifest.json, and that vectors.faiss matches the
+    database (generation, count, ids, every vector). While `simsearch index` runs, the
+    FAISS file is reported stale until it finishes. `simsearch repair` fixes what it can.
+
+    \b
+    Examples:
+      simsearch verify
+      simsearch verify --index indexes/family --json
+    """
+    from simsearch.api import Index
+
+    with Index.open(index_path) as idx:
+        problems = idx.verify()
+        indexed, failed = idx.store.counts()
+    if as_json:
+        click.echo(json.dumps({"ok": not problems, "problems": problems, "indexed": indexed}))
+    elif problems:
+        for problem in problems:
+            click.echo(f"problem: {problem}")
+    else:
+        click.echo(f"ok: {indexed} indexed images, {failed} failed files, all invariants hold")
+    if problems:
+        sys.exit(1)
+
+
+@cli.command()
+@index_option
+@json_option
+def repair(index_path, as_json):
+    """Rebuild what can be rebuilt from the database, then verify.
+
+    Rewrites vectors.faiss and manifest.json from meta.sqlite, deletes stray vectors, and
+    marks images whose vectors are damaged to be embedded again by the next `simsearch
+    index`. Takes the write lock. A damaged meta.sqlite cannot be repaired.
+
+    \b
+    Examples:
+      simsearch repair && simsearch index ~/Pictures
+    """
+    from simsearch.api import Index
+
+    with Index.open(index_path) as idx:
+        actions = idx.repair()
+        problems = idx.verify()
+    if as_json:
+        click.echo(json.dumps({"actions": actions, "ok": not problems, "problems": problems}))
+    else:
+        for action in actions or ["nothing to repair"]:
+            click.echo(action)
+        for problem in problems:
+            click.echo(f"problem: {problem}")
+    if problems:
+        sys.exit(1)
 
 
 def _human_bytes(n: int) -> str:

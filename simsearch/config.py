@@ -104,3 +104,7 @@ MAX_FILE_BYTES = 1 << 30
 # the GIL while decoding, so threads overlap with the forward pass; more than 4 rarely helps
 # a CPU that is also running the model.
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
+
+# During a long indexing run, save the FAISS file this often (after a commit), so that a
+# search started meanwhile loads it instead of rebuilding it from the database.
+FAISS_CHECKPOINT_SECONDS = 300.0

@@ -39,3 +39,11 @@ class QueryError(SimsearchError):
 
 class InputPathError(SimsearchError):
     """A path given to index does not exist."""
+
+
+class IndexLockedError(SimsearchError):
+    """Another process is writing to the index."""
+
+
+class StorageError(SimsearchError):
+    """Writing to the index failed (disk full, read-only, I/O error); committed work is kept."""

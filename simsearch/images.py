@@ -28,17 +28,20 @@ def is_image_name(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
 
 
-def find_images(paths: Iterable[str | os.PathLike]) -> Iterator[Path]:
+def find_images(
+    paths: Iterable[str | os.PathLike], unlisted: list[Path] | None = None
+) -> Iterator[Path]:
     """Yield image files under `paths`, depth first in sorted order, each once.
 
     A directory is searched recursively (symlinked directories are not followed, so a link
     loop cannot trap the walk); a file named directly is yielded whatever its suffix.
+    Directories that cannot be listed are logged and, if `unlisted` is given, appended to it.
     """
     seen: set[str] = set()
     for root in paths:
         root = Path(os.path.abspath(root))
         if root.is_dir():
-            candidates = _walk(root)
+            candidates = _walk(root, unlisted)
         elif root.exists() or root.is_symlink():
             candidates = iter([root])
         else:
@@ -50,9 +53,11 @@ def find_images(paths: Iterable[str | os.PathLike]) -> Iterator[Path]:
                 yield path
 
 
-def _walk(root: Path) -> Iterator[Path]:
+def _walk(root: Path, unlisted: list[Path] | None) -> Iterator[Path]:
     def on_error(err: OSError) -> None:
         log.warning("cannot list %s: %s", err.filename, err.strerror)
+        if unlisted is not None and err.filename:
+            unlisted.append(Path(os.fsdecode(err.filename)))
 
     for dirpath, dirnames, filenames in os.walk(root, onerror=on_error):
         dirnames.sort()

@@ -1,33 +1,75 @@
-"""The ingestion pipeline: list files, skip unchanged ones, decode in threads, embed, store."""
+"""The ingestion pipeline: list files, sort out what changed, decode in threads, embed, store.
+
+What one run does, file by file:
+- same path, size and mtime as when indexed: skipped, not even opened;
+- content (SHA-256) already embedded: the vector is reused, no model call; when the file
+  with that content has disappeared from its old path, the row moves to the new path and
+  keeps its id (a rename);
+- otherwise decoded and embedded; byte-identical files in one run are embedded once;
+- files that disappeared from the folders being indexed are removed (unless prune=False).
+
+Every batch (embedded, reused, moved and failed files together) is one SQLite transaction;
+the FAISS index is updated only after the commit, so a crash at any point leaves the
+database at the last committed batch and the next run continues from there.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
+import stat
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from simsearch.config import DEFAULT_WORKERS, MAX_FILE_BYTES, PREFETCH_BATCHES
+from simsearch.config import (
+    DEFAULT_WORKERS,
+    FAISS_CHECKPOINT_SECONDS,
+    MAX_FILE_BYTES,
+    MAX_IMAGE_PIXELS,
+    PREFETCH_BATCHES,
+)
 from simsearch.errors import ImageError
+from simsearch.faults import crash_point
 from simsearch.images import Preprocessing, decode_image, find_images
 from simsearch.records import AddSummary
-from simsearch.store import BadImage, GoodImage, Store
+from simsearch.store import BadImage, GoodImage, Known, Moved, Store
 from simsearch.vectors import VectorIndex
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Prepared:
-    good: GoodImage | None
-    pixels: np.ndarray | None
-    bad: BadImage | None
+    """One file after reading and, when its content is new, decoding."""
+
+    real: str  # the path as the file system has it
+    key: str  # the path as stored
+    size: int
+    mtime_ns: int
+    sha256: str | None = None
+    pixels: np.ndarray | None = None
+    width: int = 0
+    height: int = 0
+    error: str | None = None
+    known_id: int | None = None  # an image with the same content already has a vector
+
+
+@dataclass
+class _Batch:
+    embed: list[_Prepared] = field(default_factory=list)  # new content: through the model
+    copy: list[_Prepared] = field(default_factory=list)  # known content: vector reused
+    moves: list[Moved] = field(default_factory=list)
+    bad: list[BadImage] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.embed) + len(self.copy) + len(self.moves) + len(self.bad)
 
 
 def ingest(
@@ -37,64 +79,75 @@ def ingest(
     embedder,
     *,
     workers: int = DEFAULT_WORKERS,
+    prune: bool = True,
+    max_pixels: int = MAX_IMAGE_PIXELS,
     progress=None,
+    checkpoint: Callable[[], None] | None = None,
 ) -> AddSummary:
-    """Embed the new and changed images under `paths` into `store` and `vectors`.
+    """Bring `store` and `vectors` up to date with the images under `paths`.
 
-    Each batch of images (and the failures met on the way) is committed to the store in one
-    transaction, then mirrored into `vectors`. `embedder` needs `preprocess`,
-    `embed_pixels(pixels)` and `batch_size`. `progress`, if given, is a tqdm-like object:
-    its `total` is set once the files are listed and `update(n)` is called as files finish.
+    `embedder` needs `preprocess`, `embed_pixels(pixels)` and `batch_size`. `progress`, if
+    given, is a tqdm-like object: its `total` is set once the files are listed, `update(n)`
+    is called as files finish. `checkpoint`, if given, is called every few minutes of a long
+    run, after a commit, to save the FAISS index.
     """
     start = time.monotonic()
-    files = list(find_images(paths))
+    roots = [Path(os.path.abspath(p)) for p in paths]
+    unlisted: list[Path] = []
+    files = list(find_images(roots, unlisted))
+    crash_point("listed")
     known = store.known_files()
-    todo = []
+    hashes = store.vector_hashes()  # read by the decode threads: content already embedded
+
+    todo: list[tuple[str, str, int, int, str | None]] = []
+    listed: set[str] = set()
     unchanged = 0
     for path in files:
-        key = str(path)
+        real = str(path)
+        key = _storable(real)
+        listed.add(key)
         try:
             st = path.stat()
         except OSError as exc:
-            reason = (
-                "broken symbolic link: its target does not exist"
-                if path.is_symlink() and not path.exists()
-                else f"cannot stat file: {exc.strerror or exc}"
-            )
-            todo.append((key, -1, -1, reason))
+            todo.append((real, key, -1, -1, _stat_error(path, exc)))
             continue
         prior = known.get(key)
         if prior is not None and prior.unchanged(st):
             unchanged += 1
         else:
-            todo.append((key, st.st_size, st.st_mtime_ns, None))
+            todo.append((real, key, st.st_size, st.st_mtime_ns, None))
+
+    gone = _disappeared(known, listed, roots, unlisted) if prune else {}
+    gone_by_hash: dict[str, list[str]] = {}
+    for key, row in gone.items():
+        if row.sha256 and row.status == "ok":
+            gone_by_hash.setdefault(row.sha256, []).append(key)
+
     if progress is not None:
         progress.total = len(todo)
         progress.refresh()
 
-    indexed = failed = 0
-    batch_size = embedder.batch_size
-    window = batch_size * (PREFETCH_BATCHES + 1)
-    good: list[GoodImage] = []
-    pixels: list[np.ndarray] = []
-    bad: list[BadImage] = []
+    counts = dict(indexed=0, failed=0, moved=0, reused=0)
+    batch = _Batch()
+    last_checkpoint = time.monotonic()
 
     def flush() -> None:
-        nonlocal indexed, failed
-        vecs = embedder.embed_pixels(np.stack(pixels)) if pixels else np.empty((0, vectors.dim))
-        ids, dropped = store.write_batch(good, vecs, bad)
-        vectors.add(np.asarray(ids, dtype=np.int64), vecs)
-        vectors.remove(np.asarray(dropped, dtype=np.int64))
-        indexed += len(good)
-        failed += len(bad)
-        for b in bad:
-            log.warning("skipping %s: %s", b.path, b.error)
+        nonlocal batch, last_checkpoint
+        _commit(batch, store, vectors, embedder, hashes, max_pixels)
+        counts["indexed"] += len(batch.embed) + len(batch.copy)
+        counts["reused"] += len(batch.copy)
+        counts["moved"] += len(batch.moves)
+        counts["failed"] += len(batch.bad)
+        for bad in batch.bad:
+            log.warning("skipping %s: %s", bad.path, bad.error)
         if progress is not None:
-            progress.update(len(good) + len(bad))
-        good.clear()
-        pixels.clear()
-        bad.clear()
+            progress.update(len(batch))
+        batch = _Batch()
+        if checkpoint is not None and time.monotonic() - last_checkpoint > FAISS_CHECKPOINT_SECONDS:
+            checkpoint()
+            last_checkpoint = time.monotonic()
 
+    window = embedder.batch_size * (PREFETCH_BATCHES + 1)
     with ThreadPoolExecutor(max(1, workers), thread_name_prefix="simsearch-decode") as pool:
         items = iter(todo)
         pending: deque = deque()
@@ -104,60 +157,198 @@ def ingest(
                 item = next(items, None)
                 if item is None:
                     return
-                pending.append(pool.submit(_prepare, *item, embedder.preprocess))
+                pending.append(
+                    pool.submit(_prepare, *item, embedder.preprocess, hashes, max_pixels)
+                )
 
         fill()
         while pending:
             prepared = pending.popleft().result()
             fill()
-            if prepared.bad is not None:
-                bad.append(prepared.bad)
+            if prepared.error is not None:
+                batch.bad.append(
+                    BadImage(
+                        prepared.key,
+                        max(prepared.size, 0),
+                        prepared.mtime_ns,
+                        prepared.error,
+                        prepared.sha256,
+                    )
+                )
+            elif prepared.known_id is not None or prepared.sha256 in hashes:
+                sources = gone_by_hash.get(prepared.sha256)
+                if sources and prepared.key not in known:
+                    old = gone.pop(sources.pop())  # a rename: the row follows the file
+                    batch.moves.append(
+                        Moved(old.id, prepared.key, prepared.size, prepared.mtime_ns)
+                    )
+                else:
+                    prepared.known_id = prepared.known_id or hashes[prepared.sha256]
+                    batch.copy.append(prepared)
             else:
-                good.append(prepared.good)
-                pixels.append(prepared.pixels)
-            if len(good) >= batch_size or len(bad) >= batch_size:
+                batch.embed.append(prepared)
+            if len(batch.embed) >= embedder.batch_size or len(batch) >= 4 * embedder.batch_size:
                 flush()
-        if good or bad:
+        if len(batch):
             flush()
 
+    removed = _prune(gone, store, vectors) if gone else 0
     return AddSummary(
         seen=len(files),
-        indexed=indexed,
+        indexed=counts["indexed"],
         unchanged=unchanged,
-        failed=failed,
+        failed=counts["failed"],
+        moved=counts["moved"],
+        removed=removed,
+        reused=counts["reused"],
         seconds=time.monotonic() - start,
     )
 
 
+def _commit(
+    batch: _Batch, store: Store, vectors: VectorIndex, embedder, hashes: dict, max_pixels: int
+) -> None:
+    """Embed what is new in `batch`, write it all in one transaction, then mirror to FAISS."""
+    sources = store.copy_sources({item.known_id for item in batch.copy})
+    copies = []
+    for item in batch.copy:
+        source = sources.get(item.known_id)
+        if source is not None and source[3] == item.sha256:
+            copies.append((item, source))
+            continue
+        # The image we meant to copy from changed in this run: embed this one after all.
+        fresh = _prepare(
+            item.real,
+            item.key,
+            item.size,
+            item.mtime_ns,
+            None,
+            embedder.preprocess,
+            {},
+            max_pixels,
+        )
+        if fresh.error is not None:
+            batch.bad.append(BadImage(fresh.key, fresh.size, fresh.mtime_ns, fresh.error))
+        else:
+            batch.embed.append(fresh)
+    batch.copy = [item for item, _ in copies]
+
+    # Byte-identical files within the batch go through the model once.
+    firsts: dict[str, _Prepared] = {}
+    for item in batch.embed:
+        firsts.setdefault(item.sha256, item)
+    row_of = {sha: i for i, sha in enumerate(firsts)}
+    embedded = (
+        embedder.embed_pixels(np.stack([item.pixels for item in firsts.values()]))
+        if firsts
+        else np.empty((0, vectors.dim), dtype=np.float32)
+    )
+    crash_point("model")
+    good, rows = [], []
+    for item in batch.embed:
+        good.append(
+            GoodImage(item.key, item.size, item.mtime_ns, item.sha256, item.width, item.height)
+        )
+        rows.append(embedded[row_of[item.sha256]])
+    for item, (vec, width, height, _) in copies:
+        good.append(GoodImage(item.key, item.size, item.mtime_ns, item.sha256, width, height))
+        rows.append(vec)
+    matrix = np.stack(rows) if rows else np.empty((0, vectors.dim), dtype=np.float32)
+    ids, dropped = store.write_batch(good, matrix, batch.bad, batch.moves)
+    crash_point("after-commit")
+    vectors.add(np.asarray(ids, dtype=np.int64), matrix)
+    vectors.remove(np.asarray(dropped, dtype=np.int64))
+    for img, image_id in zip(good, ids, strict=True):
+        hashes[img.sha256] = image_id
+
+
+def _disappeared(
+    known: dict[str, Known], listed: set[str], roots: list[Path], unlisted: list[Path]
+) -> dict[str, Known]:
+    """Return the indexed files under `roots` that the listing no longer found.
+
+    Nothing is reported under a folder that could not be listed, nor under a root folder
+    that lists no images at all while the index has some there (an unmounted disk looks
+    like that; removing its files from the index would lose work).
+    """
+    empty_roots = []
+    for root in roots:
+        prefix = str(root) + os.sep
+        if root.is_dir() and not any(p.startswith(prefix) for p in listed):
+            empty_roots.append(root)
+    keep_under = [str(p) + os.sep for p in (*unlisted, *empty_roots)]
+    gone = {}
+    held = {str(root): 0 for root in empty_roots}
+    for key, row in known.items():
+        if key in listed or not _under(key, roots):
+            continue
+        blocked = next((k for k in keep_under if key.startswith(k)), None)
+        if blocked is None:
+            gone[key] = row
+        elif blocked[:-1] in held:
+            held[blocked[:-1]] += 1
+    for root, count in held.items():
+        if count:
+            log.warning(
+                "not removing %d indexed files under %s: it holds no images now (unmounted?)",
+                count,
+                root,
+            )
+    return gone
+
+
+def _under(key: str, roots: list[Path]) -> bool:
+    return any(key == str(r) or key.startswith(str(r) + os.sep) for r in roots)
+
+
+def _prune(gone: dict[str, Known], store: Store, vectors: VectorIndex) -> int:
+    ids = [row.id for row in gone.values()]
+    removed = store.remove_images(ids)
+    vectors.remove(np.asarray(ids, dtype=np.int64))
+    for key in sorted(gone):
+        log.info("removed %s: the file is gone", key)
+    return removed
+
+
 def _prepare(
-    path: str, size: int, mtime_ns: int, error: str | None, preprocess: Preprocessing
+    real: str,
+    key: str,
+    size: int,
+    mtime_ns: int,
+    error: str | None,
+    preprocess: Preprocessing,
+    hashes: dict[str, int],
+    max_pixels: int,
 ) -> _Prepared:
-    """Read, hash, decode and preprocess one file; any failure becomes a BadImage."""
-    if error is None and not _is_utf8(path):
-        error = "file name is not valid UTF-8; rename the file to index it"
-    if error is not None:
-        return _Prepared(None, None, BadImage(_storable(path), max(size, 0), mtime_ns, error))
-    digest = None
+    """Read and hash one file; decode and preprocess it unless its content is known."""
+    item = _Prepared(real, key, size, mtime_ns, error=error)
+    if error is None and key != real:
+        item.error = "file name is not valid UTF-8; rename the file to index it"
+    if item.error is not None:
+        return item
     try:
-        if size > MAX_FILE_BYTES:
-            raise ImageError(f"file is {size:,} bytes, above the limit of {MAX_FILE_BYTES:,}")
-        data = _read(path)
-        digest = hashlib.sha256(data).hexdigest()
-        img = decode_image(data)
-        arr = preprocess(img)
+        data = _read(real)
+        item.size = len(data)
+        item.sha256 = hashlib.sha256(data).hexdigest()
+        item.known_id = hashes.get(item.sha256)
+        if item.known_id is not None:
+            return item  # content already embedded: no decoding, no model call
+        img = decode_image(data, max_pixels)
+        item.width, item.height = img.size
+        item.pixels = preprocess(img)
     except ImageError as exc:
-        return _Prepared(None, None, BadImage(path, size, mtime_ns, str(exc), digest))
+        item.error = str(exc)
     except Exception as exc:  # a bug in a codec must cost one file, not the run
-        log.debug("unexpected error on %s", path, exc_info=True)
-        reason = f"{type(exc).__name__}: {exc}"
-        return _Prepared(None, None, BadImage(path, size, mtime_ns, reason, digest))
-    return _Prepared(GoodImage(path, size, mtime_ns, digest, *img.size), arr, None)
+        log.debug("unexpected error on %s", real, exc_info=True)
+        item.error = f"{type(exc).__name__}: {exc}"
+    return item
 
 
 def _read(path: str) -> bytes:
+    """Return the bytes of a regular file; anything else (FIFO, device) is refused unread."""
     try:
-        with open(path, "rb") as fh:
-            return fh.read(MAX_FILE_BYTES + 1)
+        # O_NONBLOCK: opening a FIFO named like an image must not wait for a writer forever.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except IsADirectoryError:
         raise ImageError("is a directory, not a file") from None
     except PermissionError:
@@ -165,17 +356,39 @@ def _read(path: str) -> bytes:
     except FileNotFoundError:
         raise ImageError("file disappeared before it could be read") from None
     except OSError as exc:
-        raise ImageError(f"cannot read file: {exc.strerror or exc}") from None
-
-
-def _is_utf8(text: str) -> bool:
+        raise ImageError(f"cannot open file: {exc.strerror or exc}") from None
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageError("not a regular file (a FIFO, socket or device)")
+        if st.st_size > MAX_FILE_BYTES:
+            raise ImageError(f"file is {st.st_size:,} bytes, above the limit of {MAX_FILE_BYTES:,}")
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            data = fh.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ImageError(f"cannot read file: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_FILE_BYTES:
+        raise ImageError(f"file grew above the limit of {MAX_FILE_BYTES:,} bytes while read")
+    return data
+
+
+def _stat_error(path: Path, exc: OSError) -> str:
+    if path.is_symlink() and not path.exists():
+        try:
+            os.stat(path)
+        except OSError as err:
+            if err.errno == 40:  # ELOOP
+                return "symbolic link loop: the link points back at itself"
+        return "broken symbolic link: its target does not exist"
+    return f"cannot stat file: {exc.strerror or exc}"
 
 
 def _storable(path: str) -> str:
-    """Return a form of `path` that SQLite can store, escaping undecodable bytes."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace") if not _is_utf8(path) else path
+    """Return `path` as it can be stored in SQLite (UTF-8), escaping undecodable bytes."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
+    return path

@@ -27,16 +27,20 @@ class AddSummary:
     """What one `Index.add` run did."""
 
     seen: int  # image files found under the given paths
-    indexed: int  # files embedded in this run (new or changed)
+    indexed: int  # new or changed files that got a vector in this run
     unchanged: int  # skipped: same size and mtime as when last indexed
     failed: int  # could not be read or decoded; see Index.failed()
-    seconds: float
+    moved: int = 0  # renamed or moved files (same content): kept their id and vector
+    removed: int = 0  # gone from disk, so removed from the index
+    reused: int = 0  # of `indexed`: vector copied from a byte-identical file, no model call
+    seconds: float = 0.0
 
     def line(self) -> str:
+        reused = f" ({self.reused} copied from identical files)" if self.reused else ""
         return (
-            f"{self.seen} files seen, {self.indexed} indexed, "
-            f"{self.unchanged} skipped as unchanged, {self.failed} failed "
-            f"({self.seconds:.1f} s)"
+            f"{self.seen} files seen, {self.indexed} indexed{reused}, "
+            f"{self.unchanged} skipped as unchanged, {self.failed} failed, "
+            f"{self.moved} moved, {self.removed} removed ({self.seconds:.1f} s)"
         )
 
 

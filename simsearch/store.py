@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -24,12 +24,16 @@ from sqlalchemy import (
     delete,
     event,
     func,
+    or_,
     select,
+    text,
+    update,
 )
 from sqlalchemy.dialects.sqlite import insert
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from simsearch.config import Manifest
+from simsearch.faults import crash_point
 from simsearch.records import FailedFile
 
 STATUS_OK = "ok"
@@ -84,6 +88,7 @@ class Known:
     size: int
     mtime_ns: int
     status: str
+    sha256: str | None = None
 
     def unchanged(self, st: os.stat_result) -> bool:
         """Return True when the file was indexed and still has the size and mtime it had."""
@@ -101,6 +106,16 @@ class GoodImage:
     sha256: str
     width: int
     height: int
+
+
+@dataclass(frozen=True)
+class Moved:
+    """An indexed file found under a new path with the same content: its row moves along."""
+
+    id: int
+    path: str
+    size: int
+    mtime_ns: int
 
 
 @dataclass(frozen=True)
@@ -149,6 +164,15 @@ class Store:
         with Session(self.engine) as session, session.begin():
             _put_meta(session, "faiss_generation", str(generation))
 
+    def generations(self) -> tuple[int, int]:
+        """Return (generation, faiss_generation), read together in one consistent snapshot."""
+        stmt = select(MetaRow.key, MetaRow.value).where(
+            MetaRow.key.in_(["generation", "faiss_generation"])
+        )
+        with Session(self.engine) as session:
+            values = {key: value for key, value in session.execute(stmt)}
+        return int(values.get("generation", 0)), int(values.get("faiss_generation", -1))
+
     def _get_meta(self, key: str) -> str | None:
         with Session(self.engine) as session:
             return session.scalar(select(MetaRow.value).where(MetaRow.key == key))
@@ -157,9 +181,26 @@ class Store:
 
     def known_files(self) -> dict[str, Known]:
         """Return every stored path with its size, mtime and status."""
-        stmt = select(ImageRow.path, ImageRow.id, ImageRow.size, ImageRow.mtime_ns, ImageRow.status)
+        stmt = select(
+            ImageRow.path,
+            ImageRow.id,
+            ImageRow.size,
+            ImageRow.mtime_ns,
+            ImageRow.status,
+            ImageRow.sha256,
+        )
         with Session(self.engine) as session:
-            return {p: Known(i, s, m, st) for p, i, s, m, st in session.execute(stmt)}
+            return {row[0]: Known(*row[1:]) for row in session.execute(stmt)}
+
+    def vector_hashes(self) -> dict[str, int]:
+        """Return content hash -> id of an image with that content and a vector."""
+        stmt = (
+            select(ImageRow.sha256, ImageRow.id)
+            .join(VectorRow, VectorRow.image_id == ImageRow.id)
+            .where(ImageRow.sha256.is_not(None))
+        )
+        with Session(self.engine) as session:
+            return {sha: i for sha, i in session.execute(stmt)}
 
     def counts(self) -> tuple[int, int]:
         """Return (images with a vector, failed images)."""
@@ -193,6 +234,32 @@ class Store:
             row = session.execute(stmt).first()
         return None if row is None else Known(*row)
 
+    def copy_sources(self, ids: Iterable[int]) -> dict[int, tuple[np.ndarray, int, int, str]]:
+        """Return id -> (vector, width, height, sha256) for images whose vector is reused."""
+        stmt = (
+            select(ImageRow.id, VectorRow.vector, ImageRow.width, ImageRow.height, ImageRow.sha256)
+            .join(VectorRow, VectorRow.image_id == ImageRow.id)
+            .where(ImageRow.id.in_([int(i) for i in ids]))
+        )
+        with Session(self.engine) as session:
+            return {
+                i: (np.frombuffer(blob, dtype="<f4").copy(), w or 0, h or 0, sha)
+                for i, blob, w, h, sha in session.execute(stmt)
+            }
+
+    def vectors_by_id(self, ids: Sequence[int]) -> dict[int, np.ndarray]:
+        """Return id -> stored vector for each of `ids` that has one."""
+        out = {}
+        with Session(self.engine) as session:
+            for start in range(0, len(ids), 500):
+                chunk = [int(i) for i in ids[start : start + 500]]
+                stmt = select(VectorRow.image_id, VectorRow.vector).where(
+                    VectorRow.image_id.in_(chunk)
+                )
+                for i, blob in session.execute(stmt):
+                    out[i] = np.frombuffer(blob, dtype="<f4")
+        return out
+
     def vector(self, image_id: int) -> np.ndarray | None:
         """Return the stored vector of an image, or None when it has none."""
         with Session(self.engine) as session:
@@ -200,9 +267,12 @@ class Store:
         return None if blob is None else np.frombuffer(blob, dtype="<f4").copy()
 
     def iter_vectors(
-        self, dim: int, rows: int = FETCH_ROWS
+        self, dim: int, rows: int = FETCH_ROWS, skip: set[int] | None = None
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yield (ids int64, vectors float32) chunks of every stored vector, in id order."""
+        """Yield (ids int64, vectors float32) chunks of every stored vector, in id order.
+
+        `skip`: ids to leave out (vectors known to be damaged).
+        """
         last = -1
         with Session(self.engine) as session:
             while True:
@@ -215,9 +285,13 @@ class Store:
                 chunk = session.execute(stmt).all()
                 if not chunk:
                     return
+                last = int(chunk[-1][0])
+                if skip:
+                    chunk = [row for row in chunk if row[0] not in skip]
+                    if not chunk:
+                        continue
                 ids = np.fromiter((r[0] for r in chunk), dtype=np.int64, count=len(chunk))
                 vecs = np.frombuffer(b"".join(r[1] for r in chunk), dtype="<f4").reshape(-1, dim)
-                last = int(ids[-1])
                 yield ids, vecs.astype(np.float32, copy=False)
 
     def vector_ids(self) -> np.ndarray:
@@ -228,12 +302,17 @@ class Store:
     # -- writing -------------------------------------------------------------------------
 
     def write_batch(
-        self, good: Sequence[GoodImage], vectors: np.ndarray, bad: Sequence[BadImage] = ()
+        self,
+        good: Sequence[GoodImage],
+        vectors: np.ndarray,
+        bad: Sequence[BadImage] = (),
+        moves: Sequence[Moved] = (),
     ) -> tuple[list[int], list[int]]:
-        """Store a batch of embedded and failed files in one transaction.
+        """Store a batch of embedded, failed and moved files in one transaction.
 
         Returns (ids of `good`, in order; ids of `bad` rows that lost a vector). A path seen
-        before keeps its id; its row and vector are replaced.
+        before keeps its id; its row and vector are replaced. A move gives an existing row
+        (and so its vector) a new path.
         """
         if len(good) != len(vectors):
             raise ValueError("one vector per good image is required")
@@ -278,8 +357,106 @@ class Store:
                 gone = session.execute(delete(VectorRow).where(VectorRow.image_id == image_id))
                 if gone.rowcount:
                     dropped.append(image_id)
+            for move in moves:
+                session.execute(
+                    update(ImageRow)
+                    .where(ImageRow.id == move.id)
+                    .values(path=move.path, size=move.size, mtime_ns=move.mtime_ns, indexed_at=now)
+                )
             _bump_generation(session)
+            crash_point("commit")
         return ids, dropped
+
+    def remove_images(self, ids: Sequence[int]) -> int:
+        """Delete images (and their vectors) in one transaction; returns how many there were."""
+        ids = [int(i) for i in ids]
+        if not ids:
+            return 0
+        with Session(self.engine) as session, session.begin():
+            removed = 0
+            for start in range(0, len(ids), 500):  # stay under SQLite's variable limit
+                chunk = ids[start : start + 500]
+                removed += session.execute(delete(ImageRow).where(ImageRow.id.in_(chunk))).rowcount
+            _bump_generation(session)
+            crash_point("prune")
+        return removed
+
+    def reset_vectors(self, ids: Sequence[int], reason: str) -> None:
+        """Drop damaged vectors and mark their images to be embedded again by the next run."""
+        with Session(self.engine) as session, session.begin():
+            for image_id in ids:
+                session.execute(delete(VectorRow).where(VectorRow.image_id == int(image_id)))
+                session.execute(
+                    update(ImageRow)
+                    .where(ImageRow.id == int(image_id))
+                    .values(status=STATUS_ERROR, error=reason, size=-1)
+                )
+            _bump_generation(session)
+
+    # -- checking ------------------------------------------------------------------------
+
+    def check(self, dim: int) -> StoreReport:
+        """Check every invariant the database must keep; return what is wrong and where."""
+        report = StoreReport()
+        with Session(self.engine) as session:
+            result = list(session.execute(text("PRAGMA integrity_check")).scalars())
+            if result != ["ok"]:
+                report.problems.append("SQLite integrity check failed: " + "; ".join(result[:5]))
+                report.corrupt = True
+                return report
+            report.unvectored = list(
+                session.scalars(
+                    select(ImageRow.id)
+                    .outerjoin(VectorRow, VectorRow.image_id == ImageRow.id)
+                    .where(ImageRow.status == STATUS_OK, VectorRow.image_id.is_(None))
+                )
+            )
+            report.stray = list(
+                session.scalars(
+                    select(VectorRow.image_id)
+                    .outerjoin(ImageRow, VectorRow.image_id == ImageRow.id)
+                    .where(or_(ImageRow.id.is_(None), ImageRow.status != STATUS_OK))
+                )
+            )
+            report.damaged = list(
+                session.scalars(
+                    select(VectorRow.image_id).where(func.length(VectorRow.vector) != 4 * dim)
+                )
+            )
+        skip = set(report.damaged) | set(report.stray)
+        for ids, vecs in self.iter_vectors(dim, skip=skip):
+            norms = np.linalg.norm(vecs, axis=1)
+            wrong = ~np.isfinite(norms) | (np.abs(norms - 1) > 1e-3)
+            report.damaged.extend(int(i) for i in ids[wrong])
+        if report.unvectored:
+            report.problems.append(f"{len(report.unvectored)} images marked indexed have no vector")
+        if report.stray:
+            report.problems.append(f"{len(report.stray)} vectors belong to no indexed image")
+        if report.damaged:
+            report.problems.append(
+                f"{len(report.damaged)} vectors are damaged "
+                f"(not {dim} finite values of unit length)"
+            )
+        return report
+
+    def delete_vectors(self, ids: Sequence[int]) -> None:
+        """Delete the vectors of `ids` (stray vectors of failed or missing images)."""
+        with Session(self.engine) as session, session.begin():
+            for start in range(0, len(ids), 500):
+                chunk = [int(i) for i in ids[start : start + 500]]
+                session.execute(delete(VectorRow).where(VectorRow.image_id.in_(chunk)))
+            _bump_generation(session)
+
+
+@dataclass
+class StoreReport:
+    """What `Store.check` found."""
+
+    problems: list[str] = field(default_factory=list)
+    corrupt: bool = False  # SQLite itself is damaged: nothing can be trusted
+    unvectored: list[int] = field(default_factory=list)  # status ok, but no vector
+    stray: list[int] = field(default_factory=list)  # vector of a failed or missing image
+    damaged: list[int] = field(default_factory=list)  # wrong length, not finite, not unit
 
 
 def _upsert_image(session: Session, path: str, size: int, mtime_ns: int, now: float, **cols) -> int:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from simsearch.faults import crash_point
+
 
 def _file_mode() -> int:
     umask = os.umask(0)
@@ -38,6 +40,16 @@ class VectorIndex:
         import faiss
 
         return np.sort(faiss.vector_to_array(self._index.id_map).astype(np.int64))
+
+    def items(self, chunk: int = 65_536):
+        """Yield (ids, vectors) chunks of everything stored, in storage order."""
+        import faiss
+
+        ids = faiss.vector_to_array(self._index.id_map).astype(np.int64)
+        inner = self._index.index
+        for start in range(0, len(ids), chunk):
+            n = min(chunk, len(ids) - start)
+            yield ids[start : start + n], inner.reconstruct_n(start, n)
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         """Add vectors under `ids`, replacing any vector already stored under one of them."""
@@ -79,6 +91,7 @@ class VectorIndex:
             faiss.write_index(self._index, tmp)
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
+            crash_point("faiss-write")
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

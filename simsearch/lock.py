@@ -1,0 +1,67 @@
+"""WriteLock: one writer per index, across processes, that a crash cannot leave behind.
+
+The lock is an advisory `flock` on `index.lock` in the index folder. The kernel releases it
+when its holder dies however it dies, so a stale lock from a killed process is simply taken
+over. The file also holds the holder's pid, for the "locked by pid N" message.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from simsearch.errors import IndexLockedError
+
+LOCK_FILE = "index.lock"
+
+
+class WriteLock:
+    """Exclusive, non-blocking write lock on an index folder. Use as a context manager."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = Path(folder) / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise IndexLockedError naming the process that holds it."""
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no cross-process lock, as SQLite's own locking
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise IndexLockedError(
+                f"index {self.path.parent} is locked by pid {holder}, which is writing to "
+                "it; wait for it to finish (searches keep working meanwhile)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def try_acquire(self) -> bool:
+        """Take the lock if it is free; return whether we hold it."""
+        try:
+            self.acquire()
+        except IndexLockedError:
+            return False
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def __enter__(self) -> WriteLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
