@@ -68,8 +68,13 @@ class Index:
     ) -> None:
         self.path = path
         self.store = store
+        from sqlalchemy.exc import DatabaseError
+
         try:
             manifest = store.manifest()
+        except DatabaseError as exc:
+            store.close()
+            raise IndexFormatError(_damaged(path, exc)) from None
         except BaseException:
             store.close()
             raise
@@ -442,7 +447,12 @@ class Index:
         else:
             if on_disk != self.manifest:
                 problems.append(f"{MANIFEST_FILE} differs from the manifest in {DATABASE_FILE}")
-        report = self.store.check(self.manifest.dim)
+        from sqlalchemy.exc import DatabaseError
+
+        try:
+            report = self.store.check(self.manifest.dim)
+        except DatabaseError as exc:
+            return [*problems, _damaged(self.path, exc)]
         problems += report.problems
         if not report.corrupt:
             problems += self._verify_faiss()
@@ -491,15 +501,16 @@ class Index:
         rewritten from the database. A damaged database itself cannot be repaired here
         (IndexFormatError).
         """
+        from sqlalchemy.exc import DatabaseError
+
         actions = []
         with self._writing():
-            report = self.store.check(self.manifest.dim)
+            try:
+                report = self.store.check(self.manifest.dim)
+            except DatabaseError as exc:
+                raise IndexFormatError(_damaged(self.path, exc)) from None
             if report.corrupt:
-                raise IndexFormatError(
-                    f"{self.path / DATABASE_FILE} itself is damaged ({report.problems[0]}); "
-                    "it cannot be repaired: restore it from a backup, or index into a new "
-                    "--index"
-                )
+                raise IndexFormatError(_damaged(self.path, report.problems[0]))
             redo = sorted(set(report.damaged) | set(report.unvectored))
             if redo:
                 self.store.reset_vectors(
@@ -594,6 +605,14 @@ def _as_image(image):
         return decode_image(data)
     except ImageError as exc:
         raise QueryError(f"{path}: {exc}") from None
+
+
+def _damaged(path: Path, cause) -> str:
+    reason = getattr(cause, "orig", None) or cause
+    return (
+        f"{path / DATABASE_FILE} is damaged ({reason}); it cannot be repaired: restore it "
+        "from a backup, or index into a new --index"
+    )
 
 
 def _create_database(path: Path, manifest) -> None:

@@ -9,6 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import click
+from sqlalchemy.exc import DatabaseError
 
 from simsearch import __version__
 from simsearch.config import (
@@ -38,6 +39,13 @@ class _Group(click.Group):
             sys.exit(exc.exit_code)
         except SimsearchError as exc:
             click.echo(f"Error: {exc}", err=True)
+            sys.exit(1)
+        except DatabaseError as exc:
+            click.echo(
+                f"Error: the index database is damaged or unreadable ({exc.orig}); restore it "
+                "from a backup, or index into a new --index",
+                err=True,
+            )
             sys.exit(1)
         except click.Abort:
             click.echo("Interrupted; everything committed before it is kept.", err=True)
@@ -168,10 +176,12 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
     help="Refuse images with more pixels than this (decompression bombs), unread.",
 )
 @click.option("--strict", is_flag=True, help="Exit with status 3 if any file failed.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or notices (as simsearch -q).")
 @json_option
 @click.pass_obj
 def index(
     obj,
+    quiet,
     dirs,
     index_path,
     model,
@@ -220,9 +230,11 @@ def index(
             m.num_layers,
             m.pool,
         )
+        if quiet:
+            logging.getLogger("simsearch").setLevel(logging.ERROR)
         # disable=None: tqdm draws only when stderr is a terminal.
-        quiet = True if obj["quiet"] else None
-        with tqdm(desc="indexing", unit="img", file=sys.stderr, disable=quiet) as bar:
+        no_bar = True if quiet or obj["quiet"] else None
+        with tqdm(desc="indexing", unit="img", file=sys.stderr, disable=no_bar) as bar:
             summary = idx.add(
                 dirs,
                 workers=workers or DEFAULT_WORKERS,
@@ -349,9 +361,9 @@ def verify(index_path, as_json):
 
     with Index.open(index_path) as idx:
         problems = idx.verify()
-        indexed, failed = idx.store.counts()
+        indexed, failed = (0, 0) if problems else idx.store.counts()
     if as_json:
-        click.echo(json.dumps({"ok": not problems, "problems": problems, "indexed": indexed}))
+        click.echo(json.dumps({"ok": not problems, "problems": problems}))
     elif problems:
         for problem in problems:
             click.echo(f"problem: {problem}")

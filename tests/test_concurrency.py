@@ -1,0 +1,116 @@
+"""One writer at a time, stale locks taken over, and searches that keep working meanwhile."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import draw_image
+
+from simsearch import Index
+from simsearch.errors import IndexLockedError
+from simsearch.lock import WriteLock
+
+
+@pytest.fixture
+def index_path(tmp_path, tiny_vit, photo_dir):
+    path = tmp_path / "index"
+    with Index.create(path, model=tiny_vit) as idx:
+        idx.add(photo_dir)
+    return path
+
+
+def test_a_second_writer_is_told_who_holds_the_lock(index_path, photo_dir):
+    with WriteLock(index_path), Index.open(index_path) as idx:
+        with pytest.raises(IndexLockedError, match=f"locked by pid {os.getpid()}"):
+            idx.add(photo_dir)
+        with pytest.raises(IndexLockedError):
+            idx.repair()
+        # Readers are not blocked.
+        assert idx.search("id:1", k=1)[0].id == 1
+    with Index.open(index_path) as idx:
+        assert idx.add(photo_dir).unchanged == 8  # free again
+
+
+def test_a_lock_left_by_a_killed_process_is_taken_over(index_path, photo_dir):
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from simsearch.lock import WriteLock; "
+            f"WriteLock({str(index_path)!r}).acquire(); "
+            "print('locked', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "locked"
+    with Index.open(index_path) as idx:
+        with pytest.raises(IndexLockedError, match=f"pid {holder.pid}"):
+            idx.add(photo_dir)
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        assert (index_path / "index.lock").read_text().strip() == str(holder.pid)
+        assert idx.add(photo_dir).unchanged == 8
+
+
+def test_searches_stay_consistent_while_a_writer_runs(tmp_path, tiny_vit):
+    photos = tmp_path / "many"
+    photos.mkdir()
+    for i in range(300):
+        draw_image(200 + i, size=(40, 32)).save(photos / f"q{i:04d}.png")
+    index_path = tmp_path / "live"
+    with Index.create(index_path, model=tiny_vit) as idx:
+        idx.add(photos / "q0000.png")  # something to search from the start
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "simsearch",
+            "-q",
+            "index",
+            str(photos),
+            "--index",
+            str(index_path),
+            "--batch-size",
+            "8",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    answers, sizes = 0, []
+    long_lived = Index.open(index_path)
+    try:
+        while writer.poll() is None or answers < 5:
+            with Index.open(index_path) as fresh:  # a new `simsearch search` each time
+                for idx in (fresh, long_lived):
+                    hits = idx.search("id:1", k=20)
+                    assert hits[0].id == 1 and hits[0].score == pytest.approx(1, abs=1e-4)
+                    scores = [h.score for h in hits]
+                    assert scores == sorted(scores, reverse=True)
+                    assert len({h.id for h in hits}) == len(hits)
+                    query = idx.store.vector(1)
+                    for hit in hits:  # every score is the one the stored vectors give
+                        stored = idx.store.vector(hit.id)
+                        assert stored is not None
+                        assert float(np.dot(query, stored)) == pytest.approx(hit.score, abs=1e-4)
+                sizes.append(len(fresh.vectors))
+                answers += 1
+            time.sleep(0.01)
+    finally:
+        long_lived.close()
+        _, err = writer.communicate(timeout=120)
+    assert writer.returncode == 0, err
+    assert sizes == sorted(sizes), "a reader saw the index shrink"
+    assert sizes[-1] == 300
+    assert len(set(sizes)) > 2, f"no answer came while the writer was committing: {sizes}"
+    with Index.open(index_path) as idx:
+        assert idx.verify() == []
