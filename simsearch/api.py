@@ -25,6 +25,7 @@ from simsearch.config import (
     DEFAULT_K,
     DEFAULT_MODEL,
     DEFAULT_WORKERS,
+    LOCK_WAIT_SECONDS,
     MANIFEST_FILE,
     MAX_IMAGE_PIXELS,
     VECTORS_FILE,
@@ -307,10 +308,13 @@ class Index:
         if self._lock.held:
             yield
             return
-        with self._lock:
+        self._lock.acquire(wait=LOCK_WAIT_SECONDS)
+        try:
             for leftover in self.path.glob("*.tmp"):
                 leftover.unlink(missing_ok=True)
             yield
+        finally:
+            self._lock.release()
 
     # -- searching -----------------------------------------------------------------------
 

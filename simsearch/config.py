@@ -108,3 +108,8 @@ DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 # During a long indexing run, save the FAISS file this often (after a commit), so that a
 # search started meanwhile loads it instead of rebuilding it from the database.
 FAISS_CHECKPOINT_SECONDS = 300.0
+
+# How long a writer waits for the index's write lock before giving up. A search that had to
+# rebuild the FAISS file holds the lock while it saves the result, which takes seconds on a
+# big index; another writer gets its error at once after this.
+LOCK_WAIT_SECONDS = 5.0

@@ -8,6 +8,7 @@ over. The file also holds the holder's pid, for the "locked by pid N" message.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from simsearch.errors import IndexLockedError
@@ -22,16 +23,23 @@ class WriteLock:
         self.path = Path(folder) / LOCK_FILE
         self._fd: int | None = None
 
-    def acquire(self) -> None:
-        """Take the lock, or raise IndexLockedError naming the process that holds it."""
+    def acquire(self, wait: float = 0.0) -> None:
+        """Take the lock, waiting up to `wait` seconds; else raise IndexLockedError naming
+        the process that holds it."""
         try:
             import fcntl
         except ImportError:  # not POSIX: no cross-process lock, as SQLite's own locking
             return
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
             holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
             os.close(fd)
             raise IndexLockedError(

@@ -156,3 +156,21 @@ def test_a_file_that_comes_back_is_indexed_again(counted, photo_dir, tmp_path):
     summary = index.add(photo_dir)
     assert (summary.indexed, summary.removed) == (1, 0)
     assert embedder.calls == 1
+
+
+def test_long_runs_save_the_faiss_file_as_they_go(tmp_path, tiny_vit, photo_dir, monkeypatch):
+    """So that a search started mid-run loads a recent file instead of rebuilding."""
+    monkeypatch.setattr("simsearch.ingest.FAISS_CHECKPOINT_SECONDS", 0.0)
+    saved = []
+    with Index.create(tmp_path / "ix", model=tiny_vit, batch_size=4) as index:
+        original = index._save_vectors
+
+        def save():
+            original()
+            saved.append(index.store.generations())
+
+        monkeypatch.setattr(index, "_save_vectors", save)
+        index.add(photo_dir)
+    assert len(saved) == 3  # after each of the two batches, and at the end
+    assert all(generation == faiss for generation, faiss in saved)
+    assert saved[0][0] < saved[1][0]
