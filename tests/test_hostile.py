@@ -241,17 +241,22 @@ def test_a_folder_of_every_hostile_file_at_once(tmp_path, tiny_vit):
         assert len(index) == summary.indexed
 
 
-def test_exif_rotated_photo_embeds_like_the_upright_one(tmp_path, tiny_vit):
+def test_exif_rotated_jpeg_embeds_like_the_upright_one(tmp_path, tiny_vit):
     upright = draw_image(7, size=(120, 80))
     exif = Image.Exif()
     exif[0x0112] = 6
-    upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "rotated.png", exif=exif)
-    upright.save(tmp_path / "upright.png")
-    vecs = Embedder(tiny_vit).embed_images([Image.open(tmp_path / "upright.png").convert("RGB")])
-    with Index.create(tmp_path / "index", model=tiny_vit) as index:
-        index.add(tmp_path / "rotated.png")
-        stored = index.store.vector(1)
-    assert float(stored @ vecs[0]) > 0.9999
+    # A camera held sideways stores the pixels rotated and says so in EXIF.
+    stored_rotated = upright.transpose(Image.Transpose.ROTATE_90)
+    stored_rotated.save(tmp_path / "rotated.jpg", quality=95, exif=exif)
+    upright.save(tmp_path / "upright.jpg", quality=95)
+    embedder = Embedder(tiny_vit)
+    with Index.create(tmp_path / "index", embedder=embedder) as index:
+        index.add([tmp_path / "rotated.jpg", tmp_path / "upright.jpg"])
+        rotated, straight = (index.store.vector(i) for i in (1, 2))
+    sideways = embedder.embed_images([stored_rotated])[0]  # what ignoring EXIF would give
+    distance, ignored_exif = 1 - float(rotated @ straight), 1 - float(sideways @ straight)
+    assert distance < 1e-4
+    assert ignored_exif > 100 * distance
 
 
 def test_permission_denied_is_recorded(tmp_path, tiny_vit, monkeypatch):
