@@ -39,7 +39,7 @@ from simsearch.errors import ImageError
 from simsearch.faults import crash_point
 from simsearch.images import Preprocessing, decode_image, find_images
 from simsearch.records import AddSummary
-from simsearch.store import BadImage, GoodImage, Known, Moved, Store
+from simsearch.store import STATUS_OK, BadImage, GoodImage, Known, Moved, Store
 from simsearch.vectors import VectorIndex
 
 log = logging.getLogger(__name__)
@@ -99,28 +99,11 @@ def ingest(
     known = store.known_files()
     hashes = store.vector_hashes()  # read by the decode threads: content already embedded
 
-    todo: list[tuple[str, str, int, int, str | None]] = []
-    listed: set[str] = set()
-    unchanged = 0
-    for path in files:
-        real = str(path)
-        key = _storable(real)
-        listed.add(key)
-        try:
-            st = path.stat()
-        except OSError as exc:
-            todo.append((real, key, -1, -1, _stat_error(path, exc)))
-            continue
-        prior = known.get(key)
-        if prior is not None and prior.unchanged(st):
-            unchanged += 1
-        else:
-            todo.append((real, key, st.st_size, st.st_mtime_ns, None))
-
+    todo, listed, unchanged = _scan(files, known)
     gone = _disappeared(known, listed, roots, unlisted) if prune else {}
     gone_by_hash: dict[str, list[str]] = {}
     for key, row in gone.items():
-        if row.sha256 and row.status == "ok":
+        if row.sha256 and row.status == STATUS_OK:
             gone_by_hash.setdefault(row.sha256, []).append(key)
 
     if progress is not None:
@@ -165,28 +148,7 @@ def ingest(
         while pending:
             prepared = pending.popleft().result()
             fill()
-            if prepared.error is not None:
-                batch.bad.append(
-                    BadImage(
-                        prepared.key,
-                        max(prepared.size, 0),
-                        prepared.mtime_ns,
-                        prepared.error,
-                        prepared.sha256,
-                    )
-                )
-            elif prepared.known_id is not None or prepared.sha256 in hashes:
-                sources = gone_by_hash.get(prepared.sha256)
-                if sources and prepared.key not in known:
-                    old = gone.pop(sources.pop())  # a rename: the row follows the file
-                    batch.moves.append(
-                        Moved(old.id, prepared.key, prepared.size, prepared.mtime_ns)
-                    )
-                else:
-                    prepared.known_id = prepared.known_id or hashes[prepared.sha256]
-                    batch.copy.append(prepared)
-            else:
-                batch.embed.append(prepared)
+            _route(prepared, batch, known, gone, gone_by_hash, hashes)
             if len(batch.embed) >= embedder.batch_size or len(batch) >= 4 * embedder.batch_size:
                 flush()
         if len(batch):
@@ -203,6 +165,53 @@ def ingest(
         reused=counts["reused"],
         seconds=time.monotonic() - start,
     )
+
+
+def _scan(files: list[Path], known: dict[str, Known]) -> tuple[list[tuple], set[str], int]:
+    """Return (files to read, every listed path as stored, how many are unchanged)."""
+    todo: list[tuple[str, str, int, int, str | None]] = []
+    listed: set[str] = set()
+    unchanged = 0
+    for path in files:
+        real = str(path)
+        key = _storable(real)
+        listed.add(key)
+        try:
+            st = path.stat()
+        except OSError as exc:
+            todo.append((real, key, -1, -1, _stat_error(path, exc)))
+            continue
+        prior = known.get(key)
+        if prior is not None and prior.unchanged(st):
+            unchanged += 1
+        else:
+            todo.append((real, key, st.st_size, st.st_mtime_ns, None))
+    return todo, listed, unchanged
+
+
+def _route(
+    prepared: _Prepared,
+    batch: _Batch,
+    known: dict[str, Known],
+    gone: dict[str, Known],
+    gone_by_hash: dict[str, list[str]],
+    hashes: dict[str, int],
+) -> None:
+    """Put a prepared file into the batch as failed, moved, copied or to be embedded."""
+    if prepared.error is not None:
+        size = max(prepared.size, 0)
+        batch.bad.append(
+            BadImage(prepared.key, size, prepared.mtime_ns, prepared.error, prepared.sha256)
+        )
+    elif prepared.known_id is None and prepared.sha256 not in hashes:
+        batch.embed.append(prepared)
+    elif prepared.key not in known and gone_by_hash.get(prepared.sha256):
+        # A new path with the content of a file that has gone: a rename; the row follows.
+        old = gone.pop(gone_by_hash[prepared.sha256].pop())
+        batch.moves.append(Moved(old.id, prepared.key, prepared.size, prepared.mtime_ns))
+    else:
+        prepared.known_id = prepared.known_id or hashes[prepared.sha256]
+        batch.copy.append(prepared)
 
 
 def _commit(
