@@ -282,7 +282,7 @@ class Index:
             embedder = self.embedder  # load the model before the run, so its errors come first
             vectors = self.vectors
             try:
-                return ingest(
+                summary = ingest(
                     paths,
                     self.store,
                     vectors,
@@ -293,14 +293,20 @@ class Index:
                     progress=progress,
                     checkpoint=self._save_vectors,
                 )
-            except OperationalError as exc:
-                raise StorageError(
-                    f"cannot write to {self.path / DATABASE_FILE}: {exc.orig}. Everything "
-                    "committed before this is kept; fix the cause (free disk space?) and run "
-                    "the same command again to continue"
-                ) from None
-            finally:
-                self._save_vectors()
+            except BaseException as exc:
+                # The in-memory FAISS index may be a batch behind the database (interrupted
+                # between a commit and its mirror), so it is dropped, not saved: the next
+                # open rebuilds it from the database.
+                self._vectors = None
+                if isinstance(exc, OperationalError):
+                    raise StorageError(
+                        f"cannot write to {self.path / DATABASE_FILE}: {exc.orig}. Everything "
+                        "committed before this is kept; fix the cause (free disk space?) and "
+                        "run the same command again to continue"
+                    ) from None
+                raise
+            self._save_vectors()
+            return summary
 
     @contextlib.contextmanager
     def _writing(self):

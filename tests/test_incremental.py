@@ -174,3 +174,28 @@ def test_long_runs_save_the_faiss_file_as_they_go(tmp_path, tiny_vit, photo_dir,
     assert len(saved) == 3  # after each of the two batches, and at the end
     assert all(generation == faiss for generation, faiss in saved)
     assert saved[0][0] < saved[1][0]
+
+
+def test_interrupt_between_commit_and_faiss_update_leaves_no_stale_vectors(
+    tmp_path, tiny_vit, photo_dir, monkeypatch
+):
+    import simsearch.ingest
+
+    with Index.create(tmp_path / "ix", model=tiny_vit, batch_size=4) as index:
+        index.add(photo_dir)
+    for i, path in enumerate(sorted(photo_dir.glob("img*.*"))):
+        draw_image(60 + i).save(path)  # every file changes: same ids, new vectors
+
+    def interrupt(name):
+        if name == "after-commit":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(simsearch.ingest, "crash_point", interrupt)
+    with Index.open(tmp_path / "ix") as index, pytest.raises(KeyboardInterrupt):
+        index.add(photo_dir)
+    monkeypatch.undo()
+    with Index.open(tmp_path / "ix") as index:
+        changed = str(sorted(photo_dir.glob("img*.*"))[0])
+        hit = index.search(changed, k=1)[0]
+        assert hit.path == changed and hit.score == pytest.approx(1, abs=1e-4)
+        assert index.verify() == []
