@@ -6,6 +6,8 @@ the same `from_pretrained` path that real checkpoints take.
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -100,3 +102,37 @@ def photo_dir(tmp_path) -> Path:
         ext = "png" if i % 2 else "jpg"
         draw_image(i).save(target / f"img{i}.{ext}", quality=95)
     return folder
+
+
+@pytest.fixture
+def index_path(tmp_path, tiny_vit, photo_dir) -> Path:
+    """An index of photo_dir made with tiny_vit, closed: the path a command would be given."""
+    from simsearch import Index
+
+    path = tmp_path / "index"
+    with Index.create(path, model=tiny_vit) as idx:
+        idx.add(photo_dir)
+    return path
+
+
+def index_command(photos, index, *options) -> list[str]:
+    """The argv of `simsearch -q index PHOTOS --index INDEX [options]`, for a subprocess."""
+    return [
+        sys.executable,
+        "-m",
+        "simsearch",
+        "-q",
+        "index",
+        str(photos),
+        "--index",
+        str(index),
+        *(str(o) for o in options),
+    ]
+
+
+def subprocess_env(**extra) -> dict[str, str]:
+    """The environment for a simsearch subprocess: offline, unbuffered, no crash point."""
+    env = dict(os.environ)
+    env.pop("SIMSEARCH_CRASH_AT", None)
+    env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **extra)
+    return env

@@ -10,19 +10,11 @@ import time
 
 import numpy as np
 import pytest
-from conftest import draw_image
+from conftest import draw_image, index_command, subprocess_env
 
 from simsearch import Index
 from simsearch.errors import IndexLockedError
 from simsearch.lock import WriteLock
-
-
-@pytest.fixture
-def index_path(tmp_path, tiny_vit, photo_dir):
-    path = tmp_path / "index"
-    with Index.create(path, model=tiny_vit) as idx:
-        idx.add(photo_dir)
-    return path
 
 
 @pytest.fixture
@@ -83,21 +75,9 @@ def test_searches_stay_consistent_while_a_writer_runs(tmp_path, tiny_vit):
     index_path = tmp_path / "live"
     with Index.create(index_path, model=tiny_vit) as idx:
         idx.add(photos / "q0000.png")  # something to search from the start
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
     writer = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "simsearch",
-            "-q",
-            "index",
-            str(photos),
-            "--index",
-            str(index_path),
-            "--batch-size",
-            "8",
-        ],
-        env=env,
+        index_command(photos, index_path, "--batch-size", 8),
+        env=subprocess_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -5,17 +5,15 @@ without losing, duplicating or recomputing committed work, and ends where one cl
 from __future__ import annotations
 
 import json
-import os
 import random
 import resource
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 
 import pytest
-from conftest import draw_image
+from conftest import draw_image, index_command, subprocess_env
 
 from simsearch import Index
 
@@ -23,33 +21,12 @@ N_IMAGES = 240
 BATCH = 16
 
 
-def _env(**extra):
-    env = dict(os.environ)
-    env.pop("SIMSEARCH_CRASH_AT", None)
-    env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **extra)
-    return env
-
-
 def _index_cmd(photos, index, model):
-    return [
-        sys.executable,
-        "-m",
-        "simsearch",
-        "-q",
-        "index",
-        str(photos),
-        "--index",
-        str(index),
-        "--model",
-        str(model),
-        "--batch-size",
-        str(BATCH),
-        "--json",
-    ]
+    return index_command(photos, index, "--model", model, "--batch-size", BATCH, "--json")
 
 
 def _run(photos, index, model, crash_at=None, **popen):
-    env = _env(**({"SIMSEARCH_CRASH_AT": crash_at} if crash_at else {}))
+    env = subprocess_env(**({"SIMSEARCH_CRASH_AT": crash_at} if crash_at else {}))
     return subprocess.run(
         _index_cmd(photos, index, model),
         env=env,
@@ -122,7 +99,7 @@ def test_kills_at_every_stage_then_resume_match_one_clean_run(photos, tiny_vit, 
         before = _committed(index)
         proc = subprocess.Popen(
             _index_cmd(photos, index, tiny_vit),
-            env=_env(),
+            env=subprocess_env(),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

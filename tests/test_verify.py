@@ -15,14 +15,6 @@ from simsearch.errors import IndexFormatError
 from simsearch.vectors import VectorIndex
 
 
-@pytest.fixture
-def index_path(tmp_path, tiny_vit, photo_dir):
-    path = tmp_path / "index"
-    with Index.create(path, model=tiny_vit) as idx:
-        idx.add(photo_dir)
-    return path
-
-
 def _sql(index_path, statement, *args):
     with sqlite3.connect(index_path / "meta.sqlite") as db:
         db.execute(statement, args)
