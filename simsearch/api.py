@@ -64,6 +64,7 @@ class Index:
         *,
         model: str | None = None,
         device: str = "auto",
+        precision: str | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
         embedder=None,
     ) -> None:
@@ -85,6 +86,7 @@ class Index:
         self.manifest = manifest
         self._model = model or manifest.model
         self._device = device
+        self._precision = precision
         self._batch_size = batch_size
         self._embedder = embedder
         self._vectors: VectorIndex | None = None
@@ -101,6 +103,7 @@ class Index:
         layer: int = -1,
         pool: str = "cls",
         device: str = "auto",
+        precision: str | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
         embedder=None,
     ) -> Index:
@@ -116,7 +119,14 @@ class Index:
         if embedder is None:
             from simsearch.embed import Embedder
 
-            embedder = Embedder(model, layer=layer, pool=pool, device=device, batch_size=batch_size)
+            embedder = Embedder(
+                model,
+                layer=layer,
+                pool=pool,
+                device=device,
+                precision=precision,
+                batch_size=batch_size,
+            )
         manifest = embedder.manifest()
         path.mkdir(parents=True, exist_ok=True)
         with WriteLock(path):
@@ -127,6 +137,7 @@ class Index:
             path,
             Store(path / DATABASE_FILE),
             device=device,
+            precision=precision,
             batch_size=batch_size,
             embedder=embedder,
         )
@@ -140,6 +151,7 @@ class Index:
         layer: int | None = None,
         pool: str | None = None,
         device: str = "auto",
+        precision: str | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
         embedder=None,
     ) -> Index:
@@ -159,6 +171,7 @@ class Index:
             Store(path / DATABASE_FILE),
             model=None if model is None else str(model),
             device=device,
+            precision=precision,
             batch_size=batch_size,
             embedder=embedder,
         )
@@ -178,6 +191,7 @@ class Index:
         layer: int | None = None,
         pool: str | None = None,
         device: str = "auto",
+        precision: str | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
     ) -> Index:
         """Open the index at `path`, or create it there if there is none.
@@ -187,7 +201,13 @@ class Index:
         """
         if (Path(path) / DATABASE_FILE).exists():
             return cls.open(
-                path, model=model, layer=layer, pool=pool, device=device, batch_size=batch_size
+                path,
+                model=model,
+                layer=layer,
+                pool=pool,
+                device=device,
+                precision=precision,
+                batch_size=batch_size,
             )
         log.info("creating index %s", path)
         return cls.create(
@@ -196,6 +216,7 @@ class Index:
             layer=-1 if layer is None else layer,
             pool=pool or "cls",
             device=device,
+            precision=precision,
             batch_size=batch_size,
         )
 
@@ -212,7 +233,7 @@ class Index:
         if pool is not None:
             wanted = replace(wanted, pool=pool)
         if model is not None and self._embedder is None:
-            from simsearch.embed import hash_weights, resolve_model
+            from simsearch.models import hash_weights, resolve_model
 
             folder, _ = resolve_model(str(model))
             wanted = replace(wanted, model=str(model), weights_sha256=hash_weights(folder))
@@ -241,6 +262,7 @@ class Index:
                 layer=self.manifest.layer,
                 pool=self.manifest.pool,
                 device=self._device,
+                precision=self._precision,
                 batch_size=self._batch_size,
             )
             self.manifest.check_compatible(embedder.manifest())

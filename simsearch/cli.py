@@ -101,6 +101,16 @@ device_option = click.option(
     show_default=True,
     help="Where the model runs; auto uses CUDA when there is one.",
 )
+precision_option = click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16", "fp16", "int8"]),
+    default="auto",
+    envvar="SIMSEARCH_PRECISION",
+    show_default=True,
+    show_envvar=True,
+    help="Arithmetic of the model: auto = fp16 on CUDA, bf16 on CPUs with native bf16, "
+    "else fp32; int8 = quantised linear layers (CPU).",
+)
 batch_option = click.option(
     "--batch-size",
     type=click.IntRange(min=1),
@@ -156,6 +166,7 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
 )
 @batch_option
 @device_option
+@precision_option
 @click.option(
     "--workers",
     type=click.IntRange(min=1),
@@ -189,6 +200,7 @@ def index(
     pool,
     batch_size,
     device,
+    precision,
     workers,
     prune,
     max_pixels,
@@ -218,17 +230,25 @@ def index(
     from simsearch.config import DEFAULT_WORKERS
 
     idx = Index.open_or_create(
-        index_path, model, layer=layer, pool=pool, device=device, batch_size=batch_size
+        index_path,
+        model,
+        layer=layer,
+        pool=pool,
+        device=device,
+        precision=precision,
+        batch_size=batch_size,
     )
     with idx:
-        m = idx.manifest
+        m, embedder = idx.manifest, idx.embedder
         log.info(
-            "model %s: %d-dim, layer %d of %d, %s pooling",
+            "model %s: %d-dim, layer %d of %d, %s pooling; %s on %s",
             m.model,
             m.dim,
             m.layer,
             m.num_layers,
             m.pool,
+            embedder.precision,
+            embedder.device,
         )
         if quiet:
             logging.getLogger("simsearch").setLevel(logging.ERROR)
@@ -269,8 +289,9 @@ def index(
     help="Where the index's model is now, if its folder moved.",
 )
 @device_option
+@precision_option
 @json_option
-def search(queries, index_path, k, model, device, as_json):
+def search(queries, index_path, k, model, device, precision, as_json):
     """Find the indexed images most similar to each QUERY.
 
     A QUERY is an image file (indexed or not) or id:N for the indexed image with id N.
@@ -288,7 +309,7 @@ def search(queries, index_path, k, model, device, as_json):
     """
     from simsearch.api import Index
 
-    with Index.open(index_path, model=model, device=device) as idx:
+    with Index.open(index_path, model=model, device=device, precision=precision) as idx:
         results = idx.search_many(list(queries), k)
     for query, hits in zip(queries, results, strict=True):
         if as_json:

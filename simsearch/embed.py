@@ -3,28 +3,28 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
-from pathlib import Path
+import warnings
 
 import numpy as np
 
 from simsearch.config import DEFAULT_BATCH_SIZE, DEFAULT_MODEL, Manifest
 from simsearch.errors import LayerError, ModelLoadError
-from simsearch.images import Preprocessing
+from simsearch.models import (
+    FINAL_NORM_NAMES,
+    find_blocks,
+    hash_weights,
+    load_backbone,
+    load_preprocessing,
+    resolve_model,
+)
 
 log = logging.getLogger(__name__)
 
 POOLS = ("cls", "mean")
 DEVICES = ("auto", "cpu", "cuda")
-
-# Attribute names under which transformers' vision backbones keep the norm that follows the
-# last block (ViT, DeiT, DINOv2, BEiT: `layernorm`; CLIP, SigLIP: `post_layernorm`).
-FINAL_NORM_NAMES = ("layernorm", "post_layernorm", "norm", "final_layernorm", "ln_post")
-
-# Weight files, in the order we prefer them: safetensors cannot run code when loaded.
-WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 
 
 class _StopForward(Exception):
@@ -37,7 +37,11 @@ class Embedder:
     `model` is a hub id or a folder written by `save_pretrained`. `layer` picks the hidden
     state: 0 is the patch embeddings, 1..N the output of each block, negatives count from the
     end; the default -1 is the last block after the model's final norm. `pool` is "cls" (the
-    [CLS] token) or "mean" (the mean of the patch tokens).
+    [CLS] token) or "mean" (the mean of the patch tokens). `precision` is the arithmetic of
+    the forward pass: "fp32"; "bf16" or "fp16" (autocast: matrix products in 16 bits, norms
+    and softmax in fp32); "int8" (dynamic quantisation of the linear layers, CPU only); or
+    "auto", the fastest faithful one here: fp16 on CUDA, bf16 on CPUs with native bf16,
+    else fp32. None takes $SIMSEARCH_PRECISION, else "auto".
     """
 
     def __init__(
@@ -47,6 +51,7 @@ class Embedder:
         layer: int = -1,
         pool: str = "cls",
         device: str = "auto",
+        precision: str | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
     ) -> None:
         if pool not in POOLS:
@@ -61,13 +66,14 @@ class Embedder:
         # find its model again from any working directory.
         self.model_id = self.name if self.revision else str(self.folder)
         self.device = _pick_device(device)
+        self.precision = _pick_precision(precision, self.device)
         self._weights_sha256: str | None = None
 
-        self.model, self.config = _load_backbone(self.folder)
+        self.model, self.config = load_backbone(self.folder)
         self.model.to(self.device)
-        self.preprocess = _load_preprocessing(self.folder)
+        self.preprocess = load_preprocessing(self.folder)
         self.dim = int(self.config.hidden_size)
-        blocks = _find_blocks(self.model, self.config)
+        blocks = find_blocks(self.model, self.config)
         self.num_layers = len(blocks)
         self.layer = resolve_layer(layer, self.num_layers)
         patch = getattr(self.config, "patch_size", None)
@@ -77,6 +83,8 @@ class Embedder:
             self.final_norm = next(
                 (getattr(self.model, n) for n in FINAL_NORM_NAMES if hasattr(self.model, n)), None
             )
+        if self.precision == "int8":
+            _quantize_linear_layers(self.model)  # in place: the hooks below stay attached
         self._captured = None
         if self.layer == 0:
             blocks[0].register_forward_pre_hook(self._capture_input, with_kwargs=True)
@@ -104,6 +112,7 @@ class Embedder:
             pool=self.pool,
             dim=self.dim,
             preprocessing=self.preprocess.to_dict(),
+            precision=self.precision,
         )
 
     # -- embedding -----------------------------------------------------------------------
@@ -122,8 +131,10 @@ class Embedder:
 
         if len(pixels) == 0:
             return np.empty((0, self.dim), dtype=np.float32)
-        batch = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)).to(self.device)
-        with torch.inference_mode():
+        batch = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
+        if self.device == "cuda":
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        with torch.inference_mode(), self._autocast():
             tokens = self._tokens(batch)
             if self.final_norm is not None:
                 tokens = self.final_norm(tokens)
@@ -139,6 +150,14 @@ class Embedder:
                 vectors = tokens[:, max(prefix, 0) :].mean(dim=1)
             vectors = torch.nn.functional.normalize(vectors.float(), dim=-1)
         return vectors.cpu().numpy()
+
+    def _autocast(self):
+        import torch
+
+        if self.precision in ("bf16", "fp16"):
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+            return torch.autocast(device_type=self.device, dtype=dtype)
+        return contextlib.nullcontext()
 
     def _tokens(self, batch):
         self._captured = None
@@ -174,185 +193,6 @@ def resolve_layer(layer: int, num_layers: int) -> int:
     return layer if layer >= 0 else num_layers + 1 + layer
 
 
-def resolve_model(name: str) -> tuple[Path, str | None]:
-    """Return the local folder holding model `name`, and its hub revision when it has one.
-
-    A folder is used as it is. A hub id is taken from the Hugging Face cache when it is there;
-    otherwise it is downloaded, and if the hub cannot be reached a ModelLoadError says how to
-    pass a local folder instead.
-    """
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return path.resolve(), None
-    if _looks_like_path(name):
-        raise ModelLoadError(f"model folder not found: {name}")
-
-    from huggingface_hub import constants, snapshot_download
-
-    try:
-        folder = Path(snapshot_download(name, local_files_only=True))
-    except Exception:
-        folder = None
-    if folder is None or not _weight_files(folder):
-        if constants.HF_HUB_OFFLINE or not _hub_reachable(constants.ENDPOINT):
-            raise ModelLoadError(
-                f"cannot load model {name!r}: it is not a local folder, not in the Hugging Face "
-                f"cache, and the hub ({constants.ENDPOINT}) cannot be reached. Pass a folder "
-                "written by save_pretrained instead: --model /path/to/model or "
-                "SIMSEARCH_MODEL=/path/to/model"
-            )
-        try:
-            folder = Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors"]))
-            if not _weight_files(folder):
-                folder = Path(snapshot_download(name, allow_patterns=["*.json", "*.bin"]))
-        except Exception as exc:
-            raise ModelLoadError(
-                f"cannot download model {name!r} from the hub: {_first_line(exc)} "
-                f"(if {name!r} was meant as a local folder: there is no such folder)"
-            ) from None
-    return folder, folder.name
-
-
-def _looks_like_path(name: str) -> bool:
-    return (
-        name.startswith((".", "/", "~"))
-        or os.sep in name.replace("/", "", 1)
-        or name.count("/") > 1
-        or (os.altsep is not None and os.altsep in name)
-    )
-
-
-def _hub_reachable(endpoint: str, timeout: float = 5.0) -> bool:
-    """Return True when the hub answers; a quick probe instead of minutes of retries."""
-    import urllib.error
-    import urllib.request
-
-    try:
-        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout)
-    except urllib.error.HTTPError:
-        return True  # it answered, even if with an error status
-    except (OSError, ValueError):
-        return False
-    return True
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
-
-
-def _weight_files(folder: Path) -> list[Path]:
-    for pattern in WEIGHT_PATTERNS:
-        files = sorted(folder.glob(pattern))
-        if files:
-            return files
-    return []
-
-
-# Weight hashes already computed in this process, keyed by the files' paths, sizes and mtimes:
-# hashing ViT-L's 1.2 GB takes about a second, and opening an index with --model and then
-# loading that model would otherwise do it twice.
-_HASHES: dict[tuple, str] = {}
-
-
-def hash_weights(folder: Path) -> str:
-    """Return the SHA-256 over the model's weight files (name and content, in name order)."""
-    files = _weight_files(folder)
-    if not files:
-        raise ModelLoadError(f"no weight files (*.safetensors or pytorch_model.bin) in {folder}")
-    key = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
-    if key not in _HASHES:
-        _HASHES[key] = _sha256_files(files)
-    return _HASHES[key]
-
-
-def _sha256_files(files: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(file.name.encode())
-        with open(file, "rb") as fh:
-            while chunk := fh.read(1 << 24):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
-@contextlib.contextmanager
-def _quiet_transformers():
-    """Silence transformers' notices ("torchvision not installed") and bars while loading."""
-    from transformers.utils import logging as hf_logging
-
-    logger = logging.getLogger("transformers")
-    level, bars = logger.level, hf_logging.is_progress_bar_enabled()
-    logger.setLevel(logging.ERROR)
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-def _load_backbone(folder: Path):
-    """Return (vision backbone, its config) from a local model folder, without remote code."""
-    from transformers import AutoConfig, AutoModel
-
-    if not _weight_files(folder):
-        raise ModelLoadError(f"no weight files (*.safetensors or pytorch_model.bin) in {folder}")
-    use_safetensors = True if any(folder.glob("*.safetensors")) else None
-    try:
-        with _quiet_transformers():
-            config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-            vision_config = getattr(config, "vision_config", None)
-            if vision_config is not None:
-                # A two-tower model (CLIP, SigLIP): load only the vision tower's weights.
-                model_cls = type(AutoModel.from_config(vision_config))
-                model = model_cls.from_pretrained(folder, use_safetensors=use_safetensors)
-            else:
-                model = AutoModel.from_pretrained(
-                    folder, trust_remote_code=False, use_safetensors=use_safetensors
-                )
-    except Exception as exc:
-        raise ModelLoadError(f"cannot load model from {folder}: {_first_line(exc)}") from None
-    model.eval()
-    backbone = getattr(model, "vision_model", model)
-    config = getattr(model, "config", config)
-    if getattr(config, "vision_config", None) is not None:
-        config = config.vision_config
-    return backbone, config
-
-
-def _load_preprocessing(folder: Path) -> Preprocessing:
-    from transformers import AutoImageProcessor
-
-    if not (folder / "preprocessor_config.json").is_file():
-        raise ModelLoadError(
-            f"no preprocessor_config.json in {folder}: save the checkpoint's image processor "
-            "there too (AutoImageProcessor.from_pretrained(...).save_pretrained(folder))"
-        )
-    try:
-        with _quiet_transformers():
-            proc = AutoImageProcessor.from_pretrained(folder)
-    except Exception as exc:
-        raise ModelLoadError(f"cannot read the image processor in {folder}: {exc}") from None
-    return Preprocessing.from_processor(proc)
-
-
-def _find_blocks(model, config):
-    """Return the ModuleList of transformer blocks: the one as long as the layer count."""
-    import torch
-
-    want = getattr(config, "num_hidden_layers", None)
-    for name, module in model.named_modules():
-        is_blocks = isinstance(module, torch.nn.ModuleList) and want and len(module) == want
-        if is_blocks and name.endswith(("layer", "layers", "blocks")):
-            return module
-    raise ModelLoadError(
-        f"cannot find the transformer blocks of {type(model).__name__}: "
-        "simsearch supports ViT-style backbones (ViT, DeiT, BEiT, DINOv2, CLIP/SigLIP vision)"
-    )
-
-
 def _pick_device(device: str) -> str:
     import torch
 
@@ -363,3 +203,41 @@ def _pick_device(device: str) -> str:
     if device == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError("--device cuda was asked for, but torch sees no CUDA device")
     return device
+
+
+def _pick_precision(precision: str | None, device: str) -> str:
+    precision = precision or os.environ.get("SIMSEARCH_PRECISION") or "auto"
+    if precision not in PRECISIONS:
+        raise ModelLoadError(
+            f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}"
+        )
+    if precision == "auto":
+        if device == "cuda":
+            return "fp16"
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+    if precision == "int8" and device != "cpu":
+        raise ModelLoadError("--precision int8 runs on the CPU only; use fp16 on CUDA")
+    return precision
+
+
+def cpu_has_native_bf16() -> bool:
+    """Return True when this CPU computes bf16 matrix products natively (AVX512-BF16, AMX)."""
+    import torch
+
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch without these probes: assume not
+        return False
+
+
+def _quantize_linear_layers(model) -> None:
+    """Replace every nn.Linear by a dynamically quantised int8 one, in place."""
+    import torch
+
+    try:
+        from torch.ao.quantization import quantize_dynamic
+    except ImportError:
+        raise ModelLoadError("--precision int8 needs torch.ao.quantization") from None
+    with warnings.catch_warnings(), contextlib.redirect_stdout(None):
+        warnings.simplefilter("ignore")  # torch's notice that this API moves to torchao
+        quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)

@@ -21,7 +21,10 @@ def _isolated_env(monkeypatch, tmp_path):
     for var in ("SIMSEARCH_INDEX", "SIMSEARCH_MODEL"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr("simsearch.embed._hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr("simsearch.models._hub_reachable", lambda *a, **k: False)
+    # fp32 everywhere unless a test asks for a precision: exact comparisons stay exact, and
+    # results do not depend on whether this CPU has native bf16 (tests/test_precision.py).
+    monkeypatch.setenv("SIMSEARCH_PRECISION", "fp32")
 
 
 def _save_vit(folder: Path, seed: int, **overrides) -> Path:

@@ -1,0 +1,215 @@
+"""Finding and loading checkpoints: hub ids or local folders, weights, image processors.
+
+Nothing here runs code from a model repository (trust_remote_code stays off), and
+safetensors weights are preferred over pickles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+from simsearch.errors import ModelLoadError
+from simsearch.images import Preprocessing
+
+log = logging.getLogger(__name__)
+
+# Attribute names under which transformers' vision backbones keep the norm that follows the
+# last block (ViT, DeiT, DINOv2, BEiT: `layernorm`; CLIP, SigLIP: `post_layernorm`).
+FINAL_NORM_NAMES = ("layernorm", "post_layernorm", "norm", "final_layernorm", "ln_post")
+
+# Weight files, in the order we prefer them: safetensors cannot run code when loaded.
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+
+
+def resolve_model(name: str) -> tuple[Path, str | None]:
+    """Return the local folder holding model `name`, and its hub revision when it has one.
+
+    A folder is used as it is. A hub id is taken from the Hugging Face cache when it is there;
+    otherwise it is downloaded, and if the hub cannot be reached a ModelLoadError says how to
+    pass a local folder instead.
+    """
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path.resolve(), None
+    if _looks_like_path(name):
+        raise ModelLoadError(f"model folder not found: {name}")
+
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        folder = Path(snapshot_download(name, local_files_only=True))
+    except Exception:
+        folder = None
+    if folder is None or not _weight_files(folder):
+        if constants.HF_HUB_OFFLINE or not _hub_reachable(constants.ENDPOINT):
+            raise ModelLoadError(
+                f"cannot load model {name!r}: it is not a local folder, not in the Hugging Face "
+                f"cache, and the hub ({constants.ENDPOINT}) cannot be reached. Pass a folder "
+                "written by save_pretrained instead: --model /path/to/model or "
+                "SIMSEARCH_MODEL=/path/to/model"
+            )
+        try:
+            folder = Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors"]))
+            if not _weight_files(folder):
+                folder = Path(snapshot_download(name, allow_patterns=["*.json", "*.bin"]))
+        except Exception as exc:
+            raise ModelLoadError(
+                f"cannot download model {name!r} from the hub: {_first_line(exc)} "
+                f"(if {name!r} was meant as a local folder: there is no such folder)"
+            ) from None
+    return folder, folder.name
+
+
+def _looks_like_path(name: str) -> bool:
+    return (
+        name.startswith((".", "/", "~"))
+        or os.sep in name.replace("/", "", 1)
+        or name.count("/") > 1
+        or (os.altsep is not None and os.altsep in name)
+    )
+
+
+def _hub_reachable(endpoint: str, timeout: float = 5.0) -> bool:
+    """Return True when the hub answers; a quick probe instead of minutes of retries."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout)
+    except urllib.error.HTTPError:
+        return True  # it answered, even if with an error status
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    for pattern in WEIGHT_PATTERNS:
+        files = sorted(folder.glob(pattern))
+        if files:
+            return files
+    return []
+
+
+# Weight hashes already computed in this process, keyed by the files' paths, sizes and mtimes:
+# hashing ViT-L's 1.2 GB takes about a second, and opening an index with --model and then
+# loading that model would otherwise do it twice.
+_HASHES: dict[tuple, str] = {}
+
+
+def hash_weights(folder: Path) -> str:
+    """Return the SHA-256 over the model's weight files (name and content, in name order)."""
+    files = _weight_files(folder)
+    if not files:
+        raise ModelLoadError(f"no weight files (*.safetensors or pytorch_model.bin) in {folder}")
+    key = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    if key not in _HASHES:
+        _HASHES[key] = _sha256_files(files)
+    return _HASHES[key]
+
+
+def _sha256_files(files: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode())
+        with open(file, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Silence transformers' notices ("torchvision not installed") and bars while loading."""
+    from transformers.utils import logging as hf_logging
+
+    logger = logging.getLogger("transformers")
+    level, bars = logger.level, hf_logging.is_progress_bar_enabled()
+    logger.setLevel(logging.ERROR)
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def load_backbone(folder: Path):
+    """Return (vision backbone, its config) from a local model folder, without remote code."""
+    from transformers import AutoConfig, AutoModel
+
+    if not _weight_files(folder):
+        raise ModelLoadError(f"no weight files (*.safetensors or pytorch_model.bin) in {folder}")
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    use_safetensors = True if any(folder.glob("*.safetensors")) else None
+    try:
+        with quiet_transformers():
+            config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+            vision_config = getattr(config, "vision_config", None)
+            # A two-tower model (CLIP, SigLIP): load only the vision tower's weights.
+            model_cls = AutoModel if vision_config is None else MODEL_MAPPING[type(vision_config)]
+            model = _from_pretrained(model_cls, folder, use_safetensors)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load model from {folder}: {_first_line(exc)}") from None
+    model.eval()
+    backbone = getattr(model, "vision_model", model)
+    config = getattr(model, "config", config)
+    if getattr(config, "vision_config", None) is not None:
+        config = config.vision_config
+    return backbone, config
+
+
+def _from_pretrained(model_cls, folder: Path, use_safetensors: bool | None):
+    """Load with PyTorch's fused scaled-dot-product attention, or the default if unsupported."""
+    kwargs = dict(use_safetensors=use_safetensors)
+    if model_cls.__name__.startswith("Auto"):
+        kwargs["trust_remote_code"] = False
+    try:
+        return model_cls.from_pretrained(folder, attn_implementation="sdpa", **kwargs)
+    except (ValueError, ImportError) as exc:
+        if "sdpa" not in str(exc).lower() and "attn_implementation" not in str(exc):
+            raise
+        log.debug("no SDPA attention for %s: %s", model_cls.__name__, exc)
+        return model_cls.from_pretrained(folder, **kwargs)
+
+
+def load_preprocessing(folder: Path) -> Preprocessing:
+    from transformers import AutoImageProcessor
+
+    if not (folder / "preprocessor_config.json").is_file():
+        raise ModelLoadError(
+            f"no preprocessor_config.json in {folder}: save the checkpoint's image processor "
+            "there too (AutoImageProcessor.from_pretrained(...).save_pretrained(folder))"
+        )
+    try:
+        with quiet_transformers():
+            proc = AutoImageProcessor.from_pretrained(folder)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot read the image processor in {folder}: {exc}") from None
+    return Preprocessing.from_processor(proc)
+
+
+def find_blocks(model, config):
+    """Return the ModuleList of transformer blocks: the one as long as the layer count."""
+    import torch
+
+    want = getattr(config, "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        is_blocks = isinstance(module, torch.nn.ModuleList) and want and len(module) == want
+        if is_blocks and name.endswith(("layer", "layers", "blocks")):
+            return module
+    raise ModelLoadError(
+        f"cannot find the transformer blocks of {type(model).__name__}: "
+        "simsearch supports ViT-style backbones (ViT, DeiT, BEiT, DINOv2, CLIP/SigLIP vision)"
+    )
