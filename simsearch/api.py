@@ -271,7 +271,8 @@ class Index:
 
     def embed(self, images: Sequence) -> np.ndarray:
         """Return one unit-norm float32 row per image (file paths or PIL images)."""
-        return self.embedder.embed_images([_as_image(img) for img in images])
+        embedder = self.embedder
+        return embedder.embed_images([_as_image(img, embedder.preprocess) for img in images])
 
     # -- adding --------------------------------------------------------------------------
 
@@ -618,8 +619,8 @@ def _parse_id(query: Query) -> int | None:
     return None
 
 
-def _as_image(image):
-    """Return a PIL RGB image for a path or a PIL image."""
+def _as_image(image, preprocess):
+    """Return a PIL RGB image for a path (decoded as indexing decodes it) or a PIL image."""
     from PIL import Image
 
     if isinstance(image, Image.Image):
@@ -634,7 +635,7 @@ def _as_image(image):
     except OSError as exc:
         raise QueryError(f"cannot read {path}: {exc.strerror or exc}") from None
     try:
-        return decode_image(data)
+        return decode_image(data, draft=preprocess)
     except ImageError as exc:
         raise QueryError(f"{path}: {exc}") from None
 

@@ -342,7 +342,7 @@ def _prepare(
         item.known_id = hashes.get(item.sha256)
         if item.known_id is not None:
             return item  # content already embedded: no decoding, no model call
-        img = decode_image(data, max_pixels)
+        img = decode_image(data, max_pixels, draft=preprocess)
         item.width, item.height = img.size
         item.pixels = preprocess(img)
     except ImageError as exc:

@@ -216,3 +216,36 @@ def test_preprocessing_settings_round_trip_as_json():
     d = pre.to_dict()
     assert json.loads(json.dumps(d)) == d
     assert d["resize"] == "shortest_edge" and d["crop"] == [224, 224] and d["resample"] == 3
+
+
+# -- JPEG draft mode ---------------------------------------------------------------------
+
+
+def _big_jpeg(photo, size=(1600, 1200)) -> bytes:
+    img = Image.fromarray(PHOTOS[photo]()).convert("RGB").resize(size, Image.Resampling.BICUBIC)
+    return _encode(img, "JPEG", quality=90)
+
+
+@pytest.mark.parametrize("photo", PHOTOS)
+@pytest.mark.parametrize("proc_name", ["vit-exact-bilinear", "bit-shortest-edge-crop-bicubic"])
+def test_draft_decoding_stays_close_to_the_checkpoint_preprocessing(photo, proc_name, tmp_path):
+    proc = PROCESSORS[proc_name]()
+    proc.save_pretrained(tmp_path)
+    reference_proc = AutoImageProcessor.from_pretrained(tmp_path)
+    pre = Preprocessing.from_processor(reference_proc)
+    data = _big_jpeg(photo)
+    full = decode_image(data)
+    drafted = decode_image(data, draft=pre)
+    assert drafted.size == (800, 600)  # decoded at half scale in the DCT domain
+    expected = reference_proc(images=[full], return_tensors="np")["pixel_values"][0]
+    ours = pre(drafted)
+    relative = np.abs(ours - expected).mean() / np.abs(expected).mean()
+    assert relative < 0.015, relative
+
+
+def test_draft_never_decodes_below_twice_the_model_input():
+    pre = Preprocessing.from_processor(PROCESSORS["vit-exact-bilinear"]())
+    small = _big_jpeg("coffee", size=(600, 450))  # 1/2 scale would be 300x225 < 448
+    assert decode_image(small, draft=pre).size == (600, 450)
+    png = _encode(Image.fromarray(PHOTOS["coffee"]()), "PNG")  # only JPEG has draft mode
+    assert decode_image(png, draft=pre).size == (600, 400)
