@@ -11,6 +11,7 @@ with Index.create("indexes/photos", model="/models/vit") as index:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import tempfile
@@ -297,13 +298,14 @@ class Index:
         """
         from sqlalchemy.exc import OperationalError
 
-        from simsearch.ingest import ingest
+        from simsearch.ingest import Stopwatch, ingest
 
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
         with self._writing():
             embedder = self.embedder  # load the model before the run, so its errors come first
             vectors = self.vectors
+            stopwatch = Stopwatch()
             try:
                 summary = ingest(
                     paths,
@@ -315,6 +317,7 @@ class Index:
                     max_pixels=max_pixels,
                     progress=progress,
                     checkpoint=self._save_vectors,
+                    stopwatch=stopwatch,
                 )
             except BaseException as exc:
                 # The in-memory FAISS index may be a batch behind the database (interrupted
@@ -328,8 +331,9 @@ class Index:
                         "run the same command again to continue"
                     ) from None
                 raise
-            self._save_vectors()
-            return summary
+            with stopwatch("faiss"):
+                self._save_vectors()
+            return dataclasses.replace(summary, stages=dict(stopwatch.seconds))
 
     @contextlib.contextmanager
     def _writing(self):

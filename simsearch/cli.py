@@ -262,6 +262,10 @@ def index(
                 max_pixels=max_pixels,
                 progress=bar,
             )
+    if not (quiet or obj["quiet"]):
+        from simsearch.records import stages_line
+
+        click.echo(stages_line(summary.stages), err=True)
     click.echo(json.dumps(asdict(summary)) if as_json else summary.line())
     if strict and summary.failed:
         click.echo(

@@ -15,6 +15,7 @@ database at the last committed batch and the next run continues from there.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -38,11 +39,38 @@ from simsearch.config import (
 from simsearch.errors import ImageError
 from simsearch.faults import crash_point
 from simsearch.images import Preprocessing, decode_image, find_images
-from simsearch.records import AddSummary
+from simsearch.records import AddSummary, stages_line
 from simsearch.store import STATUS_OK, BadImage, GoodImage, Known, Moved, Store
 from simsearch.vectors import VectorIndex
 
 log = logging.getLogger(__name__)
+
+
+class Stopwatch:
+    """Seconds spent per stage of a run, summed over its batches."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = dict.fromkeys(STAGES, 0.0)
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] += time.perf_counter() - start
+
+    def line(self) -> str:
+        return stages_line(self.seconds)
+
+
+# The stages a run's time is reported in. "decoding" is thread time (reading, hashing,
+# decoding and preprocessing, summed over the worker threads); "waiting" is how long the main
+# thread, which runs the model, sat idle waiting for a decoded image.
+STAGES = ("listing", "decoding", "waiting", "model", "database", "faiss")
+
+# With --verbose, report the stage times this often during a run.
+PROGRESS_LOG_SECONDS = 30.0
 
 
 @dataclass
@@ -59,6 +87,7 @@ class _Prepared:
     height: int = 0
     error: str | None = None
     known_id: int | None = None  # an image with the same content already has a vector
+    seconds: float = 0.0  # spent reading, hashing, decoding and preprocessing
 
 
 @dataclass
@@ -83,23 +112,25 @@ def ingest(
     max_pixels: int = MAX_IMAGE_PIXELS,
     progress=None,
     checkpoint: Callable[[], None] | None = None,
+    stopwatch: Stopwatch | None = None,
 ) -> AddSummary:
     """Bring `store` and `vectors` up to date with the images under `paths`.
 
     `embedder` needs `preprocess`, `embed_pixels(pixels)` and `batch_size`. `progress`, if
     given, is a tqdm-like object: its `total` is set once the files are listed, `update(n)`
     is called as files finish. `checkpoint`, if given, is called every few minutes of a long
-    run, after a commit, to save the FAISS index.
+    run, after a commit, to save the FAISS index. `stopwatch` collects the time per stage.
     """
     start = time.monotonic()
-    roots = [Path(os.path.abspath(p)) for p in paths]
-    unlisted: list[Path] = []
-    files = list(find_images(roots, unlisted))
-    crash_point("listed")
-    known = store.known_files()
-    hashes = store.vector_hashes()  # read by the decode threads: content already embedded
-
-    todo, listed, unchanged = _scan(files, known)
+    timed = stopwatch or Stopwatch()
+    with timed("listing"):
+        roots = [Path(os.path.abspath(p)) for p in paths]
+        unlisted: list[Path] = []
+        files = list(find_images(roots, unlisted))
+        crash_point("listed")
+        known = store.known_files()
+        hashes = store.vector_hashes()  # read by the decode threads: content already embedded
+        todo, listed, unchanged = _scan(files, known)
     gone = _disappeared(known, listed, roots, unlisted) if prune else {}
     gone_by_hash: dict[str, list[str]] = {}
     for key, row in gone.items():
@@ -112,11 +143,11 @@ def ingest(
 
     counts = dict(indexed=0, failed=0, moved=0, reused=0)
     batch = _Batch()
-    last_checkpoint = time.monotonic()
+    last_checkpoint = last_log = time.monotonic()
 
     def flush() -> None:
-        nonlocal batch, last_checkpoint
-        _commit(batch, store, vectors, embedder, hashes, max_pixels)
+        nonlocal batch, last_checkpoint, last_log
+        _commit(batch, store, vectors, embedder, hashes, max_pixels, timed)
         counts["indexed"] += len(batch.embed) + len(batch.copy)
         counts["reused"] += len(batch.copy)
         counts["moved"] += len(batch.moves)
@@ -127,8 +158,15 @@ def ingest(
             progress.update(len(batch))
         batch = _Batch()
         if checkpoint is not None and time.monotonic() - last_checkpoint > FAISS_CHECKPOINT_SECONDS:
-            checkpoint()
+            with timed("faiss"):
+                checkpoint()
             last_checkpoint = time.monotonic()
+        if time.monotonic() - last_log > PROGRESS_LOG_SECONDS:
+            log.info("%d of %d files done; %s", done(), len(todo), timed.line())
+            last_log = time.monotonic()
+
+    def done() -> int:
+        return sum(counts.values()) - counts["reused"]
 
     window = embedder.batch_size * (PREFETCH_BATCHES + 1)
     with ThreadPoolExecutor(max(1, workers), thread_name_prefix="simsearch-decode") as pool:
@@ -146,7 +184,9 @@ def ingest(
 
         fill()
         while pending:
-            prepared = pending.popleft().result()
+            with timed("waiting"):
+                prepared = pending.popleft().result()
+            timed.seconds["decoding"] += prepared.seconds
             fill()
             _route(prepared, batch, known, gone, gone_by_hash, hashes)
             if len(batch.embed) >= embedder.batch_size or len(batch) >= 4 * embedder.batch_size:
@@ -154,7 +194,8 @@ def ingest(
         if len(batch):
             flush()
 
-    removed = _prune(gone, store, vectors) if gone else 0
+    with timed("database"):
+        removed = _prune(gone, store, vectors) if gone else 0
     return AddSummary(
         seen=len(files),
         indexed=counts["indexed"],
@@ -164,6 +205,7 @@ def ingest(
         removed=removed,
         reused=counts["reused"],
         seconds=time.monotonic() - start,
+        stages=timed.seconds,
     )
 
 
@@ -215,7 +257,13 @@ def _route(
 
 
 def _commit(
-    batch: _Batch, store: Store, vectors: VectorIndex, embedder, hashes: dict, max_pixels: int
+    batch: _Batch,
+    store: Store,
+    vectors: VectorIndex,
+    embedder,
+    hashes: dict,
+    max_pixels: int,
+    timed: Stopwatch,
 ) -> None:
     """Embed what is new in `batch`, write it all in one transaction, then mirror to FAISS."""
     sources = store.copy_sources({item.known_id for item in batch.copy})
@@ -247,11 +295,12 @@ def _commit(
     for item in batch.embed:
         firsts.setdefault(item.sha256, item)
     row_of = {sha: i for i, sha in enumerate(firsts)}
-    embedded = (
-        embedder.embed_pixels(np.stack([item.pixels for item in firsts.values()]))
-        if firsts
-        else np.empty((0, vectors.dim), dtype=np.float32)
-    )
+    with timed("model"):
+        embedded = (
+            embedder.embed_pixels(np.stack([item.pixels for item in firsts.values()]))
+            if firsts
+            else np.empty((0, vectors.dim), dtype=np.float32)
+        )
     crash_point("model")
     good, rows = [], []
     for item in batch.embed:
@@ -263,10 +312,12 @@ def _commit(
         good.append(GoodImage(item.key, item.size, item.mtime_ns, item.sha256, width, height))
         rows.append(vec)
     matrix = np.stack(rows) if rows else np.empty((0, vectors.dim), dtype=np.float32)
-    ids, dropped = store.write_batch(good, matrix, batch.bad, batch.moves)
+    with timed("database"):
+        ids, dropped = store.write_batch(good, matrix, batch.bad, batch.moves)
     crash_point("after-commit")
-    vectors.add(np.asarray(ids, dtype=np.int64), matrix)
-    vectors.remove(np.asarray(dropped, dtype=np.int64))
+    with timed("faiss"):
+        vectors.add(np.asarray(ids, dtype=np.int64), matrix)
+        vectors.remove(np.asarray(dropped, dtype=np.int64))
     for img, image_id in zip(good, ids, strict=True):
         hashes[img.sha256] = image_id
 
@@ -330,6 +381,22 @@ def _prepare(
     max_pixels: int,
 ) -> _Prepared:
     """Read and hash one file; decode and preprocess it unless its content is known."""
+    start = time.perf_counter()
+    item = _prepare_unmeasured(real, key, size, mtime_ns, error, preprocess, hashes, max_pixels)
+    item.seconds = time.perf_counter() - start
+    return item
+
+
+def _prepare_unmeasured(
+    real: str,
+    key: str,
+    size: int,
+    mtime_ns: int,
+    error: str | None,
+    preprocess: Preprocessing,
+    hashes: dict[str, int],
+    max_pixels: int,
+) -> _Prepared:
     item = _Prepared(real, key, size, mtime_ns, error=error)
     if error is None and key != real:
         item.error = "file name is not valid UTF-8; rename the file to index it"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,9 @@ class AddSummary:
     removed: int = 0  # gone from disk, so removed from the index
     reused: int = 0  # of `indexed`: vector copied from a byte-identical file, no model call
     seconds: float = 0.0
+    # Seconds per stage: listing, decoding (thread time), waiting (the model idle, waiting
+    # for decoded images), model, database, faiss.
+    stages: dict[str, float] = field(default_factory=dict)
 
     def line(self) -> str:
         reused = f" ({self.reused} copied from identical files)" if self.reused else ""
@@ -63,3 +66,14 @@ class IndexInfo:
     preprocessing: dict
     size_bytes: int
     format_version: int
+
+
+def stages_line(seconds: dict[str, float]) -> str:
+    """Return the time per stage of an indexing run as one line for people."""
+    s = {k: seconds.get(k, 0.0) for k in ("listing", "decoding", "waiting", "model")}
+    writes = seconds.get("database", 0.0) + seconds.get("faiss", 0.0)
+    return (
+        f"time: listing {s['listing']:.1f} s, reading and decoding {s['decoding']:.1f} s "
+        f"(thread time; the model waited {s['waiting']:.1f} s for it), model "
+        f"{s['model']:.1f} s, database and index writes {writes:.1f} s"
+    )

@@ -160,3 +160,15 @@ def test_help_teaches_with_examples_and_version(run):
         assert "Examples:" in text and "--index" in text
     assert "SIMSEARCH_MODEL" in run("index", "--help").stdout
     assert run("--version").stdout.strip() == f"simsearch, version {__version__}"
+
+
+def test_index_reports_time_per_stage_on_stderr(run, tmp_path, tiny_vit, photo_dir):
+    result = run("index", photo_dir, "--index", tmp_path / "ix", "--model", tiny_vit, "--json")
+    stages = json.loads(result.stdout)["stages"]
+    assert set(stages) == {"listing", "decoding", "waiting", "model", "database", "faiss"}
+    assert all(v >= 0 for v in stages.values()) and stages["model"] > 0
+    assert stages["decoding"] > 0
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("time: listing ") and "model waited" in line
+    quiet = run("index", photo_dir, "--index", tmp_path / "ix", "-q")
+    assert quiet.stderr == ""
