@@ -27,6 +27,19 @@ def _isolated_env(monkeypatch, tmp_path):
     monkeypatch.setenv("SIMSEARCH_PRECISION", "fp32")
 
 
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """The CLI configures logging when it runs; put it back for the next test (caplog)."""
+    import logging
+
+    root, ours = logging.getLogger(), logging.getLogger("simsearch")
+    handlers, root_level, our_level = root.handlers[:], root.level, ours.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(root_level)
+    ours.setLevel(our_level)
+
+
 def _save_vit(folder: Path, seed: int, **overrides) -> Path:
     import torch
     from transformers import ViTConfig, ViTImageProcessor, ViTModel
