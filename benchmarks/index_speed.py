@@ -6,11 +6,15 @@ resized to --size), then measures on the same images and threads:
   model-only   forward passes on tensors preprocessed beforehand (the ceiling)
   end-to-end   Index.add: listing, reading, hashing, decoding, preprocessing, model,
                SQLite commits and the FAISS write
+  baseline     (--baseline) the loop a user would write: AutoImageProcessor + AutoModel,
+               one image at a time, fp32
 
-    python benchmarks/index_speed.py --model ~/models/dinov2-small
+for each precision asked for (--precision fp32,bf16,int8,auto).
+
+    python benchmarks/index_speed.py --model ~/models/dinov2-small --baseline
     python benchmarks/index_speed.py --arch vit-l16      # random weights, real ViT-L/16 size
 
-Prints a Markdown table row and a JSON line. Results are recorded in docs/benchmarks.md.
+Prints Markdown table rows and JSON lines. Results are recorded in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -78,6 +82,60 @@ def random_model(arch: str, folder: Path) -> Path:
     return folder
 
 
+def baseline(model: str, files: list[Path]) -> float:
+    """Images/s of the loop a user would write: AutoImageProcessor + AutoModel, batch 1, fp32."""
+    import torch
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModel
+
+    processor = AutoImageProcessor.from_pretrained(model)
+    net = AutoModel.from_pretrained(model).eval()
+    with torch.inference_mode():
+        net(**processor(images=Image.open(files[0]).convert("RGB"), return_tensors="pt"))
+        start = time.perf_counter()
+        for f in files:
+            inputs = processor(images=Image.open(f).convert("RGB"), return_tensors="pt")
+            net(**inputs).last_hidden_state[:, 0]
+    return len(files) / (time.perf_counter() - start)
+
+
+def measure(
+    model: str, files: list[Path], work: Path, precision: str, batch_size: int, workers: int
+) -> dict:
+    """Model-only and end-to-end images/s for one precision."""
+    from simsearch import Index
+    from simsearch.images import decode_image
+
+    index_dir = work / f"index-{precision}"
+    t0 = time.perf_counter()
+    index = Index.create(index_dir, model=model, batch_size=batch_size, precision=precision)
+    load_s = time.perf_counter() - t0
+    embedder = index.embedder
+    # Model only: the same images, decoded and preprocessed up front, in the same batches.
+    pre = embedder.preprocess
+    pixels = np.stack([pre(decode_image(f.read_bytes(), draft=pre)) for f in files])
+    embedder.embed_pixels(pixels[:batch_size])  # warm-up
+    t0 = time.perf_counter()
+    for start in range(0, len(pixels), batch_size):
+        embedder.embed_pixels(pixels[start : start + batch_size])
+    model_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    summary = index.add(files, workers=workers)
+    e2e_s = time.perf_counter() - t0
+    index.close()
+    assert summary.indexed == len(files), summary
+    n = len(files)
+    return {
+        "precision": embedder.precision,
+        "model_load_s": round(load_s, 2),
+        "model_only_img_s": round(n / model_s, 2),
+        "end_to_end_img_s": round(n / e2e_s, 2),
+        "end_to_end_ms_per_img": round(1000 * e2e_s / n, 1),
+        "ratio": round(model_s / e2e_s, 3),
+        "stages": {k: round(v, 2) for k, v in summary.stages.items()},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
@@ -87,66 +145,59 @@ def main() -> None:
     parser.add_argument("--size", default="1600x1200", help="WxH of the generated JPEGs")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument(
+        "--precision", default="fp32,auto", help="comma-separated precisions to measure"
+    )
+    parser.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also time the batch-1 fp32 AutoImageProcessor + AutoModel loop",
+    )
     parser.add_argument("--data", type=Path, default=None, help="keep the JPEGs here")
     args = parser.parse_args()
 
     import torch
 
-    from simsearch import Index
     from simsearch.config import DEFAULT_WORKERS
-    from simsearch.images import decode_image
 
     work = Path(tempfile.mkdtemp(prefix="simsearch-bench-"))
     try:
         size = tuple(int(v) for v in args.size.split("x"))
         photos = args.data or work / "photos"
-        if not any(photos.glob("*.jpg")):
+        if len(list(photos.glob("*.jpg"))) < args.images:
             make_photos(photos, args.images, size)
         files = sorted(photos.glob("*.jpg"))[: args.images]
         model = args.model or str(random_model(args.arch, work / args.arch))
-
-        t0 = time.perf_counter()
-        index = Index.create(work / "index", model=model, batch_size=args.batch_size)
-        load_s = time.perf_counter() - t0
-        embedder = index.embedder
-
-        # Model only: the same images, preprocessed up front, through the same batches.
-        pixels = np.stack([embedder.preprocess(decode_image(f.read_bytes())) for f in files])
-        embedder.embed_pixels(pixels[: args.batch_size])  # warm-up
-        t0 = time.perf_counter()
-        for start in range(0, len(pixels), args.batch_size):
-            embedder.embed_pixels(pixels[start : start + args.batch_size])
-        model_s = time.perf_counter() - t0
-
         workers = args.workers or DEFAULT_WORKERS
-        t0 = time.perf_counter()
-        summary = index.add(files, workers=workers)
-        e2e_s = time.perf_counter() - t0
-        index.close()
-        assert summary.indexed == len(files), summary
-
-        n = len(files)
-        result = {
-            "model": args.arch or Path(model).name,
-            "images": n,
+        name = args.arch or Path(model).name
+        about = {
+            "model": name,
+            "images": len(files),
             "size": args.size,
             "batch_size": args.batch_size,
             "workers": workers,
             "torch_threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine(),
             "cores": os.cpu_count(),
-            "model_load_s": round(load_s, 2),
-            "model_only_img_s": round(n / model_s, 2),
-            "end_to_end_img_s": round(n / e2e_s, 2),
-            "end_to_end_ms_per_img": round(1000 * e2e_s / n, 1),
-            "ratio": round(model_s / e2e_s, 3),
+            "cpu": platform.processor() or platform.machine(),
         }
+        print(json.dumps(about))
+        base = baseline(model, files) if args.baseline else None
+        if base is not None:
+            print(json.dumps({"baseline_img_s": round(base, 2)}))
         print(
-            f"| {result['model']} | {n} x {args.size} JPEG | {result['model_only_img_s']} | "
-            f"{result['end_to_end_img_s']} | {result['end_to_end_ms_per_img']} | "
-            f"{result['ratio']} |"
+            "| model | precision | model only (img/s) | end to end (img/s) | ms/img | "
+            "end to end / model only | vs baseline |"
         )
-        print(json.dumps(result))
+        for precision in args.precision.split(","):
+            r = measure(model, files, work, precision, args.batch_size, workers)
+            versus = f"{r['end_to_end_img_s'] / base:.2f}x" if base else "-"
+            label = precision if precision == r["precision"] else f"{precision} ({r['precision']})"
+            print(
+                f"| {name} | {label} | {r['model_only_img_s']} | {r['end_to_end_img_s']} | "
+                f"{r['end_to_end_ms_per_img']} | {r['ratio']} | {versus} |",
+                flush=True,
+            )
+            print(json.dumps(r), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

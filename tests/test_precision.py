@@ -98,3 +98,15 @@ def test_precisions_share_an_index_and_the_manifest_records_the_first(tmp_path, 
         for path in sorted(folder.iterdir()):
             assert idx.search(path, k=1)[0].path == str(path)
         assert idx.verify() == []
+
+
+def test_int8_quantises_the_attention_projections_only(small_vit):
+    import torch
+
+    model = Embedder(small_vit, precision="int8").model
+    linear = {n: type(m) for n, m in model.named_modules() if "Linear" in type(m).__name__}
+    attention = {n: t for n, t in linear.items() if "attention" in n}
+    others = {n: t for n, t in linear.items() if "attention" not in n}
+    assert attention and others
+    assert all(t is not torch.nn.Linear and "quantized" in t.__module__ for t in attention.values())
+    assert all(t is torch.nn.Linear for t in others.values())
