@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from simsearch.cache import VectorCache
 from simsearch.config import (
     DATABASE_FILE,
     DEFAULT_BATCH_SIZE,
@@ -90,8 +91,8 @@ class Index:
         self._precision = precision
         self._batch_size = batch_size
         self._embedder = embedder
-        self._vectors: VectorIndex | None = None
         self._lock = WriteLock(path)
+        self._cache = VectorCache(path, store, manifest.dim, self._lock)
 
     # -- opening -------------------------------------------------------------------------
 
@@ -316,14 +317,14 @@ class Index:
                     prune=prune,
                     max_pixels=max_pixels,
                     progress=progress,
-                    checkpoint=self._save_vectors,
+                    checkpoint=self._cache.save,
                     stopwatch=stopwatch,
                 )
             except BaseException as exc:
                 # The in-memory FAISS index may be a batch behind the database (interrupted
                 # between a commit and its mirror), so it is dropped, not saved: the next
                 # open rebuilds it from the database.
-                self._vectors = None
+                self._cache.drop()
                 if isinstance(exc, OperationalError):
                     raise StorageError(
                         f"cannot write to {self.path / DATABASE_FILE}: {exc.orig}. Everything "
@@ -332,7 +333,7 @@ class Index:
                     ) from None
                 raise
             with stopwatch("faiss"):
-                self._save_vectors()
+                self._cache.save()
             return dataclasses.replace(summary, stages=dict(stopwatch.seconds))
 
     @contextlib.contextmanager
@@ -414,55 +415,7 @@ class Index:
     @property
     def vectors(self) -> VectorIndex:
         """The FAISS index, loaded from disk when current, else rebuilt from the store."""
-        if self._vectors is None:
-            self._vectors = self._load_or_rebuild_vectors()
-        return self._vectors
-
-    def _load_or_rebuild_vectors(self) -> VectorIndex:
-        dim = self.manifest.dim
-        file = self.path / VECTORS_FILE
-        generation, saved = self.store.generations()
-        if file.is_file() and saved == generation:
-            try:
-                vectors = VectorIndex.load(file, dim)
-                if np.array_equal(vectors.ids(), self.store.vector_ids()):
-                    return vectors
-                log.warning("rebuilding %s: its ids differ from the database's", file)
-            except Exception as exc:  # a damaged cache is rebuilt, never trusted
-                log.warning("rebuilding %s: %s", file, exc)
-        elif generation > 0:
-            log.info("rebuilding %s: it is older than the database", file)
-        vectors = self._rebuild_vectors()
-        # Save the rebuilt file, unless another process is writing (it saves its own).
-        if generation > 0:
-            if self._lock.held:
-                self._save_vectors()
-            elif self._lock.try_acquire():
-                try:
-                    if self.store.generation() == generation:
-                        self._save_vectors()
-                finally:
-                    self._lock.release()
-        return vectors
-
-    def _rebuild_vectors(self) -> VectorIndex:
-        vectors = VectorIndex(self.manifest.dim)
-        for ids, vecs in self.store.iter_vectors(self.manifest.dim):
-            vectors.add(ids, vecs)
-        self._vectors = vectors
-        return vectors
-
-    def _save_vectors(self) -> None:
-        """Write the FAISS file for the current generation (the caller holds the lock)."""
-        if self._vectors is None:
-            return
-        generation = self.store.generation()
-        try:
-            self._vectors.save(self.path / VECTORS_FILE)
-        except Exception as exc:  # disk full, read-only: the database still has everything
-            log.warning("cannot save %s (it will be rebuilt next time): %s", VECTORS_FILE, exc)
-            return
-        self.store.set_faiss_generation(generation)
+        return self._cache.vectors
 
     # -- checking and repairing ----------------------------------------------------------
 
@@ -492,42 +445,7 @@ class Index:
             return [*problems, _damaged(self.path, exc)]
         problems += report.problems
         if not report.corrupt:
-            problems += self._verify_faiss()
-        return problems
-
-    def _verify_faiss(self) -> list[str]:
-        file = self.path / VECTORS_FILE
-        generation, saved = self.store.generations()
-        if not file.is_file():
-            return [f"{VECTORS_FILE} is missing"] if generation > 0 else []
-        problems = []
-        if saved != generation:
-            problems.append(
-                f"{VECTORS_FILE} is stale: built at generation {saved}, the database is at "
-                f"{generation}"
-            )
-        try:
-            vectors = VectorIndex.load(file, self.manifest.dim)
-        except Exception as exc:
-            return [*problems, f"{VECTORS_FILE} is unreadable: {exc}"]
-        db_ids, file_ids = self.store.vector_ids(), vectors.ids()
-        if len(db_ids) != len(file_ids):
-            problems.append(
-                f"{VECTORS_FILE} holds {len(file_ids)} vectors, the database {len(db_ids)}"
-            )
-        elif not np.array_equal(db_ids, file_ids):
-            problems.append(f"the ids in {VECTORS_FILE} differ from the database's")
-        else:
-            differ = 0
-            for ids, vecs in vectors.items():
-                stored = self.store.vectors_by_id(ids)
-                differ += sum(
-                    1
-                    for i, v in zip(ids.tolist(), vecs, strict=True)
-                    if i not in stored or not np.allclose(stored[i], v, atol=1e-6)
-                )
-            if differ:
-                problems.append(f"{differ} vectors in {VECTORS_FILE} differ from the database's")
+            problems += self._cache.problems()
         return problems
 
     def repair(self) -> list[str]:
@@ -569,12 +487,10 @@ class Index:
             if current != wanted:
                 _write_atomic(manifest_file, wanted)
                 actions.append(f"rewrote {MANIFEST_FILE} from the database")
-            if self._verify_faiss():
-                self._rebuild_vectors()
-                self._save_vectors()
-                actions.append(
-                    f"rebuilt {VECTORS_FILE} from the database ({len(self._vectors)} vectors)"
-                )
+            if self._cache.problems():
+                vectors = self._cache.rebuild()
+                self._cache.save()
+                actions.append(f"rebuilt {VECTORS_FILE} from the database ({len(vectors)} vectors)")
         return actions
 
     # -- reporting -----------------------------------------------------------------------
