@@ -156,10 +156,6 @@ class Store:
         """Return the number of committed changes to images and vectors."""
         return int(self._get_meta("generation") or 0)
 
-    def faiss_generation(self) -> int:
-        """Return the generation the saved FAISS file was built from (-1: none saved)."""
-        return int(self._get_meta("faiss_generation") or -1)
-
     def set_faiss_generation(self, generation: int) -> None:
         with Session(self.engine) as session, session.begin():
             _put_meta(session, "faiss_generation", str(generation))
