@@ -382,21 +382,6 @@ def _prepare(
 ) -> _Prepared:
     """Read and hash one file; decode and preprocess it unless its content is known."""
     start = time.perf_counter()
-    item = _prepare_unmeasured(real, key, size, mtime_ns, error, preprocess, hashes, max_pixels)
-    item.seconds = time.perf_counter() - start
-    return item
-
-
-def _prepare_unmeasured(
-    real: str,
-    key: str,
-    size: int,
-    mtime_ns: int,
-    error: str | None,
-    preprocess: Preprocessing,
-    hashes: dict[str, int],
-    max_pixels: int,
-) -> _Prepared:
     item = _Prepared(real, key, size, mtime_ns, error=error)
     if error is None and key != real:
         item.error = "file name is not valid UTF-8; rename the file to index it"
@@ -407,16 +392,16 @@ def _prepare_unmeasured(
         item.size = len(data)
         item.sha256 = hashlib.sha256(data).hexdigest()
         item.known_id = hashes.get(item.sha256)
-        if item.known_id is not None:
-            return item  # content already embedded: no decoding, no model call
-        img = decode_image(data, max_pixels, draft=preprocess)
-        item.width, item.height = img.size
-        item.pixels = preprocess(img)
+        if item.known_id is None:  # new content: decode it (known content needs no model)
+            img = decode_image(data, max_pixels, draft=preprocess)
+            item.width, item.height = img.size
+            item.pixels = preprocess(img)
     except ImageError as exc:
         item.error = str(exc)
     except Exception as exc:  # a bug in a codec must cost one file, not the run
         log.debug("unexpected error on %s", real, exc_info=True)
         item.error = f"{type(exc).__name__}: {exc}"
+    item.seconds = time.perf_counter() - start
     return item
 
 
