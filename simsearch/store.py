@@ -315,44 +315,43 @@ class Store:
         now = time.time()
         vectors = np.ascontiguousarray(vectors, dtype="<f4")
         with Session(self.engine) as session, session.begin():
-            ids = []
-            for img, vec in zip(good, vectors, strict=True):
-                image_id = _upsert_image(
-                    session,
-                    img.path,
-                    img.size,
-                    img.mtime_ns,
-                    now,
+            ok_rows = [
+                dict(
+                    path=img.path,
+                    size=img.size,
+                    mtime_ns=img.mtime_ns,
+                    indexed_at=now,
                     sha256=img.sha256,
                     width=img.width,
                     height=img.height,
                     status=STATUS_OK,
                     error=None,
                 )
-                blob = vec.tobytes()
-                session.execute(
-                    insert(VectorRow)
-                    .values(image_id=image_id, vector=blob)
-                    .on_conflict_do_update(index_elements=["image_id"], set_={"vector": blob})
-                )
-                ids.append(image_id)
-            dropped = []
-            for img in bad:
-                image_id = _upsert_image(
-                    session,
-                    img.path,
-                    img.size,
-                    img.mtime_ns,
-                    now,
+                for img in good
+            ]
+            id_of = _upsert_images(session, ok_rows)
+            ids = [id_of[img.path] for img in good]
+            _upsert_vectors(session, ids, vectors)
+            bad_rows = [
+                dict(
+                    path=img.path,
+                    size=img.size,
+                    mtime_ns=img.mtime_ns,
+                    indexed_at=now,
                     sha256=img.sha256,
                     width=None,
                     height=None,
                     status=STATUS_ERROR,
                     error=img.error,
                 )
-                gone = session.execute(delete(VectorRow).where(VectorRow.image_id == image_id))
-                if gone.rowcount:
-                    dropped.append(image_id)
+                for img in bad
+            ]
+            bad_ids = list(_upsert_images(session, bad_rows).values())
+            dropped = list(
+                session.scalars(select(VectorRow.image_id).where(VectorRow.image_id.in_(bad_ids)))
+            )
+            if dropped:
+                session.execute(delete(VectorRow).where(VectorRow.image_id.in_(dropped)))
             for move in moves:
                 session.execute(
                     update(ImageRow)
@@ -455,17 +454,33 @@ class StoreReport:
     damaged: list[int] = field(default_factory=list)  # wrong length, not finite, not unit
 
 
-def _upsert_image(session: Session, path: str, size: int, mtime_ns: int, now: float, **cols) -> int:
-    values = dict(path=path, size=size, mtime_ns=mtime_ns, indexed_at=now, **cols)
-    stmt = (
-        insert(ImageRow)
-        .values(**values)
-        .on_conflict_do_update(
-            index_elements=["path"], set_={k: v for k, v in values.items() if k != "path"}
+# Rows per multi-row statement: 9 columns x 100 rows stays far below SQLite's limit on bound
+# variables, and one statement per 100 rows costs a fraction of one per row.
+ROWS_PER_STATEMENT = 100
+
+
+def _upsert_images(session: Session, rows: list[dict]) -> dict[str, int]:
+    """Insert image rows, or update those whose path exists; return path -> id."""
+    ids: dict[str, int] = {}
+    for start in range(0, len(rows), ROWS_PER_STATEMENT):
+        stmt = insert(ImageRow).values(rows[start : start + ROWS_PER_STATEMENT])
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["path"],
+            set_={c: stmt.excluded[c] for c in rows[0] if c != "path"},
+        ).returning(ImageRow.id, ImageRow.path)
+        ids.update({path: int(i) for i, path in session.execute(stmt)})
+    return ids
+
+
+def _upsert_vectors(session: Session, ids: list[int], vectors: np.ndarray) -> None:
+    rows = [dict(image_id=i, vector=v.tobytes()) for i, v in zip(ids, vectors, strict=True)]
+    for start in range(0, len(rows), ROWS_PER_STATEMENT):
+        stmt = insert(VectorRow).values(rows[start : start + ROWS_PER_STATEMENT])
+        session.execute(
+            stmt.on_conflict_do_update(
+                index_elements=["image_id"], set_={"vector": stmt.excluded.vector}
+            )
         )
-        .returning(ImageRow.id)
-    )
-    return int(session.execute(stmt).scalar_one())
 
 
 def _put_meta(session: Session, key: str, value: str) -> None:
