@@ -41,7 +41,7 @@ from simsearch.errors import (
     QueryError,
     StorageError,
 )
-from simsearch.images import decode_image
+from simsearch.images import Preprocessing, decode_image
 from simsearch.lock import WriteLock
 from simsearch.records import AddSummary, FailedFile, Hit, IndexInfo
 from simsearch.store import Store
@@ -268,6 +268,7 @@ class Index:
                 batch_size=self._batch_size,
             )
             self.manifest.check_compatible(embedder.manifest())
+            log.info("loaded %s: %s on %s", self._model, embedder.precision, embedder.device)
             self._embedder = embedder
         return self._embedder
 
@@ -304,7 +305,9 @@ class Index:
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
         with self._writing():
-            embedder = self.embedder  # load the model before the run, so its errors come first
+            # The model loads when the first file needs it: a run that finds nothing new
+            # never pays for it (seconds for ViT-L).
+            embedder = self._embedder or _ModelOnDemand(self)
             vectors = self.vectors
             stopwatch = Stopwatch()
             try:
@@ -524,6 +527,19 @@ class Index:
 
     def __len__(self) -> int:
         return self.store.counts()[0]
+
+
+class _ModelOnDemand:
+    """What ingest needs of an Embedder, loading the index's model only when it is used."""
+
+    def __init__(self, index: Index) -> None:
+        self._index = index
+        self.batch_size = index._batch_size
+        # The manifest's preprocessing is the model's: the check on loading guarantees it.
+        self.preprocess = Preprocessing.from_dict(index.manifest.preprocessing)
+
+    def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        return self._index.embedder.embed_pixels(pixels)
 
 
 def _parse_id(query: Query) -> int | None:

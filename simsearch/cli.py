@@ -239,16 +239,14 @@ def index(
         batch_size=batch_size,
     )
     with idx:
-        m, embedder = idx.manifest, idx.embedder
+        m = idx.manifest
         log.info(
-            "model %s: %d-dim, layer %d of %d, %s pooling; %s on %s",
+            "model %s: %d-dim, layer %d of %d, %s pooling",
             m.model,
             m.dim,
             m.layer,
             m.num_layers,
             m.pool,
-            embedder.precision,
-            embedder.device,
         )
         if quiet:
             logging.getLogger("simsearch").setLevel(logging.ERROR)

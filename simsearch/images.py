@@ -193,6 +193,19 @@ class Preprocessing:
         resample = getattr(proc, "resample", Image.Resampling.BILINEAR)
         return cls(resize, dims, int(resample), crop, rescale, mean, std)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocessing:
+        """Rebuild the settings that `to_dict` wrote (as a manifest stores them)."""
+        return cls(
+            resize=d["resize"],
+            size=tuple(d["size"]),
+            resample=int(d["resample"]),
+            crop=None if d["crop"] is None else tuple(d["crop"]),
+            rescale_factor=d["rescale_factor"],
+            mean=None if d["mean"] is None else tuple(d["mean"]),
+            std=None if d["std"] is None else tuple(d["std"]),
+        )
+
     def to_dict(self) -> dict:
         """Return a JSON-friendly dict (lists, not tuples) for the manifest."""
         return json_ready(asdict(self))

@@ -249,3 +249,9 @@ def test_draft_never_decodes_below_twice_the_model_input():
     assert decode_image(small, draft=pre).size == (600, 450)
     png = _encode(Image.fromarray(PHOTOS["coffee"]()), "PNG")  # only JPEG has draft mode
     assert decode_image(png, draft=pre).size == (600, 400)
+
+
+@pytest.mark.parametrize("proc_name", PROCESSORS)
+def test_preprocessing_is_rebuilt_from_its_manifest_form(proc_name):
+    pre = Preprocessing.from_processor(PROCESSORS[proc_name]())
+    assert Preprocessing.from_dict(pre.to_dict()) == pre

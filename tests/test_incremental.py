@@ -199,3 +199,19 @@ def test_interrupt_between_commit_and_faiss_update_leaves_no_stale_vectors(
         hit = index.search(changed, k=1)[0]
         assert hit.path == changed and hit.score == pytest.approx(1, abs=1e-4)
         assert index.verify() == []
+
+
+def test_a_run_with_nothing_new_does_not_load_the_model(index_path, photo_dir, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("simsearch.embed.Embedder.__init__", no_model)
+    with Index.open(index_path) as index:
+        summary = index.add(photo_dir)
+        assert summary.unchanged == 8
+        os.rename(photo_dir / "img1.png", photo_dir / "moved.png")  # a move needs no model
+        assert index.add(photo_dir).moved == 1
+    monkeypatch.undo()
+    draw_image(77).save(photo_dir / "new.png")
+    with Index.open(index_path) as index:
+        assert index.add(photo_dir).indexed == 1  # and a new file loads it on demand
