@@ -38,6 +38,7 @@ from simsearch.errors import (
     IndexExistsError,
     IndexFormatError,
     IndexNotFoundError,
+    ModelLoadError,
     QueryError,
     StorageError,
 )
@@ -259,14 +260,22 @@ class Index:
         if self._embedder is None:
             from simsearch.embed import Embedder
 
-            embedder = Embedder(
-                self._model,
-                layer=self.manifest.layer,
-                pool=self.manifest.pool,
-                device=self._device,
-                precision=self._precision,
-                batch_size=self._batch_size,
-            )
+            try:
+                embedder = Embedder(
+                    self._model,
+                    layer=self.manifest.layer,
+                    pool=self.manifest.pool,
+                    device=self._device,
+                    precision=self._precision,
+                    batch_size=self._batch_size,
+                )
+            except ModelLoadError as exc:
+                if self._model != self.manifest.model:
+                    raise
+                raise ModelLoadError(
+                    f"{exc}. This index was built with that model; if it has moved, say where "
+                    "it is now with --model (or SIMSEARCH_MODEL)"
+                ) from None
             self.manifest.check_compatible(embedder.manifest())
             log.info("loaded %s: %s on %s", self._model, embedder.precision, embedder.device)
             self._embedder = embedder

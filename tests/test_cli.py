@@ -172,3 +172,25 @@ def test_index_reports_time_per_stage_on_stderr(run, tmp_path, tiny_vit, photo_d
     assert line.startswith("time: listing ") and "model waited" in line
     quiet = run("index", photo_dir, "--index", tmp_path / "ix", "-q")
     assert quiet.stderr == ""
+
+
+def test_a_moved_model_folder_is_explained(run, tmp_path, tiny_vit, photo_dir):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_vit, model)
+    ix = tmp_path / "ix"
+    run("index", photo_dir, "--index", ix, "--model", model)
+    model.rename(tmp_path / "model-moved")
+    query = tmp_path / "new.png"
+    from conftest import draw_image
+
+    draw_image(90).save(query)
+    lost = run("search", query, "--index", ix)
+    assert lost.exit_code == 1
+    assert lost.stderr.strip() == (
+        f"Error: model folder not found: {model}. This index was built with that model; if it "
+        "has moved, say where it is now with --model (or SIMSEARCH_MODEL)"
+    )
+    found = run("search", query, "--index", ix, "--model", tmp_path / "model-moved", "--json")
+    assert found.exit_code == 0 and json.loads(found.stdout)["hits"]
