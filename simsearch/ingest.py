@@ -182,17 +182,22 @@ def ingest(
                     pool.submit(_prepare, *item, embedder.preprocess, hashes, max_pixels)
                 )
 
-        fill()
-        while pending:
-            with timed("waiting"):
-                prepared = pending.popleft().result()
-            timed.seconds["decoding"] += prepared.seconds
+        try:
             fill()
-            _route(prepared, batch, known, gone, gone_by_hash, hashes)
-            if len(batch.embed) >= embedder.batch_size or len(batch) >= 4 * embedder.batch_size:
+            while pending:
+                with timed("waiting"):
+                    prepared = pending.popleft().result()
+                timed.seconds["decoding"] += prepared.seconds
+                fill()
+                _route(prepared, batch, known, gone, gone_by_hash, hashes)
+                if len(batch.embed) >= embedder.batch_size or len(batch) >= 4 * embedder.batch_size:
+                    flush()
+            if len(batch):
                 flush()
-        if len(batch):
-            flush()
+        except BaseException:
+            for future in pending:  # on Ctrl-C or an error, do not decode what is queued
+                future.cancel()
+            raise
 
     with timed("database"):
         removed = _prune(gone, store, vectors) if gone else 0
