@@ -42,7 +42,7 @@ from simsearch.errors import (
     QueryError,
     StorageError,
 )
-from simsearch.images import Preprocessing, decode_image
+from simsearch.images import Preprocessing, decode_image, read_image_file
 from simsearch.lock import WriteLock
 from simsearch.records import AddSummary, FailedFile, Hit, IndexInfo
 from simsearch.store import Store
@@ -573,14 +573,10 @@ def _as_image(image, preprocess):
 
         return to_rgb(image)
     path = Path(image)
+    if not path.exists():
+        raise QueryError(f"no such image file: {path}")
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise QueryError(f"no such image file: {path}") from None
-    except OSError as exc:
-        raise QueryError(f"cannot read {path}: {exc.strerror or exc}") from None
-    try:
-        return decode_image(data, draft=preprocess)
+        return decode_image(read_image_file(path), draft=preprocess)
     except ImageError as exc:
         raise QueryError(f"{path}: {exc}") from None
 

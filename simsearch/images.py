@@ -6,6 +6,7 @@ import io
 import logging
 import os
 import re
+import stat
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from simsearch.config import DRAFT_OVERSAMPLE, IMAGE_SUFFIXES, MAX_IMAGE_PIXELS
+from simsearch.config import DRAFT_OVERSAMPLE, IMAGE_SUFFIXES, MAX_FILE_BYTES, MAX_IMAGE_PIXELS
 from simsearch.errors import ImageError, InputPathError
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,40 @@ def _walk(root: Path, unlisted: list[Path] | None) -> Iterator[Path]:
             path = Path(dirpath, name)
             if is_image_name(path):
                 yield path
+
+
+def read_image_file(path: str | os.PathLike) -> bytes:
+    """Return the bytes of a regular file, or raise ImageError with the reason.
+
+    Anything else (a FIFO, socket or device named like an image) is refused unread, and so
+    is a file above MAX_FILE_BYTES.
+    """
+    try:
+        # O_NONBLOCK: opening a FIFO named like an image must not wait for a writer forever.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except IsADirectoryError:
+        raise ImageError("is a directory, not a file") from None
+    except PermissionError:
+        raise ImageError("permission denied: cannot read the file") from None
+    except FileNotFoundError:
+        raise ImageError("file disappeared before it could be read") from None
+    except OSError as exc:
+        raise ImageError(f"cannot open file: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageError("not a regular file (a FIFO, socket or device)")
+        if st.st_size > MAX_FILE_BYTES:
+            raise ImageError(f"file is {st.st_size:,} bytes, above the limit of {MAX_FILE_BYTES:,}")
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            data = fh.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ImageError(f"cannot read file: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_FILE_BYTES:
+        raise ImageError(f"file grew above the limit of {MAX_FILE_BYTES:,} bytes while read")
+    return data
 
 
 def decode_image(

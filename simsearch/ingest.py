@@ -16,10 +16,10 @@ database at the last committed batch and the next run continues from there.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
-import stat
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -32,13 +32,12 @@ import numpy as np
 from simsearch.config import (
     DEFAULT_WORKERS,
     FAISS_CHECKPOINT_SECONDS,
-    MAX_FILE_BYTES,
     MAX_IMAGE_PIXELS,
     PREFETCH_BATCHES,
 )
 from simsearch.errors import ImageError
 from simsearch.faults import crash_point
-from simsearch.images import Preprocessing, decode_image, find_images
+from simsearch.images import Preprocessing, decode_image, find_images, read_image_file
 from simsearch.records import AddSummary, stages_line
 from simsearch.store import STATUS_OK, BadImage, GoodImage, Known, Moved, Store
 from simsearch.vectors import VectorIndex
@@ -393,7 +392,7 @@ def _prepare(
     if item.error is not None:
         return item
     try:
-        data = _read(real)
+        data = read_image_file(real)
         item.size = len(data)
         item.sha256 = hashlib.sha256(data).hexdigest()
         item.known_id = hashes.get(item.sha256)
@@ -410,42 +409,12 @@ def _prepare(
     return item
 
 
-def _read(path: str) -> bytes:
-    """Return the bytes of a regular file; anything else (FIFO, device) is refused unread."""
-    try:
-        # O_NONBLOCK: opening a FIFO named like an image must not wait for a writer forever.
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except IsADirectoryError:
-        raise ImageError("is a directory, not a file") from None
-    except PermissionError:
-        raise ImageError("permission denied: cannot read the file") from None
-    except FileNotFoundError:
-        raise ImageError("file disappeared before it could be read") from None
-    except OSError as exc:
-        raise ImageError(f"cannot open file: {exc.strerror or exc}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ImageError("not a regular file (a FIFO, socket or device)")
-        if st.st_size > MAX_FILE_BYTES:
-            raise ImageError(f"file is {st.st_size:,} bytes, above the limit of {MAX_FILE_BYTES:,}")
-        with os.fdopen(fd, "rb", closefd=False) as fh:
-            data = fh.read(MAX_FILE_BYTES + 1)
-    except OSError as exc:
-        raise ImageError(f"cannot read file: {exc.strerror or exc}") from None
-    finally:
-        os.close(fd)
-    if len(data) > MAX_FILE_BYTES:
-        raise ImageError(f"file grew above the limit of {MAX_FILE_BYTES:,} bytes while read")
-    return data
-
-
 def _stat_error(path: Path, exc: OSError) -> str:
     if path.is_symlink() and not path.exists():
         try:
             os.stat(path)
         except OSError as err:
-            if err.errno == 40:  # ELOOP
+            if err.errno == errno.ELOOP:
                 return "symbolic link loop: the link points back at itself"
         return "broken symbolic link: its target does not exist"
     return f"cannot stat file: {exc.strerror or exc}"

@@ -233,3 +233,11 @@ def test_mixed_queries_in_one_call_answer_like_single_ones(index, photo_dir):
     assert together[3][0].id == stored.id and together[3][0].score == pytest.approx(1, abs=1e-4)
     with pytest.raises(QueryError, match="finite and non-zero"):
         index.search(np.zeros(32, dtype=np.float32))
+
+
+def test_a_fifo_given_as_query_is_refused_not_waited_on(index, tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "pipe.jpg")
+    with pytest.raises(QueryError, match="not a regular file"):
+        index.search(tmp_path / "pipe.jpg")

@@ -288,14 +288,14 @@ def test_file_deleted_between_listing_and_reading(tmp_path, tiny_vit, monkeypatc
     folder.mkdir()
     for i in range(3):
         draw_image(i).save(folder / f"img{i}.png")
-    real_read = simsearch.ingest._read
+    real_read = simsearch.ingest.read_image_file
 
     def read_after_delete(path):
         if path.endswith("img1.png"):
             os.unlink(path)
         return real_read(path)
 
-    monkeypatch.setattr(simsearch.ingest, "_read", read_after_delete)
+    monkeypatch.setattr(simsearch.ingest, "read_image_file", read_after_delete)
     with Index.create(tmp_path / "index", model=tiny_vit) as index:
         summary = index.add(folder)
         failed = {Path(f.path).name: f.error for f in index.failed()}

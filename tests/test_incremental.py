@@ -56,7 +56,7 @@ def test_unchanged_files_are_not_read_or_embedded(counted, photo_dir, monkeypatc
     def no_reads(path):
         raise AssertionError(f"read {path}")
 
-    monkeypatch.setattr(simsearch.ingest, "_read", no_reads)
+    monkeypatch.setattr(simsearch.ingest, "read_image_file", no_reads)
     summary = index.add(photo_dir)
     assert _summary(summary) == dict(indexed=0, unchanged=8, failed=0, moved=0, removed=0, reused=0)
     assert embedder.calls == 0
