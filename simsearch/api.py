@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -42,11 +41,12 @@ from simsearch.errors import (
     QueryError,
     StorageError,
 )
+from simsearch.files import replaced_atomically
 from simsearch.images import Preprocessing, decode_image, read_image_file
 from simsearch.lock import WriteLock
 from simsearch.records import AddSummary, FailedFile, Hit, IndexInfo
 from simsearch.store import Store
-from simsearch.vectors import FILE_MODE, VectorIndex, fsync_dir
+from simsearch.vectors import VectorIndex
 
 log = logging.getLogger(__name__)
 
@@ -593,26 +593,13 @@ def _create_database(path: Path, manifest) -> None:
     """Write a new database holding `manifest`, and manifest.json beside it, atomically."""
     # Build the database under a temporary name and rename it into place, so a crash never
     # leaves a half-made index that later runs would trip over.
-    fd, tmp = tempfile.mkstemp(prefix=DATABASE_FILE + ".", suffix=".tmp", dir=path)
-    os.close(fd)
-    os.chmod(tmp, FILE_MODE)
-    try:
-        store = Store(Path(tmp), create=True)
+    with replaced_atomically(path / DATABASE_FILE) as tmp:
+        store = Store(tmp, create=True)
         store.set_manifest(manifest)
         store.close()
-        os.replace(tmp, path / DATABASE_FILE)
-    finally:
-        for leftover in (tmp, tmp + "-wal", tmp + "-shm"):
-            Path(leftover).unlink(missing_ok=True)
     _write_atomic(path / MANIFEST_FILE, manifest.to_json() + "\n")
-    fsync_dir(path)
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    with replaced_atomically(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")

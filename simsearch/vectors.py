@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from simsearch.faults import crash_point
-
-
-def _file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-# Permissions for files we create through mkstemp (which makes them 0600): what open() gives.
-FILE_MODE = _file_mode()
+from simsearch.files import replaced_atomically
 
 
 class VectorIndex:
@@ -83,20 +71,8 @@ class VectorIndex:
         """Write the index to `path` atomically: a reader sees the old file or the new one."""
         import faiss
 
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            os.close(fd)
-            os.chmod(tmp, FILE_MODE)
-            faiss.write_index(self._index, tmp)
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            crash_point("faiss-write")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        fsync_dir(path.parent)
+        with replaced_atomically(Path(path), crash_point_name="faiss-write") as tmp:
+            faiss.write_index(self._index, str(tmp))
 
     @classmethod
     def load(cls, path: Path, dim: int) -> VectorIndex:
@@ -112,15 +88,3 @@ class VectorIndex:
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
             raise ValueError(f"expected vectors of shape (n, {self.dim}), got {vectors.shape}")
         return vectors
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename inside `path` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
