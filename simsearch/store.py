@@ -247,8 +247,7 @@ class Store:
         """Return id -> stored vector for each of `ids` that has one."""
         out = {}
         with Session(self.engine) as session:
-            for start in range(0, len(ids), 500):
-                chunk = [int(i) for i in ids[start : start + 500]]
+            for chunk in _chunks([int(i) for i in ids]):
                 stmt = select(VectorRow.image_id, VectorRow.vector).where(
                     VectorRow.image_id.in_(chunk)
                 )
@@ -316,36 +315,13 @@ class Store:
         vectors = np.ascontiguousarray(vectors, dtype="<f4")
         with Session(self.engine) as session, session.begin():
             ok_rows = [
-                dict(
-                    path=img.path,
-                    size=img.size,
-                    mtime_ns=img.mtime_ns,
-                    indexed_at=now,
-                    sha256=img.sha256,
-                    width=img.width,
-                    height=img.height,
-                    status=STATUS_OK,
-                    error=None,
-                )
+                _image_row(img, now, width=img.width, height=img.height, status=STATUS_OK)
                 for img in good
             ]
             id_of = _upsert_images(session, ok_rows)
             ids = [id_of[img.path] for img in good]
             _upsert_vectors(session, ids, vectors)
-            bad_rows = [
-                dict(
-                    path=img.path,
-                    size=img.size,
-                    mtime_ns=img.mtime_ns,
-                    indexed_at=now,
-                    sha256=img.sha256,
-                    width=None,
-                    height=None,
-                    status=STATUS_ERROR,
-                    error=img.error,
-                )
-                for img in bad
-            ]
+            bad_rows = [_image_row(img, now, status=STATUS_ERROR, error=img.error) for img in bad]
             bad_ids = list(_upsert_images(session, bad_rows).values())
             dropped = list(
                 session.scalars(select(VectorRow.image_id).where(VectorRow.image_id.in_(bad_ids)))
@@ -369,8 +345,7 @@ class Store:
             return 0
         with Session(self.engine) as session, session.begin():
             removed = 0
-            for start in range(0, len(ids), 500):  # stay under SQLite's variable limit
-                chunk = ids[start : start + 500]
+            for chunk in _chunks(ids):
                 removed += session.execute(delete(ImageRow).where(ImageRow.id.in_(chunk))).rowcount
             _bump_generation(session)
             crash_point("prune")
@@ -437,8 +412,7 @@ class Store:
     def delete_vectors(self, ids: Sequence[int]) -> None:
         """Delete the vectors of `ids` (stray vectors of failed or missing images)."""
         with Session(self.engine) as session, session.begin():
-            for start in range(0, len(ids), 500):
-                chunk = [int(i) for i in ids[start : start + 500]]
+            for chunk in _chunks([int(i) for i in ids]):
                 session.execute(delete(VectorRow).where(VectorRow.image_id.in_(chunk)))
             _bump_generation(session)
 
@@ -458,12 +432,37 @@ class StoreReport:
 # variables, and one statement per 100 rows costs a fraction of one per row.
 ROWS_PER_STATEMENT = 100
 
+# Ids per `IN (...)` list, under SQLite's limit on bound variables.
+IDS_PER_STATEMENT = 500
+
+
+def _chunks(items: Sequence, size: int = IDS_PER_STATEMENT) -> Iterator[Sequence]:
+    """Yield consecutive slices of `items`, each at most `size` long."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _image_row(img: GoodImage | BadImage, now: float, **columns) -> dict:
+    """Return the images-table row for a file: its identity plus the given status columns."""
+    row = dict(
+        path=img.path,
+        size=img.size,
+        mtime_ns=img.mtime_ns,
+        indexed_at=now,
+        sha256=img.sha256,
+        width=None,
+        height=None,
+        error=None,
+    )
+    row.update(columns)
+    return row
+
 
 def _upsert_images(session: Session, rows: list[dict]) -> dict[str, int]:
     """Insert image rows, or update those whose path exists; return path -> id."""
     ids: dict[str, int] = {}
-    for start in range(0, len(rows), ROWS_PER_STATEMENT):
-        stmt = insert(ImageRow).values(rows[start : start + ROWS_PER_STATEMENT])
+    for chunk in _chunks(rows, ROWS_PER_STATEMENT):
+        stmt = insert(ImageRow).values(chunk)
         stmt = stmt.on_conflict_do_update(
             index_elements=["path"],
             set_={c: stmt.excluded[c] for c in rows[0] if c != "path"},
@@ -474,8 +473,8 @@ def _upsert_images(session: Session, rows: list[dict]) -> dict[str, int]:
 
 def _upsert_vectors(session: Session, ids: list[int], vectors: np.ndarray) -> None:
     rows = [dict(image_id=i, vector=v.tobytes()) for i, v in zip(ids, vectors, strict=True)]
-    for start in range(0, len(rows), ROWS_PER_STATEMENT):
-        stmt = insert(VectorRow).values(rows[start : start + ROWS_PER_STATEMENT])
+    for chunk in _chunks(rows, ROWS_PER_STATEMENT):
+        stmt = insert(VectorRow).values(chunk)
         session.execute(
             stmt.on_conflict_do_update(
                 index_elements=["image_id"], set_={"vector": stmt.excluded.vector}
