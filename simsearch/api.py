@@ -46,7 +46,7 @@ from simsearch.images import Preprocessing, decode_image, read_image_file
 from simsearch.lock import WriteLock
 from simsearch.records import AddSummary, FailedFile, Hit, IndexInfo
 from simsearch.store import Store
-from simsearch.vectors import VectorIndex
+from simsearch.vectors import VectorIndex, plan_index
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,9 @@ class Index:
         self._batch_size = batch_size
         self._embedder = embedder
         self._lock = WriteLock(path)
-        self._cache = VectorCache(path, store, manifest.dim, self._lock)
+        self._cache = VectorCache(
+            path, store, manifest.dim, self._lock, lambda: self.manifest.index_type
+        )
 
     # -- opening -------------------------------------------------------------------------
 
@@ -109,12 +111,14 @@ class Index:
         precision: str | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
         embedder=None,
+        index_type: str = "auto",
     ) -> Index:
         """Create a new, empty index at `path` for `model`, `layer` and `pool`.
 
         Loads the model (to learn its dimension and preprocessing). Raises IndexExistsError
         when an index is already there. `embedder`: an Embedder already loaded, used instead
-        of `model`, `layer`, `pool`, `device` and `batch_size`.
+        of `model`, `layer`, `pool`, `device` and `batch_size`. `index_type`: see
+        `set_index_type`.
         """
         path = Path(path)
         if (path / DATABASE_FILE).exists():
@@ -130,7 +134,8 @@ class Index:
                 precision=precision,
                 batch_size=batch_size,
             )
-        manifest = embedder.manifest()
+        manifest = dataclasses.replace(embedder.manifest(), index_type=index_type.strip())
+        plan_index(manifest.index_type, 0, manifest.dim)  # IndexTypeError if it is unusable
         path.mkdir(parents=True, exist_ok=True)
         with WriteLock(path):
             if (path / DATABASE_FILE).exists():
@@ -196,14 +201,16 @@ class Index:
         device: str = "auto",
         precision: str | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        index_type: str | None = None,
     ) -> Index:
         """Open the index at `path`, or create it there if there is none.
 
         Settings left as None take the existing index's values, or for a new index the
-        defaults (DEFAULT_MODEL, the last layer, cls pooling); settings given must match.
+        defaults (DEFAULT_MODEL, the last layer, cls pooling, auto index type); settings
+        given must match, except `index_type`, which changes the existing index's type.
         """
         if (Path(path) / DATABASE_FILE).exists():
-            return cls.open(
+            index = cls.open(
                 path,
                 model=model,
                 layer=layer,
@@ -212,6 +219,13 @@ class Index:
                 precision=precision,
                 batch_size=batch_size,
             )
+            if index_type is not None and index_type.strip() != index.manifest.index_type:
+                try:
+                    index.set_index_type(index_type)
+                except BaseException:
+                    index.close()
+                    raise
+            return index
         log.info("creating index %s", path)
         return cls.create(
             path,
@@ -221,7 +235,29 @@ class Index:
             device=device,
             precision=precision,
             batch_size=batch_size,
+            index_type=index_type or "auto",
         )
+
+    def set_index_type(self, index_type: str) -> str | None:
+        """Make the index use `index_type` from now on, and rebuild it if that changes it.
+
+        `index_type`: "auto" (exact search while small, then an HNSW graph, then compressed
+        IVF-PQ codes with re-ranking, as the collection grows), "flat", "hnsw", "ivf",
+        "ivfpq", or any FAISS factory string (e.g. "IVF1024,SQ8"). Returns why the FAISS
+        index was rebuilt, or None when it was already what the type asks for. Raises
+        IndexTypeError for a type FAISS cannot build.
+        """
+        index_type = index_type.strip()
+        plan_index(index_type, len(self), self.manifest.dim)  # IndexTypeError if unusable
+        with self._writing():
+            self.manifest = dataclasses.replace(self.manifest, index_type=index_type)
+            self.store.set_manifest(self.manifest)
+            _write_atomic(self.path / MANIFEST_FILE, self.manifest.to_json() + "\n")
+            self._cache.writable()
+            reason = self._cache.maintain()
+            if reason is not None:
+                self._cache.save()
+        return reason
 
     def _check_request(self, model, layer: int | None, pool: str | None) -> None:
         from dataclasses import replace
@@ -317,19 +353,19 @@ class Index:
             # The model loads when the first file needs it: a run that finds nothing new
             # never pays for it (seconds for ViT-L).
             embedder = self._embedder or _ModelOnDemand(self)
-            vectors = self.vectors
+            self._cache.writable()
             stopwatch = Stopwatch()
             try:
                 summary = ingest(
                     paths,
                     self.store,
-                    vectors,
+                    self._cache,
                     embedder,
                     workers=workers,
                     prune=prune,
                     max_pixels=max_pixels,
                     progress=progress,
-                    checkpoint=self._cache.save,
+                    checkpoint=self._cache.checkpoint,
                     stopwatch=stopwatch,
                 )
             except BaseException as exc:
@@ -345,7 +381,7 @@ class Index:
                     ) from None
                 raise
             with stopwatch("faiss"):
-                self._cache.save()
+                self._cache.checkpoint()
             return dataclasses.replace(summary, stages=dict(stopwatch.seconds))
 
     @contextlib.contextmanager
@@ -364,17 +400,34 @@ class Index:
 
     # -- searching -----------------------------------------------------------------------
 
-    def search(self, query: Query, k: int = DEFAULT_K) -> list[Hit]:
+    def search(self, query: Query, k: int = DEFAULT_K, **params) -> list[Hit]:
         """Return the `k` indexed images most similar to `query`, best first.
 
         `query` is an image file (indexed or not), a PIL image, an indexed image's id (an int
         or "id:N"), or a vector of the index's dimension (normalised here, so scores are
-        cosine similarities).
+        cosine similarities). `params` (nprobe, ef, rerank): see `search_many`.
         """
-        return self.search_many([query], k)[0]
+        return self.search_many([query], k, **params)[0]
 
-    def search_many(self, queries: Sequence[Query], k: int = DEFAULT_K) -> list[list[Hit]]:
-        """Return the hits for each query, answering all of them in one FAISS call."""
+    def search_many(
+        self,
+        queries: Sequence[Query],
+        k: int = DEFAULT_K,
+        *,
+        nprobe: int | None = None,
+        ef: int | None = None,
+        rerank: int | None = None,
+    ) -> list[list[Hit]]:
+        """Return the hits for each query, answering all of them in one FAISS call.
+
+        For approximate index types: `nprobe` is the number of IVF lists visited (default
+        DEFAULT_NPROBE), `ef` the HNSW candidate list (DEFAULT_EF); compressed scores are
+        re-ranked exactly over k x `rerank` candidates (DEFAULT_RERANK; 0: off). Larger
+        values find more of the true neighbours, more slowly.
+        """
+        for name, value in (("nprobe", nprobe), ("ef", ef), ("rerank", rerank)):
+            if value is not None and value < (0 if name == "rerank" else 1):
+                raise QueryError(f"{name} must be at least {0 if name == 'rerank' else 1}")
         if k < 1:
             raise QueryError("k must be at least 1")
         if not queries:
@@ -384,7 +437,7 @@ class Index:
         fresh = [q for q, v in zip(queries, vectors, strict=True) if v is None]
         embedded = iter(self.embed(fresh) if fresh else [])
         matrix = np.stack([next(embedded) if v is None else v for v in vectors])
-        scores, ids = self.vectors.search(matrix, k)
+        scores, ids = self._cache.search(matrix, k, nprobe=nprobe, ef=ef, rerank=rerank)
         paths = self.store.paths(np.unique(ids[ids >= 0]))
         results = []
         for row_scores, row_ids in zip(scores, ids, strict=True):
@@ -511,6 +564,7 @@ class Index:
         """Return counts, settings and size on disk."""
         indexed, failed = self.store.counts()
         m = self.manifest
+        built, vectors = self._cache.built, self.vectors
         size = sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
         return IndexInfo(
             path=str(self.path),
@@ -528,6 +582,11 @@ class Index:
             preprocessing=m.preprocessing,
             size_bytes=size,
             format_version=m.format_version,
+            index_type=m.index_type,
+            index_built=built.get("kind", "flat"),
+            index_factory=built.get("factory", "Flat"),
+            index_reason=built.get("reason", ""),
+            tombstones=vectors.tombstones,
         )
 
     def failed(self) -> list[FailedFile]:

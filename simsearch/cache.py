@@ -1,53 +1,102 @@
 """VectorCache: an index's FAISS file, a cache of the vectors stored in SQLite.
 
-The file records (in the database) the generation it was built from. It is loaded when that
-matches the database's and its ids agree; otherwise it is rebuilt from the stored vectors,
+The file records (in the database) the generation it was built from and what was built
+(the plan: type, factory string, training size). It is loaded when that generation matches
+the database's and its live ids agree; otherwise it is rebuilt from the stored vectors,
 which needs no model, and saved again by whoever holds the write lock.
+
+The cache also owns the index's life as the collection changes (`maintain`: retrain IVF
+lists that the collection outgrew, switch type when `auto` would now choose another, drop
+tombstones when they pile up) and search with exact re-ranking of approximate scores.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from simsearch.config import VECTORS_FILE
+from simsearch.config import (
+    DEFAULT_RERANK,
+    MMAP_MIN_BYTES,
+    RETRAIN_GROWTH,
+    TOMBSTONE_REBUILD_SHARE,
+    VECTORS_FILE,
+)
 from simsearch.lock import WriteLock
 from simsearch.store import Store
-from simsearch.vectors import VectorIndex
+from simsearch.vectors import Plan, VectorIndex, ivf_lists, plan_index
 
 log = logging.getLogger(__name__)
+
+# Vectors drawn at random from the collection to train IVF centroids and PQ codebooks:
+# this many per inverted list, and never fewer than PQ needs (256 centroids x 39).
+TRAIN_PER_LIST = 64
+TRAIN_MIN = 256 * 39
 
 
 class VectorCache:
     """The FAISS index of one index folder, loaded or rebuilt on first use."""
 
-    def __init__(self, folder: Path, store: Store, dim: int, lock: WriteLock) -> None:
+    def __init__(
+        self, folder: Path, store: Store, dim: int, lock: WriteLock, requested: Callable[[], str]
+    ) -> None:
         self.file = Path(folder) / VECTORS_FILE
         self.store = store
         self.dim = dim
         self.lock = lock
+        self.requested = requested  # the index type the manifest asks for
         self._vectors: VectorIndex | None = None
+        self._built: dict = {}  # what the loaded or built index is: kind, factory, ...
 
     @property
     def vectors(self) -> VectorIndex:
         """The FAISS index, loaded from disk when current, else rebuilt from the store."""
         if self._vectors is None:
-            self._vectors = self._load_or_rebuild()
+            self._vectors = self._load_or_rebuild(mmap=True)
         return self._vectors
+
+    @property
+    def built(self) -> dict:
+        """What the current index is: {"kind", "factory", "reason", "trained_on", ...}."""
+        self.vectors  # noqa: B018 (loads it)
+        return dict(self._built)
+
+    def writable(self) -> VectorIndex:
+        """The FAISS index in RAM, for a writer (a memory-mapped one is read-only)."""
+        if self._vectors is not None and self._vectors.mmapped:
+            self._vectors = None
+        if self._vectors is None:
+            self._vectors = self._load_or_rebuild(mmap=False)
+        return self._vectors
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        self.writable().add(ids, vectors)
+
+    def remove(self, ids: np.ndarray) -> int:
+        return self.writable().remove(ids)
 
     def drop(self) -> None:
         """Forget the in-memory index (it may be behind the database); the next use reloads."""
         self._vectors = None
 
-    def _load_or_rebuild(self) -> VectorIndex:
+    def _load_or_rebuild(self, *, mmap: bool) -> VectorIndex:
         dim, file = self.dim, self.file
         generation, saved = self.store.generations()
         if file.is_file() and saved == generation:
             try:
-                vectors = VectorIndex.load(file, dim)
-                if np.array_equal(vectors.ids(), self.store.vector_ids()):
+                built = self.store.faiss_info()
+                big = file.stat().st_size >= MMAP_MIN_BYTES
+                vectors = VectorIndex.load(
+                    file, dim, factory=built.get("factory", "Flat"), mmap=mmap and big
+                )
+                live = self.store.vector_ids()
+                vectors.bury_superseded(live)
+                if np.array_equal(vectors.ids(), live):
+                    self._built = built
                     return vectors
                 log.warning("rebuilding %s: its ids differ from the database's", file)
             except Exception as exc:  # a damaged cache is rebuilt, never trusted
@@ -67,13 +116,66 @@ class VectorCache:
                     self.lock.release()
         return vectors
 
-    def rebuild(self) -> VectorIndex:
+    def rebuild(self, plan: Plan | None = None) -> VectorIndex:
         """Build the FAISS index anew from the stored vectors, and use it from now on."""
-        vectors = VectorIndex(self.dim)
+        n = self.store.counts()[0]
+        plan = plan or plan_index(self.requested(), n, self.dim)
+        vectors = VectorIndex(self.dim, factory=plan.factory)
+        trained_on = 0
+        if not vectors.is_trained:
+            if n < plan.min_train:
+                raise ValueError(f"{plan.factory} needs {plan.min_train} vectors to train")
+            sample = self._sample(n, max(TRAIN_MIN, TRAIN_PER_LIST * ivf_lists(n)))
+            log.info("training %s on %d of %d vectors", plan.factory, len(sample), n)
+            vectors.train(sample)
+            trained_on = n
+        if n > 10_000:
+            log.info("building %s (%s) over %d vectors", plan.kind, plan.factory, n)
         for ids, vecs in self.store.iter_vectors(self.dim):
             vectors.add(ids, vecs)
         self._vectors = vectors
+        self._built = {
+            "kind": plan.kind,
+            "factory": plan.factory,
+            "reason": plan.reason,
+            "requested": self.requested(),
+            "trained_on": trained_on,
+        }
         return vectors
+
+    def _sample(self, n: int, size: int) -> np.ndarray:
+        """Draw about `size` stored vectors uniformly at random (one pass, bounded memory)."""
+        rng = np.random.default_rng(0)
+        share = min(1.0, size / max(n, 1))
+        parts = [
+            vecs[rng.random(len(vecs)) < share] for _, vecs in self.store.iter_vectors(self.dim)
+        ]
+        return np.concatenate(parts) if parts else np.empty((0, self.dim), np.float32)
+
+    def due(self) -> str | None:
+        """Why the index should be rebuilt now, or None when it is fine as it is."""
+        vectors, built = self.vectors, self._built
+        n = len(vectors)
+        plan = plan_index(self.requested(), n, self.dim)
+        kind = built.get("kind", "flat")
+        if built.get("requested", self.requested()) != self.requested():
+            return f"the index type is now {self.requested()!r}"
+        if plan.kind != kind:
+            return f"{plan.reason}: {kind} -> {plan.kind}"
+        trained_on = built.get("trained_on", 0)
+        if trained_on and n > RETRAIN_GROWTH * trained_on:
+            return f"{n:,} vectors, {n / trained_on:.0f}x the {trained_on:,} it was trained on"
+        if vectors.tombstones > TOMBSTONE_REBUILD_SHARE * max(vectors.entries, 1):
+            return f"{vectors.tombstones:,} of {vectors.entries:,} entries are tombstones"
+        return None
+
+    def maintain(self) -> str | None:
+        """Rebuild the index when it is due (the caller holds the write lock); returns why."""
+        reason = self.due()
+        if reason is not None:
+            log.info("rebuilding the vector index: %s", reason)
+            self.rebuild()
+        return reason
 
     def save(self) -> None:
         """Write the FAISS file for the current generation (the caller holds the lock)."""
@@ -85,7 +187,49 @@ class VectorCache:
         except Exception as exc:  # disk full, read-only: the database still has everything
             log.warning("cannot save %s (it will be rebuilt next time): %s", VECTORS_FILE, exc)
             return
-        self.store.set_faiss_generation(generation)
+        self.store.set_faiss_generation(generation, json.dumps(self._built, sort_keys=True))
+
+    def checkpoint(self) -> None:
+        """During a long run: rebuild if due, then save (the caller holds the lock)."""
+        self.maintain()
+        self.save()
+
+    # -- searching -----------------------------------------------------------------------
+
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        *,
+        nprobe: int | None = None,
+        ef: int | None = None,
+        rerank: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Return (scores, ids), best first. Approximate scores are replaced by exact inner
+        products with the stored vectors over a shortlist of k x `rerank` candidates
+        (default DEFAULT_RERANK; 0 or 1: no re-ranking)."""
+        vectors = self.vectors
+        rerank = DEFAULT_RERANK if rerank is None else rerank
+        if vectors.exact_scores or rerank <= 1:
+            return vectors.search(queries, k, nprobe=nprobe, ef=ef)
+        queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        _, candidates = vectors.search(queries, k * rerank, nprobe=nprobe, ef=ef)
+        wanted = np.unique(candidates[candidates >= 0])
+        stored = self.store.vectors_by_id(wanted)
+        k = min(k, candidates.shape[1])
+        scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        ids = np.full((len(queries), k), -1, dtype=np.int64)
+        for row, (query, found) in enumerate(zip(queries, candidates, strict=True)):
+            found = [int(i) for i in found if i in stored]
+            if not found:
+                continue
+            exact = np.stack([stored[i] for i in found]) @ query
+            best = np.argsort(-exact, kind="stable")[:k]
+            scores[row, : len(best)] = exact[best]
+            ids[row, : len(best)] = np.asarray(found)[best]
+        return scores, ids
+
+    # -- checking ------------------------------------------------------------------------
 
     def problems(self) -> list[str]:
         """Return how the FAISS file disagrees with the database (empty: it is current)."""
@@ -100,17 +244,20 @@ class VectorCache:
                 f"{generation}"
             )
         try:
-            vectors = VectorIndex.load(file, self.dim)
+            built = self.store.faiss_info()
+            vectors = VectorIndex.load(file, self.dim, factory=built.get("factory", "Flat"))
         except Exception as exc:
             return [*problems, f"{VECTORS_FILE} is unreadable: {exc}"]
-        db_ids, file_ids = self.store.vector_ids(), vectors.ids()
+        db_ids = self.store.vector_ids()
+        vectors.bury_superseded(db_ids)
+        file_ids = vectors.ids()
         if len(db_ids) != len(file_ids):
             problems.append(
                 f"{VECTORS_FILE} holds {len(file_ids)} vectors, the database {len(db_ids)}"
             )
         elif not np.array_equal(db_ids, file_ids):
             problems.append(f"the ids in {VECTORS_FILE} differ from the database's")
-        else:
+        elif vectors.exact_scores:  # compressed codes cannot be compared bit for bit
             differ = 0
             for ids, vecs in vectors.items():
                 stored = self.store.vectors_by_id(ids)

@@ -47,3 +47,7 @@ class IndexLockedError(SimsearchError):
 
 class StorageError(SimsearchError):
     """Writing to the index failed (disk full, read-only, I/O error); committed work is kept."""
+
+
+class IndexTypeError(SimsearchError, ValueError):
+    """An --index-type that is neither a known type nor a FAISS factory string FAISS builds."""

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from simsearch.cache import VectorCache
 from simsearch.config import (
     DEFAULT_WORKERS,
     FAISS_CHECKPOINT_SECONDS,
@@ -40,7 +41,6 @@ from simsearch.faults import crash_point
 from simsearch.images import Preprocessing, decode_image, find_images, read_image_file
 from simsearch.records import AddSummary, stages_line
 from simsearch.store import STATUS_OK, BadImage, GoodImage, Known, Moved, Store
-from simsearch.vectors import VectorIndex
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class _Batch:
 def ingest(
     paths: Iterable[str | os.PathLike],
     store: Store,
-    vectors: VectorIndex,
+    vectors: VectorCache,
     embedder,
     *,
     workers: int = DEFAULT_WORKERS,
@@ -263,7 +263,7 @@ def _route(
 def _commit(
     batch: _Batch,
     store: Store,
-    vectors: VectorIndex,
+    vectors: VectorCache,
     embedder,
     hashes: dict,
     max_pixels: int,
@@ -365,7 +365,7 @@ def _under(key: str, roots: list[Path]) -> bool:
     return any(key == str(r) or key.startswith(str(r) + os.sep) for r in roots)
 
 
-def _prune(gone: dict[str, Known], store: Store, vectors: VectorIndex) -> int:
+def _prune(gone: dict[str, Known], store: Store, vectors: VectorCache) -> int:
     ids = [row.id for row in gone.values()]
     removed = store.remove_images(ids)
     vectors.remove(np.asarray(ids, dtype=np.int64))

@@ -66,6 +66,11 @@ class IndexInfo:
     preprocessing: dict
     size_bytes: int
     format_version: int
+    index_type: str = "auto"  # as requested
+    index_built: str = "flat"  # what was built: flat, hnsw, ivf, ivfpq or factory
+    index_factory: str = "Flat"  # the FAISS factory string of what was built
+    index_reason: str = ""  # why that was built (auto says what it chose)
+    tombstones: int = 0  # removed or replaced entries still in the FAISS index
 
 
 def stages_line(seconds: dict[str, float]) -> str:

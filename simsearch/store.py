@@ -6,6 +6,7 @@ a generation number, so the FAISS file (a derived cache) can tell whether it is 
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -156,9 +157,18 @@ class Store:
         """Return the number of committed changes to images and vectors."""
         return int(self._get_meta("generation") or 0)
 
-    def set_faiss_generation(self, generation: int) -> None:
+    def set_faiss_generation(self, generation: int, info: str | None = None) -> None:
+        """Record that the FAISS file holds `generation`; `info` (JSON) says what it is."""
         with Session(self.engine) as session, session.begin():
             _put_meta(session, "faiss_generation", str(generation))
+            if info is not None:
+                _put_meta(session, "faiss_info", info)
+
+    def faiss_info(self) -> dict:
+        """What the saved FAISS file is (kind, factory, ...); {} for files saved before
+        simsearch recorded it, which are all exact (Flat)."""
+        text = self._get_meta("faiss_info")
+        return {} if text is None else json.loads(text)
 
     def generations(self) -> tuple[int, int]:
         """Return (generation, faiss_generation), read together in one consistent snapshot."""

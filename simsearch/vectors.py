@@ -1,43 +1,202 @@
-"""VectorIndex: a FAISS inner-product index over unit vectors, keyed by integer image ids."""
+"""VectorIndex: a FAISS index of any type over unit vectors, keyed by integer image ids.
+
+Every index is `IndexIDMap2(inner)`: the id map holds the image id of each stored entry
+(entries are numbered in the order they were added), `inner` is whatever the plan asks for:
+exact (Flat), a graph (HNSW), inverted lists (IVF), compressed codes (IVF-PQ) or any FAISS
+factory string. Only a Flat index can remove entries in place; for every other type a
+removed or replaced entry becomes a tombstone, skipped at query time by a bitmap selector,
+until a rebuild drops them all.
+"""
 
 from __future__ import annotations
 
+import math
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from simsearch.config import (
+    AUTO_FLAT_MAX_VECTORS,
+    AUTO_HNSW_MAX_BYTES,
+    DEFAULT_EF,
+    DEFAULT_NPROBE,
+    HNSW_EF_CONSTRUCTION,
+    HNSW_M,
+    IVF_MAX_LISTS,
+    IVF_TRAIN_PER_LIST,
+    PQ_DIMS_PER_BYTE,
+)
+from simsearch.errors import IndexTypeError
 from simsearch.files import replaced_atomically
+
+INDEX_TYPES = ("auto", "flat", "hnsw", "ivf", "ivfpq")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The FAISS index to build for a collection of `n` vectors, and why."""
+
+    kind: str  # flat | hnsw | ivf | ivfpq | factory
+    factory: str  # the FAISS index_factory string
+    reason: str  # one line a user can read: what was asked, what was chosen, why
+    min_train: int = 0  # vectors needed to train it (0: needs no training)
+
+
+def ivf_lists(n: int) -> int:
+    """Inverted lists for `n` vectors: ~4 sqrt(n) (FAISS's rule of thumb), at least 39
+    training vectors each, at most IVF_MAX_LISTS."""
+    return max(1, min(int(4 * math.sqrt(n)), n // IVF_TRAIN_PER_LIST, IVF_MAX_LISTS))
+
+
+def pq_bytes(dim: int) -> int:
+    """PQ sub-quantisers (bytes per vector): about dim / PQ_DIMS_PER_BYTE, dividing dim."""
+    target = max(1, dim // PQ_DIMS_PER_BYTE)
+    return max(m for m in range(1, target + 1) if dim % m == 0)
+
+
+def plan_index(requested: str, n: int, dim: int) -> Plan:
+    """Decide what to build for `requested` (a name from INDEX_TYPES or a factory string)."""
+    requested = requested.strip()
+    name = requested.lower()
+    if name == "auto":
+        if n <= AUTO_FLAT_MAX_VECTORS:
+            return _plan("flat", n, dim, f"auto: {n:,} vectors, exact search is fast enough")
+        if n * dim * 4 <= AUTO_HNSW_MAX_BYTES:
+            return _plan("hnsw", n, dim, f"auto: {n:,} vectors, a graph answers in ~1 ms")
+        return _plan(
+            "ivfpq",
+            n,
+            dim,
+            f"auto: {n:,} vectors would take {n * dim * 4 / 2**30:.1f} GiB uncompressed; "
+            "compressed codes with exact re-ranking",
+        )
+    if name in INDEX_TYPES:
+        return _plan(name, n, dim, f"{name} as requested")
+    check_factory(requested, dim)
+    return Plan("factory", requested, f"FAISS factory {requested!r} as requested")
+
+
+def _plan(kind: str, n: int, dim: int, reason: str) -> Plan:
+    if kind == "flat":
+        return Plan("flat", "Flat", reason)
+    if kind == "hnsw":
+        return Plan("hnsw", f"HNSW{HNSW_M}", reason)
+    # IVF types need training data; below that, exact search stands in until there is enough.
+    lists = ivf_lists(n)
+    if kind == "ivf":
+        factory, min_train = f"IVF{lists},Flat", IVF_TRAIN_PER_LIST
+    else:
+        factory, min_train = f"IVF{lists},PQ{pq_bytes(dim)}x8", 256 * IVF_TRAIN_PER_LIST
+    if n < min_train:
+        return Plan("flat", "Flat", f"{reason}; flat until {min_train:,} vectors to train it")
+    return Plan(kind, factory, reason, min_train)
+
+
+def check_factory(factory: str, dim: int) -> None:
+    """Raise IndexTypeError unless FAISS builds `factory` for `dim`-dim vectors."""
+    import faiss
+
+    if not re.fullmatch(r"[A-Za-z0-9_,.=x]+", factory):
+        raise IndexTypeError(f"{factory!r} is not an index type ({', '.join(INDEX_TYPES)})")
+    try:
+        faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        detail = str(exc).strip().splitlines()[-1]
+        raise IndexTypeError(
+            f"{factory!r} is neither an index type ({', '.join(INDEX_TYPES)}) nor a FAISS "
+            f"factory string for {dim}-dim vectors: {detail}"
+        ) from None
 
 
 class VectorIndex:
-    """Exact cosine search (inner product on unit vectors) with caller-chosen int64 ids."""
+    """Cosine search (inner product on unit vectors) with caller-chosen int64 ids."""
 
-    def __init__(self, dim: int, index=None) -> None:
+    def __init__(self, dim: int, index=None, *, factory: str = "Flat", mmapped: bool = False):
         import faiss
 
         self.dim = dim
-        # IDMap2 keeps the id of each row, so ids equal the database's image ids and a
-        # single id can be replaced or removed.
-        self._index = index if index is not None else faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        self.factory = factory
+        self.mmapped = mmapped
+        if index is None:
+            inner = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+            hnsw = _hnsw(inner)
+            if hnsw is not None:
+                hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+            index = faiss.IndexIDMap2(inner)
+        self._index = index
+        self._inner = faiss.downcast_index(index.index)
+        self._dead = np.zeros(index.ntotal, dtype=bool)
+        self._n_dead = 0
+        self._selector = None
+
+    # -- what it is ----------------------------------------------------------------------
+
+    @property
+    def is_trained(self) -> bool:
+        return bool(self._index.is_trained)
+
+    @property
+    def removable(self) -> bool:
+        """True when entries can be removed in place (Flat); others keep tombstones."""
+        import faiss
+
+        return isinstance(self._inner, faiss.IndexFlat)
+
+    @property
+    def exact_scores(self) -> bool:
+        """True when search returns exact inner products (no re-ranking needed)."""
+        import faiss
+
+        inner = self._inner
+        if isinstance(inner, faiss.IndexHNSW):
+            inner = faiss.downcast_index(inner.storage)
+        return isinstance(inner, faiss.IndexFlat | faiss.IndexIVFFlat)
 
     def __len__(self) -> int:
+        """The number of live vectors (entries that are not tombstones)."""
+        return int(self._index.ntotal) - self._n_dead
+
+    @property
+    def entries(self) -> int:
+        """Stored entries, tombstones included."""
         return int(self._index.ntotal)
 
-    def ids(self) -> np.ndarray:
-        """Return the stored ids, sorted."""
+    @property
+    def tombstones(self) -> int:
+        return self._n_dead
+
+    def _labels(self) -> np.ndarray:
         import faiss
 
-        return np.sort(faiss.vector_to_array(self._index.id_map).astype(np.int64))
+        return faiss.vector_to_array(self._index.id_map).astype(np.int64, copy=False)
+
+    def ids(self) -> np.ndarray:
+        """Return the ids of the live vectors, sorted."""
+        return np.sort(self._labels()[~self._dead])
 
     def items(self, chunk: int = 65_536):
-        """Yield (ids, vectors) chunks of everything stored, in storage order."""
+        """Yield (ids, vectors) chunks of the live entries, as the index holds them (lossy
+        for compressed types)."""
         import faiss
 
-        ids = faiss.vector_to_array(self._index.id_map).astype(np.int64)
-        inner = self._index.index
-        for start in range(0, len(ids), chunk):
-            n = min(chunk, len(ids) - start)
-            yield ids[start : start + n], inner.reconstruct_n(start, n)
+        labels = self._labels()
+        inner = self._inner
+        ivf = faiss.try_extract_index_ivf(inner)
+        if ivf is not None:
+            ivf.make_direct_map()
+        for start in range(0, len(labels), chunk):
+            n = min(chunk, len(labels) - start)
+            keep = ~self._dead[start : start + n]
+            vecs = inner.reconstruct_n(start, n)
+            yield labels[start : start + n][keep], vecs[keep]
+
+    # -- changing ------------------------------------------------------------------------
+
+    def train(self, sample: np.ndarray) -> None:
+        """Train the index (IVF centroids, PQ codebooks) on a sample of the collection."""
+        self._index.train(self._check(sample))
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         """Add vectors under `ids`, replacing any vector already stored under one of them."""
@@ -45,8 +204,12 @@ class VectorIndex:
         if len(ids) == 0:
             return
         vectors = self._check(vectors)
+        if not self.is_trained:
+            raise RuntimeError(f"the {self.factory} index must be trained before adding")
         self.remove(ids)
         self._index.add_with_ids(vectors, ids)
+        self._dead = np.concatenate([self._dead, np.zeros(len(ids), dtype=bool)])
+        self._selector = None
 
     def remove(self, ids: np.ndarray) -> int:
         """Remove the vectors stored under `ids`; returns how many there were."""
@@ -55,17 +218,92 @@ class VectorIndex:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         if len(ids) == 0 or len(self) == 0:
             return 0
-        return int(self._index.remove_ids(faiss.IDSelectorBatch(ids)))
+        if self.removable:
+            removed = int(self._index.remove_ids(faiss.IDSelectorBatch(ids)))
+            self._dead = np.zeros(self._index.ntotal, dtype=bool)
+            return removed
+        hit = np.isin(self._labels(), ids) & ~self._dead
+        return self._bury(hit)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Return (scores, ids), each (n, k'), best first; k' = min(k, len(self))."""
+    def bury_superseded(self, live_ids: np.ndarray) -> int:
+        """Mark as tombstones the entries whose id is not in `live_ids` (sorted) and all but
+        the last entry of each id: what a loaded file must skip. Returns how many."""
+        labels = self._labels()
+        if len(labels) == 0:
+            return 0
+        dead = ~np.isin(labels, live_ids)
+        # An id added again after a replacement: its later entry is the current one.
+        _, last_from_end = np.unique(labels[::-1], return_index=True)
+        latest = np.zeros(len(labels), dtype=bool)
+        latest[len(labels) - 1 - last_from_end] = True
+        return self._bury(dead | ~latest)
+
+    def _bury(self, mask: np.ndarray) -> int:
+        new = mask & ~self._dead
+        count = int(new.sum())
+        if count:
+            self._dead |= new
+            self._n_dead += count
+            self._selector = None
+        return count
+
+    # -- searching -----------------------------------------------------------------------
+
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        *,
+        nprobe: int | None = None,
+        ef: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Return (scores, ids), each (n, k'), best first; k' = min(k, len(self)).
+
+        Approximate types may find fewer than k' neighbours for a query; the missing places
+        have id -1. `nprobe` (IVF lists visited) and `ef` (HNSW candidate list) trade speed
+        for recall.
+        """
         queries = self._check(np.atleast_2d(queries))
         k = min(k, len(self))
         if k <= 0:
             empty = np.empty((len(queries), 0))
             return empty.astype(np.float32), empty.astype(np.int64)
-        scores, ids = self._index.search(queries, k)
+        scores, positions = self._inner.search(queries, k, params=self._params(k, nprobe, ef))
+        labels = self._labels()
+        ids = np.where(positions >= 0, labels[np.maximum(positions, 0)], -1)
         return scores, ids
+
+    def _params(self, k: int, nprobe: int | None, ef: int | None):
+        import faiss
+
+        selector = self._live_selector()
+        hnsw, ivf = _hnsw(self._inner), faiss.try_extract_index_ivf(self._inner)
+        if hnsw is not None:
+            params = faiss.SearchParametersHNSW(efSearch=max(ef or DEFAULT_EF, k))
+        elif ivf is not None:
+            params = faiss.SearchParametersIVF(nprobe=min(nprobe or DEFAULT_NPROBE, ivf.nlist))
+        elif selector is None:
+            return None
+        else:
+            params = faiss.SearchParameters()
+        if selector is not None:
+            params.sel = selector
+        return params
+
+    def _live_selector(self):
+        """A FAISS selector of the live entries, or None when there are no tombstones."""
+        import faiss
+
+        if self._n_dead == 0:
+            return None
+        if self._selector is None:
+            bits = np.packbits(~self._dead, bitorder="little")
+            selector = faiss.IDSelectorBitmap(len(self._dead), faiss.swig_ptr(bits))
+            selector.bits_ref = bits  # the selector points into this array: keep it alive
+            self._selector = selector
+        return self._selector
+
+    # -- files ---------------------------------------------------------------------------
 
     def save(self, path: Path) -> None:
         """Write the index to `path` atomically: a reader sees the old file or the new one."""
@@ -75,16 +313,29 @@ class VectorIndex:
             faiss.write_index(self._index, str(tmp))
 
     @classmethod
-    def load(cls, path: Path, dim: int) -> VectorIndex:
+    def load(cls, path: Path, dim: int, *, factory: str = "Flat", mmap: bool = False):
+        """Read an index file; `mmap` maps its vectors or codes instead of reading them, so
+        a big index opens at once and shares the page cache (it is then read-only)."""
         import faiss
 
-        index = faiss.read_index(str(path))
+        flags = faiss.IO_FLAG_MMAP_IFC if mmap else 0
+        index = faiss.read_index(str(path), flags)
         if index.d != dim:
             raise ValueError(f"{path} holds {index.d}-dim vectors, expected {dim}")
-        return cls(dim, index)
+        if not isinstance(index, faiss.IndexIDMap2):
+            raise ValueError(f"{path} is not an id-mapped index")
+        return cls(dim, index, factory=factory, mmapped=mmap)
 
     def _check(self, vectors: np.ndarray) -> np.ndarray:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
             raise ValueError(f"expected vectors of shape (n, {self.dim}), got {vectors.shape}")
         return vectors
+
+
+def _hnsw(index):
+    """The HNSW graph structure of `index`, or None when it is not an HNSW index."""
+    import faiss
+
+    index = faiss.downcast_index(index)
+    return index.hnsw if isinstance(index, faiss.IndexHNSW) else None
