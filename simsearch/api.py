@@ -394,6 +394,7 @@ class Index:
         try:
             for leftover in self.path.glob("*.tmp"):
                 leftover.unlink(missing_ok=True)
+            self._cache.begin_write()
             yield
         finally:
             self._lock.release()

@@ -51,13 +51,29 @@ class VectorCache:
         self.requested = requested  # the index type the manifest asks for
         self._vectors: VectorIndex | None = None
         self._built: dict = {}  # what the loaded or built index is: kind, factory, ...
+        self._generation = -1  # the database generation the in-memory index reflects
 
     @property
     def vectors(self) -> VectorIndex:
-        """The FAISS index, loaded from disk when current, else rebuilt from the store."""
+        """The FAISS index, loaded from disk when current, else rebuilt from the store.
+
+        A reader that stays open picks up another process's changes once that writer has
+        saved the FAISS file for them (a cheap check per use); it never rebuilds for a
+        writer that is still running.
+        """
+        if self._vectors is not None and not self.lock.held:
+            generation, saved = self.store.generations()
+            if saved == generation != self._generation:
+                self._vectors = None
         if self._vectors is None:
             self._vectors = self._load_or_rebuild(mmap=True)
         return self._vectors
+
+    def begin_write(self) -> None:
+        """Call on taking the write lock: forget an in-memory index that another process's
+        writes have made stale."""
+        if self._vectors is not None and self.store.generation() != self._generation:
+            self._vectors = None
 
     @property
     def built(self) -> dict:
@@ -74,10 +90,15 @@ class VectorCache:
         return self._vectors
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Mirror vectors just committed to the database (the caller holds the lock)."""
         self.writable().add(ids, vectors)
+        self._generation = self.store.generation()
 
     def remove(self, ids: np.ndarray) -> int:
-        return self.writable().remove(ids)
+        """Mirror removals just committed to the database (the caller holds the lock)."""
+        removed = self.writable().remove(ids)
+        self._generation = self.store.generation()
+        return removed
 
     def drop(self) -> None:
         """Forget the in-memory index (it may be behind the database); the next use reloads."""
@@ -96,7 +117,7 @@ class VectorCache:
                 live = self.store.vector_ids()
                 vectors.bury_superseded(live)
                 if np.array_equal(vectors.ids(), live):
-                    self._built = built
+                    self._built, self._generation = built, generation
                     return vectors
                 log.warning("rebuilding %s: its ids differ from the database's", file)
             except Exception as exc:  # a damaged cache is rebuilt, never trusted
@@ -118,6 +139,7 @@ class VectorCache:
 
     def rebuild(self, plan: Plan | None = None) -> VectorIndex:
         """Build the FAISS index anew from the stored vectors, and use it from now on."""
+        generation = self.store.generation()
         n = self.store.counts()[0]
         plan = plan or plan_index(self.requested(), n, self.dim)
         vectors = VectorIndex(self.dim, factory=plan.factory)
@@ -133,7 +155,7 @@ class VectorCache:
             log.info("building %s (%s) over %d vectors", plan.kind, plan.factory, n)
         for ids, vecs in self.store.iter_vectors(self.dim):
             vectors.add(ids, vecs)
-        self._vectors = vectors
+        self._vectors, self._generation = vectors, generation
         self._built = {
             "kind": plan.kind,
             "factory": plan.factory,
@@ -164,7 +186,7 @@ class VectorCache:
             return f"{plan.reason}: {kind} -> {plan.kind}"
         trained_on = built.get("trained_on", 0)
         if trained_on and n > RETRAIN_GROWTH * trained_on:
-            return f"{n:,} vectors, {n / trained_on:.0f}x the {trained_on:,} it was trained on"
+            return f"{n:,} vectors, {n / trained_on:.1f}x the {trained_on:,} it was trained on"
         if vectors.tombstones > TOMBSTONE_REBUILD_SHARE * max(vectors.entries, 1):
             return f"{vectors.tombstones:,} of {vectors.entries:,} entries are tombstones"
         return None

@@ -14,9 +14,12 @@ from sqlalchemy.exc import DatabaseError
 from simsearch import __version__
 from simsearch.config import (
     DEFAULT_BATCH_SIZE,
+    DEFAULT_EF,
     DEFAULT_INDEX,
     DEFAULT_K,
     DEFAULT_MODEL,
+    DEFAULT_NPROBE,
+    DEFAULT_RERANK,
     MAX_IMAGE_PIXELS,
 )
 from simsearch.errors import SimsearchError
@@ -142,7 +145,7 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
 
 
 @cli.command()
-@click.argument("dirs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.argument("dirs", nargs=-1, type=click.Path(exists=True, path_type=Path))
 @index_option
 @click.option(
     "--model",
@@ -186,6 +189,15 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
     show_default=True,
     help="Refuse images with more pixels than this (decompression bombs), unread.",
 )
+@click.option(
+    "--index-type",
+    metavar="TYPE",
+    default=None,
+    help="Vector index: auto, flat (exact), hnsw (graph, ~1 ms), ivf (inverted lists), ivfpq "
+    "(compressed, for tens of millions), or a FAISS factory string such as IVF1024,SQ8. "
+    "New index: auto (flat, then hnsw past 50,000 vectors, then ivfpq past 4 GiB of vectors). "
+    "Existing index: changes its type and rebuilds it from the stored vectors.",
+)
 @click.option("--strict", is_flag=True, help="Exit with status 3 if any file failed.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or notices (as simsearch -q).")
 @json_option
@@ -204,6 +216,7 @@ def index(
     workers,
     prune,
     max_pixels,
+    index_type,
     strict,
     as_json,
 ):
@@ -223,12 +236,25 @@ def index(
       simsearch index photos/ scans/ --index indexes/family
       simsearch index photos/ --model ./models/vit-base --layer -2 --pool mean
       simsearch index photos/ --strict --json     # for scripts: exit 3 if any file failed
+      simsearch index --index-type hnsw           # no DIRS: only change the index type
     """
     from tqdm import tqdm
 
     from simsearch.api import Index
     from simsearch.config import DEFAULT_WORKERS
 
+    quiet = quiet or obj["quiet"]
+    if not dirs:
+        if index_type is None:
+            raise click.UsageError("give the folders to index (DIRS), or --index-type")
+        with Index.open(index_path, model=model, layer=layer, pool=pool) as idx:
+            idx.set_index_type(index_type)
+            about = idx.info()
+        if as_json:
+            click.echo(json.dumps(_index_type_json(about)))
+        else:
+            click.echo(_index_type_line(about))
+        return
     idx = Index.open_or_create(
         index_path,
         model,
@@ -237,6 +263,7 @@ def index(
         device=device,
         precision=precision,
         batch_size=batch_size,
+        index_type=index_type,
     )
     with idx:
         m = idx.manifest
@@ -251,7 +278,8 @@ def index(
         if quiet:
             logging.getLogger("simsearch").setLevel(logging.ERROR)
         # disable=None: tqdm draws only when stderr is a terminal.
-        no_bar = True if quiet or obj["quiet"] else None
+        no_bar = True if quiet else None
+        built = idx.info().index_factory
         with tqdm(desc="indexing", unit="img", file=sys.stderr, disable=no_bar) as bar:
             summary = idx.add(
                 dirs,
@@ -260,10 +288,13 @@ def index(
                 max_pixels=max_pixels,
                 progress=bar,
             )
-    if not (quiet or obj["quiet"]):
+        about = idx.info()
+    if not quiet:
         from simsearch.records import stages_line
 
         click.echo(stages_line(summary.stages), err=True)
+        if index_type is not None or about.index_factory != built:
+            click.echo(_index_type_line(about), err=True)
     click.echo(json.dumps(asdict(summary)) if as_json else summary.line())
     if strict and summary.failed:
         click.echo(
@@ -290,10 +321,30 @@ def index(
     show_envvar=True,
     help="Where the index's model is now, if its folder moved.",
 )
+@click.option(
+    "--nprobe",
+    type=click.IntRange(min=1),
+    default=None,
+    help="IVF types: inverted lists visited per query; more finds more true neighbours, "
+    f"more slowly.  [default: {DEFAULT_NPROBE}]",
+)
+@click.option(
+    "--ef",
+    type=click.IntRange(min=1),
+    default=None,
+    help=f"HNSW: candidates kept while walking the graph (at least k).  [default: {DEFAULT_EF}]",
+)
+@click.option(
+    "--rerank",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Compressed types (ivfpq, ...): re-rank k x this many candidates by their exact "
+    f"scores on the stored vectors; 0 = off.  [default: {DEFAULT_RERANK}]",
+)
 @device_option
 @precision_option
 @json_option
-def search(queries, index_path, k, model, device, precision, as_json):
+def search(queries, index_path, k, model, nprobe, ef, rerank, device, precision, as_json):
     """Find the indexed images most similar to each QUERY.
 
     A QUERY is an image file (indexed or not) or id:N for the indexed image with id N.
@@ -312,7 +363,7 @@ def search(queries, index_path, k, model, device, precision, as_json):
     from simsearch.api import Index
 
     with Index.open(index_path, model=model, device=device, precision=precision) as idx:
-        results = idx.search_many(list(queries), k)
+        results = idx.search_many(list(queries), k, nprobe=nprobe, ef=ef, rerank=rerank)
     for query, hits in zip(queries, results, strict=True):
         if as_json:
             click.echo(json.dumps({"query": query, "hits": [asdict(h) for h in hits]}))
@@ -358,6 +409,7 @@ def info(index_path, errors, as_json):
         f"vectors:  {about.dim}-dim, layer {about.layer} of {about.num_layers}, "
         f"{about.pool} pooling, {about.precision}, cosine"
     )
+    click.echo(f"search:   {_index_type_line(about).removeprefix('vector index: ')}")
     click.echo(f"size:     {_human_bytes(about.size_bytes)} on disk")
     if errors:
         for f in failed:
@@ -424,6 +476,18 @@ def repair(index_path, as_json):
             click.echo(f"problem: {problem}")
     if problems:
         sys.exit(1)
+
+
+def _index_type_line(about) -> str:
+    line = f"vector index: {about.index_built} ({about.index_factory}); {about.index_reason}"
+    if about.tombstones:
+        line += f"; {about.tombstones} removed entries awaiting a rebuild"
+    return line
+
+
+def _index_type_json(about) -> dict:
+    keys = ("index_type", "index_built", "index_factory", "index_reason", "tombstones")
+    return {key: getattr(about, key) for key in keys}
 
 
 def _human_bytes(n: int) -> str:

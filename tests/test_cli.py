@@ -121,12 +121,16 @@ def test_info_errors_lists_failed_files(run, tmp_path, tiny_vit, photo_dir):
         (["search"], "Error: Missing argument 'QUERIES...'. (see 'cli search --help')"),
         (
             ["index", "/no/such/dir"],
-            "Error: Invalid value for 'DIRS...': Path '/no/such/dir' "
+            "Error: Invalid value for '[DIRS]...': Path '/no/such/dir' "
             "does not exist. (see 'cli index --help')",
         ),
         (
             ["search", "x.jpg", "-k", "0"],
             "Error: Invalid value for '-k': 0 is not in the range x>=1. (see 'cli search --help')",
+        ),
+        (
+            ["index"],
+            "Error: give the folders to index (DIRS), or --index-type (see 'cli index --help')",
         ),
         (["frobnicate"], "Error: No such command 'frobnicate'. (see 'cli --help')"),
     ],

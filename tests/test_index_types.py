@@ -1,0 +1,228 @@
+"""Index types: every type finds the true neighbours, forgets what was removed, survives a
+reopen, and auto/IVF indexes change as the collection grows."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from simsearch import Index
+from simsearch.cli import cli as main
+from simsearch.errors import IndexTypeError
+from simsearch.store import GoodImage
+from simsearch.vectors import VectorIndex, plan_index
+
+DIM = 32  # the tiny ViT's hidden size
+
+
+def clustered(n: int, dim: int = DIM, seed: int = 0, clusters: int = 50) -> np.ndarray:
+    """Unit vectors like a photo collection's embeddings: groups, each spread along a few
+    directions of its own (low intrinsic dimension), plus a little noise. Nearest
+    neighbours score ~0.85, the 10th ~0.7, as with real models."""
+    fixed = np.random.default_rng(12345)  # the same groups for every seed
+    centres = fixed.standard_normal((clusters, dim)) / np.sqrt(dim)
+    bases = fixed.standard_normal((clusters, 8, dim)) / np.sqrt(dim)
+    rng = np.random.default_rng(seed)
+    group = rng.integers(0, clusters, n)
+    spread = np.einsum("nr,nrd->nd", 0.7 * rng.standard_normal((n, 8)), bases[group])
+    x = centres[group] + spread + 0.15 * rng.standard_normal((n, dim)) / np.sqrt(dim)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def fill(index: Index, vectors: np.ndarray, start: int = 0) -> np.ndarray:
+    """Store `vectors` as indexing images would (commit, then mirror); returns their ids."""
+    good = [
+        GoodImage(f"/synthetic/{start + i}.jpg", 1, 1, f"{start + i:064x}", 8, 8)
+        for i in range(len(vectors))
+    ]
+    with index._writing():
+        ids, _ = index.store.write_batch(good, vectors, [], [])
+        ids = np.asarray(ids, dtype=np.int64)
+        index._cache.add(ids, vectors)
+    return ids
+
+
+def recall_at_10(index: Index, data: np.ndarray, ids: np.ndarray, queries, **params) -> float:
+    truth = ids[np.argsort(-(queries @ data.T), axis=1)[:, :10]]
+    found = index.search_many(list(queries), k=10, **params)
+    pairs = zip(found, truth, strict=True)
+    return float(np.mean([len({h.id for h in hits} & set(t)) / 10 for hits, t in pairs]))
+
+
+@pytest.fixture
+def empty_index(tmp_path, tiny_vit):
+    with Index.create(tmp_path / "idx", tiny_vit) as index:
+        yield index
+
+
+@pytest.mark.parametrize(
+    ("index_type", "kind", "bound"),
+    [
+        ("flat", "flat", 1.0),
+        ("hnsw", "hnsw", 0.95),
+        ("ivf", "ivf", 0.9),
+        ("ivfpq", "ivfpq", 0.9),
+        ("IVF32,SQ8", "factory", 0.9),
+    ],
+)
+def test_every_type_finds_the_true_neighbours(empty_index, index_type, kind, bound):
+    data = clustered(12_000)
+    ids = fill(empty_index, data)
+    empty_index.set_index_type(index_type)
+    info = empty_index.info()
+    assert (info.index_type, info.index_built) == (index_type, kind)
+    queries = clustered(50, seed=1)
+    assert recall_at_10(empty_index, data, ids, queries) >= bound
+    # Scores are exact cosines, whatever the index stores.
+    hit = empty_index.search(queries[0], k=1)[0]
+    assert hit.score == pytest.approx(float(data[ids == hit.id][0] @ queries[0]), abs=1e-5)
+
+
+def test_reranking_recovers_what_compression_loses(empty_index):
+    data = clustered(12_000)
+    ids = fill(empty_index, data)
+    empty_index.set_index_type("ivfpq")
+    queries = clustered(50, seed=1)
+    plain = recall_at_10(empty_index, data, ids, queries, rerank=0)
+    reranked = recall_at_10(empty_index, data, ids, queries, rerank=10)
+    assert reranked >= 0.9
+    assert reranked > plain + 0.1
+
+
+@pytest.mark.parametrize("index_type", ["flat", "hnsw", "ivf", "ivfpq"])
+def test_removed_and_replaced_vectors_are_never_returned(tmp_path, index_type):
+    data = clustered(10_000)
+    ids = np.arange(10, 10 + len(data), dtype=np.int64)
+    plan = plan_index(index_type, len(data), DIM)
+    vectors = VectorIndex(DIM, factory=plan.factory)
+    if not vectors.is_trained:
+        vectors.train(data)
+    vectors.add(ids, data)
+    removed = ids[:100]
+    assert vectors.remove(removed) == 100
+    # Replace 100 vectors by the negation of another's: only the new vector may match.
+    vectors.add(ids[100:200], -data[200:300])
+    assert len(vectors) == len(data) - 100
+    assert vectors.tombstones == (0 if index_type == "flat" else 200)
+    for probe in (vectors, _reloaded(vectors, tmp_path, ids[100:])):
+        _, found = probe.search(data[:300], k=5, nprobe=64, ef=128)
+        assert not set(found.ravel().tolist()) & set(removed.tolist())
+        _, found = probe.search(-data[200:300], k=1, nprobe=64, ef=128)
+        hit_rate = np.mean(found[:, 0] == ids[100:200])
+        assert hit_rate >= (1.0 if index_type in ("flat", "hnsw", "ivf") else 0.8)
+
+
+def _reloaded(vectors: VectorIndex, tmp_path, live_ids: np.ndarray) -> VectorIndex:
+    """Save and load as an index folder does: tombstones come back from the live ids."""
+    vectors.save(tmp_path / "v.faiss")
+    loaded = VectorIndex.load(tmp_path / "v.faiss", DIM, factory=vectors.factory, mmap=True)
+    loaded.bury_superseded(np.sort(live_ids))
+    assert loaded.tombstones == vectors.tombstones
+    return loaded
+
+
+def test_deleted_files_vanish_from_an_hnsw_index_and_stay_gone(tmp_path, tiny_vit, photo_dir):
+    index_dir = tmp_path / "idx"
+    with Index.create(index_dir, tiny_vit, index_type="hnsw") as index:
+        index.add(photo_dir)
+        assert index.info().index_built == "hnsw"
+        victim = sorted(photo_dir.iterdir())[0]
+        victim_id = index.search(victim, k=1)[0].id
+        victim.unlink()
+        assert index.add(photo_dir).removed == 1
+        assert index.info().tombstones == 1
+        assert victim_id not in {h.id for h in index.search("id:2", k=100)}
+    with Index.open(index_dir) as index:  # from the saved file this time
+        assert index.info().tombstones == 1
+        assert victim_id not in {h.id for h in index.search("id:2", k=100)}
+        assert index.verify() == []
+
+
+def test_auto_says_what_it_chose_and_moves_on_as_the_collection_grows(empty_index, monkeypatch):
+    monkeypatch.setattr("simsearch.vectors.AUTO_FLAT_MAX_VECTORS", 1_000)
+    monkeypatch.setattr("simsearch.vectors.AUTO_HNSW_MAX_BYTES", 5_000 * DIM * 4)
+    assert empty_index.info().index_built == "flat"
+    fill(empty_index, clustered(800))
+    assert empty_index.set_index_type("auto") is None  # already right: nothing rebuilt
+    fill(empty_index, clustered(2_000, seed=2), start=800)
+    assert "flat -> hnsw" in empty_index.set_index_type("auto")
+    info = empty_index.info()
+    assert info.index_built == "hnsw" and "2,800 vectors" in info.index_reason
+    fill(empty_index, clustered(10_000, seed=3), start=2_800)
+    assert "hnsw -> ivfpq" in empty_index.set_index_type("auto")
+    assert empty_index.info().index_built == "ivfpq"
+
+
+def test_ivf_is_retrained_when_the_collection_outgrows_its_training(tmp_path, empty_index):
+    fill(empty_index, clustered(1_000))
+    empty_index.set_index_type("ivf")
+    cache = empty_index._cache
+    assert cache.built["trained_on"] == 1_000 and cache.due() is None
+    fill(empty_index, clustered(4_500, seed=2), start=1_000)
+    assert "5.5x the 1,000 it was trained on" in cache.due()
+    cache.maintain()
+    assert cache.built["trained_on"] == 5_500 and cache.due() is None
+
+
+def test_tombstones_are_swept_when_they_pile_up(empty_index):
+    ids = fill(empty_index, clustered(3_000))
+    empty_index.set_index_type("hnsw")
+    empty_index.store.remove_images(ids[:1_000].tolist())
+    cache = empty_index._cache
+    cache.remove(ids[:1_000])
+    assert "tombstones" in cache.due()
+    cache.maintain()
+    cache.save()
+    assert empty_index.verify() == []
+    assert empty_index.vectors.tombstones == 0 and len(empty_index.vectors) == 2_000
+
+
+def test_big_files_are_memory_mapped_for_readers_and_reloaded_for_writers(
+    tmp_path, tiny_vit, photo_dir, monkeypatch
+):
+    monkeypatch.setattr("simsearch.cache.MMAP_MIN_BYTES", 0)
+    index_dir = tmp_path / "idx"
+    with Index.create(index_dir, tiny_vit, index_type="hnsw") as index:
+        index.add(photo_dir)
+        expected = index.search("id:1", k=5)
+    with Index.open(index_dir) as index:
+        assert index.search("id:1", k=5) == expected
+        assert index.vectors.mmapped
+        (photo_dir / "copy.png").write_bytes(sorted(photo_dir.iterdir())[0].read_bytes())
+        assert index.add(photo_dir).indexed == 1
+        assert not index.vectors.mmapped
+        assert len(index.search("id:1", k=50)) == len(index)
+
+
+def test_a_bad_index_type_is_a_clear_error_and_changes_nothing(empty_index):
+    with pytest.raises(IndexTypeError, match="neither an index type"):
+        empty_index.set_index_type("IVF12,Bogus")
+    with pytest.raises(IndexTypeError, match="not an index type"):
+        empty_index.set_index_type("hnsw; rm -rf /")
+    assert empty_index.manifest.index_type == "auto"
+
+
+def test_cli_sets_the_type_and_search_takes_its_parameters(tmp_path, tiny_vit, photo_dir):
+    runner = CliRunner()
+    index_dir = str(tmp_path / "idx")
+    base = ["--index", index_dir]
+    result = runner.invoke(
+        main, ["index", str(photo_dir), *base, "--model", str(tiny_vit), "--index-type", "ivf"]
+    )
+    assert result.exit_code == 0, result.output
+    info = json.loads(runner.invoke(main, ["info", *base, "--json"]).output)
+    assert info["index_type"] == "ivf" and info["index_built"] == "flat"  # too few to train
+    assert "flat until" in info["index_reason"]
+    result = runner.invoke(main, ["index", *base, "--index-type", "hnsw"])
+    assert result.exit_code == 0, result.output
+    assert "hnsw" in result.output
+    result = runner.invoke(main, ["search", "id:1", *base, "--ef", "100", "-k", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.output)["hits"]) == 3
+    result = runner.invoke(main, ["index", *base, "--index-type", "IVF8,Nonsense"])
+    assert result.exit_code != 0 and "neither an index type" in result.output
+    result = runner.invoke(main, ["search", "id:1", *base, "--nprobe", "0"])
+    assert result.exit_code != 0
