@@ -33,9 +33,9 @@ from simsearch.vectors import Plan, VectorIndex, ivf_lists, plan_index
 log = logging.getLogger(__name__)
 
 # Vectors drawn at random from the collection to train IVF centroids and PQ codebooks:
-# this many per inverted list, and never fewer than PQ needs (256 centroids x 39).
-TRAIN_PER_LIST = 64
-TRAIN_MIN = 256 * 39
+# this many per inverted list, and never fewer than 4-bit PQ wants (16 centroids x 39 x 16).
+TRAIN_PER_LIST = 50
+TRAIN_MIN = 16 * 39 * 16
 
 
 class VectorCache:

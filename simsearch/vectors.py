@@ -25,8 +25,9 @@ from simsearch.config import (
     HNSW_EF_CONSTRUCTION,
     HNSW_M,
     IVF_MAX_LISTS,
+    IVF_TRAIN_ITERATIONS,
     IVF_TRAIN_PER_LIST,
-    PQ_DIMS_PER_BYTE,
+    PQ_DIMS_PER_CODE,
 )
 from simsearch.errors import IndexTypeError
 from simsearch.files import replaced_atomically
@@ -50,10 +51,11 @@ def ivf_lists(n: int) -> int:
     return max(1, min(int(4 * math.sqrt(n)), n // IVF_TRAIN_PER_LIST, IVF_MAX_LISTS))
 
 
-def pq_bytes(dim: int) -> int:
-    """PQ sub-quantisers (bytes per vector): about dim / PQ_DIMS_PER_BYTE, dividing dim."""
-    target = max(1, dim // PQ_DIMS_PER_BYTE)
-    return max(m for m in range(1, target + 1) if dim % m == 0)
+def pq_codes(dim: int) -> int:
+    """PQ sub-quantisers: about dim / PQ_DIMS_PER_CODE but at least 16 (small vectors need
+    finer codes), an even number dividing dim (4-bit fast-scan codes pack two per byte)."""
+    target = min(dim, max(16, dim // PQ_DIMS_PER_CODE))
+    return max(m for m in range(2, target + 1, 2) if dim % m == 0)
 
 
 def plan_index(requested: str, n: int, dim: int) -> Plan:
@@ -88,7 +90,7 @@ def _plan(kind: str, n: int, dim: int, reason: str) -> Plan:
     if kind == "ivf":
         factory, min_train = f"IVF{lists},Flat", IVF_TRAIN_PER_LIST
     else:
-        factory, min_train = f"IVF{lists},PQ{pq_bytes(dim)}x8", 256 * IVF_TRAIN_PER_LIST
+        factory, min_train = f"IVF{lists},PQ{pq_codes(dim)}x4fs", 16 * IVF_TRAIN_PER_LIST
     if n < min_train:
         return Plan("flat", "Flat", f"{reason}; flat until {min_train:,} vectors to train it")
     return Plan(kind, factory, reason, min_train)
@@ -196,7 +198,18 @@ class VectorIndex:
 
     def train(self, sample: np.ndarray) -> None:
         """Train the index (IVF centroids, PQ codebooks) on a sample of the collection."""
-        self._index.train(self._check(sample))
+        import faiss
+
+        ivf = faiss.try_extract_index_ivf(self._inner)
+        if ivf is not None:
+            ivf.cp.niter = IVF_TRAIN_ITERATIONS
+        try:
+            self._index.train(self._check(sample))
+        except RuntimeError as exc:
+            detail = str(exc).strip().splitlines()[-1]
+            raise IndexTypeError(
+                f"cannot train {self.factory} on {len(sample):,} vectors: {detail}"
+            ) from None
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         """Add vectors under `ids`, replacing any vector already stored under one of them."""
