@@ -354,6 +354,7 @@ class Index:
             # never pays for it (seconds for ViT-L).
             embedder = self._embedder or _ModelOnDemand(self)
             self._cache.writable()
+            self._cache.last_rebuild = None
             stopwatch = Stopwatch()
             try:
                 summary = ingest(
@@ -382,7 +383,9 @@ class Index:
                 raise
             with stopwatch("faiss"):
                 self._cache.checkpoint()
-            return dataclasses.replace(summary, stages=dict(stopwatch.seconds))
+            return dataclasses.replace(
+                summary, stages=dict(stopwatch.seconds), rebuilt=self._cache.last_rebuild
+            )
 
     @contextlib.contextmanager
     def _writing(self):

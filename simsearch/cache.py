@@ -26,6 +26,7 @@ from simsearch.config import (
     TOMBSTONE_REBUILD_SHARE,
     VECTORS_FILE,
 )
+from simsearch.errors import IndexTypeError
 from simsearch.lock import WriteLock
 from simsearch.store import Store
 from simsearch.vectors import Plan, VectorIndex, ivf_lists, plan_index
@@ -52,6 +53,7 @@ class VectorCache:
         self._vectors: VectorIndex | None = None
         self._built: dict = {}  # what the loaded or built index is: kind, factory, ...
         self._generation = -1  # the database generation the in-memory index reflects
+        self.last_rebuild: str | None = None  # why maintain() last rebuilt it
 
     @property
     def vectors(self) -> VectorIndex:
@@ -143,14 +145,19 @@ class VectorCache:
         n = self.store.counts()[0]
         plan = plan or plan_index(self.requested(), n, self.dim)
         vectors = VectorIndex(self.dim, factory=plan.factory)
-        trained_on = 0
+        trained_on = untrainable_at = 0
         if not vectors.is_trained:
-            if n < plan.min_train:
-                raise ValueError(f"{plan.factory} needs {plan.min_train} vectors to train")
             sample = self._sample(n, max(TRAIN_MIN, TRAIN_PER_LIST * ivf_lists(n)))
             log.info("training %s on %d of %d vectors", plan.factory, len(sample), n)
-            vectors.train(sample)
-            trained_on = n
+            try:
+                vectors.train(sample)
+                trained_on = n
+            except IndexTypeError as exc:
+                # A factory string that wants more data than there is (e.g. IVF65536 on a
+                # few thousand vectors): search exactly until a retry succeeds.
+                log.warning("%s; searching exactly until there are more vectors", exc)
+                plan = Plan("flat", "Flat", f"{plan.reason}; flat for now: {exc}")
+                vectors, untrainable_at = VectorIndex(self.dim), n
         if n > 10_000:
             log.info("building %s (%s) over %d vectors", plan.kind, plan.factory, n)
         for ids, vecs in self.store.iter_vectors(self.dim):
@@ -162,6 +169,7 @@ class VectorCache:
             "reason": plan.reason,
             "requested": self.requested(),
             "trained_on": trained_on,
+            "untrainable_at": untrainable_at,
         }
         return vectors
 
@@ -182,7 +190,8 @@ class VectorCache:
         kind = built.get("kind", "flat")
         if built.get("requested", self.requested()) != self.requested():
             return f"the index type is now {self.requested()!r}"
-        if plan.kind != kind:
+        untrainable_at = built.get("untrainable_at", 0)
+        if plan.kind != kind and not (untrainable_at and n < 2 * untrainable_at):
             return f"{plan.reason}: {kind} -> {plan.kind}"
         trained_on = built.get("trained_on", 0)
         if trained_on and n > RETRAIN_GROWTH * trained_on:
@@ -197,6 +206,7 @@ class VectorCache:
         if reason is not None:
             log.info("rebuilding the vector index: %s", reason)
             self.rebuild()
+            self.last_rebuild = reason
         return reason
 
     def save(self) -> None:

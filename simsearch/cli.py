@@ -279,7 +279,6 @@ def index(
             logging.getLogger("simsearch").setLevel(logging.ERROR)
         # disable=None: tqdm draws only when stderr is a terminal.
         no_bar = True if quiet else None
-        built = idx.info().index_factory
         with tqdm(desc="indexing", unit="img", file=sys.stderr, disable=no_bar) as bar:
             summary = idx.add(
                 dirs,
@@ -288,12 +287,12 @@ def index(
                 max_pixels=max_pixels,
                 progress=bar,
             )
-        about = idx.info()
+        about = idx.info() if index_type is not None or summary.rebuilt else None
     if not quiet:
         from simsearch.records import stages_line
 
         click.echo(stages_line(summary.stages), err=True)
-        if index_type is not None or about.index_factory != built:
+        if about is not None:
             click.echo(_index_type_line(about), err=True)
     click.echo(json.dumps(asdict(summary)) if as_json else summary.line())
     if strict and summary.failed:

@@ -37,6 +37,9 @@ class AddSummary:
     # Seconds per stage: listing, decoding (thread time), waiting (the model idle, waiting
     # for decoded images), model, database, faiss.
     stages: dict[str, float] = field(default_factory=dict)
+    # Why the vector index was rebuilt during the run (auto changed type, IVF retrained,
+    # tombstones swept), or None.
+    rebuilt: str | None = None
 
     def line(self) -> str:
         reused = f" ({self.reused} copied from identical files)" if self.reused else ""

@@ -226,3 +226,14 @@ def test_cli_sets_the_type_and_search_takes_its_parameters(tmp_path, tiny_vit, p
     assert result.exit_code != 0 and "neither an index type" in result.output
     result = runner.invoke(main, ["search", "id:1", *base, "--nprobe", "0"])
     assert result.exit_code != 0
+
+
+def test_a_factory_string_too_big_to_train_yet_searches_exactly_meanwhile(empty_index):
+    data = clustered(500)
+    ids = fill(empty_index, data)
+    assert empty_index.set_index_type("IVF4096,Flat") is not None
+    info = empty_index.info()
+    assert info.index_built == "flat" and "flat for now" in info.index_reason
+    assert empty_index.search(data[7], k=1)[0].id == ids[7]
+    fill(empty_index, clustered(100, seed=5), start=500)  # not yet twice as many: no retry
+    assert empty_index._cache.due() is None
