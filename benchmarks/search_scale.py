@@ -70,8 +70,11 @@ def prepare(work: Path, n: int, dim: int, queries: int) -> None:
     from simsearch.config import DATABASE_FILE, Manifest
 
     groups = max(50, n // 2_000)
-    folder = work / "index"
-    if not (folder / DATABASE_FILE).exists():
+    folder, done = work / "index", work / "stored.ok"
+    if not done.exists():
+        if (folder / DATABASE_FILE).exists():  # an interrupted setup: start again
+            for file in folder.iterdir():
+                file.unlink()
         folder.mkdir(parents=True, exist_ok=True)
         manifest = Manifest(
             model="synthetic", weights_sha256="0" * 64, architecture="none", layer=0,
@@ -81,6 +84,7 @@ def prepare(work: Path, n: int, dim: int, queries: int) -> None:
         start = time.perf_counter()
         _bulk_insert(folder / DATABASE_FILE, n, dim, groups)
         print(f"stored {n:,} vectors in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+        done.touch()
     if not (work / "truth.npy").exists():
         q = clustered(0, queries, dim, groups, seed=2)
         best_s = np.full((queries, 10), -np.inf, dtype=np.float32)
@@ -207,8 +211,8 @@ def main() -> None:
     parser.add_argument("--types", default="flat,hnsw,ivf,ivfpq")
     parser.add_argument("--queries", type=int, default=1_000)
     parser.add_argument("--single", type=int, default=300, help="single queries timed")
-    parser.add_argument("--nprobe", type=int, default=None)
-    parser.add_argument("--ef", type=int, default=None)
+    parser.add_argument("--nprobe", default=None, help="IVF lists visited; a list: 16,32,64")
+    parser.add_argument("--ef", default=None, help="HNSW candidate list; a list: 64,128,256")
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--phase", choices=["build", "search", "cold"], help=argparse.SUPPRESS)
     parser.add_argument("--type", help=argparse.SUPPRESS)
@@ -220,7 +224,8 @@ def main() -> None:
         print(json.dumps(phase_build(work, args.type)))
         return
     if args.phase == "search":
-        print(json.dumps(phase_search(work, args.rerank, args.single, args.nprobe, args.ef)))
+        nprobe, ef = (None if v is None else int(v) for v in (args.nprobe, args.ef))
+        print(json.dumps(phase_search(work, args.rerank, args.single, nprobe, ef)))
         return
     if args.phase == "cold":
         print(json.dumps(phase_cold(work)))
@@ -235,15 +240,17 @@ def main() -> None:
         row = dict(n=args.n, dim=args.dim, type=index_type, **machine)
         row.update(run_phase("--work", work, "--phase", "build", "--type", index_type))
         single = min(args.single, 100) if index_type == "flat" else args.single
-        extra = ["--single", single]
-        for flag in ("nprobe", "ef"):
-            if getattr(args, flag) is not None:
-                extra += [f"--{flag}", getattr(args, flag)]
+        # The search setting this type has, swept over the values given (default: its own).
+        flag = {"hnsw": "ef", "flat": None}.get(index_type, "nprobe")
+        values = (getattr(args, flag) or "").split(",") if flag else [""]
         reranks = [None] if index_type in ("flat", "hnsw", "ivf") else [0, None]
-        for rerank in reranks:
-            more = [] if rerank is None else ["--rerank", rerank]
-            result = run_phase("--work", work, "--phase", "search", *extra, *more)
-            print(json.dumps({**row, **result}), flush=True)
+        for value in values:
+            extra = ["--single", single] + ([f"--{flag}", value] if value else [])
+            for rerank in reranks:
+                more = [] if rerank is None else ["--rerank", rerank]
+                result = run_phase("--work", work, "--phase", "search", *extra, *more)
+                setting = {flag: int(value)} if value else {}
+                print(json.dumps({**row, **setting, **result}), flush=True)
         print(json.dumps({**row, **run_phase("--work", work, "--phase", "cold")}), flush=True)
 
 

@@ -253,7 +253,6 @@ class Index:
             self.manifest = dataclasses.replace(self.manifest, index_type=index_type)
             self.store.set_manifest(self.manifest)
             _write_atomic(self.path / MANIFEST_FILE, self.manifest.to_json() + "\n")
-            self._cache.writable()
             reason = self._cache.maintain()
             if reason is not None:
                 self._cache.save()

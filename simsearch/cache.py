@@ -141,6 +141,7 @@ class VectorCache:
 
     def rebuild(self, plan: Plan | None = None) -> VectorIndex:
         """Build the FAISS index anew from the stored vectors, and use it from now on."""
+        self._vectors = None  # not both in memory at once: a 1M x 768 index is 3 GB
         generation = self.store.generation()
         n = self.store.counts()[0]
         plan = plan or plan_index(self.requested(), n, self.dim)
@@ -184,12 +185,14 @@ class VectorCache:
 
     def due(self) -> str | None:
         """Why the index should be rebuilt now, or None when it is fine as it is."""
+        # A new type is decided without loading the old index (it would only be dropped).
+        built = self._built if self._vectors is not None else self.store.faiss_info()
+        if built.get("requested", self.requested()) != self.requested():
+            return f"the index type is now {self.requested()!r}"
         vectors, built = self.vectors, self._built
         n = len(vectors)
         plan = plan_index(self.requested(), n, self.dim)
         kind = built.get("kind", "flat")
-        if built.get("requested", self.requested()) != self.requested():
-            return f"the index type is now {self.requested()!r}"
         untrainable_at = built.get("untrainable_at", 0)
         if plan.kind != kind and not (untrainable_at and n < 2 * untrainable_at):
             return f"{plan.reason}: {kind} -> {plan.kind}"

@@ -1,6 +1,6 @@
 """VectorIndex: a FAISS index of any type over unit vectors, keyed by integer image ids.
 
-Every index is `IndexIDMap2(inner)`: the id map holds the image id of each stored entry
+Every index is `IndexIDMap(inner)`: the id map holds the image id of each stored entry
 (entries are numbered in the order they were added), `inner` is whatever the plan asks for:
 exact (Flat), a graph (HNSW), inverted lists (IVF), compressed codes (IVF-PQ) or any FAISS
 factory string. Only a Flat index can remove entries in place; for every other type a
@@ -126,12 +126,14 @@ class VectorIndex:
             hnsw = _hnsw(inner)
             if hnsw is not None:
                 hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-            index = faiss.IndexIDMap2(inner)
+            # IDMap (not IDMap2): no id -> entry hash table, ~40 bytes a vector saved.
+            index = faiss.IndexIDMap(inner)
         self._index = index
         self._inner = faiss.downcast_index(index.index)
         self._dead = np.zeros(index.ntotal, dtype=bool)
         self._n_dead = 0
         self._selector = None
+        self._label_copy: np.ndarray | None = None
 
     # -- what it is ----------------------------------------------------------------------
 
@@ -170,9 +172,12 @@ class VectorIndex:
         return self._n_dead
 
     def _labels(self) -> np.ndarray:
+        """The id of each entry (a copy of the id map, kept until the index changes)."""
         import faiss
 
-        return faiss.vector_to_array(self._index.id_map).astype(np.int64, copy=False)
+        if self._label_copy is None:
+            self._label_copy = faiss.vector_to_array(self._index.id_map).astype(np.int64)
+        return self._label_copy
 
     def ids(self) -> np.ndarray:
         """Return the ids of the live vectors, sorted."""
@@ -222,7 +227,7 @@ class VectorIndex:
         self.remove(ids)
         self._index.add_with_ids(vectors, ids)
         self._dead = np.concatenate([self._dead, np.zeros(len(ids), dtype=bool)])
-        self._selector = None
+        self._selector = self._label_copy = None
 
     def remove(self, ids: np.ndarray) -> int:
         """Remove the vectors stored under `ids`; returns how many there were."""
@@ -234,6 +239,7 @@ class VectorIndex:
         if self.removable:
             removed = int(self._index.remove_ids(faiss.IDSelectorBatch(ids)))
             self._dead = np.zeros(self._index.ntotal, dtype=bool)
+            self._label_copy = None
             return removed
         hit = np.isin(self._labels(), ids) & ~self._dead
         return self._bury(hit)
@@ -335,8 +341,13 @@ class VectorIndex:
         index = faiss.read_index(str(path), flags)
         if index.d != dim:
             raise ValueError(f"{path} holds {index.d}-dim vectors, expected {dim}")
-        if not isinstance(index, faiss.IndexIDMap2):
+        if not isinstance(index, faiss.IndexIDMap):  # or IDMap2, as older files are
             raise ValueError(f"{path} is not an id-mapped index")
+        ivf = faiss.try_extract_index_ivf(index.index)
+        if ivf is not None and isinstance(
+            faiss.downcast_InvertedLists(ivf.invlists), faiss.BlockInvertedLists
+        ):
+            mmap = False  # fast-scan lists are always read into RAM (they are small)
         return cls(dim, index, factory=factory, mmapped=mmap)
 
     def _check(self, vectors: np.ndarray) -> np.ndarray:
