@@ -396,6 +396,7 @@ class Index:
         try:
             for leftover in self.path.glob("*.tmp"):
                 leftover.unlink(missing_ok=True)
+            self.store.upgrade()
             self._cache.begin_write()
             yield
         finally:

@@ -30,6 +30,9 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy import (
+    Index as SqlIndex,
+)
 from sqlalchemy.dialects.sqlite import insert
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -67,6 +70,9 @@ class ImageRow(Base):
 
 class VectorRow(Base):
     __tablename__ = "vectors"
+    # The rows are 3-4 KB blobs, so walking the table for its ids (on every load of the FAISS
+    # file) or counting it reads every vector; this index of ids alone is ~100x smaller.
+    __table_args__: ClassVar[tuple] = (SqlIndex("ix_vectors_image_id", "image_id"),)
 
     image_id: Mapped[int] = mapped_column(
         ForeignKey("images.id", ondelete="CASCADE"), primary_key=True
@@ -139,6 +145,14 @@ class Store:
         event.listen(self.engine, "connect", _on_connect)
         if create:
             Base.metadata.create_all(self.engine)
+
+    def upgrade(self) -> None:
+        """Add what indexes made by earlier versions lack (a writer calls this; seconds on a
+        million images, once)."""
+        with self.engine.begin() as conn:
+            conn.exec_driver_sql(
+                "CREATE INDEX IF NOT EXISTS ix_vectors_image_id ON vectors (image_id)"
+            )
 
     def close(self) -> None:
         self.engine.dispose()
