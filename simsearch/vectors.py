@@ -66,7 +66,7 @@ def plan_index(requested: str, n: int, dim: int) -> Plan:
         if n <= AUTO_FLAT_MAX_VECTORS:
             return _plan("flat", n, dim, f"auto: {n:,} vectors, exact search is fast enough")
         if n * dim * 4 <= AUTO_HNSW_MAX_BYTES:
-            return _plan("hnsw", n, dim, f"auto: {n:,} vectors, a graph answers in ~1 ms")
+            return _plan("hnsw", n, dim, f"auto: {n:,} vectors, a graph answers in ~2 ms")
         return _plan(
             "ivfpq",
             n,
