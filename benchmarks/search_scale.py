@@ -12,8 +12,9 @@ search, with and without re-ranking on the stored vectors.
 
 The data: groups of vectors, each spread along 8 directions of its own plus a little noise
 (low intrinsic dimension, like image embeddings; at 1M a query's nearest neighbour scores
-0.92 on average and its 10th 0.83). The work folder is kept and reused (the vectors take N x dim x 4 bytes
-in SQLite). Results are printed as JSON lines and recorded in docs/benchmarks.md.
+0.92 on average and its 10th 0.83). The work folder is kept and reused (the vectors take
+N x dim x 4 bytes in SQLite). Results are printed as JSON lines and recorded in
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
