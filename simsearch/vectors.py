@@ -10,6 +10,7 @@ until a rebuild drops them all.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from simsearch.errors import IndexTypeError
 from simsearch.files import replaced_atomically
 
 INDEX_TYPES = ("auto", "flat", "hnsw", "ivf", "ivfpq")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,7 @@ def check_factory(factory: str, dim: int) -> None:
     try:
         faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
-        detail = str(exc).strip().splitlines()[-1]
+        detail = _faiss_message(exc)
         raise IndexTypeError(
             f"{factory!r} is neither an index type ({', '.join(INDEX_TYPES)}) nor a FAISS "
             f"factory string for {dim}-dim vectors: {detail}"
@@ -208,10 +211,21 @@ class VectorIndex:
         ivf = faiss.try_extract_index_ivf(self._inner)
         if ivf is not None:
             ivf.cp.niter = IVF_TRAIN_ITERATIONS
+            advised = IVF_TRAIN_PER_LIST * ivf.nlist
+            if len(sample) < advised:  # say it here, not in FAISS's own line on stderr
+                log.warning(
+                    "%s: %d training vectors for %d lists (FAISS advises %d); the lists may "
+                    "be uneven",
+                    self.factory,
+                    len(sample),
+                    ivf.nlist,
+                    advised,
+                )
+                ivf.cp.min_points_per_centroid = 1
         try:
             self._index.train(self._check(sample))
         except RuntimeError as exc:
-            detail = str(exc).strip().splitlines()[-1]
+            detail = _faiss_message(exc)
             raise IndexTypeError(
                 f"cannot train {self.factory} on {len(sample):,} vectors: {detail}"
             ) from None
@@ -355,6 +369,12 @@ class VectorIndex:
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
             raise ValueError(f"expected vectors of shape (n, {self.dim}), got {vectors.shape}")
         return vectors
+
+
+def _faiss_message(exc: Exception) -> str:
+    """The reason in a FAISS exception, without its C++ function and file location."""
+    text = str(exc).strip().splitlines()[-1]
+    return re.split(r"(?:Error: |' failed: )", text)[-1].strip()
 
 
 def _hnsw(index):
