@@ -6,6 +6,7 @@ a generation number, so the FAISS file (a derived cache) can tell whether it is 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -324,6 +325,37 @@ class Store:
                 ids = np.fromiter((r[0] for r in chunk), dtype=np.int64, count=len(chunk))
                 vecs = np.frombuffer(b"".join(r[1] for r in chunk), dtype="<f4").reshape(-1, dim)
                 yield ids, vecs.astype(np.float32, copy=False)
+
+    @contextlib.contextmanager
+    def snapshot_items(self, dim: int, rows: int = FETCH_ROWS):
+        """Yield (count, chunks): the number of indexed images and an iterator of (ids,
+        paths, vectors) chunks of them in id order, all read from one snapshot of the
+        database (a writer may commit meanwhile; this read does not see it)."""
+        with self.engine.connect() as conn:
+            # pysqlite runs SELECTs outside transactions; an explicit BEGIN pins the snapshot.
+            conn.exec_driver_sql("BEGIN")
+            try:
+                total = conn.exec_driver_sql("SELECT count(*) FROM vectors").scalar_one()
+                yield int(total), self._items(conn, dim, rows)
+            finally:
+                conn.exec_driver_sql("ROLLBACK")
+
+    @staticmethod
+    def _items(conn, dim: int, rows: int) -> Iterator[tuple[np.ndarray, list[str], np.ndarray]]:
+        last = -1
+        while True:
+            chunk = conn.exec_driver_sql(
+                "SELECT v.image_id, i.path, v.vector FROM vectors v "
+                "JOIN images i ON i.id = v.image_id WHERE v.image_id > ? "
+                "ORDER BY v.image_id LIMIT ?",
+                (last, rows),
+            ).all()
+            if not chunk:
+                return
+            last = int(chunk[-1][0])
+            ids = np.fromiter((r[0] for r in chunk), dtype=np.int64, count=len(chunk))
+            vecs = np.frombuffer(b"".join(r[2] for r in chunk), dtype="<f4").reshape(-1, dim)
+            yield ids, [r[1] for r in chunk], vecs.astype(np.float32)
 
     def vector_ids(self) -> np.ndarray:
         """Return the ids of every image with a vector, sorted (straight from the cursor into

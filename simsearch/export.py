@@ -1,0 +1,125 @@
+"""Export an index's vectors with their ids and paths, for numpy, pandas or another store.
+
+Every format is written in chunks from one database snapshot (memory stays flat at any
+size) to a temporary name and renamed into place when complete, so a failed or interrupted
+export never leaves a file that looks whole.
+
+- npy: a folder with `vectors.npy` (n x dim float32, memory-mappable with
+  `np.load(..., mmap_mode="r")`), `ids.npy` (int64) and `paths.txt` (one JSON-quoted path
+  per line, so that any file name survives, in the same order).
+- csv: one row per image: `id,path,vector`, the vector a JSON list of floats.
+- parquet: columns `id` (int64), `path` (string), `vector` (fixed-size list of float32);
+  needs pyarrow (`pip install 'simsearch[parquet]'`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from simsearch.errors import SimsearchError
+from simsearch.files import replaced_atomically
+
+FORMATS = ("npy", "csv", "parquet")
+
+Chunks = Iterable[tuple[np.ndarray, list[str], np.ndarray]]
+
+
+class ExportError(SimsearchError):
+    """The export could not be written (format, destination, missing pyarrow)."""
+
+
+def export(chunks: Chunks, total: int, dim: int, output: Path, fmt: str, progress=None) -> int:
+    """Write `total` items from `chunks` to `output` in format `fmt`; returns how many.
+    `progress`: a tqdm-like object, updated per chunk."""
+    output = Path(output)
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if output.exists() and (fmt != "npy" or not output.is_dir() or any(output.iterdir())):
+        raise ExportError(f"{output} already exists; choose a new --output or remove it")
+    if not output.parent.is_dir():
+        raise ExportError(f"{output.parent} is not a folder")
+    writer = {"npy": _npy, "csv": _csv, "parquet": _parquet}[fmt]
+
+    def counted():
+        for chunk in chunks:
+            yield chunk
+            if progress is not None:
+                progress.update(len(chunk[0]))
+
+    return writer(counted(), total, dim, output)
+
+
+def _npy(chunks: Iterator, total: int, dim: int, output: Path) -> int:
+    tmp = output.with_name(output.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        vectors = np.lib.format.open_memmap(tmp / "vectors.npy", "w+", np.float32, (total, dim))
+        ids = np.lib.format.open_memmap(tmp / "ids.npy", "w+", np.int64, (total,))
+        done = 0
+        with open(tmp / "paths.txt", "w", encoding="utf-8") as paths:
+            for chunk_ids, chunk_paths, chunk_vectors in chunks:
+                n = len(chunk_ids)
+                vectors[done : done + n] = chunk_vectors
+                ids[done : done + n] = chunk_ids
+                paths.writelines(json.dumps(p) + "\n" for p in chunk_paths)
+                done += n
+        if done != total:  # one snapshot gives both: this would be a bug
+            raise ExportError(f"read {done} vectors, expected {total}")
+        vectors.flush()
+        ids.flush()
+        del vectors, ids
+        if output.is_dir():
+            output.rmdir()  # empty: checked above
+        tmp.rename(output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return done
+
+
+def _csv(chunks: Iterator, total: int, dim: int, output: Path) -> int:
+    done = 0
+    with replaced_atomically(output) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        out = csv.writer(f)
+        out.writerow(["id", "path", "vector"])
+        for chunk_ids, chunk_paths, chunk_vectors in chunks:
+            for i, path, vector in zip(chunk_ids, chunk_paths, chunk_vectors, strict=True):
+                out.writerow([int(i), path, json.dumps([round(float(x), 7) for x in vector])])
+            done += len(chunk_ids)
+    return done
+
+
+def _parquet(chunks: Iterator, total: int, dim: int, output: Path) -> int:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ExportError(
+            "parquet export needs pyarrow: pip install 'simsearch[parquet]' "
+            "(or use --format npy or csv)"
+        ) from None
+    schema = pa.schema(
+        [("id", pa.int64()), ("path", pa.string()), ("vector", pa.list_(pa.float32(), dim))]
+    )
+    done = 0
+    with replaced_atomically(output) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        for chunk_ids, chunk_paths, chunk_vectors in chunks:
+            flat = pa.array(np.ascontiguousarray(chunk_vectors).reshape(-1))
+            table = pa.table(
+                [
+                    pa.array(chunk_ids, pa.int64()),
+                    pa.array(chunk_paths, pa.string()),
+                    pa.FixedSizeListArray.from_arrays(flat, dim),
+                ],
+                schema=schema,
+            )
+            writer.write_table(table)
+            done += len(chunk_ids)
+    return done
