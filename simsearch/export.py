@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -60,21 +61,25 @@ def _npy(chunks: Iterator, total: int, dim: int, output: Path) -> int:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        vectors = np.lib.format.open_memmap(tmp / "vectors.npy", "w+", np.float32, (total, dim))
-        ids = np.lib.format.open_memmap(tmp / "ids.npy", "w+", np.int64, (total,))
-        done = 0
-        with open(tmp / "paths.txt", "w", encoding="utf-8") as paths:
+        # Plain writes after a .npy header, not a memmap: the pages do not pile up in RSS.
+        with (
+            open(tmp / "vectors.npy", "wb") as vectors,
+            open(tmp / "ids.npy", "wb") as ids,
+            open(tmp / "paths.txt", "w", encoding="utf-8") as paths,
+        ):
+            _npy_header(vectors, "<f4", (total, dim))
+            _npy_header(ids, "<i8", (total,))
+            done = 0
             for chunk_ids, chunk_paths, chunk_vectors in chunks:
-                n = len(chunk_ids)
-                vectors[done : done + n] = chunk_vectors
-                ids[done : done + n] = chunk_ids
+                vectors.write(np.ascontiguousarray(chunk_vectors, dtype="<f4").tobytes())
+                ids.write(np.ascontiguousarray(chunk_ids, dtype="<i8").tobytes())
                 paths.writelines(json.dumps(p) + "\n" for p in chunk_paths)
-                done += n
+                done += len(chunk_ids)
+            for f in (vectors, ids, paths):
+                f.flush()
+                os.fsync(f.fileno())
         if done != total:  # one snapshot gives both: this would be a bug
             raise ExportError(f"read {done} vectors, expected {total}")
-        vectors.flush()
-        ids.flush()
-        del vectors, ids
         if output.is_dir():
             output.rmdir()  # empty: checked above
         tmp.rename(output)
@@ -82,6 +87,11 @@ def _npy(chunks: Iterator, total: int, dim: int, output: Path) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return done
+
+
+def _npy_header(f, descr: str, shape: tuple) -> None:
+    header = {"descr": descr, "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(f, header)
 
 
 def _csv(chunks: Iterator, total: int, dim: int, output: Path) -> int:
