@@ -116,11 +116,21 @@ class VectorCache:
                 vectors = VectorIndex.load(
                     file, dim, factory=built.get("factory", "Flat"), mmap=mmap and big
                 )
-                live = self.store.vector_ids()
-                vectors.bury_superseded(live)
-                if np.array_equal(vectors.ids(), live):
-                    self._built, self._generation = built, generation
-                    return vectors
+                if built.get("tombstones") == 0 and vectors.tombstones == 0:
+                    # Saved without tombstones: count and id range from the id index
+                    # (milliseconds) stand in for reading every id (seconds at 10M);
+                    # `verify` still compares them all.
+                    labels = vectors.ids()
+                    have = (len(labels), *(labels[[0, -1]] if len(labels) else (None, None)))
+                    if have == self.store.id_summary():
+                        self._built, self._generation = built, generation
+                        return vectors
+                else:
+                    live = self.store.vector_ids()
+                    vectors.bury_superseded(live)
+                    if np.array_equal(vectors.ids(), live):
+                        self._built, self._generation = built, generation
+                        return vectors
                 log.warning("rebuilding %s: its ids differ from the database's", file)
             except Exception as exc:  # a damaged cache is rebuilt, never trusted
                 log.warning("rebuilding %s: %s", file, exc)
@@ -175,12 +185,21 @@ class VectorCache:
         return vectors
 
     def _sample(self, n: int, size: int) -> np.ndarray:
-        """Draw about `size` stored vectors uniformly at random (one pass, bounded memory)."""
-        rng = np.random.default_rng(0)
-        share = min(1.0, size / max(n, 1))
-        parts = [
-            vecs[rng.random(len(vecs)) < share] for _, vecs in self.store.iter_vectors(self.dim)
-        ]
+        """Draw `size` stored vectors uniformly at random (all of them when n <= size).
+
+        The ids come from the small id index and only the drawn rows are read, in id
+        order: at 10M x 768 that is ~800 MB read instead of a second 30 GB pass.
+        """
+        ids = self.store.vector_ids()
+        if len(ids) > size:
+            ids = np.sort(np.random.default_rng(0).choice(ids, size, replace=False))
+        parts = []
+        for start in range(0, len(ids), 10_000):
+            chunk = ids[start : start + 10_000]
+            found = self.store.vectors_by_id(chunk)
+            rows = [found[i] for i in chunk.tolist() if i in found]  # some may be gone
+            if rows:
+                parts.append(np.stack(rows))
         return np.concatenate(parts) if parts else np.empty((0, self.dim), np.float32)
 
     def due(self) -> str | None:
@@ -222,7 +241,8 @@ class VectorCache:
         except Exception as exc:  # disk full, read-only: the database still has everything
             log.warning("cannot save %s (it will be rebuilt next time): %s", VECTORS_FILE, exc)
             return
-        self.store.set_faiss_generation(generation, json.dumps(self._built, sort_keys=True))
+        info = {**self._built, "tombstones": self._vectors.tombstones}
+        self.store.set_faiss_generation(generation, json.dumps(info, sort_keys=True))
 
     def checkpoint(self) -> None:
         """During a long run: rebuild if due, then save (the caller holds the lock)."""

@@ -12,6 +12,7 @@ import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import ClassVar
 
@@ -357,12 +358,26 @@ class Store:
             vecs = np.frombuffer(b"".join(r[2] for r in chunk), dtype="<f4").reshape(-1, dim)
             yield ids, [r[1] for r in chunk], vecs.astype(np.float32)
 
-    def vector_ids(self) -> np.ndarray:
-        """Return the ids of every image with a vector, sorted (straight from the cursor into
-        numpy: no Python list of ten million ints)."""
+    def id_summary(self) -> tuple[int, int | None, int | None]:
+        """Return (count, smallest id, largest id) of the stored vectors, from the id index."""
         with self.engine.connect() as conn:
-            rows = conn.exec_driver_sql("SELECT image_id FROM vectors ORDER BY image_id")
-            return np.fromiter((row[0] for row in rows), dtype=np.int64)
+            row = conn.exec_driver_sql(
+                "SELECT count(*), min(image_id), max(image_id) FROM vectors"
+            ).one()
+        return int(row[0]), row[1], row[2]
+
+    def vector_ids(self) -> np.ndarray:
+        """Return the ids of every image with a vector, sorted: from the id index, through
+        the driver's cursor in blocks (10M ids in ~2 s, no Python list of ten million)."""
+        raw = self.engine.raw_connection()
+        try:
+            cursor = raw.driver_connection.execute("SELECT image_id FROM vectors ORDER BY image_id")
+            blocks = []
+            while rows := cursor.fetchmany(100_000):
+                blocks.append(np.fromiter(chain.from_iterable(rows), np.int64, len(rows)))
+            return np.concatenate(blocks) if blocks else np.empty(0, np.int64)
+        finally:
+            raw.close()
 
     # -- writing -------------------------------------------------------------------------
 
