@@ -368,7 +368,7 @@ class Store:
 
     def vector_ids(self) -> np.ndarray:
         """Return the ids of every image with a vector, sorted: from the id index, through
-        the driver's cursor in blocks (10M ids in ~2 s, no Python list of ten million)."""
+        the driver's cursor in blocks (10M ids in ~5 s, no Python list of ten million)."""
         raw = self.engine.raw_connection()
         try:
             cursor = raw.driver_connection.execute("SELECT image_id FROM vectors ORDER BY image_id")
