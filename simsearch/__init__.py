@@ -2,8 +2,18 @@
 
 from simsearch.api import Index
 from simsearch.errors import SimsearchError
-from simsearch.records import AddSummary, FailedFile, Hit, IndexInfo
+from simsearch.records import AddSummary, Duplicate, DuplicateGroup, FailedFile, Hit, IndexInfo
 
 __version__ = "0.1.0"
 
-__all__ = ["AddSummary", "FailedFile", "Hit", "Index", "IndexInfo", "SimsearchError", "__version__"]
+__all__ = [
+    "AddSummary",
+    "Duplicate",
+    "DuplicateGroup",
+    "FailedFile",
+    "Hit",
+    "Index",
+    "IndexInfo",
+    "SimsearchError",
+    "__version__",
+]

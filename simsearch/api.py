@@ -22,6 +22,7 @@ import numpy as np
 from simsearch.cache import VectorCache
 from simsearch.config import (
     DATABASE_FILE,
+    DEDUP_NEIGHBOURS,
     DEFAULT_BATCH_SIZE,
     DEFAULT_K,
     DEFAULT_MODEL,
@@ -44,7 +45,7 @@ from simsearch.errors import (
 from simsearch.files import replaced_atomically
 from simsearch.images import Preprocessing, decode_image, read_image_file
 from simsearch.lock import WriteLock
-from simsearch.records import AddSummary, FailedFile, Hit, IndexInfo
+from simsearch.records import AddSummary, DuplicateGroup, FailedFile, Hit, IndexInfo
 from simsearch.store import Store
 from simsearch.vectors import VectorIndex, plan_index
 
@@ -478,6 +479,38 @@ class Index:
         except OSError:
             return None
         return self.store.vector(known.id)
+
+    # -- duplicates ----------------------------------------------------------------------
+
+    def duplicates(
+        self, threshold: float, *, neighbours: int = DEDUP_NEIGHBOURS, progress=None
+    ) -> list[DuplicateGroup]:
+        """Return the groups of near-duplicate images: pairs whose cosine similarity is at
+        least `threshold` among each image's `neighbours` nearest, joined transitively, and
+        byte-identical files. Each group names the image to keep (highest resolution, then
+        largest file, then oldest, then shortest path) and the others with their
+        similarity to it, best first. Memory: the index plus one chunk of vectors and the
+        edges found, never an n x n matrix. `progress`: a tqdm-like object.
+        """
+        from simsearch.dedup import find_groups
+
+        if not -1.0 <= threshold <= 1.0:
+            raise QueryError(f"a similarity threshold is between -1 and 1, not {threshold}")
+        if neighbours < 1:
+            raise QueryError("neighbours must be at least 1")
+        if progress is not None:
+            progress.total = len(self)
+            progress.refresh()
+        return find_groups(
+            self.store.iter_vectors(self.manifest.dim),
+            lambda vecs, k: self._cache.search(vecs, k),
+            self.store.same_content(),
+            self.store.image_facts,
+            self.store.vectors_by_id,
+            threshold,
+            neighbours,
+            progress=progress,
+        )
 
     # -- exporting -----------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from sqlalchemy.exc import DatabaseError
 
 from simsearch import __version__
 from simsearch.config import (
+    DEDUP_NEIGHBOURS,
     DEFAULT_BATCH_SIZE,
     DEFAULT_EF,
     DEFAULT_INDEX,
@@ -475,6 +476,76 @@ def repair(index_path, as_json):
             click.echo(f"problem: {problem}")
     if problems:
         sys.exit(1)
+
+
+@cli.command()
+@index_option
+@click.option(
+    "--threshold",
+    type=click.FloatRange(-1.0, 1.0),
+    required=True,
+    help="Cosine similarity at which two images count as duplicates. It depends on the "
+    "model: look at a few groups (start high, e.g. 0.95) before acting on them.",
+)
+@click.option(
+    "--neighbours",
+    type=click.IntRange(min=1),
+    default=DEDUP_NEIGHBOURS,
+    show_default=True,
+    help="Nearest neighbours examined per image; groups larger than this are still found "
+    "whole when their members chain together.",
+)
+@click.option("--csv", "as_csv", is_flag=True, help="CSV: group,role,path,score.")
+@json_option
+@click.pass_obj
+def dedup(obj, index_path, threshold, neighbours, as_csv, as_json):
+    """Report groups of near-duplicate images and the one to keep in each. Changes nothing.
+
+    Each image's nearest neighbours (batched FAISS searches, never an all-pairs matrix)
+    above --threshold are joined into groups; byte-identical files are always one group.
+    The image to keep is the one with the highest resolution, then the largest file, then
+    the oldest, then the shortest path; the others are listed with their similarity to it.
+
+    \b
+    Examples:
+      simsearch dedup --threshold 0.95
+      simsearch dedup --threshold 0.9 --json | jq -r '.duplicates[].path'
+      simsearch dedup --threshold 0.95 --csv > duplicates.csv
+
+    --json prints one group per line:
+    {"keep": "/photos/a.jpg", "duplicates": [{"path": "/photos/a-copy.jpg", "score": 0.97}]}
+    """
+    import csv
+
+    from tqdm import tqdm
+
+    from simsearch.api import Index
+
+    no_bar = True if obj["quiet"] else None
+    with (
+        Index.open(index_path) as idx,
+        tqdm(desc="comparing", unit="img", file=sys.stderr, disable=no_bar) as bar,
+    ):
+        groups = idx.duplicates(threshold, neighbours=neighbours, progress=bar)
+    if as_csv:
+        out = csv.writer(sys.stdout, lineterminator="\n")
+        out.writerow(["group", "role", "path", "score"])
+        for n, group in enumerate(groups, 1):
+            out.writerow([n, "keep", group.keep_path, ""])
+            for dup in group.duplicates:
+                out.writerow([n, "duplicate", dup.path, f"{dup.score:.4f}"])
+        return
+    for group in groups:
+        if as_json:
+            dups = [{"path": d.path, "score": d.score} for d in group.duplicates]
+            click.echo(json.dumps({"keep": group.keep_path, "duplicates": dups}))
+            continue
+        click.echo(f"keep       {group.keep_path}")
+        for dup in group.duplicates:
+            click.echo(f"  {dup.score:6.4f}  {dup.path}")
+    if not as_json:
+        count = sum(len(g.duplicates) for g in groups)
+        click.echo(f"{len(groups)} groups, {count} duplicates (threshold {threshold})")
 
 
 @cli.command()

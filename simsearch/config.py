@@ -170,6 +170,11 @@ DEFAULT_RERANK = 10
 RETRAIN_GROWTH = 4.0
 TOMBSTONE_REBUILD_SHARE = 0.2
 
+# dedup asks the index for this many neighbours of each image: a group larger than this
+# is still found whole when its members chain together (union-find), and 20 keeps the
+# graph at 20 x n edges at most.
+DEDUP_NEIGHBOURS = 20
+
 # Readers memory-map FAISS files at least this big instead of reading them, so `search`
 # starts at once; smaller files are read whole (milliseconds) and live in RAM.
 MMAP_MIN_BYTES = 256 << 20

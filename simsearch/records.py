@@ -15,6 +15,24 @@ class Hit:
 
 
 @dataclass(frozen=True)
+class Duplicate:
+    """An image found to be a near-duplicate of a group's kept image."""
+
+    id: int
+    path: str
+    score: float  # cosine similarity to the kept image
+
+
+@dataclass(frozen=True)
+class DuplicateGroup:
+    """Near-duplicate images: the one to keep (by the keep policy) and the others."""
+
+    keep_id: int
+    keep_path: str
+    duplicates: tuple[Duplicate, ...]
+
+
+@dataclass(frozen=True)
 class FailedFile:
     """A file that could not be indexed, and why."""
 

@@ -358,6 +358,29 @@ class Store:
             vecs = np.frombuffer(b"".join(r[2] for r in chunk), dtype="<f4").reshape(-1, dim)
             yield ids, [r[1] for r in chunk], vecs.astype(np.float32)
 
+    def same_content(self) -> list[list[int]]:
+        """Return the ids of each set of two or more indexed files with the same SHA-256."""
+        with self.engine.connect() as conn:
+            rows = conn.exec_driver_sql(
+                "SELECT group_concat(id) FROM images WHERE status = 'ok' AND sha256 IS NOT "
+                "NULL GROUP BY sha256 HAVING count(*) > 1"
+            )
+            return [sorted(int(i) for i in ids.split(",")) for (ids,) in rows]
+
+    def image_facts(self, ids: Sequence[int]) -> dict[int, tuple]:
+        """Return id -> (path, width, height, size, mtime_ns) for each id that exists."""
+        out = {}
+        with self.engine.connect() as conn:
+            for chunk in _chunks([int(i) for i in ids]):
+                marks = ",".join("?" * len(chunk))
+                rows = conn.exec_driver_sql(
+                    "SELECT id, path, width, height, size, mtime_ns FROM images "
+                    f"WHERE id IN ({marks})",
+                    tuple(chunk),
+                )
+                out.update((int(r[0]), tuple(r[1:])) for r in rows)
+        return out
+
     def id_summary(self) -> tuple[int, int | None, int | None]:
         """Return (count, smallest id, largest id) of the stored vectors, from the id index."""
         with self.engine.connect() as conn:

@@ -1,0 +1,119 @@
+"""Near-duplicate groups: planted copies are found and nothing else, identical files always
+group, the keep policy holds, and the CLI prints what scripts expect."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import clustered, fill
+
+from simsearch import Index
+from simsearch.cli import cli
+from simsearch.dedup import UnionFind
+from simsearch.errors import QueryError
+from simsearch.store import GoodImage
+
+
+def _copy_of(vector: np.ndarray, rng, similarity: float) -> np.ndarray:
+    """A unit vector at cosine `similarity` from `vector` (an edited copy's embedding)."""
+    noise = rng.standard_normal(vector.shape)
+    noise -= (noise @ vector) * vector
+    noise /= np.linalg.norm(noise)
+    return (similarity * vector + np.sqrt(1 - similarity**2) * noise).astype(np.float32)
+
+
+@pytest.fixture
+def planted(tmp_path, tiny_vit):
+    """2,000 distinct images and 30 of them with 1-3 near copies each (cosine 0.985-0.998)."""
+    rng = np.random.default_rng(3)
+    data = clustered(2_000, seed=4, clusters=400)
+    copies, sources = [], []
+    for source in rng.choice(len(data), 30, replace=False):
+        for _ in range(rng.integers(1, 4)):
+            copies.append(_copy_of(data[source], rng, rng.uniform(0.985, 0.998)))
+            sources.append(int(source))
+    with Index.create(tmp_path / "idx", tiny_vit) as index:
+        ids = fill(index, np.concatenate([data, np.stack(copies)]))
+        yield index, ids, data, sources
+
+
+def test_planted_copies_are_found_and_nothing_else(planted):
+    index, ids, data, sources = planted
+    # The threshold sits between the copies (>= 0.985) and distinct images' nearest.
+    nearest = np.sort(data @ data.T, axis=1)[:, -2]
+    assert nearest.max() < 0.98
+    groups = index.duplicates(0.98)
+    found = {frozenset([g.keep_id, *(d.id for d in g.duplicates)]) for g in groups}
+    expected: dict[int, set[int]] = {}
+    for n, source in enumerate(sources):
+        expected.setdefault(int(ids[source]), {int(ids[source])}).add(int(ids[len(data) + n]))
+    assert found == {frozenset(members) for members in expected.values()}
+    for group in groups:
+        assert all(0.98 <= d.score <= 1.0 for d in group.duplicates)
+
+
+def test_byte_identical_files_always_group_and_the_keep_policy_holds(tmp_path, tiny_vit):
+    rng = np.random.default_rng(0)
+    a, b = clustered(2, seed=9)
+    b = -a  # as far apart as vectors get: only the content hash can join them
+    images = [
+        GoodImage("/p/small.jpg", 100, 5, "a" * 64, 640, 480),
+        GoodImage("/p/big-but-newer.jpg", 100, 9, "a" * 64, 4000, 3000),
+        GoodImage("/p/big-older-longer-name.jpg", 100, 1, "a" * 64, 4000, 3000),
+        GoodImage("/p/big-older.jpg", 100, 1, "a" * 64, 4000, 3000),
+    ]
+    with Index.create(tmp_path / "idx", tiny_vit) as index:
+        fill(index, np.stack([a, b, a, b]), images=images)
+        fill(index, clustered(50, seed=rng.integers(99)), start=10)
+        (group,) = index.duplicates(0.999)
+    assert group.keep_path == "/p/big-older.jpg"  # resolution, size, then age, then path
+    assert [d.path for d in group.duplicates][-1] in {"/p/big-but-newer.jpg", "/p/small.jpg"}
+    assert {d.path for d in group.duplicates} == {
+        "/p/small.jpg",
+        "/p/big-but-newer.jpg",
+        "/p/big-older-longer-name.jpg",
+    }
+
+
+def test_groups_larger_than_the_neighbour_list_are_found_whole(tmp_path, tiny_vit):
+    rng = np.random.default_rng(1)
+    base = clustered(1, seed=5)[0]
+    chain = [base]
+    for _ in range(11):  # each copy close to the previous: a chain of 12
+        chain.append(_copy_of(chain[-1], rng, 0.995))
+    with Index.create(tmp_path / "idx", tiny_vit) as index:
+        fill(index, np.stack(chain))
+        groups = index.duplicates(0.99, neighbours=2)
+    assert len(groups) == 1 and len(groups[0].duplicates) == 11
+
+
+def test_bad_settings_are_clear_errors(planted):
+    index = planted[0]
+    with pytest.raises(QueryError, match="between -1 and 1"):
+        index.duplicates(1.5)
+
+
+def test_union_find_never_builds_pairs():
+    sets = UnionFind()
+    for a, b in [(1, 2), (3, 4), (2, 3), (10, 11)]:
+        sets.union(a, b)
+    assert sorted(sets.groups()) == [[1, 2, 3, 4], [10, 11]]
+
+
+def test_cli_dedup_json_and_csv(planted):
+    index = planted[0]
+    args = ["dedup", "--index", str(index.path), "--threshold", "0.98"]
+    runner = CliRunner()
+    lines = runner.invoke(cli, [*args, "--json"]).output.strip().splitlines()
+    assert len(lines) == 30
+    first = json.loads(lines[0])
+    assert set(first) == {"keep", "duplicates"}
+    assert set(first["duplicates"][0]) == {"path", "score"}
+    rows = runner.invoke(cli, [*args, "--csv"]).output.strip().splitlines()
+    assert rows[0] == "group,role,path,score"
+    assert sum(1 for r in rows if ",keep," in r) == 30
+    human = runner.invoke(cli, args).output
+    assert human.strip().endswith("(threshold 0.98)") and "30 groups" in human
