@@ -501,14 +501,19 @@ class Index:
         if progress is not None:
             progress.total = len(self)
             progress.refresh()
+        # Compressed indexes are searched without re-ranking (it would fetch k x 10 stored
+        # vectors per image); every neighbour they return is checked on its stored vector
+        # instead, since 4-bit PQ scores of a 0.99 copy can read as low as 0.77.
+        exact = self.vectors.exact_scores
         return find_groups(
             self.store.iter_vectors(self.manifest.dim),
-            lambda vecs, k: self._cache.search(vecs, k),
+            lambda vecs, k: self._cache.search(vecs, k, rerank=0),
             self.store.same_content(),
             self.store.image_facts,
             self.store.vectors_by_id,
             threshold,
             neighbours,
+            margin=0.0 if exact else 2.0,
             progress=progress,
         )
 

@@ -59,18 +59,34 @@ def find_groups(
     vectors: Callable[[list[int]], dict[int, np.ndarray]],
     threshold: float,
     neighbours: int,
+    margin: float = 0.0,
     key: Callable[[tuple], tuple] = keep_order,
     progress=None,
 ) -> list[DuplicateGroup]:
     """Group the stored vectors (`chunks` of (ids, vectors)) whose cosine reaches
-    `threshold`, plus the ids in each `same_content` list; name the one to keep by `key`."""
+    `threshold`, plus the ids in each `same_content` list; name the one to keep by `key`.
+
+    `search` may return approximate scores: candidates within `margin` below the threshold
+    (2: all of them) are checked against the stored vectors, and only exact cosines decide
+    an edge.
+    """
     sets = UnionFind()
     for ids, vecs in chunks:
         scores, found = search(vecs, neighbours + 1)  # + 1: a vector finds itself
-        rows, cols = np.nonzero((scores >= threshold) & (found >= 0))
-        for a, b in zip(ids[rows].tolist(), found[rows, cols].tolist(), strict=True):
-            if a != b:
-                sets.union(a, b)
+        hit = (scores >= threshold - margin) & (found >= 0) & (found != ids[:, None])
+        rows, cols = np.nonzero(hit)
+        others = found[rows, cols]
+        if margin > 0 and len(rows):
+            stored = vectors(np.unique(others).tolist())
+            known = np.array([o in stored for o in others.tolist()], dtype=bool)
+            rows, others = rows[known], others[known]
+            if len(rows):
+                exact = np.einsum(
+                    "nd,nd->n", vecs[rows], np.stack([stored[o] for o in others.tolist()])
+                )
+                rows, others = rows[exact >= threshold], others[exact >= threshold]
+        for a, b in zip(ids[rows].tolist(), others.tolist(), strict=True):
+            sets.union(a, b)
         if progress is not None:
             progress.update(len(ids))
     for ids in same_content:

@@ -117,3 +117,11 @@ def test_cli_dedup_json_and_csv(planted):
     assert sum(1 for r in rows if ",keep," in r) == 30
     human = runner.invoke(cli, args).output
     assert human.strip().endswith("(threshold 0.98)") and "30 groups" in human
+
+
+def test_compressed_indexes_find_the_same_groups(planted):
+    index = planted[0]
+    exact = index.duplicates(0.98)
+    index.set_index_type("ivfpq")
+    assert index.info().index_built == "ivfpq"
+    assert index.duplicates(0.98) == exact
