@@ -125,3 +125,46 @@ def test_compressed_indexes_find_the_same_groups(planted):
     index.set_index_type("ivfpq")
     assert index.info().index_built == "ivfpq"
     assert index.duplicates(0.98) == exact
+
+
+def test_dedup_of_200k_vectors_runs_in_bounded_memory():
+    """200k vectors: an n x n similarity matrix would take 160 GB; dedup's own allocations
+    (everything but the FAISS index, which is not its to count) stay under 100 MB."""
+    import tracemalloc
+
+    import faiss
+
+    from simsearch.dedup import find_groups
+
+    n, dim, chunk = 200_000, 32, 10_000
+    rng = np.random.default_rng(7)
+    data = rng.standard_normal((n, dim)).astype(np.float32)
+    data[1::1000] = data[::1000] + 0.01 * rng.standard_normal((200, dim)).astype(np.float32)
+    data /= np.linalg.norm(data, axis=1, keepdims=True)
+    index = faiss.index_factory(dim, "IVF256,Flat", faiss.METRIC_INNER_PRODUCT)
+    index.train(data[:20_000])
+    index.add(data)
+    index.nprobe = 4
+
+    def chunks():
+        for start in range(0, n, chunk):
+            yield np.arange(start, start + chunk), data[start : start + chunk]
+
+    tracemalloc.start()
+    try:
+        groups = find_groups(
+            chunks(),
+            lambda vecs, k: index.search(vecs, k),
+            [],
+            lambda ids: {i: (f"/p/{i}.jpg", 1, 1, 1, i) for i in ids},
+            lambda ids: {i: data[i] for i in ids},
+            threshold=0.99,
+            neighbours=20,
+        )
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert {(g.keep_id, g.duplicates[0].id) for g in groups} == {
+        (i, i + 1) for i in range(0, n, 1000)
+    }
+    assert peak < 100 * 2**20, f"dedup allocated {peak / 2**20:.0f} MB"
