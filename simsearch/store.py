@@ -242,16 +242,8 @@ class Store:
             return [FailedFile(p, e or "") for p, e in session.execute(stmt)]
 
     def paths(self, ids: Sequence[int]) -> dict[int, str]:
-        """Return the stored path of each id that exists (on every search: plain SQL)."""
-        out = {}
-        with self.engine.connect() as conn:
-            for chunk in _chunks([int(i) for i in ids]):
-                marks = ",".join("?" * len(chunk))
-                rows = conn.exec_driver_sql(
-                    f"SELECT id, path FROM images WHERE id IN ({marks})", tuple(chunk)
-                )
-                out.update((int(i), p) for i, p in rows)
-        return out
+        """Return the stored path of each id that exists."""
+        return {int(i): p for i, p in self._rows_by_id("SELECT id, path FROM images", "id", ids)}
 
     def lookup(self, path: str) -> Known | None:
         """Return what the store knows of `path`, or None."""
@@ -276,22 +268,9 @@ class Store:
             }
 
     def vectors_by_id(self, ids: Sequence[int]) -> dict[int, np.ndarray]:
-        """Return id -> stored vector for each of `ids` that has one.
-
-        On the query path (re-ranking), so plain SQL: the ORM's statement building costs
-        more than SQLite's lookups for a hundred ids.
-        """
-        out = {}
-        with self.engine.connect() as conn:
-            for chunk in _chunks([int(i) for i in ids]):
-                marks = ",".join("?" * len(chunk))
-                rows = conn.exec_driver_sql(
-                    f"SELECT image_id, vector FROM vectors WHERE image_id IN ({marks})",
-                    tuple(chunk),
-                )
-                for i, blob in rows:
-                    out[i] = np.frombuffer(blob, dtype="<f4")
-        return out
+        """Return id -> stored vector for each of `ids` that has one."""
+        rows = self._rows_by_id("SELECT image_id, vector FROM vectors", "image_id", ids)
+        return {int(i): np.frombuffer(blob, dtype="<f4") for i, blob in rows}
 
     def vector(self, image_id: int) -> np.ndarray | None:
         """Return the stored vector of an image, or None when it has none."""
@@ -369,17 +348,19 @@ class Store:
 
     def image_facts(self, ids: Sequence[int]) -> dict[int, tuple]:
         """Return id -> (path, width, height, size, mtime_ns) for each id that exists."""
-        out = {}
+        select = "SELECT id, path, width, height, size, mtime_ns FROM images"
+        return {int(r[0]): tuple(r[1:]) for r in self._rows_by_id(select, "id", ids)}
+
+    def _rows_by_id(self, select: str, column: str, ids: Sequence[int]) -> list[tuple]:
+        """Run `select ... WHERE column IN (ids)` in chunks under SQLite's variable limit,
+        as plain SQL (these run on every search, where the ORM costs more than SQLite)."""
+        rows = []
         with self.engine.connect() as conn:
             for chunk in _chunks([int(i) for i in ids]):
                 marks = ",".join("?" * len(chunk))
-                rows = conn.exec_driver_sql(
-                    "SELECT id, path, width, height, size, mtime_ns FROM images "
-                    f"WHERE id IN ({marks})",
-                    tuple(chunk),
-                )
-                out.update((int(r[0]), tuple(r[1:])) for r in rows)
-        return out
+                sql = f"{select} WHERE {column} IN ({marks})"
+                rows += conn.exec_driver_sql(sql, tuple(chunk)).all()
+        return rows
 
     def id_summary(self) -> tuple[int, int | None, int | None]:
         """Return (count, smallest id, largest id) of the stored vectors, from the id index."""
