@@ -120,9 +120,7 @@ class VectorCache:
                     # Saved without tombstones: count and id range from the id index
                     # (milliseconds) stand in for reading every id (seconds at 10M);
                     # `verify` still compares them all.
-                    labels = vectors.ids()
-                    have = (len(labels), *(labels[[0, -1]] if len(labels) else (None, None)))
-                    if have == self.store.id_summary():
+                    if vectors.id_summary() == self.store.id_summary():
                         self._built, self._generation = built, generation
                         return vectors
                 else:

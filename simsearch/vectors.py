@@ -186,6 +186,13 @@ class VectorIndex:
         """Return the ids of the live vectors, sorted."""
         return np.sort(self._labels()[~self._dead])
 
+    def id_summary(self) -> tuple[int, int | None, int | None]:
+        """Return (count, smallest id, largest id) of the live vectors, without sorting."""
+        live = self._labels()[~self._dead]
+        if len(live) == 0:
+            return 0, None, None
+        return len(live), int(live.min()), int(live.max())
+
     def items(self, chunk: int = 65_536):
         """Yield (ids, vectors) chunks of the live entries, as the index holds them (lossy
         for compressed types)."""
