@@ -422,13 +422,15 @@ class Index:
         nprobe: int | None = None,
         ef: int | None = None,
         rerank: int | None = None,
+        within: Iterable[int] | None = None,
     ) -> list[list[Hit]]:
         """Return the hits for each query, answering all of them in one FAISS call.
 
         For approximate index types: `nprobe` is the number of IVF lists visited (default
         DEFAULT_NPROBE), `ef` the HNSW candidate list (DEFAULT_EF); compressed scores are
         re-ranked exactly over k x `rerank` candidates (DEFAULT_RERANK; 0: off). Larger
-        values find more of the true neighbours, more slowly.
+        values find more of the true neighbours, more slowly. `within`: only these image
+        ids may be returned (the best k among them, not a filtered top k).
         """
         for name, value in (("nprobe", nprobe), ("ef", ef), ("rerank", rerank)):
             if value is not None and value < (0 if name == "rerank" else 1):
@@ -442,7 +444,11 @@ class Index:
         fresh = [q for q, v in zip(queries, vectors, strict=True) if v is None]
         embedded = iter(self.embed(fresh) if fresh else [])
         matrix = np.stack([next(embedded) if v is None else v for v in vectors])
-        scores, ids = self._cache.search(matrix, k, nprobe=nprobe, ef=ef, rerank=rerank)
+        if within is not None:
+            within = np.unique(np.fromiter(within, dtype=np.int64))
+        scores, ids = self._cache.search(
+            matrix, k, nprobe=nprobe, ef=ef, rerank=rerank, within=within
+        )
         paths = self.store.paths(np.unique(ids[ids >= 0]))
         results = []
         for row_scores, row_ids in zip(scores, ids, strict=True):

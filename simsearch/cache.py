@@ -21,6 +21,7 @@ import numpy as np
 
 from simsearch.config import (
     DEFAULT_RERANK,
+    FILTER_EXACT_MAX,
     MMAP_MIN_BYTES,
     RETRAIN_GROWTH,
     TOMBSTONE_REBUILD_SHARE,
@@ -257,23 +258,46 @@ class VectorCache:
         nprobe: int | None = None,
         ef: int | None = None,
         rerank: int | None = None,
+        within: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Return (scores, ids), best first. Approximate scores are replaced by exact inner
         products with the stored vectors over a shortlist of k x `rerank` candidates
-        (default DEFAULT_RERANK; 0 or 1: no re-ranking)."""
+        (default DEFAULT_RERANK; 0 or 1: no re-ranking). `within`: only these ids (sorted)
+        may be returned; a subset of up to FILTER_EXACT_MAX is ranked exactly."""
+        queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        if within is not None and len(within) <= FILTER_EXACT_MAX:
+            return self._rank_subset(queries, within, k)
         vectors = self.vectors
         rerank = DEFAULT_RERANK if rerank is None else rerank
         if vectors.exact_scores or rerank <= 1:
-            return vectors.search(queries, k, nprobe=nprobe, ef=ef)
-        queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
-        _, candidates = vectors.search(queries, k * rerank, nprobe=nprobe, ef=ef)
-        wanted = np.unique(candidates[candidates >= 0])
-        stored = self.store.vectors_by_id(wanted)
-        k = min(k, candidates.shape[1])
+            return vectors.search(queries, k, nprobe=nprobe, ef=ef, within=within)
+        _, candidates = vectors.search(queries, k * rerank, nprobe=nprobe, ef=ef, within=within)
+        return self._rank(queries, [row[row >= 0].tolist() for row in candidates], k)
+
+    def _rank_subset(
+        self, queries: np.ndarray, within: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact search over the stored vectors of a small subset of ids."""
+        stored = self.store.vectors_by_id(within)
+        k = min(k, len(stored))
+        if k == 0:
+            empty = np.empty((len(queries), 0))
+            return empty.astype(np.float32), empty.astype(np.int64)
+        ids = np.fromiter(stored, dtype=np.int64, count=len(stored))
+        scores = queries @ np.stack(list(stored.values())).T
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(scores, order, axis=1), ids[order]
+
+    def _rank(
+        self, queries: np.ndarray, candidates: list[list[int]], k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Rank each query's candidate ids by exact scores on their stored vectors."""
+        stored = self.store.vectors_by_id(sorted(set().union(*candidates)))
+        k = min(k, max((len(c) for c in candidates), default=0))
         scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
         ids = np.full((len(queries), k), -1, dtype=np.int64)
         for row, (query, found) in enumerate(zip(queries, candidates, strict=True)):
-            found = [int(i) for i in found if i in stored]
+            found = [i for i in found if i in stored]
             if not found:
                 continue
             exact = np.stack([stored[i] for i in found]) @ query

@@ -23,6 +23,7 @@ from simsearch.config import (
     AUTO_HNSW_MAX_BYTES,
     DEFAULT_EF,
     DEFAULT_NPROBE,
+    FILTER_MAX_EF,
     HNSW_EF_CONSTRUCTION,
     HNSW_M,
     IVF_MAX_LISTS,
@@ -296,19 +297,35 @@ class VectorIndex:
         *,
         nprobe: int | None = None,
         ef: int | None = None,
+        within: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Return (scores, ids), each (n, k'), best first; k' = min(k, len(self)).
 
         Approximate types may find fewer than k' neighbours for a query; the missing places
         have id -1. `nprobe` (IVF lists visited) and `ef` (HNSW candidate list) trade speed
-        for recall.
+        for recall. `within`: only these ids may be returned (a filter applied inside the
+        search, so k results come back whenever k of them exist).
         """
+        import faiss
+
         queries = self._check(np.atleast_2d(queries))
         k = min(k, len(self))
         if k <= 0:
             empty = np.empty((len(queries), 0))
             return empty.astype(np.float32), empty.astype(np.int64)
-        scores, positions = self._inner.search(queries, k, params=self._params(k, nprobe, ef))
+        params = self._params(k, nprobe, ef)
+        if within is not None:
+            allowed = np.isin(self._labels(), within) & ~self._dead
+            share = max(int(allowed.sum()), 1) / max(len(allowed), 1)
+            # The nearest allowed entries lie further out the smaller their share: widen
+            # the graph walk or the lists visited in proportion.
+            if isinstance(params, faiss.SearchParametersHNSW):
+                params.efSearch = int(min(params.efSearch / share, FILTER_MAX_EF))
+            elif isinstance(params, faiss.SearchParametersIVF):
+                nlist = faiss.try_extract_index_ivf(self._inner).nlist
+                params.nprobe = int(min(math.ceil(params.nprobe / share), nlist))
+            params = _with_selector(params, allowed)
+        scores, positions = self._inner.search(queries, k, params=params)
         labels = self._labels()
         ids = np.where(positions >= 0, labels[np.maximum(positions, 0)], -1)
         return scores, ids
@@ -382,6 +399,19 @@ def _faiss_message(exc: Exception) -> str:
     """The reason in a FAISS exception, without its C++ function and file location."""
     text = str(exc).strip().splitlines()[-1]
     return re.split(r"(?:Error: |' failed: )", text)[-1].strip()
+
+
+def _with_selector(params, allowed: np.ndarray):
+    """`params` (or new ones) selecting the entries where `allowed` is True."""
+    import faiss
+
+    bits = np.packbits(allowed, bitorder="little")
+    selector = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(bits))
+    selector.bits_ref = bits  # the selector points into this array: keep it alive
+    params = params if params is not None else faiss.SearchParameters()
+    params.sel = selector
+    params.sel_ref = selector
+    return params
 
 
 def _hnsw(index):

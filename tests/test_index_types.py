@@ -52,6 +52,28 @@ def test_every_type_finds_the_true_neighbours(empty_index, index_type, kind, bou
     assert hit.score == pytest.approx(float(data[ids == hit.id][0] @ queries[0]), abs=1e-5)
 
 
+@pytest.mark.parametrize("index_type", ["flat", "hnsw", "ivf", "ivfpq"])
+@pytest.mark.parametrize("share", [0.01, 0.5])
+def test_a_search_within_a_subset_finds_its_true_neighbours(
+    empty_index, monkeypatch, index_type, share
+):
+    data = clustered(12_000)
+    ids = fill(empty_index, data)
+    empty_index.set_index_type(index_type)
+    subset = np.random.default_rng(3).choice(ids, int(len(ids) * share), replace=False)
+    queries = clustered(20, seed=1)
+    inside = np.isin(ids, subset)
+    # Small subsets are ranked on their stored vectors; force the FAISS filter too.
+    for exact_max in (20_000, 0):
+        monkeypatch.setattr("simsearch.cache.FILTER_EXACT_MAX", exact_max)
+        recall = recall_at_10(
+            empty_index, data[inside], ids[inside], queries, within=subset.tolist()
+        )
+        assert recall >= 0.9, (exact_max, recall)
+        hits = empty_index.search_many(list(queries), k=10, within=subset.tolist())
+        assert all(len(h) == 10 and {x.id for x in h} <= set(subset.tolist()) for h in hits)
+
+
 def test_reranking_recovers_what_compression_loses(empty_index):
     data = clustered(12_000)
     ids = fill(empty_index, data)
