@@ -152,6 +152,8 @@ class Store:
         """Add what indexes made by earlier versions lack (a writer calls this; seconds on a
         million images, once)."""
         with self.engine.begin() as conn:
+            # New tables and indexes of the schema (create_all skips what exists).
+            Base.metadata.create_all(conn)
             conn.exec_driver_sql(
                 "CREATE INDEX IF NOT EXISTS ix_vectors_image_id ON vectors (image_id)"
             )
