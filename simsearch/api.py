@@ -21,6 +21,7 @@ import numpy as np
 
 from simsearch.cache import VectorCache
 from simsearch.config import (
+    CALIBRATION_SAMPLE,
     DATABASE_FILE,
     DEDUP_NEIGHBOURS,
     DEFAULT_BATCH_SIZE,
@@ -45,7 +46,14 @@ from simsearch.errors import (
 from simsearch.files import replaced_atomically
 from simsearch.images import Preprocessing, decode_image, read_image_file
 from simsearch.lock import WriteLock
-from simsearch.records import AddSummary, DuplicateGroup, FailedFile, Hit, IndexInfo
+from simsearch.records import (
+    AddSummary,
+    Calibration,
+    DuplicateGroup,
+    FailedFile,
+    Hit,
+    IndexInfo,
+)
 from simsearch.store import Store
 from simsearch.vectors import VectorIndex, plan_index
 
@@ -251,13 +259,17 @@ class Index:
         index_type = index_type.strip()
         plan_index(index_type, len(self), self.manifest.dim)  # IndexTypeError if unusable
         with self._writing():
-            self.manifest = dataclasses.replace(self.manifest, index_type=index_type)
-            self.store.set_manifest(self.manifest)
-            _write_atomic(self.path / MANIFEST_FILE, self.manifest.to_json() + "\n")
+            self._set_manifest(dataclasses.replace(self.manifest, index_type=index_type))
             reason = self._cache.maintain()
             if reason is not None:
                 self._cache.save()
         return reason
+
+    def _set_manifest(self, manifest: Manifest) -> None:
+        """Record a changed setting in the database, then in manifest.json (hold the lock)."""
+        self.store.set_manifest(manifest)
+        _write_atomic(self.path / MANIFEST_FILE, manifest.to_json() + "\n")
+        self.manifest = manifest
 
     def _check_request(self, model, layer: int | None, pool: str | None) -> None:
         from dataclasses import replace
@@ -489,17 +501,25 @@ class Index:
     # -- duplicates ----------------------------------------------------------------------
 
     def duplicates(
-        self, threshold: float, *, neighbours: int = DEDUP_NEIGHBOURS, progress=None
+        self,
+        threshold: float | None = None,
+        *,
+        neighbours: int = DEDUP_NEIGHBOURS,
+        progress=None,
     ) -> list[DuplicateGroup]:
         """Return the groups of near-duplicate images: pairs whose cosine similarity is at
         least `threshold` among each image's `neighbours` nearest, joined transitively, and
         byte-identical files. Each group names the image to keep (highest resolution, then
         largest file, then oldest, then shortest path) and the others with their
         similarity to it, best first. Memory: the index plus one chunk of vectors and the
-        edges found, never an n x n matrix. `progress`: a tqdm-like object.
+        edges found, never an n x n matrix. `threshold` None: the index's calibrated
+        threshold (see `calibrate_dedup`; calibrated now, once, if it never was).
+        `progress`: a tqdm-like object.
         """
         from simsearch.dedup import find_groups
 
+        if threshold is None:
+            threshold = self.dedup_calibration(neighbours=neighbours).threshold
         if not -1.0 <= threshold <= 1.0:
             raise QueryError(f"a similarity threshold is between -1 and 1, not {threshold}")
         if neighbours < 1:
@@ -522,6 +542,52 @@ class Index:
             margin=0.0 if exact else 2.0,
             progress=progress,
         )
+
+    def dedup_calibration(self, *, neighbours: int = DEDUP_NEIGHBOURS) -> Calibration:
+        """Return the index's calibrated dedup threshold, calibrating it first (see
+        `calibrate_dedup`) when it never was."""
+        if self.manifest.dedup_calibration is None:
+            log.warning("calibrating the dedup threshold of %s (once; it is kept)", self.path)
+            return self.calibrate_dedup(neighbours=neighbours)
+        return Calibration(**self.manifest.dedup_calibration)
+
+    def calibrate_dedup(
+        self,
+        *,
+        sample: int = CALIBRATION_SAMPLE,
+        neighbours: int = DEDUP_NEIGHBOURS,
+        seed: int = 0,
+        progress=None,
+    ) -> Calibration:
+        """Pick the dedup threshold for this index's model and keep it in the manifest.
+
+        Makes edited copies (crop, rescale, JPEG, brightness, mirror, rotation, border) of
+        `sample` indexed images, embeds them, and returns the threshold that best separates
+        them from each image's `neighbours` nearest other indexed images, with the
+        precision and recall it had there. Needs the model and the indexed files.
+        """
+        from simsearch.calibrate import calibrate
+
+        if sample < 1:
+            raise QueryError("the calibration sample must be at least 1 image")
+        try:
+            result = calibrate(
+                self.store,
+                lambda vecs, k: self._cache.search(vecs, k),
+                self.embed,
+                Preprocessing.from_dict(self.manifest.preprocessing),
+                sample=sample,
+                neighbours=neighbours,
+                seed=seed,
+                progress=progress,
+            )
+        except ValueError as exc:
+            raise QueryError(f"cannot calibrate the dedup threshold: {exc}") from None
+        with self._writing():
+            self._set_manifest(
+                dataclasses.replace(self.manifest, dedup_calibration=dataclasses.asdict(result))
+            )
+        return result
 
     # -- exporting -----------------------------------------------------------------------
 
@@ -653,6 +719,7 @@ class Index:
             index_factory=built.get("factory", "Flat"),
             index_reason=built.get("reason", ""),
             tombstones=vectors.tombstones,
+            dedup_calibration=m.dedup_calibration,
         )
 
     def failed(self) -> list[FailedFile]:

@@ -13,6 +13,7 @@ from sqlalchemy.exc import DatabaseError
 
 from simsearch import __version__
 from simsearch.config import (
+    CALIBRATION_SAMPLE,
     DEDUP_NEIGHBOURS,
     DEFAULT_BATCH_SIZE,
     DEFAULT_EF,
@@ -483,9 +484,23 @@ def repair(index_path, as_json):
 @click.option(
     "--threshold",
     type=click.FloatRange(-1.0, 1.0),
-    required=True,
-    help="Cosine similarity at which two images count as duplicates. It depends on the "
-    "model: look at a few groups (start high, e.g. 0.95) before acting on them.",
+    default=None,
+    help="Cosine similarity at which two images count as duplicates.  [default: the "
+    "index's calibrated threshold; the first dedup calibrates it, once]",
+)
+@click.option(
+    "--calibrate",
+    is_flag=True,
+    help="Calibrate the threshold again (edited copies of a sample of the indexed images "
+    "against their nearest other images), keep it, print it with the precision and recall "
+    "it expects, and stop.",
+)
+@click.option(
+    "--calibration-sample",
+    type=click.IntRange(min=1),
+    default=CALIBRATION_SAMPLE,
+    show_default=True,
+    help="Indexed images edited (7 copies each) when calibrating.",
 )
 @click.option(
     "--neighbours",
@@ -495,22 +510,46 @@ def repair(index_path, as_json):
     help="Nearest neighbours examined per image; groups larger than this are still found "
     "whole when their members chain together.",
 )
+@click.option(
+    "--model",
+    envvar="SIMSEARCH_MODEL",
+    show_envvar=True,
+    help="Where the index's model is now, if its folder moved (calibration embeds images).",
+)
 @click.option("--csv", "as_csv", is_flag=True, help="CSV: group,role,path,score.")
 @json_option
 @click.pass_obj
-def dedup(obj, index_path, threshold, neighbours, as_csv, as_json):
+def dedup(
+    obj,
+    index_path,
+    threshold,
+    calibrate,
+    calibration_sample,
+    neighbours,
+    model,
+    as_csv,
+    as_json,
+):
     """Report groups of near-duplicate images and the one to keep in each. Changes nothing.
 
     Each image's nearest neighbours (batched FAISS searches, never an all-pairs matrix)
-    above --threshold are joined into groups; byte-identical files are always one group.
+    above the threshold are joined into groups; byte-identical files are always one group.
     The image to keep is the one with the highest resolution, then the largest file, then
     the oldest, then the shortest path; the others are listed with their similarity to it.
 
+    The right threshold depends on the model, so it is calibrated per index: a sample of
+    the indexed images is edited the way copies are made (crop, rescale, JPEG re-encode,
+    brightness, mirror, small rotation, border) and embedded, and the threshold that best
+    separates those copies from each image's nearest other images is kept in the index's
+    manifest, with the precision and recall it had (`simsearch info` shows them). This
+    needs the model and the indexed files, once; --threshold overrides it.
+
     \b
     Examples:
-      simsearch dedup --threshold 0.95
+      simsearch dedup                              # calibrated threshold
+      simsearch dedup --calibrate                  # calibrate again, show the figures
       simsearch dedup --threshold 0.9 --json | jq -r '.duplicates[].path'
-      simsearch dedup --threshold 0.95 --csv > duplicates.csv
+      simsearch dedup --csv > duplicates.csv
 
     --json prints one group per line:
     {"keep": "/photos/a.jpg", "duplicates": [{"path": "/photos/a-copy.jpg", "score": 0.97}]}
@@ -522,11 +561,21 @@ def dedup(obj, index_path, threshold, neighbours, as_csv, as_json):
     from simsearch.api import Index
 
     no_bar = True if obj["quiet"] else None
-    with (
-        Index.open(index_path) as idx,
-        tqdm(desc="comparing", unit="img", file=sys.stderr, disable=no_bar) as bar,
-    ):
-        groups = idx.duplicates(threshold, neighbours=neighbours, progress=bar)
+    with Index.open(index_path, model=model) as idx:
+        if calibrate or (threshold is None and idx.manifest.dedup_calibration is None):
+            with tqdm(desc="calibrating", unit="img", file=sys.stderr, disable=no_bar) as bar:
+                found = idx.calibrate_dedup(
+                    sample=calibration_sample, neighbours=neighbours, progress=bar
+                )
+            if calibrate:
+                click.echo(json.dumps(asdict(found)) if as_json else found.line())
+                return
+            if not obj["quiet"]:
+                click.echo(found.line(), err=True)
+        if threshold is None:
+            threshold = idx.dedup_calibration().threshold
+        with tqdm(desc="comparing", unit="img", file=sys.stderr, disable=no_bar) as bar:
+            groups = idx.duplicates(threshold, neighbours=neighbours, progress=bar)
     if as_csv:
         out = csv.writer(sys.stdout, lineterminator="\n")
         out.writerow(["group", "role", "path", "score"])

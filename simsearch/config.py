@@ -65,6 +65,7 @@ class Manifest:
     precision: str = "fp32"
     metric: str = "cosine"
     index_type: str = "auto"  # what the user asked for: a name or a FAISS factory string
+    dedup_calibration: dict | None = None  # records.Calibration as a dict, once calibrated
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
@@ -174,6 +175,11 @@ TOMBSTONE_REBUILD_SHARE = 0.2
 # is still found whole when its members chain together (union-find), and 20 keeps the
 # graph at 20 x n edges at most.
 DEDUP_NEIGHBOURS = 20
+
+# Threshold calibration edits this many indexed images (7 copies each): 700 embeddings,
+# about a minute with ViT-B on two cores; precision and recall on fewer move by several
+# points from one sample to the next.
+CALIBRATION_SAMPLE = 100
 
 # Readers memory-map FAISS files at least this big instead of reading them, so `search`
 # starts at once; smaller files are read whole (milliseconds) and live in RAM.

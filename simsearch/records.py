@@ -33,6 +33,36 @@ class DuplicateGroup:
 
 
 @dataclass(frozen=True)
+class Calibration:
+    """A dedup threshold calibrated on edited copies of the index's own images."""
+
+    threshold: float  # the cosine that separated copies from other images best (F1)
+    precision: float  # of the pairs at or above it on the sample, the share that were copies
+    recall: float  # of the edited copies, the share at or above it
+    images: int  # indexed images sampled and edited
+    copies: int  # edited copies embedded (images x edits)
+    others: int  # scores of the sampled images' nearest other indexed images
+    lowest_copy: float
+    highest_other: float | None
+    recall_by_edit: dict[str, float] = field(default_factory=dict)
+    neighbours: int = 0
+    seed: int = 0
+    created: str = ""
+
+    def line(self) -> str:
+        edits = ", ".join(f"{k} {v:.2f}" for k, v in self.recall_by_edit.items())
+        other = ""
+        if self.highest_other is not None:
+            other = f", other images up to {self.highest_other:.3f}"
+        return (
+            f"dedup threshold {self.threshold:.4f}: expected precision {self.precision:.3f}, "
+            f"recall {self.recall:.3f} (calibrated on {self.copies} edited copies of "
+            f"{self.images} indexed images against their {self.others} nearest others; copies "
+            f"from {self.lowest_copy:.3f}{other}). Recall by edit: {edits}"
+        )
+
+
+@dataclass(frozen=True)
 class FailedFile:
     """A file that could not be indexed, and why."""
 
@@ -92,6 +122,7 @@ class IndexInfo:
     index_factory: str = "Flat"  # the FAISS factory string of what was built
     index_reason: str = ""  # why that was built (auto says what it chose)
     tombstones: int = 0  # removed or replaced entries still in the FAISS index
+    dedup_calibration: dict | None = None  # the calibrated dedup threshold, when made
 
 
 def stages_line(seconds: dict[str, float]) -> str:
