@@ -53,6 +53,7 @@ from simsearch.records import (
     FailedFile,
     Hit,
     IndexInfo,
+    MoveReport,
 )
 from simsearch.store import Store
 from simsearch.vectors import VectorIndex, plan_index
@@ -588,6 +589,34 @@ class Index:
                 dataclasses.replace(self.manifest, dedup_calibration=dataclasses.asdict(result))
             )
         return result
+
+    def move_duplicates(
+        self, groups: Sequence[DuplicateGroup], target: str | os.PathLike
+    ) -> MoveReport:
+        """Move each group's duplicates (not the kept images) under `target`, keeping their
+        paths relative to the folder that holds all the groups' files, and remove them from
+        the index. Every move is logged first in a manifest in `target` (its path is in the
+        report) that `undo_moves` reverses. Files changed since indexing, or whose kept
+        image is gone, are left alone and listed in the report."""
+        from simsearch.moves import move
+
+        return move(self, groups, Path(target))
+
+    def delete_duplicates(self, groups: Sequence[DuplicateGroup]) -> MoveReport:
+        """Delete each group's duplicates (not the kept images), for good, and remove them
+        from the index; the same checks as `move_duplicates`."""
+        from simsearch.moves import delete
+
+        return delete(self, groups)
+
+    def undo_moves(self, manifest: str | os.PathLike) -> MoveReport:
+        """Put back every file that `move_duplicates` moved and logged in `manifest`, and
+        return them to the index with their stored vectors (no model needed). Safe to run
+        again, and after a crash: files already in place are passed over; a file whose
+        original path is taken again is left where it is and reported."""
+        from simsearch.moves import undo
+
+        return undo(self, Path(manifest))
 
     # -- exporting -----------------------------------------------------------------------
 

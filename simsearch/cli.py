@@ -516,21 +516,45 @@ def repair(index_path, as_json):
     show_envvar=True,
     help="Where the index's model is now, if its folder moved (calibration embeds images).",
 )
+@click.option(
+    "--move-to",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Move the duplicates (never the kept images) under this folder, keeping their "
+    "relative paths, and remove them from the index; a manifest there makes it undoable.",
+)
+@click.option(
+    "--undo",
+    "undo_manifest",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Put back the files moved by an earlier --move-to (its manifest) and return them "
+    "to the index.",
+)
+@click.option(
+    "--delete",
+    is_flag=True,
+    help="Delete the duplicates (never the kept images) for good; needs --yes.",
+)
+@click.option("--yes", is_flag=True, help="Confirm --delete.")
 @click.option("--csv", "as_csv", is_flag=True, help="CSV: group,role,path,score.")
 @json_option
-@click.pass_obj
+@click.pass_context
 def dedup(
-    obj,
+    ctx,
     index_path,
     threshold,
     calibrate,
     calibration_sample,
     neighbours,
     model,
+    move_to,
+    undo_manifest,
+    delete,
+    yes,
     as_csv,
     as_json,
 ):
-    """Report groups of near-duplicate images and the one to keep in each. Changes nothing.
+    """Find groups of near-duplicate images and the one to keep in each; report them, or
+    move or delete the others.
 
     Each image's nearest neighbours (batched FAISS searches, never an all-pairs matrix)
     above the threshold are joined into groups; byte-identical files are always one group.
@@ -544,22 +568,42 @@ def dedup(
     manifest, with the precision and recall it had (`simsearch info` shows them). This
     needs the model and the indexed files, once; --threshold overrides it.
 
+    Nothing changes unless asked: --move-to DIR moves the duplicates aside (undo with
+    --undo DIR/simsearch-moves-*.jsonl), --delete --yes deletes them; either way they leave
+    the index. Files changed since indexing, or whose kept image is gone, are left alone.
+
     \b
     Examples:
       simsearch dedup                              # calibrated threshold
       simsearch dedup --calibrate                  # calibrate again, show the figures
       simsearch dedup --threshold 0.9 --json | jq -r '.duplicates[].path'
       simsearch dedup --csv > duplicates.csv
+      simsearch dedup --move-to ~/duplicates       # reversible
+      simsearch dedup --undo ~/duplicates/simsearch-moves-20261124-101500.jsonl
+      simsearch dedup --delete --yes
 
     --json prints one group per line:
     {"keep": "/photos/a.jpg", "duplicates": [{"path": "/photos/a-copy.jpg", "score": 0.97}]}
     """
-    import csv
-
     from tqdm import tqdm
 
     from simsearch.api import Index
 
+    obj = ctx.obj
+    if undo_manifest is not None:
+        if move_to or delete or calibrate:
+            raise click.UsageError(
+                "--undo cannot be combined with --move-to, --delete or --calibrate"
+            )
+        _undo_moves(ctx, undo_manifest, index_path, as_json)
+        return
+    if move_to and delete:
+        raise click.UsageError("choose one of --move-to and --delete")
+    if delete and not yes:
+        raise click.UsageError(
+            "--delete removes the duplicates for good: add --yes (or use "
+            "--move-to DIR, which can be undone)"
+        )
     no_bar = True if obj["quiet"] else None
     with Index.open(index_path, model=model) as idx:
         if calibrate or (threshold is None and idx.manifest.dedup_calibration is None):
@@ -576,7 +620,41 @@ def dedup(
             threshold = idx.dedup_calibration().threshold
         with tqdm(desc="comparing", unit="img", file=sys.stderr, disable=no_bar) as bar:
             groups = idx.duplicates(threshold, neighbours=neighbours, progress=bar)
+        report = None
+        if move_to is not None:
+            report = idx.move_duplicates(groups, move_to)
+        elif delete:
+            report = idx.delete_duplicates(groups)
+    _print_groups(groups, threshold, as_csv, as_json)
+    if report is not None:
+        for path, reason in report.skipped:
+            click.echo(f"left alone: {path}: {reason}", err=True)
+        click.echo(report.line(), err=True)
+
+
+def _undo_moves(ctx, manifest: Path, index_path: Path, as_json: bool) -> None:
+    from click.core import ParameterSource
+
+    from simsearch.api import Index
+    from simsearch.moves import read_manifest
+
+    header, _ = read_manifest(manifest)
+    if ctx.get_parameter_source("index_path") in (ParameterSource.DEFAULT, None):
+        index_path = Path(header["index"])  # the manifest names its index
+    with Index.open(index_path) as idx:
+        report = idx.undo_moves(manifest)
+    if as_json:
+        click.echo(json.dumps(asdict(report)))
+        return
+    for path, reason in report.skipped:
+        click.echo(f"left alone: {path}: {reason}")
+    click.echo(report.line())
+
+
+def _print_groups(groups, threshold: float, as_csv: bool, as_json: bool) -> None:
     if as_csv:
+        import csv
+
         out = csv.writer(sys.stdout, lineterminator="\n")
         out.writerow(["group", "role", "path", "score"])
         for n, group in enumerate(groups, 1):

@@ -63,6 +63,26 @@ class Calibration:
 
 
 @dataclass(frozen=True)
+class MoveReport:
+    """What moving, deleting or putting back duplicates did."""
+
+    action: str  # "move", "delete" or "undo"
+    files: int  # files moved, deleted or put back
+    bytes: int  # their total size
+    skipped: list[tuple[str, str]]  # (path, why it was left alone)
+    manifest: str | None  # the manifest that logs the moves (move, undo)
+
+    def line(self) -> str:
+        done = {"move": "moved", "delete": "deleted", "undo": "put back"}[self.action]
+        line = f"{done} {self.files} files ({self.bytes / 2**20:.1f} MB)"
+        if self.skipped:
+            line += f"; left {len(self.skipped)} alone"
+        if self.action == "move" and self.manifest:
+            line += f"; undo with: simsearch dedup --undo {self.manifest}"
+        return line
+
+
+@dataclass(frozen=True)
 class FailedFile:
     """A file that could not be indexed, and why."""
 

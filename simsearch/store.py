@@ -353,6 +353,16 @@ class Store:
         select = "SELECT id, path, width, height, size, mtime_ns FROM images"
         return {int(r[0]): tuple(r[1:]) for r in self._rows_by_id(select, "id", ids)}
 
+    def file_records(self, ids: Sequence[int]) -> dict[int, dict]:
+        """Return id -> {path, size, mtime_ns, sha256, width, height} for each id that
+        exists: what acting on a file checks it against and what undoing it restores."""
+        select = "SELECT id, path, size, mtime_ns, sha256, width, height FROM images"
+        keys = ("path", "size", "mtime_ns", "sha256", "width", "height")
+        return {
+            int(r[0]): dict(zip(keys, r[1:], strict=True))
+            for r in self._rows_by_id(select, "id", ids)
+        }
+
     def _rows_by_id(self, select: str, column: str, ids: Sequence[int]) -> list[tuple]:
         """Run `select ... WHERE column IN (ids)` in chunks under SQLite's variable limit,
         as plain SQL (these run on every search, where the ORM costs more than SQLite)."""
