@@ -1,9 +1,11 @@
 """Index a folder and list its near-duplicate photos, with the Python API.
 
-    python examples/find_duplicates.py ~/Pictures --threshold 0.95 --model /path/to/model
+    python examples/find_duplicates.py ~/Pictures --model /path/to/model
+    python examples/find_duplicates.py ~/Pictures --move-to ~/duplicates
 
 Prints each group's photo to keep and the copies with their similarity, then how much disk
-the copies take. It only reports: deciding what to delete is yours.
+the copies take. The threshold is the index's calibrated one unless --threshold is given.
+With --move-to, the copies are moved aside (undo with `simsearch dedup --undo MANIFEST`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ from simsearch import Index, SimsearchError
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", help="folder of images to index and check")
-    parser.add_argument("--threshold", type=float, default=0.95, help="cosine similarity")
+    parser.add_argument(
+        "--threshold", type=float, default=None, help="cosine similarity (default: calibrated)"
+    )
+    parser.add_argument("--move-to", help="move the copies under this folder (undoable)")
     parser.add_argument("--index", default="indexes/example", help="index folder")
     parser.add_argument(
         "--model",
@@ -29,10 +34,22 @@ def main() -> int:
     try:
         with Index.open_or_create(args.index, args.model) as index:
             print(index.add(args.folder).line())
+            if args.threshold is None:
+                print(index.dedup_calibration().line())
             groups = index.duplicates(args.threshold)
+            report(groups)
+            if args.move_to:
+                moved = index.move_duplicates(groups, args.move_to)
+                for path, reason in moved.skipped:
+                    print(f"left alone: {path}: {reason}")
+                print(moved.line())
     except SimsearchError as exc:
         print(f"error: {exc}")
         return 1
+    return 0
+
+
+def report(groups) -> None:
     wasted = 0
     for group in groups:
         print(f"keep {group.keep_path}")
@@ -42,7 +59,6 @@ def main() -> int:
                 wasted += os.path.getsize(dup.path)
     copies = sum(len(g.duplicates) for g in groups)
     print(f"{len(groups)} groups, {copies} copies taking {wasted / 2**20:.1f} MB")
-    return 0
 
 
 if __name__ == "__main__":

@@ -411,6 +411,14 @@ def info(index_path, errors, as_json):
         f"{about.pool} pooling, {about.precision}, cosine"
     )
     click.echo(f"search:   {_index_type_line(about).removeprefix('vector index: ')}")
+    cal = about.dedup_calibration
+    if cal:
+        click.echo(
+            f"dedup:    threshold {cal['threshold']:.4f} (expected precision "
+            f"{cal['precision']:.3f}, recall {cal['recall']:.3f}; calibrated {cal['created']})"
+        )
+    else:
+        click.echo("dedup:    threshold not calibrated yet (the first `simsearch dedup` does it)")
     click.echo(f"size:     {_human_bytes(about.size_bytes)} on disk")
     if errors:
         for f in failed:
