@@ -98,6 +98,14 @@ index_option = click.option(
     help="Index folder.",
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+html_option = click.option(
+    "--html",
+    "html_path",
+    metavar="FILE",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write a page with thumbnails to FILE (self-contained: it can be mailed). "
+    "An existing FILE is replaced.",
+)
 device_option = click.option(
     "--device",
     type=click.Choice(["auto", "cpu", "cuda"]),
@@ -344,7 +352,11 @@ def index(
 @device_option
 @precision_option
 @json_option
-def search(queries, index_path, k, model, nprobe, ef, rerank, device, precision, as_json):
+@html_option
+@click.pass_obj
+def search(
+    obj, queries, index_path, k, model, nprobe, ef, rerank, device, precision, as_json, html_path
+):
     """Find the indexed images most similar to each QUERY.
 
     A QUERY is an image file (indexed or not) or id:N for the indexed image with id N.
@@ -356,6 +368,7 @@ def search(queries, index_path, k, model, nprobe, ef, rerank, device, precision,
       simsearch search holiday.jpg
       simsearch search id:42 -k 20
       simsearch search a.jpg b.jpg --json | jq -r '.hits[0].path'
+      simsearch search holiday.jpg -k 20 --html similar.html
 
     --json prints one line per query:
     {"query": "a.jpg", "hits": [{"id": 7, "path": "/photos/x.jpg", "score": 0.93}, ...]}
@@ -372,6 +385,11 @@ def search(queries, index_path, k, model, nprobe, ef, rerank, device, precision,
         click.echo(f"{'rank':>4}  {'score':>6}  path")
         for rank, hit in enumerate(hits, 1):
             click.echo(f"{rank:>4}  {hit.score:6.4f}  {hit.path}")
+    if html_path is not None:
+        from simsearch.report import search_page
+
+        shown = search_page(list(zip(queries, results, strict=True)), html_path)
+        _report_written(obj, html_path, shown)
 
 
 @cli.command()
@@ -497,8 +515,9 @@ def repair(index_path, as_json):
 )
 @click.option("--csv", "as_csv", is_flag=True, help="CSV: group,role,path,score.")
 @json_option
+@html_option
 @click.pass_obj
-def dedup(obj, index_path, threshold, neighbours, as_csv, as_json):
+def dedup(obj, index_path, threshold, neighbours, as_csv, as_json, html_path):
     """Report groups of near-duplicate images and the one to keep in each. Changes nothing.
 
     Each image's nearest neighbours (batched FAISS searches, never an all-pairs matrix)
@@ -511,12 +530,11 @@ def dedup(obj, index_path, threshold, neighbours, as_csv, as_json):
       simsearch dedup --threshold 0.95
       simsearch dedup --threshold 0.9 --json | jq -r '.duplicates[].path'
       simsearch dedup --threshold 0.95 --csv > duplicates.csv
+      simsearch dedup --threshold 0.95 --html duplicates.html   # look before acting
 
     --json prints one group per line:
     {"keep": "/photos/a.jpg", "duplicates": [{"path": "/photos/a-copy.jpg", "score": 0.97}]}
     """
-    import csv
-
     from tqdm import tqdm
 
     from simsearch.api import Index
@@ -527,7 +545,18 @@ def dedup(obj, index_path, threshold, neighbours, as_csv, as_json):
         tqdm(desc="comparing", unit="img", file=sys.stderr, disable=no_bar) as bar,
     ):
         groups = idx.duplicates(threshold, neighbours=neighbours, progress=bar)
+    _print_groups(groups, threshold, as_csv, as_json)
+    if html_path is not None:
+        from simsearch.report import dedup_page
+
+        shown = dedup_page(groups, html_path, threshold=threshold)
+        _report_written(obj, html_path, shown)
+
+
+def _print_groups(groups, threshold: float, as_csv: bool, as_json: bool) -> None:
     if as_csv:
+        import csv
+
         out = csv.writer(sys.stdout, lineterminator="\n")
         out.writerow(["group", "role", "path", "score"])
         for n, group in enumerate(groups, 1):
@@ -595,6 +624,11 @@ def export(obj, index_path, fmt, output, as_json):
         click.echo(json.dumps({"count": count, "format": fmt, "output": str(output)}))
     else:
         click.echo(f"exported {count} vectors to {output} ({fmt})")
+
+
+def _report_written(obj, path: Path, shown: int) -> None:
+    if not obj["quiet"]:
+        click.echo(f"wrote {path} ({shown} images)", err=True)
 
 
 def _index_type_line(about) -> str:

@@ -1,5 +1,5 @@
 """HTML reports: self-contained pages whose every thumbnail renders in a real browser, paths
-shown literally, unreadable images as placeholders, written atomically.
+shown literally, unreadable images as placeholders, written atomically, and the CLI's --html.
 
 The browser checks run headless Chromium (Debian: `apt-get install chromium`) and are
 skipped where none is installed; the checks on the HTML itself always run.
@@ -18,10 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from conftest import draw_image
 from PIL import Image
 
 from simsearch import report
+from simsearch.cli import cli
 from simsearch.errors import ReportError
 from simsearch.records import Duplicate, DuplicateGroup, Hit
 
@@ -274,3 +276,51 @@ def test_pages_are_replaced_atomically(tmp_path, pictures, monkeypatch):
 def test_an_unwritable_report_is_a_clear_error(tmp_path, pictures):
     with pytest.raises(ReportError, match=r"cannot write the report .*missing.*: No such file"):
         report.search_page([(pictures[0], [])], tmp_path / "missing" / "r.html")
+
+
+@pytest.fixture
+def run():
+    runner = CliRunner()
+
+    def invoke(*args):
+        return runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+    return invoke
+
+
+def test_search_html_from_the_command_line(run, tmp_path, index_path, photo_dir):
+    page = tmp_path / "similar.html"
+    query = photo_dir / "img2.jpg"
+    result = run("search", query, "id:1", "--index", index_path, "-k", "3", "--html", page)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"query: {query}\n")  # the table is still printed
+    assert f"wrote {page} (8 images)" in result.stderr
+    assert_all_rendered(render(page, tmp_path), 8)
+    lines = run("search", "id:1", "--index", index_path, "-k", "3", "--json").stdout
+    (itself,) = [h["path"] for h in json.loads(lines)["hits"] if h["id"] == 1]
+    second = page.read_text("utf-8").split("<section>")[2]
+    assert re.search(f'<figure class="query"><a [^>]*title="{re.escape(itself)}"', second)
+
+
+def test_dedup_html_from_the_command_line(run, tmp_path, index_path, photo_dir):
+    shutil.copy(photo_dir / "img3.png", photo_dir / "img3-copy.png")
+    assert run("-q", "index", photo_dir, "--index", index_path).exit_code == 0
+    page = tmp_path / "duplicates.html"
+    result = run("dedup", "--threshold", "0.999", "--index", index_path, "--html", page)
+    assert result.exit_code == 0, result.output
+    assert "1 groups, 1 duplicates" in result.stdout
+    assert f"wrote {page} (2 images)" in result.stderr
+    assert_all_rendered(render(page, tmp_path), 2)
+    text = page.read_text("utf-8")
+    assert text.count('<figure class="keep">') == 1 and "img3-copy.png" in text
+    quiet = run("-q", "dedup", "--threshold", "0.999", "--index", index_path, "--html", page)
+    assert quiet.stderr == ""
+
+
+def test_an_unwritable_html_path_is_a_one_line_error(run, tmp_path, index_path, photo_dir):
+    page = tmp_path / "no" / "such" / "folder.html"
+    result = run("search", photo_dir / "img0.jpg", "--index", index_path, "--html", page)
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [
+        f"Error: cannot write the report {page}: No such file or directory"
+    ]
