@@ -277,7 +277,12 @@ def _page(output: Path, title: str, summary: Sequence[str]) -> Iterator[TextIO]:
     replaces `output` only when complete."""
     output = Path(output)
     try:
-        with replaced_atomically(output) as tmp, open(tmp, "w", encoding="utf-8") as out:
+        # errors="replace": a file name that is not valid UTF-8 (undecodable bytes arrive as
+        # lone surrogates) shows a ? for each such byte, as ls does; its link stays exact.
+        with (
+            replaced_atomically(output) as tmp,
+            open(tmp, "w", encoding="utf-8", errors="replace") as out,
+        ):
             out.write(_HEAD.format(title=_esc(title), css=_CSS))
             out.write(f"<header><h1>{_esc(title)}</h1>\n")
             for line in summary:

@@ -12,6 +12,7 @@ import base64
 import html
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -205,6 +206,30 @@ def test_unreadable_images_become_placeholders_with_the_reason(tmp_path, picture
     assert "not an image, or a format Pillow cannot read" in text
     assert "file disappeared before it could be read" in text
     assert_all_rendered(render(page, tmp_path), images=1, missing=2)
+
+
+def test_hostile_files_become_placeholders_never_a_crash(tmp_path):
+    from test_hostile import CASES, non_utf8_name
+
+    folder = tmp_path / "hostile"
+    folder.mkdir()
+    paths, bad = [], 0
+    for case in CASES:
+        name, expected = case(folder)
+        if case is non_utf8_name:  # the index refuses such names; a query may still have one
+            name, expected = os.fsdecode(b"caf\xe9.png"), None
+        paths.append(os.path.join(folder, name))
+        bad += expected is not None
+    page = tmp_path / "hostile.html"
+    hits = [Hit(i, p, 0.5) for i, p in enumerate(paths)]
+    assert report.search_page([("hostile files", hits)], page) == len(paths)
+    text = page.read_text("utf-8")
+    assert text.count("<span class=missing") == bad
+    for reason in ("empty file", "above the limit of", "not a regular file", "link"):
+        assert reason in text
+    assert "caf?.png" in text  # a name that is not UTF-8 is shown as ls shows it
+    assert '/caf%E9.png"' in text  # ... and its link names the file byte for byte
+    assert_all_rendered(render(page, tmp_path), images=len(paths) - bad, missing=bad)
 
 
 def test_each_image_is_made_once_per_page(tmp_path, pictures, monkeypatch):
