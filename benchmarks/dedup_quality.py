@@ -23,7 +23,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 from copy_retrieval import PHOTOS, _load
 from PIL import Image, ImageEnhance, ImageOps
 

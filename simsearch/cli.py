@@ -99,6 +99,14 @@ index_option = click.option(
     help="Index folder.",
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+html_option = click.option(
+    "--html",
+    "html_path",
+    metavar="FILE",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write a page with thumbnails to FILE (self-contained: it can be mailed). "
+    "An existing FILE is replaced.",
+)
 device_option = click.option(
     "--device",
     type=click.Choice(["auto", "cpu", "cuda"]),
@@ -345,7 +353,11 @@ def index(
 @device_option
 @precision_option
 @json_option
-def search(queries, index_path, k, model, nprobe, ef, rerank, device, precision, as_json):
+@html_option
+@click.pass_obj
+def search(
+    obj, queries, index_path, k, model, nprobe, ef, rerank, device, precision, as_json, html_path
+):
     """Find the indexed images most similar to each QUERY.
 
     A QUERY is an image file (indexed or not) or id:N for the indexed image with id N.
@@ -357,6 +369,7 @@ def search(queries, index_path, k, model, nprobe, ef, rerank, device, precision,
       simsearch search holiday.jpg
       simsearch search id:42 -k 20
       simsearch search a.jpg b.jpg --json | jq -r '.hits[0].path'
+      simsearch search holiday.jpg -k 20 --html similar.html
 
     --json prints one line per query:
     {"query": "a.jpg", "hits": [{"id": 7, "path": "/photos/x.jpg", "score": 0.93}, ...]}
@@ -373,6 +386,11 @@ def search(queries, index_path, k, model, nprobe, ef, rerank, device, precision,
         click.echo(f"{'rank':>4}  {'score':>6}  path")
         for rank, hit in enumerate(hits, 1):
             click.echo(f"{rank:>4}  {hit.score:6.4f}  {hit.path}")
+    if html_path is not None:
+        from simsearch.report import search_page
+
+        shown = search_page(list(zip(queries, results, strict=True)), html_path)
+        _report_written(obj, html_path, shown)
 
 
 @cli.command()
@@ -545,6 +563,7 @@ def repair(index_path, as_json):
 @click.option("--yes", is_flag=True, help="Confirm --delete.")
 @click.option("--csv", "as_csv", is_flag=True, help="CSV: group,role,path,score.")
 @json_option
+@html_option
 @click.pass_context
 def dedup(
     ctx,
@@ -560,6 +579,7 @@ def dedup(
     yes,
     as_csv,
     as_json,
+    html_path,
 ):
     """Find groups of near-duplicate images and the one to keep in each; report them, or
     move or delete the others.
@@ -586,6 +606,7 @@ def dedup(
       simsearch dedup --calibrate                  # calibrate again, show the figures
       simsearch dedup --threshold 0.9 --json | jq -r '.duplicates[].path'
       simsearch dedup --csv > duplicates.csv
+      simsearch dedup --html duplicates.html       # look before acting
       simsearch dedup --move-to ~/duplicates       # reversible
       simsearch dedup --undo ~/duplicates/simsearch-moves-20261124-101500.jsonl
       simsearch dedup --delete --yes
@@ -628,16 +649,21 @@ def dedup(
             threshold = idx.dedup_calibration().threshold
         with tqdm(desc="comparing", unit="img", file=sys.stderr, disable=no_bar) as bar:
             groups = idx.duplicates(threshold, neighbours=neighbours, progress=bar)
-        report = None
+        _print_groups(groups, threshold, as_csv, as_json)
+        if html_path is not None:  # before any move: the page shows the files in place
+            from simsearch.report import dedup_page
+
+            shown = dedup_page(groups, html_path, threshold=threshold)
+            _report_written(obj, html_path, shown)
+        done = None
         if move_to is not None:
-            report = idx.move_duplicates(groups, move_to)
+            done = idx.move_duplicates(groups, move_to)
         elif delete:
-            report = idx.delete_duplicates(groups)
-    _print_groups(groups, threshold, as_csv, as_json)
-    if report is not None:
-        for path, reason in report.skipped:
+            done = idx.delete_duplicates(groups)
+    if done is not None:
+        for path, reason in done.skipped:
             click.echo(f"left alone: {path}: {reason}", err=True)
-        click.echo(report.line(), err=True)
+        click.echo(done.line(), err=True)
 
 
 def _undo_moves(ctx, manifest: Path, index_path: Path, as_json: bool) -> None:
@@ -730,6 +756,11 @@ def export(obj, index_path, fmt, output, as_json):
         click.echo(json.dumps({"count": count, "format": fmt, "output": str(output)}))
     else:
         click.echo(f"exported {count} vectors to {output} ({fmt})")
+
+
+def _report_written(obj, path: Path, shown: int) -> None:
+    if not obj["quiet"]:
+        click.echo(f"wrote {path} ({shown} images)", err=True)
 
 
 def _index_type_line(about) -> str:

@@ -51,3 +51,7 @@ class StorageError(SimsearchError):
 
 class IndexTypeError(SimsearchError, ValueError):
     """An --index-type that is neither a known type nor a FAISS factory string FAISS builds."""
+
+
+class ReportError(SimsearchError):
+    """An HTML report could not be written (missing folder, no permission, disk full)."""

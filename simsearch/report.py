@@ -1,0 +1,423 @@
+"""Self-contained HTML pages of search results, duplicate groups and clusters, for people.
+
+Each page is one file: thumbnails are embedded as JPEG data: URIs and the CSS is inline, so it
+can be mailed or archived and still shows everything; no JavaScript is needed to view it.
+Thumbnails are written into the file as they are made, so memory does not grow with the
+page, and the file is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Protocol, TextIO, TypeVar
+
+from PIL import ExifTags, Image
+
+from simsearch import __version__
+from simsearch.errors import ImageError, ReportError
+from simsearch.files import replaced_atomically
+from simsearch.images import decode_image, read_image_file
+from simsearch.records import DuplicateGroup, Hit
+
+# Longest side of a thumbnail in pixels: twice the ~128-200 CSS px a grid cell shows, so
+# thumbnails stay sharp on high-density screens.
+THUMBNAIL_PX = 256
+
+# JPEG quality of thumbnails: 80 is where artefacts stop being visible at thumbnail size;
+# a 256 px photo then takes 10-25 KB (13-33 KB as base64).
+THUMBNAIL_QUALITY = 80
+
+# Most thumbnails one page embeds: 1,000 make a page of roughly 15-30 MB, about the most a
+# browser opens without stalling and a person scrolls through; beyond that, a note points to
+# --json. Dedup runs over large collections find tens of thousands of groups.
+MAX_PAGE_FIGURES = 1_000
+
+# EXIF orientations that turn the picture by 90 degrees, swapping its width and height.
+_QUARTER_TURNS = {5, 6, 7, 8}
+
+T = TypeVar("T")
+
+
+class Cluster(Protocol):
+    """What `cluster_page` needs of a cluster (any object with these attributes will do)."""
+
+    id: int
+    size: int  # number of images in the cluster
+    central: Sequence[Hit]  # its most central images, best first; score: similarity to centre
+
+
+@dataclass(frozen=True)
+class Thumbnail:
+    """One image as a page shows it: a data: URI, or the reason there is none."""
+
+    uri: str | None  # data:image/jpeg;base64,...; None when the image could not be read
+    width: int = 0  # of the thumbnail
+    height: int = 0
+    original: tuple[int, int] | None = None  # width x height of the image file, upright
+    file_bytes: int | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class _ThumbnailDraft:
+    """What decode_image asks of its `draft` argument: the smallest size to decode a JPEG at.
+
+    Pillow's draft mode then decodes a large JPEG at 1/2, 1/4 or 1/8 scale, so a 24 Mpx
+    photo costs a fraction of a full decode."""
+
+    longest: int
+
+    def draft_size(self, width: int, height: int) -> tuple[int, int]:
+        return self.longest, self.longest
+
+
+def make_thumbnail(path: str | os.PathLike, size: int = THUMBNAIL_PX) -> Thumbnail:
+    """Return the thumbnail of the image at `path`, or one that carries the reason it failed.
+
+    Reading and decoding go through simsearch.images: non-regular files, files above
+    MAX_FILE_BYTES and images above MAX_IMAGE_PIXELS are refused before they cost memory.
+    """
+    try:
+        data = read_image_file(path)
+        img = decode_image(data, draft=_ThumbnailDraft(size))
+        original = _upright_size(data)
+        img.thumbnail((size, size), Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=THUMBNAIL_QUALITY, optimize=True)
+    except ImageError as exc:
+        return Thumbnail(None, error=str(exc))
+    except (OSError, ValueError) as exc:  # e.g. the disk went away mid-read
+        return Thumbnail(None, error=f"cannot make a thumbnail: {exc}")
+    uri = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return Thumbnail(uri, img.width, img.height, original, len(data))
+
+
+def _upright_size(data: bytes) -> tuple[int, int]:
+    """Return the width and height of an already-decoded image file as it is displayed."""
+    with Image.open(io.BytesIO(data)) as img:  # reads the header only
+        width, height = img.size
+        orientation = img.getexif().get(ExifTags.Base.Orientation)
+    return (height, width) if orientation in _QUARTER_TURNS else (width, height)
+
+
+class _Thumbnails:
+    """Makes each distinct image's thumbnail once per page, keeping it in memory only while
+    the page still has to show that image again."""
+
+    def __init__(self, paths: Iterable[str]):
+        self._remaining = Counter(paths)  # how often each path is still to be shown
+        self._kept: dict[str, Thumbnail] = {}
+
+    def get(self, path: str) -> Thumbnail:
+        thumb = self._kept.pop(path, None) or make_thumbnail(path)
+        self._remaining[path] -= 1
+        if self._remaining[path] > 0:
+            self._kept[path] = thumb
+        return thumb
+
+
+def search_page(
+    results: Sequence[tuple[str, Sequence[Hit]]],
+    output: Path,
+    *,
+    title: str = "simsearch: search results",
+) -> int:
+    """Write a page of search results to `output`; return the number of images shown.
+
+    `results` holds (query, hits) per query. A query that names an image file is shown with
+    its thumbnail; for an "id:N" query, the hit with id N (an indexed query finds itself)
+    gives the image, when it is among the hits.
+    """
+    rows = [(query, _query_image(query, hits), list(hits)) for query, hits in results]
+    sizes = [(image is not None) + len(hits) for _, image, hits in rows]
+    plan = _fit(rows, sizes)
+    k = max((len(hits) for _, _, hits in rows), default=0)
+    summary = [f"{_count(len(rows), 'query', 'queries')}, up to {k} results each."]
+    summary += _cut_note(sizes, plan, "queries", "simsearch search --json")
+    paths = []
+    for (_, image, hits), n in plan:
+        paths += ([image] if image else []) + [h.path for h in hits][: n - bool(image)]
+    thumbs = _Thumbnails(paths)
+    with _page(output, title, summary) as out:
+        for (query, image, hits), n in plan:
+            out.write(f"<section><h2>Query <code>{_esc(query)}</code></h2><div class=grid>\n")
+            if image is not None:
+                _figure(out, thumbs.get(image), image, [("query", "query")], role="query")
+                n -= 1
+            for rank, hit in enumerate(hits[:n], 1):
+                _figure(
+                    out, thumbs.get(hit.path), hit.path, [("rank", f"#{rank}"), _score(hit.score)]
+                )
+            if not hits:
+                out.write("<p class=empty>No results.</p>\n")
+            out.write(_more(len(hits) - n) + "</div></section>\n")
+    return len(paths)
+
+
+def _query_image(query: str, hits: Sequence[Hit]) -> str | None:
+    if query.startswith("id:"):
+        wanted = query[3:].strip()
+        return next((h.path for h in hits if str(h.id) == wanted), None)
+    return query if Path(query).is_file() else None
+
+
+def dedup_page(
+    groups: Sequence[DuplicateGroup],
+    output: Path,
+    *,
+    threshold: float | None = None,
+    title: str = "simsearch: near-duplicates",
+) -> int:
+    """Write a page of near-duplicate groups to `output`; return the number of images shown.
+
+    Each group shows the image to keep, marked, then its duplicates with their similarity to
+    it; every image with its resolution and file size.
+    """
+    sizes = [1 + len(g.duplicates) for g in groups]
+    plan = _fit(groups, sizes)
+    dups = sum(len(g.duplicates) for g in groups)
+    at = f" at similarity {threshold:g} or more" if threshold is not None else ""
+    summary = [
+        f"{_count(len(groups), 'group')}, {_count(dups, 'duplicate')}{at}. The image to keep "
+        "has the highest resolution, then the largest file, then the oldest date, then the "
+        "shortest path. Nothing has been moved or deleted."
+    ]
+    summary += _cut_note(sizes, plan, "groups", "simsearch dedup --json")
+    paths = []
+    for g, n in plan:
+        paths += [g.keep_path, *(d.path for d in g.duplicates[: n - 1])]
+    thumbs = _Thumbnails(paths)
+    with _page(output, title, summary) as out:
+        for number, (g, n) in enumerate(plan, 1):
+            count = _count(len(g.duplicates), "duplicate")
+            out.write(f"<section><h2>Group {number} <small>{count}</small></h2><div class=grid>\n")
+            _figure(
+                out,
+                thumbs.get(g.keep_path),
+                g.keep_path,
+                [("keep", "keep")],
+                role="keep",
+                facts=True,
+            )
+            for d in g.duplicates[: n - 1]:
+                _figure(out, thumbs.get(d.path), d.path, [_score(d.score)], facts=True)
+            out.write(_more(len(g.duplicates) - (n - 1)) + "</div></section>\n")
+    return len(paths)
+
+
+def cluster_page(
+    clusters: Sequence[Cluster],
+    output: Path,
+    *,
+    title: str = "simsearch: clusters",
+) -> int:
+    """Write a page of clusters to `output`; return the number of images shown.
+
+    Each cluster (see `Cluster`: id, size, central hits) shows its id and size, then a row of
+    its central images with their similarity to the cluster's centre.
+    """
+    sizes = [len(c.central) for c in clusters]
+    plan = _fit(clusters, sizes)
+    total = sum(c.size for c in clusters)
+    summary = [
+        f"{_count(len(clusters), 'cluster')} of {_count(total, 'image')}; each shows its most "
+        "central images, scored by similarity to the cluster's centre."
+    ]
+    summary += _cut_note(sizes, plan, "clusters", "--json")
+    paths = [h.path for c, n in plan for h in c.central[:n]]
+    thumbs = _Thumbnails(paths)
+    with _page(output, title, summary) as out:
+        for c, n in plan:
+            size = _count(c.size, "image")
+            out.write(f"<section><h2>Cluster {c.id} <small>{size}</small></h2><div class=grid>\n")
+            for hit in c.central[:n]:
+                _figure(out, thumbs.get(hit.path), hit.path, [_score(hit.score)])
+            if not c.central:
+                out.write("<p class=empty>No images to show.</p>\n")
+            out.write(_more(c.size - n) + "</div></section>\n")
+    return len(paths)
+
+
+def _fit(rows: Sequence[T], sizes: Sequence[int], budget: int | None = None) -> list[tuple[T, int]]:
+    """Return (row, figures shown) for the rows that fit in `budget` figures, in order: rows
+    are shown whole until one no longer fits, which is cut; rows after it are left out."""
+    budget = MAX_PAGE_FIGURES if budget is None else budget  # read late: tests lower it
+    plan: list[tuple[T, int]] = []
+    for row, size in zip(rows, sizes, strict=True):
+        if budget <= 0 and size > 0:
+            break
+        plan.append((row, min(size, budget)))
+        budget -= plan[-1][1]
+    return plan
+
+
+def _cut_note(sizes: Sequence[int], plan: Sequence[tuple[object, int]], noun: str, how: str):
+    """Return the line that says the page was cut short, if it was, as a list of 0 or 1."""
+    shown, total = sum(n for _, n in plan), sum(sizes)
+    if shown == total:
+        return []
+    return [
+        f"To stay small enough to open, this page shows the first {shown:,} of {total:,} "
+        f"images ({len(plan):,} of {len(sizes):,} {noun}); use {how} for all of them."
+    ]
+
+
+@contextmanager
+def _page(output: Path, title: str, summary: Sequence[str]) -> Iterator[TextIO]:
+    """Yield the open page body; the head is written first, the footer last, and the file
+    replaces `output` only when complete."""
+    output = Path(output)
+    try:
+        # errors="replace": a file name that is not valid UTF-8 (undecodable bytes arrive as
+        # lone surrogates) shows a ? for each such byte, as ls does; its link stays exact.
+        with (
+            replaced_atomically(output) as tmp,
+            open(tmp, "w", encoding="utf-8", errors="replace") as out,
+        ):
+            out.write(_HEAD.format(title=_esc(title), css=_CSS))
+            out.write(f"<header><h1>{_esc(title)}</h1>\n")
+            for line in summary:
+                out.write(f"<p>{_esc(line)}</p>\n")
+            out.write("</header><main>\n")
+            yield out
+            made = datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+            out.write(f"</main><footer>Made by simsearch {__version__}, {made}.</footer>\n")
+            out.write("</body></html>\n")
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ReportError(f"cannot write the report {output}: {reason}") from None
+
+
+def _figure(
+    out: TextIO,
+    thumb: Thumbnail,
+    path: str,
+    tags: Sequence[tuple[str, str]],
+    *,
+    role: str = "",
+    facts: bool = False,
+) -> None:
+    """Write one image: its thumbnail (or a box with the reason it has none) linking to the
+    original, its tags ((css class, text): a role, a rank, a score), its name and folder
+    and, with `facts`, its resolution and file size."""
+    link = _esc(_file_uri(path))
+    name = Path(path).name or path
+    if thumb.uri is not None:
+        picture = (
+            f'<img src="{thumb.uri}" width={thumb.width} height={thumb.height} alt="{_esc(name)}">'
+        )
+    else:
+        reason = _esc(thumb.error)
+        picture = f'<span class=missing role=img aria-label="{_esc(name)}">{reason}</span>'
+    labels = "".join(
+        f"<b class={kind}{_TAG_TITLES.get(kind, '')}>{_esc(text)}</b>" for kind, text in tags
+    )
+    folder = path[: len(path) - len(name)] if path.endswith(name) else ""
+    out.write(
+        f'<figure class="{role}"><a href="{link}" title="{_esc(path)}">{picture}</a>'
+        f"<figcaption><span class=tags>{labels}</span>"
+        f'<a class=name href="{link}">{_esc(name)}</a><span class=dir>{_esc(folder)}</span>'
+    )
+    if facts and thumb.original is not None:
+        width, height = thumb.original
+        size = _size(thumb.file_bytes)
+        out.write(f"<span class=facts>{width}&times;{height} &middot; {size}</span>")
+    out.write("</figcaption></figure>\n")
+
+
+# Hover text that says what a tag means.
+_TAG_TITLES = {
+    "score": ' title="cosine similarity (1 = the same picture)"',
+    "keep": ' title="the one to keep: highest resolution, largest file, oldest, shortest path"',
+}
+
+
+def _file_uri(path: str) -> str:
+    try:
+        return Path(path).absolute().as_uri()
+    except ValueError:  # a path Path cannot turn into a URI: link to nothing rather than fail
+        return "#"
+
+
+def _more(hidden: int) -> str:
+    return f"<p class=more>and {hidden:,} more</p>" if hidden > 0 else ""
+
+
+def _score(score: float) -> tuple[str, str]:
+    return "score", f"{score:.4f}"
+
+
+def _count(n: int, singular: str, plural: str | None = None) -> str:
+    return f"{n:,} {singular if n == 1 else plural or singular + 's'}"
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("bytes", "KB", "MB"):
+        if n < 1024 or unit == "MB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} MB"
+
+
+def _esc(text: object) -> str:
+    return html.escape(str(text), quote=True)
+
+
+_HEAD = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="generator" content="simsearch">
+<title>{title}</title>
+<style>{css}</style>
+</head><body>
+"""
+
+# Light and dark themes follow the reader's system setting; the grid fits as many columns
+# as the window holds.
+_CSS = """
+:root{--bg:#f6f6f4;--card:#fff;--ink:#1d1d1f;--muted:#6e6e73;--line:#ddd;--keep:#1f8f4e;
+--query:#2f6fd6;--tile:#e9e9e6}
+@media (prefers-color-scheme:dark){:root{--bg:#161617;--card:#232325;--ink:#f2f2f2;
+--muted:#a1a1a6;--line:#3a3a3c;--keep:#3ec47a;--query:#6aa2ff;--tile:#2c2c2e}}
+*{box-sizing:border-box}
+body{margin:0;background:var(--bg);color:var(--ink);
+font:15px/1.4 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif}
+header{padding:20px 24px 8px}h1{margin:0 0 6px;font-size:22px}
+header p{margin:4px 0;color:var(--muted);max-width:70em}
+main{padding:0 24px 24px}
+section{background:var(--card);border:1px solid var(--line);border-radius:10px;
+margin:16px 0;padding:12px 16px 16px}
+h2{margin:0 0 12px;font-size:16px;overflow-wrap:anywhere}
+h2 small{color:var(--muted);font-weight:normal;margin-left:6px}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(180px,1fr));gap:14px}
+figure{margin:0;display:flex;flex-direction:column;border:2px solid transparent;
+border-radius:8px;padding:4px}
+figure.keep{border-color:var(--keep)}figure.query{border-color:var(--query)}
+figure>a{text-decoration:none;display:flex;align-items:center;justify-content:center;aspect-ratio:1;
+background:var(--tile);border-radius:5px;overflow:hidden}
+figure img{max-width:100%;max-height:100%;width:auto;height:auto;display:block}
+.missing{padding:12px;color:#b3261e;font-size:13px;text-align:center;overflow-wrap:anywhere}
+figcaption{font-size:12px;padding-top:6px;display:flex;flex-direction:column;gap:2px}
+.tags b{display:inline-block;margin-right:6px;font-size:13px}
+.score{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:15px!important}
+.rank{color:var(--muted);font-weight:normal}
+b.keep,b.query{color:#fff;border-radius:4px;padding:0 6px;text-transform:uppercase;
+letter-spacing:.04em}
+b.keep{background:var(--keep)}b.query{background:var(--query)}
+a.name{color:var(--ink);font-size:13px;text-decoration:none;overflow-wrap:anywhere}
+a.name:hover{text-decoration:underline}.dir{color:var(--muted);overflow-wrap:anywhere}
+.facts{color:var(--muted)}
+.more,.empty{align-self:center;color:var(--muted);margin:0}
+footer{padding:0 24px 24px;color:var(--muted);font-size:12px}
+"""
