@@ -608,9 +608,11 @@ def label(images, model, top, batch_size, device, precision, as_json):
         else:
             missing += 1
             click.echo(f"skipping {image}: no such file or directory", err=True)
-    labeller = Labeller(model, device=device, precision=precision, batch_size=batch_size)
-    failed = missing
-    for result in labeller.label_files(paths, top):
+    failed, results = missing, iter(())
+    if paths:  # only missing files or empty folders: no need to load the model
+        labeller = Labeller(model, device=device, precision=precision, batch_size=batch_size)
+        results = labeller.label_files(paths, top)
+    for result in results:
         if result.error is not None:
             failed += 1
             click.echo(f"skipping {result.path}: {result.error}", err=True)

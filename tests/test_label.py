@@ -411,3 +411,11 @@ def test_index_made_before_labels_reads_as_unlabelled(index_path, photo_dir, cla
         # The first write adds the table.
         assert idx.label_images(classifier).labelled == 8
         assert len(idx.labels(photo_dir / "img1.png")) == len(CLASSES)
+
+
+def test_index_without_dirs_only_labels(run, labelled, classifier):
+    result = run("index", "--index", labelled, "--label-model", classifier, "--label-top", "2")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("9 images labelled (replacing the labels of another model")
+    info = run("info", "--index", labelled)
+    assert f"labels:   9 images labelled by {classifier} (top 2)" in info.stdout
