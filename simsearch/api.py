@@ -26,6 +26,7 @@ from simsearch.config import (
     DEDUP_NEIGHBOURS,
     DEFAULT_BATCH_SIZE,
     DEFAULT_K,
+    DEFAULT_LABEL_MODEL,
     DEFAULT_MODEL,
     DEFAULT_WORKERS,
     LOCK_WAIT_SECONDS,
@@ -53,6 +54,8 @@ from simsearch.records import (
     FailedFile,
     Hit,
     IndexInfo,
+    Label,
+    LabelSummary,
     MoveReport,
 )
 from simsearch.store import Store
@@ -400,6 +403,77 @@ class Index:
                 summary, stages=dict(stopwatch.seconds), rebuilt=self._cache.last_rebuild
             )
 
+    def label_images(
+        self,
+        model: str | os.PathLike = DEFAULT_LABEL_MODEL,
+        *,
+        top: int | None = None,
+        device: str | None = None,
+        precision: str | None = None,
+        batch_size: int | None = None,
+        workers: int = DEFAULT_WORKERS,
+        progress=None,
+        labeller=None,
+    ) -> LabelSummary:
+        """Store the top labels of every indexed image that has none, from classifier `model`.
+
+        `model`: an image classification checkpoint (hub id or folder); one without a
+        trained head is a ModelLoadError. Each file is read again (run it after `add`).
+        Labels from another model, or another `top`, are replaced: an index holds one
+        model's labels. `top` None keeps the stored count for the same model, else 5.
+        Committed in batches: an interrupted run continues where it stopped, and a run with
+        nothing new to label does not load the model. `device`, `precision`, `batch_size`
+        default to the index's. `labeller`: a Labeller already loaded, used instead of
+        `model`. Takes the write lock; changes no vector.
+        """
+        from simsearch.label import Labeller, label_index
+
+        def load():
+            return labeller or Labeller(
+                model,
+                device=device or self._device,
+                precision=precision or self._precision,
+                batch_size=batch_size or self._batch_size,
+            )
+
+        with self._writing():
+            return label_index(
+                self.store,
+                labeller.name if labeller is not None else model,
+                load,
+                top=top,
+                workers=workers,
+                progress=progress,
+            )
+
+    def labels(self, image: str | os.PathLike | int) -> list[Label]:
+        """Return the stored labels of an indexed image (path, id or "id:N"), best first;
+        [] when it has none. QueryError when it is not indexed."""
+        image_id = _parse_id(image)
+        if image_id is None:
+            known = self.store.lookup(os.path.abspath(image))
+            if known is None:
+                raise QueryError(f"not an indexed image: {image}")
+            image_id = known.id
+        return self.store.labels_of([image_id]).get(image_id, [])
+
+    def _label_ids(self, label: str) -> np.ndarray:
+        """Return the ids of images having `label` among their stored labels (any synonym)."""
+        from simsearch.label import matching_labels, no_match_error
+
+        source = self.store.label_source()
+        if source is None:
+            raise QueryError(
+                "this index has no labels; add them with `simsearch index DIRS --label-model "
+                f"{DEFAULT_LABEL_MODEL}` (or any image classification model)"
+            )
+        names = self.store.label_names()
+        matched = matching_labels(label, names)
+        ids = self.store.ids_with_labels(matched) if matched else np.empty(0, np.int64)
+        if not len(ids):
+            raise no_match_error(label, names, source)
+        return ids
+
     @contextlib.contextmanager
     def _writing(self):
         """Hold the index's write lock for the block, and tidy what a crash left behind."""
@@ -423,7 +497,8 @@ class Index:
 
         `query` is an image file (indexed or not), a PIL image, an indexed image's id (an int
         or "id:N"), or a vector of the index's dimension (normalised here, so scores are
-        cosine similarities). `params` (nprobe, ef, rerank): see `search_many`.
+        cosine similarities). `params` (nprobe, ef, rerank, within, label): see
+        `search_many`.
         """
         return self.search_many([query], k, **params)[0]
 
@@ -436,6 +511,7 @@ class Index:
         ef: int | None = None,
         rerank: int | None = None,
         within: Iterable[int] | None = None,
+        label: str | None = None,
     ) -> list[list[Hit]]:
         """Return the hits for each query, answering all of them in one FAISS call.
 
@@ -443,7 +519,9 @@ class Index:
         DEFAULT_NPROBE), `ef` the HNSW candidate list (DEFAULT_EF); compressed scores are
         re-ranked exactly over k x `rerank` candidates (DEFAULT_RERANK; 0: off). Larger
         values find more of the true neighbours, more slowly. `within`: only these image
-        ids may be returned (the best k among them, not a filtered top k).
+        ids may be returned (the best k among them, not a filtered top k). `label`: only
+        images having this label (or one of its comma-separated synonyms, any case) among
+        their stored labels; QueryError when the index has no labels or none has it.
         """
         for name, value in (("nprobe", nprobe), ("ef", ef), ("rerank", rerank)):
             if value is not None and value < (0 if name == "rerank" else 1):
@@ -459,6 +537,9 @@ class Index:
         matrix = np.stack([next(embedded) if v is None else v for v in vectors])
         if within is not None:
             within = np.unique(np.fromiter(within, dtype=np.int64))
+        if label is not None:
+            labelled = self._label_ids(label)
+            within = labelled if within is None else np.intersect1d(within, labelled)
         scores, ids = self._cache.search(
             matrix, k, nprobe=nprobe, ef=ef, rerank=rerank, within=within
         )
@@ -727,6 +808,7 @@ class Index:
         m = self.manifest
         built, vectors = self._cache.built, self.vectors
         size = sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
+        labels = self.store.label_source()
         return IndexInfo(
             path=str(self.path),
             indexed=indexed,
@@ -749,6 +831,9 @@ class Index:
             index_reason=built.get("reason", ""),
             tombstones=vectors.tombstones,
             dedup_calibration=m.dedup_calibration,
+            label_model=(labels or {}).get("model"),
+            label_top=int((labels or {}).get("top", 0)),
+            labelled=self.store.labelled_count(),
         )
 
     def failed(self) -> list[FailedFile]:

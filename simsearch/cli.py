@@ -19,6 +19,8 @@ from simsearch.config import (
     DEFAULT_EF,
     DEFAULT_INDEX,
     DEFAULT_K,
+    DEFAULT_LABEL_MODEL,
+    DEFAULT_LABEL_TOP,
     DEFAULT_MODEL,
     DEFAULT_NPROBE,
     DEFAULT_RERANK,
@@ -208,6 +210,21 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
     "New index: auto (flat, then hnsw past 50,000 vectors, then ivfpq past 4 GiB of vectors). "
     "Existing index: changes its type and rebuilds it from the stored vectors.",
 )
+@click.option(
+    "--label-model",
+    metavar="M",
+    envvar="SIMSEARCH_LABEL_MODEL",
+    show_envvar=True,
+    help="Also store each image's top labels from this image classification model (hub id "
+    f"or folder, e.g. {DEFAULT_LABEL_MODEL}), for `search --label`. Reads new files a second "
+    "time. Labels from another model are all replaced.",
+)
+@click.option(
+    "--label-top",
+    type=click.IntRange(min=1),
+    default=None,
+    help=f"Labels stored per image.  [default: {DEFAULT_LABEL_TOP}, or the index's]",
+)
 @click.option("--strict", is_flag=True, help="Exit with status 3 if any file failed.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or notices (as simsearch -q).")
 @json_option
@@ -227,6 +244,8 @@ def index(
     prune,
     max_pixels,
     index_type,
+    label_model,
+    label_top,
     strict,
     as_json,
 ):
@@ -247,6 +266,12 @@ def index(
       simsearch index photos/ --model ./models/vit-base --layer -2 --pool mean
       simsearch index photos/ --strict --json     # for scripts: exit 3 if any file failed
       simsearch index --index-type hnsw           # no DIRS: only change the index type
+      simsearch index photos/ --label-model google/vit-large-patch16-384
+      simsearch index --label-model ./models/convnext --label-top 3   # only (re)label
+
+    With --label-model, every indexed image without labels from that model is labelled
+    after indexing (its file is read a second time), in committed batches; a second run
+    labels only what is new or changed. Labels of another model are replaced.
     """
     from tqdm import tqdm
 
@@ -254,16 +279,36 @@ def index(
     from simsearch.config import DEFAULT_WORKERS
 
     quiet = quiet or obj["quiet"]
+    # disable=None: tqdm draws only when stderr is a terminal.
+    no_bar = True if quiet else None
     if not dirs:
-        if index_type is None:
-            raise click.UsageError("give the folders to index (DIRS), or --index-type")
-        with Index.open(index_path, model=model, layer=layer, pool=pool) as idx:
-            idx.set_index_type(index_type)
+        if index_type is None and label_model is None:
+            raise click.UsageError(
+                "give the folders to index (DIRS), or --index-type, or --label-model"
+            )
+        with Index.open(
+            index_path,
+            model=model,
+            layer=layer,
+            pool=pool,
+            device=device,
+            precision=precision,
+            batch_size=batch_size,
+        ) as idx:
+            if index_type is not None:
+                idx.set_index_type(index_type)
+            labelled = _label_index(idx, label_model, label_top, workers, no_bar)
             about = idx.info()
+        out = _index_type_json(about) if index_type is not None else {}
+        if labelled is not None:
+            out["labels"] = asdict(labelled)
         if as_json:
-            click.echo(json.dumps(_index_type_json(about)))
-        else:
+            click.echo(json.dumps(out))
+            return
+        if index_type is not None:
             click.echo(_index_type_line(about))
+        if labelled is not None:
+            click.echo(labelled.line())
         return
     idx = Index.open_or_create(
         index_path,
@@ -287,8 +332,6 @@ def index(
         )
         if quiet:
             logging.getLogger("simsearch").setLevel(logging.ERROR)
-        # disable=None: tqdm draws only when stderr is a terminal.
-        no_bar = True if quiet else None
         with tqdm(desc="indexing", unit="img", file=sys.stderr, disable=no_bar) as bar:
             summary = idx.add(
                 dirs,
@@ -297,14 +340,35 @@ def index(
                 max_pixels=max_pixels,
                 progress=bar,
             )
+        labelled = _label_index(idx, label_model, label_top, workers, no_bar)
         about = idx.info() if index_type is not None or summary.rebuilt else None
+        unlabelled = None
+        if label_model is None:
+            # An index that has labels keeps them complete only when told the model again.
+            state = idx.info()
+            if state.label_model and state.labelled < state.indexed:
+                unlabelled = (state.indexed - state.labelled, state.label_model)
     if not quiet:
         from simsearch.records import stages_line
 
         click.echo(stages_line(summary.stages), err=True)
         if about is not None:
             click.echo(_index_type_line(about), err=True)
-    click.echo(json.dumps(asdict(summary)) if as_json else summary.line())
+        if unlabelled is not None:
+            click.echo(
+                f"{unlabelled[0]} indexed images have no labels yet; label them with "
+                f"--label-model {unlabelled[1]}",
+                err=True,
+            )
+    if as_json:
+        out = asdict(summary)
+        if labelled is not None:
+            out["labels"] = asdict(labelled)
+        click.echo(json.dumps(out))
+    else:
+        click.echo(summary.line())
+        if labelled is not None:
+            click.echo(labelled.line())
     if strict and summary.failed:
         click.echo(
             f"Error: {summary.failed} files failed (--strict); see `simsearch info --errors`",
@@ -350,13 +414,33 @@ def index(
     help="Compressed types (ivfpq, ...): re-rank k x this many candidates by their exact "
     f"scores on the stored vectors; 0 = off.  [default: {DEFAULT_RERANK}]",
 )
+@click.option(
+    "--label",
+    metavar="NAME",
+    default=None,
+    help="Only images having NAME among their stored labels (`index --label-model`): the "
+    "whole label or any of its comma-separated synonyms, any case (tabby matches "
+    '"tabby, tabby cat").',
+)
 @device_option
 @precision_option
 @json_option
 @html_option
 @click.pass_obj
 def search(
-    obj, queries, index_path, k, model, nprobe, ef, rerank, device, precision, as_json, html_path
+    obj,
+    queries,
+    index_path,
+    k,
+    model,
+    nprobe,
+    ef,
+    rerank,
+    label,
+    device,
+    precision,
+    as_json,
+    html_path,
 ):
     """Find the indexed images most similar to each QUERY.
 
@@ -370,6 +454,7 @@ def search(
       simsearch search id:42 -k 20
       simsearch search a.jpg b.jpg --json | jq -r '.hits[0].path'
       simsearch search holiday.jpg -k 20 --html similar.html
+      simsearch search beach.jpg --label "seashore"   # only images labelled seashore
 
     --json prints one line per query:
     {"query": "a.jpg", "hits": [{"id": 7, "path": "/photos/x.jpg", "score": 0.93}, ...]}
@@ -377,7 +462,9 @@ def search(
     from simsearch.api import Index
 
     with Index.open(index_path, model=model, device=device, precision=precision) as idx:
-        results = idx.search_many(list(queries), k, nprobe=nprobe, ef=ef, rerank=rerank)
+        results = idx.search_many(
+            list(queries), k, nprobe=nprobe, ef=ef, rerank=rerank, label=label
+        )
     for query, hits in zip(queries, results, strict=True):
         if as_json:
             click.echo(json.dumps({"query": query, "hits": [asdict(h) for h in hits]}))
@@ -437,6 +524,11 @@ def info(index_path, errors, as_json):
         )
     else:
         click.echo("dedup:    threshold not calibrated yet (the first `simsearch dedup` does it)")
+    if about.label_model:
+        click.echo(
+            f"labels:   {about.labelled} images labelled by {about.label_model} "
+            f"(top {about.label_top})"
+        )
     click.echo(f"size:     {_human_bytes(about.size_bytes)} on disk")
     if errors:
         for f in failed:
@@ -502,6 +594,78 @@ def repair(index_path, as_json):
         for problem in problems:
             click.echo(f"problem: {problem}")
     if problems:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--model",
+    default=DEFAULT_LABEL_MODEL,
+    envvar="SIMSEARCH_LABEL_MODEL",
+    show_default=True,
+    show_envvar=True,
+    help="Image classification model: hub id or local folder (a checkpoint with a trained "
+    "head and id2label class names).",
+)
+@click.option(
+    "--top",
+    type=click.IntRange(min=1),
+    default=DEFAULT_LABEL_TOP,
+    show_default=True,
+    help="Labels per image.",
+)
+@batch_option
+@device_option
+@precision_option
+@json_option
+def label(images, model, top, batch_size, device, precision, as_json):
+    """Name what each IMAGE shows: its top labels from a classification model.
+
+    An IMAGE is a file or a folder (searched recursively for images). No index is needed.
+    Files that cannot be read are reported on stderr and the others are still labelled;
+    the exit status is then 1.
+
+    \b
+    Examples:
+      simsearch label cat.jpg
+      simsearch label photos/ --top 3
+      simsearch label a.jpg --model ./models/vit-384 --json | jq -r '.labels[0].label'
+
+    --json prints one line per image:
+    {"path": "cat.jpg", "labels": [{"label": "tabby, tabby cat", "score": 0.91}, ...]}
+    """
+    from simsearch.images import find_images
+    from simsearch.label import Labeller
+
+    paths, missing = [], 0
+    for image in images:
+        if image.is_dir():
+            paths += list(find_images([image]))
+        elif image.exists() or image.is_symlink():
+            paths.append(image)
+        else:
+            missing += 1
+            click.echo(f"skipping {image}: no such file or directory", err=True)
+    failed, results = missing, iter(())
+    if paths:  # only missing files or empty folders: no need to load the model
+        labeller = Labeller(model, device=device, precision=precision, batch_size=batch_size)
+        results = labeller.label_files(paths, top)
+    for result in results:
+        if result.error is not None:
+            failed += 1
+            click.echo(f"skipping {result.path}: {result.error}", err=True)
+            continue
+        if as_json:
+            data = {"path": result.path, "labels": [asdict(x) for x in result.labels]}
+            click.echo(json.dumps(data))
+            continue
+        click.echo(result.path)
+        for found in result.labels:
+            click.echo(f"  {found.score:6.4f}  {found.label}")
+    if failed:
+        total = len(paths) + missing
+        click.echo(f"Error: {failed} of {total} images could not be labelled", err=True)
         sys.exit(1)
 
 
@@ -761,6 +925,20 @@ def export(obj, index_path, fmt, output, as_json):
 def _report_written(obj, path: Path, shown: int) -> None:
     if not obj["quiet"]:
         click.echo(f"wrote {path} ({shown} images)", err=True)
+
+
+def _label_index(idx, label_model, label_top, workers, no_bar):
+    """Label the index's images with `label_model` (None: do nothing); the summary."""
+    if label_model is None:
+        return None
+    from tqdm import tqdm
+
+    from simsearch.config import DEFAULT_WORKERS
+
+    with tqdm(desc="labelling", unit="img", file=sys.stderr, disable=no_bar) as bar:
+        return idx.label_images(
+            label_model, top=label_top, workers=workers or DEFAULT_WORKERS, progress=bar
+        )
 
 
 def _index_type_line(about) -> str:

@@ -13,6 +13,16 @@ from simsearch.errors import IndexFormatError, ManifestMismatchError
 # 1024-dim [CLS] vectors that work for "looks like" search without fine-tuning.
 DEFAULT_MODEL = "google/vit-large-patch16-224-in21k"
 
+# The classification head for `simsearch label`: ViT-L/16 fine-tuned on ImageNet-1k at 384 px,
+# the same backbone family as DEFAULT_MODEL, so its 1,000 everyday object names (with
+# synonyms: "tabby, tabby cat") describe the photos that index is built for.
+DEFAULT_LABEL_MODEL = "google/vit-large-patch16-384"
+
+# Labels shown per image by `simsearch label`, and stored per image by `index --label-model`:
+# an ImageNet classifier's 5th guess still often names the subject (top-5 accuracy is why
+# ImageNet reports it), past that the probabilities are noise.
+DEFAULT_LABEL_TOP = 5
+
 # Where an index lives when neither --index nor SIMSEARCH_INDEX names one: the repo's indexes/
 # folder, so a first run needs no flags and the result is easy to find.
 DEFAULT_INDEX = Path("indexes/default")

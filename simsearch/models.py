@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 from pathlib import Path
 
 from simsearch.errors import ModelLoadError
@@ -170,9 +171,72 @@ def load_backbone(folder: Path):
     return backbone, config
 
 
-def _from_pretrained(model_cls, folder: Path, use_safetensors: bool | None):
+# What a checkpoint's config.json says when it holds a trained classification head.
+HEAD_ARCHITECTURE = "ForImageClassification"
+
+# The names transformers gives classes when a config has none of its own ("LABEL_0", ...).
+PLACEHOLDER_LABEL = re.compile(r"LABEL_\d+")
+
+
+def load_classifier(folder: Path, name: str):
+    """Return (image classification model, its config) from a local folder, or raise a
+    ModelLoadError saying that `name` is not a checkpoint with a trained head.
+
+    transformers happily puts a random head on a bare backbone (it only logs a notice), and
+    such a model would label every photo with confident nonsense; so the head's weights must
+    all come from the checkpoint, and the config must name its classes.
+    """
+    from transformers import AutoConfig, AutoModelForImageClassification
+
+    need = (
+        "labelling needs an image classification checkpoint (AutoModelForImageClassification, "
+        "with id2label class names), e.g. google/vit-large-patch16-384"
+    )
+    if not _weight_files(folder):
+        raise ModelLoadError(f"no weight files (*.safetensors or pytorch_model.bin) in {folder}")
+    try:
+        with quiet_transformers():
+            config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load model {name}: {_first_line(exc)}") from None
+    architectures = list(getattr(config, "architectures", None) or [])
+    if architectures and not any(HEAD_ARCHITECTURE in a for a in architectures):
+        raise ModelLoadError(
+            f"{name} has no classification head (it is a {', '.join(architectures)}): {need}"
+        )
+    use_safetensors = True if any(folder.glob("*.safetensors")) else None
+    try:
+        with quiet_transformers():
+            model, info = _from_pretrained(
+                AutoModelForImageClassification, folder, use_safetensors, output_loading_info=True
+            )
+    except Exception as exc:
+        raise ModelLoadError(
+            f"cannot load {name} as an image classifier ({_first_line(exc)}): {need}"
+        ) from None
+    untrained = sorted(set(info.get("missing_keys", ())) | _names(info.get("mismatched_keys")))
+    if untrained:
+        raise ModelLoadError(
+            f"{name} has no trained classification head (the checkpoint lacks "
+            f"{', '.join(untrained[:3])}{', ...' if len(untrained) > 3 else ''}): {need}"
+        )
+    id2label = dict(getattr(model.config, "id2label", None) or {})
+    if not id2label or all(PLACEHOLDER_LABEL.fullmatch(str(v)) for v in id2label.values()):
+        raise ModelLoadError(
+            f"{name} names no classes (its config's id2label is only LABEL_0, LABEL_1, ...): {need}"
+        )
+    model.eval()
+    return model, model.config
+
+
+def _names(keys) -> set[str]:
+    """Return the parameter names of transformers' mismatched_keys (name, shapes) tuples."""
+    return {k[0] if isinstance(k, tuple) else str(k) for k in keys or ()}
+
+
+def _from_pretrained(model_cls, folder: Path, use_safetensors: bool | None, **extra):
     """Load with PyTorch's fused scaled-dot-product attention, or the default if unsupported."""
-    kwargs = dict(use_safetensors=use_safetensors)
+    kwargs = dict(use_safetensors=use_safetensors, **extra)
     if model_cls.__name__.startswith("Auto"):
         kwargs["trust_remote_code"] = False
     try:

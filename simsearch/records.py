@@ -119,6 +119,44 @@ class AddSummary:
 
 
 @dataclass(frozen=True)
+class Label:
+    """One guess of a classification head: a class name from the model's id2label, and its
+    softmax probability."""
+
+    label: str
+    score: float
+
+
+@dataclass(frozen=True)
+class ImageLabels:
+    """The top labels of one image, best first; `error` says why there are none."""
+
+    path: str
+    labels: tuple[Label, ...] = ()
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class LabelSummary:
+    """What one `Index.label_images` run did."""
+
+    model: str  # the label model as recorded (hub id or absolute folder)
+    top: int  # labels stored per image
+    labelled: int  # images labelled in this run
+    already: int  # images that already had labels from this model
+    failed: int  # indexed images whose file could not be read again; tried next run
+    relabelled: bool = False  # labels of another model (or another top) were replaced
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        again = " (replacing the labels of another model or --label-top)" if self.relabelled else ""
+        return (
+            f"{self.labelled} images labelled{again}, {self.already} already labelled, "
+            f"{self.failed} failed, with {self.model} (top {self.top}; {self.seconds:.1f} s)"
+        )
+
+
+@dataclass(frozen=True)
 class IndexInfo:
     """Counts and settings of an index, as `simsearch info` shows them."""
 
@@ -143,6 +181,9 @@ class IndexInfo:
     index_reason: str = ""  # why that was built (auto says what it chose)
     tombstones: int = 0  # removed or replaced entries still in the FAISS index
     dedup_calibration: dict | None = None  # the calibrated dedup threshold, when made
+    label_model: str | None = None  # what made the stored labels (index --label-model)
+    label_top: int = 0  # labels stored per image
+    labelled: int = 0  # images with stored labels
 
 
 def stages_line(seconds: dict[str, float]) -> str:

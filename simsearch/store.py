@@ -40,7 +40,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from simsearch.config import Manifest
 from simsearch.faults import crash_point
-from simsearch.records import FailedFile
+from simsearch.records import FailedFile, Label
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
@@ -80,6 +80,22 @@ class VectorRow(Base):
         ForeignKey("images.id", ondelete="CASCADE"), primary_key=True
     )
     vector: Mapped[bytes] = mapped_column(LargeBinary)  # float32, little-endian, dim values
+
+
+class LabelRow(Base):
+    """An image's top labels from the classification head named in meta["labels"]; rank 1
+    is the best guess. Label writes leave the generation alone: they change no vector."""
+
+    __tablename__ = "labels"
+    # By label: `search --label` looks up the images having one.
+    __table_args__: ClassVar[tuple] = (SqlIndex("ix_labels_label", "label"),)
+
+    image_id: Mapped[int] = mapped_column(
+        ForeignKey("images.id", ondelete="CASCADE"), primary_key=True
+    )
+    rank: Mapped[int] = mapped_column(Integer, primary_key=True)
+    label: Mapped[str] = mapped_column(Text)
+    score: Mapped[float] = mapped_column()
 
 
 class MetaRow(Base):
@@ -419,6 +435,9 @@ class Store:
                 _image_row(img, now, width=img.width, height=img.height, status=STATUS_OK)
                 for img in good
             ]
+            # Labels describe content: a path whose content changed loses them (the next
+            # labelling pass labels it again); a touched file with the same bytes keeps them.
+            stale = _changed_content(session, good)
             id_of = _upsert_images(session, ok_rows)
             ids = [id_of[img.path] for img in good]
             _upsert_vectors(session, ids, vectors)
@@ -429,6 +448,7 @@ class Store:
             )
             if dropped:
                 session.execute(delete(VectorRow).where(VectorRow.image_id.in_(dropped)))
+            _delete_labels(session, [*stale, *bad_ids])
             for move in moves:
                 session.execute(
                     update(ImageRow)
@@ -440,7 +460,8 @@ class Store:
         return ids, dropped
 
     def remove_images(self, ids: Sequence[int]) -> int:
-        """Delete images (and their vectors) in one transaction; returns how many there were."""
+        """Delete images (and their vectors and labels) in one transaction; returns how many
+        there were."""
         ids = [int(i) for i in ids]
         if not ids:
             return 0
@@ -463,6 +484,99 @@ class Store:
                     .values(status=STATUS_ERROR, error=reason, size=-1)
                 )
             _bump_generation(session)
+
+    # -- labels --------------------------------------------------------------------------
+
+    def label_source(self) -> dict | None:
+        """Return what made the stored labels (model, weights_sha256, revision, top), or None
+        when the index has no labels."""
+        text = self._get_meta("labels")
+        return None if text is None else json.loads(text)
+
+    def unlabelled(self) -> list[tuple[int, str, str | None]]:
+        """Return (id, path, sha256) of every image with a vector and no labels, by id."""
+        with self.engine.connect() as conn:
+            return [
+                tuple(row)
+                for row in conn.exec_driver_sql(
+                    "SELECT i.id, i.path, i.sha256 FROM images i JOIN vectors v "
+                    "ON v.image_id = i.id WHERE NOT EXISTS (SELECT 1 FROM labels l "
+                    "WHERE l.image_id = i.id) ORDER BY i.id"
+                )
+            ]
+
+    def labelled_count(self) -> int:
+        """Return the number of images with stored labels (0 for indexes made before them)."""
+        if not self._has_labels():
+            return 0
+        with self.engine.connect() as conn:
+            return int(
+                conn.exec_driver_sql("SELECT count(*) FROM labels WHERE rank = 1").scalar_one()
+            )
+
+    def write_labels(self, labels: dict[int, Sequence[Label]], source: dict) -> None:
+        """Store the labels of some images, replacing theirs, and what made them, in one
+        transaction. Images deleted meanwhile are skipped."""
+        with Session(self.engine) as session, session.begin():
+            ids = list(labels)
+            live = set()
+            for chunk in _chunks(ids):
+                live.update(session.scalars(select(ImageRow.id).where(ImageRow.id.in_(chunk))))
+            _delete_labels(session, ids)
+            rows = [
+                dict(image_id=i, rank=rank, label=lab.label, score=float(lab.score))
+                for i, found in labels.items()
+                if i in live
+                for rank, lab in enumerate(found, 1)
+            ]
+            for chunk in _chunks(rows, ROWS_PER_STATEMENT):
+                session.execute(insert(LabelRow).values(chunk))
+            _put_meta(session, "labels", json.dumps(source, sort_keys=True))
+            crash_point("labels")
+
+    def clear_labels(self) -> None:
+        """Delete every stored label and the record of what made them."""
+        with Session(self.engine) as session, session.begin():
+            session.execute(delete(LabelRow))
+            session.execute(delete(MetaRow).where(MetaRow.key == "labels"))
+
+    def label_names(self) -> list[str]:
+        """Return every distinct stored label (from the label index, not the table)."""
+        if not self._has_labels():
+            return []
+        with self.engine.connect() as conn:
+            return [r[0] for r in conn.exec_driver_sql("SELECT DISTINCT label FROM labels")]
+
+    def ids_with_labels(self, names: Sequence[str]) -> np.ndarray:
+        """Return the sorted ids of the images having any of `names` among their labels."""
+        found: list[int] = []
+        with self.engine.connect() as conn:
+            for chunk in _chunks(list(names)):
+                marks = ",".join("?" * len(chunk))
+                sql = f"SELECT image_id FROM labels WHERE label IN ({marks})"
+                found += [r[0] for r in conn.exec_driver_sql(sql, tuple(chunk))]
+        return np.unique(np.asarray(found, dtype=np.int64))
+
+    def labels_of(self, ids: Sequence[int]) -> dict[int, list[Label]]:
+        """Return id -> stored labels, best first, for each of `ids` that has some."""
+        if not self._has_labels():
+            return {}
+        out: dict[int, list[Label]] = {}
+        rows = self._rows_by_id("SELECT image_id, rank, label, score FROM labels", "image_id", ids)
+        for image_id, _, label, score in sorted(rows):
+            out.setdefault(int(image_id), []).append(Label(label, float(score)))
+        return out
+
+    def _has_labels(self) -> bool:
+        """Return True when the labels table exists: an index made before labels lacks it
+        until its next write (`upgrade`), and readers treat that as no labels."""
+        with self.engine.connect() as conn:
+            return (
+                conn.exec_driver_sql(
+                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'labels'"
+                ).first()
+                is not None
+            )
 
     # -- checking ------------------------------------------------------------------------
 
@@ -581,6 +695,23 @@ def _upsert_vectors(session: Session, ids: list[int], vectors: np.ndarray) -> No
                 index_elements=["image_id"], set_={"vector": stmt.excluded.vector}
             )
         )
+
+
+def _changed_content(session: Session, good: Sequence[GoodImage]) -> list[int]:
+    """Return the ids of stored paths among `good` whose content (SHA-256) is new."""
+    new_sha = {img.path: img.sha256 for img in good}
+    stale = []
+    for chunk in _chunks(list(new_sha)):
+        rows = session.execute(
+            select(ImageRow.id, ImageRow.path, ImageRow.sha256).where(ImageRow.path.in_(chunk))
+        )
+        stale += [i for i, path, sha in rows if sha is None or sha != new_sha[path]]
+    return stale
+
+
+def _delete_labels(session: Session, ids: Sequence[int]) -> None:
+    for chunk in _chunks([int(i) for i in ids]):
+        session.execute(delete(LabelRow).where(LabelRow.image_id.in_(chunk)))
 
 
 def _put_meta(session: Session, key: str, value: str) -> None:

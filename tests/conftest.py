@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch, tmp_path):
     """Keep tests away from the user's settings and the model hub."""
-    for var in ("SIMSEARCH_INDEX", "SIMSEARCH_MODEL"):
+    for var in ("SIMSEARCH_INDEX", "SIMSEARCH_MODEL", "SIMSEARCH_LABEL_MODEL"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("simsearch.models._hub_reachable", lambda *a, **k: False)

@@ -130,7 +130,8 @@ def test_info_errors_lists_failed_files(run, tmp_path, tiny_vit, photo_dir):
         ),
         (
             ["index"],
-            "Error: give the folders to index (DIRS), or --index-type (see 'cli index --help')",
+            "Error: give the folders to index (DIRS), or --index-type, or --label-model "
+            "(see 'cli index --help')",
         ),
         (["frobnicate"], "Error: No such command 'frobnicate'. (see 'cli --help')"),
     ],
