@@ -705,17 +705,20 @@ class Index:
         """Write every indexed image's id, path and vector to `output`; returns how many.
 
         `format`: "npy" (a folder: vectors.npy, ids.npy, paths.txt), "csv" (id, path,
-        vector as a JSON list) or "parquet" (needs pyarrow). Reads one snapshot of the
+        vector as a JSON list) or "parquet" (needs pyarrow). Stored labels and clusters
+        come along when the index has them (see simsearch/export.py). Reads one snapshot of the
         database (indexing may go on meanwhile), in chunks, and writes under a temporary
         name renamed into place when complete. `progress`: a tqdm-like object.
         """
         from simsearch.export import export
 
-        with self.store.snapshot_items(self.manifest.dim) as (total, chunks):
+        with self.store.snapshot_items(self.manifest.dim) as (total, extras, chunks):
             if progress is not None:
                 progress.total = total
                 progress.refresh()
-            return export(chunks, total, self.manifest.dim, Path(output), format, progress)
+            return export(
+                chunks, total, self.manifest.dim, Path(output), format, progress, extras=extras
+            )
 
     # -- the FAISS cache -----------------------------------------------------------------
 

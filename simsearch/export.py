@@ -6,19 +6,27 @@ export never leaves a file that looks whole.
 
 - npy: a folder with `vectors.npy` (n x dim float32, memory-mappable with
   `np.load(..., mmap_mode="r")`), `ids.npy` (int64) and `paths.txt` (one JSON-quoted path
-  per line, so that any file name survives, in the same order).
-- csv: one row per image: `id,path,vector`, the vector a JSON list of floats.
-- parquet: columns `id` (int64), `path` (string), `vector` (fixed-size list of float32);
+  per line, so that any file name survives, in the same order); with labels, `labels.txt`
+  (one JSON list of [label, probability] pairs per line, null for none); with clusters,
+  `clusters.npy` (int64, -1 for none).
+- csv: one row per image: `id,path,vector`, the vector a JSON list of floats; then `labels`
+  (JSON, as above) and `cluster` (empty for none) when the index has them.
+- parquet: columns `id` (int64), `path` (string), `vector` (fixed-size list of float32),
+  and `labels` (list of {label, score}) and `cluster` (int64, null for none) when present;
   needs pyarrow (`pip install 'simsearch[parquet]'`).
+
+Labels and clusters are exported when the index has any (`index --label-model`,
+`simsearch cluster`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,16 +36,26 @@ from simsearch.files import replaced_atomically
 
 FORMATS = ("npy", "csv", "parquet")
 
-Chunks = Iterable[tuple[np.ndarray, list[str], np.ndarray]]
+Chunks = Iterable[tuple[np.ndarray, list[str], np.ndarray, dict[str, list]]]
 
 
 class ExportError(SimsearchError):
     """The export could not be written (format, destination, missing pyarrow)."""
 
 
-def export(chunks: Chunks, total: int, dim: int, output: Path, fmt: str, progress=None) -> int:
-    """Write `total` items from `chunks` to `output` in format `fmt`; returns how many.
-    `progress`: a tqdm-like object, updated per chunk."""
+def export(
+    chunks: Chunks,
+    total: int,
+    dim: int,
+    output: Path,
+    fmt: str,
+    progress=None,
+    *,
+    extras: Sequence[str] = (),
+) -> int:
+    """Write `total` items from `chunks` (ids, paths, vectors, extras) to `output` in
+    format `fmt`; returns how many. `extras`: the extra columns the chunks carry ("labels",
+    "cluster"). `progress`: a tqdm-like object, updated per chunk."""
     output = Path(output)
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -53,31 +71,42 @@ def export(chunks: Chunks, total: int, dim: int, output: Path, fmt: str, progres
             if progress is not None:
                 progress.update(len(chunk[0]))
 
-    return writer(counted(), total, dim, output)
+    return writer(counted(), total, dim, output, list(extras))
 
 
-def _npy(chunks: Iterator, total: int, dim: int, output: Path) -> int:
+def _npy(chunks: Iterator, total: int, dim: int, output: Path, extras: list[str]) -> int:
     tmp = output.with_name(output.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         # Plain writes after a .npy header, not a memmap: the pages do not pile up in RSS.
-        with (
-            open(tmp / "vectors.npy", "wb") as vectors,
-            open(tmp / "ids.npy", "wb") as ids,
-            open(tmp / "paths.txt", "w", encoding="utf-8") as paths,
-        ):
+        with contextlib.ExitStack() as files:
+            vectors = files.enter_context(open(tmp / "vectors.npy", "wb"))
+            ids = files.enter_context(open(tmp / "ids.npy", "wb"))
+            paths = files.enter_context(open(tmp / "paths.txt", "w", encoding="utf-8"))
+            labels = clusters = None
+            if "labels" in extras:
+                labels = files.enter_context(open(tmp / "labels.txt", "w", encoding="utf-8"))
+            if "cluster" in extras:
+                clusters = files.enter_context(open(tmp / "clusters.npy", "wb"))
+                _npy_header(clusters, "<i8", (total,))
             _npy_header(vectors, "<f4", (total, dim))
             _npy_header(ids, "<i8", (total,))
             done = 0
-            for chunk_ids, chunk_paths, chunk_vectors in chunks:
+            for chunk_ids, chunk_paths, chunk_vectors, values in chunks:
                 vectors.write(np.ascontiguousarray(chunk_vectors, dtype="<f4").tobytes())
                 ids.write(np.ascontiguousarray(chunk_ids, dtype="<i8").tobytes())
                 paths.writelines(json.dumps(p) + "\n" for p in chunk_paths)
+                if labels is not None:
+                    labels.writelines(json.dumps(v) + "\n" for v in values["labels"])
+                if clusters is not None:
+                    column = [-1 if c is None else c for c in values["cluster"]]
+                    clusters.write(np.asarray(column, dtype="<i8").tobytes())
                 done += len(chunk_ids)
-            for f in (vectors, ids, paths):
-                f.flush()
-                os.fsync(f.fileno())
+            for f in (vectors, ids, paths, labels, clusters):
+                if f is not None:
+                    f.flush()
+                    os.fsync(f.fileno())
         if done != total:  # one snapshot gives both: this would be a bug
             raise ExportError(f"read {done} vectors, expected {total}")
         if output.is_dir():
@@ -94,19 +123,26 @@ def _npy_header(f, descr: str, shape: tuple) -> None:
     np.lib.format.write_array_header_1_0(f, header)
 
 
-def _csv(chunks: Iterator, total: int, dim: int, output: Path) -> int:
+def _csv(chunks: Iterator, total: int, dim: int, output: Path, extras: list[str]) -> int:
     done = 0
     with replaced_atomically(output) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         out = csv.writer(f)
-        out.writerow(["id", "path", "vector"])
-        for chunk_ids, chunk_paths, chunk_vectors in chunks:
-            for i, path, vector in zip(chunk_ids, chunk_paths, chunk_vectors, strict=True):
-                out.writerow([int(i), path, json.dumps([round(float(x), 7) for x in vector])])
+        out.writerow(["id", "path", "vector", *extras])
+        for chunk_ids, chunk_paths, chunk_vectors, values in chunks:
+            for n, (i, path, vector) in enumerate(
+                zip(chunk_ids, chunk_paths, chunk_vectors, strict=True)
+            ):
+                row = [int(i), path, json.dumps([round(float(x), 7) for x in vector])]
+                if "labels" in extras:
+                    row.append(json.dumps(values["labels"][n]))
+                if "cluster" in extras:
+                    row.append("" if values["cluster"][n] is None else values["cluster"][n])
+                out.writerow(row)
             done += len(chunk_ids)
     return done
 
 
-def _parquet(chunks: Iterator, total: int, dim: int, output: Path) -> int:
+def _parquet(chunks: Iterator, total: int, dim: int, output: Path, extras: list[str]) -> int:
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -115,21 +151,28 @@ def _parquet(chunks: Iterator, total: int, dim: int, output: Path) -> int:
             "parquet export needs pyarrow: pip install 'simsearch[parquet]' "
             "(or use --format npy or csv)"
         ) from None
-    schema = pa.schema(
-        [("id", pa.int64()), ("path", pa.string()), ("vector", pa.list_(pa.float32(), dim))]
-    )
+    label_type = pa.list_(pa.struct([("label", pa.string()), ("score", pa.float32())]))
+    fields = [("id", pa.int64()), ("path", pa.string()), ("vector", pa.list_(pa.float32(), dim))]
+    fields += [(c, label_type if c == "labels" else pa.int64()) for c in extras]
+    schema = pa.schema(fields)
     done = 0
     with replaced_atomically(output) as tmp, pq.ParquetWriter(tmp, schema) as writer:
-        for chunk_ids, chunk_paths, chunk_vectors in chunks:
+        for chunk_ids, chunk_paths, chunk_vectors, values in chunks:
             flat = pa.array(np.ascontiguousarray(chunk_vectors).reshape(-1))
-            table = pa.table(
-                [
-                    pa.array(chunk_ids, pa.int64()),
-                    pa.array(chunk_paths, pa.string()),
-                    pa.FixedSizeListArray.from_arrays(flat, dim),
-                ],
-                schema=schema,
-            )
+            columns = [
+                pa.array(chunk_ids, pa.int64()),
+                pa.array(chunk_paths, pa.string()),
+                pa.FixedSizeListArray.from_arrays(flat, dim),
+            ]
+            if "labels" in extras:
+                rows = [
+                    None if v is None else [{"label": a, "score": b} for a, b in v]
+                    for v in values["labels"]
+                ]
+                columns.append(pa.array(rows, label_type))
+            if "cluster" in extras:
+                columns.append(pa.array(values["cluster"], pa.int64()))
+            table = pa.table(columns, schema=schema)
             writer.write_table(table)
             done += len(chunk_ids)
     return done

@@ -326,20 +326,27 @@ class Store:
 
     @contextlib.contextmanager
     def snapshot_items(self, dim: int, rows: int = FETCH_ROWS):
-        """Yield (count, chunks): the number of indexed images and an iterator of (ids,
-        paths, vectors) chunks of them in id order, all read from one snapshot of the
-        database (a writer may commit meanwhile; this read does not see it)."""
+        """Yield (count, extras, chunks): the number of indexed images, the names of the
+        extra columns this index has ("labels", "cluster"), and an iterator of (ids, paths,
+        vectors, extras) chunks in id order, extras a dict of one list per extra column
+        (None where an image has no value), all read from one snapshot of the database (a
+        writer may commit meanwhile; this read does not see it)."""
         with self.engine.connect() as conn:
             # pysqlite runs SELECTs outside transactions; an explicit BEGIN pins the snapshot.
             conn.exec_driver_sql("BEGIN")
             try:
                 total = conn.exec_driver_sql("SELECT count(*) FROM vectors").scalar_one()
-                yield int(total), self._items(conn, dim, rows)
+                extras = [
+                    column
+                    for column, table in (("labels", "labels"), ("cluster", "clusters"))
+                    if _has_rows(conn, table)
+                ]
+                yield int(total), extras, self._items(conn, dim, rows, extras)
             finally:
                 conn.exec_driver_sql("ROLLBACK")
 
     @staticmethod
-    def _items(conn, dim: int, rows: int) -> Iterator[tuple[np.ndarray, list[str], np.ndarray]]:
+    def _items(conn, dim: int, rows: int, extras: list[str]) -> Iterator[tuple]:
         last = -1
         while True:
             chunk = conn.exec_driver_sql(
@@ -350,10 +357,28 @@ class Store:
             ).all()
             if not chunk:
                 return
-            last = int(chunk[-1][0])
+            first, last = int(chunk[0][0]), int(chunk[-1][0])
             ids = np.fromiter((r[0] for r in chunk), dtype=np.int64, count=len(chunk))
             vecs = np.frombuffer(b"".join(r[2] for r in chunk), dtype="<f4").reshape(-1, dim)
-            yield ids, [r[1] for r in chunk], vecs.astype(np.float32)
+            values = {}
+            if "labels" in extras:
+                labels: dict[int, list] = {}
+                for image_id, label, score in conn.exec_driver_sql(
+                    "SELECT image_id, label, score FROM labels WHERE image_id BETWEEN ? AND ? "
+                    "ORDER BY image_id, rank",
+                    (first, last),
+                ):
+                    labels.setdefault(image_id, []).append((label, round(float(score), 6)))
+                values["labels"] = [labels.get(i) for i in ids.tolist()]
+            if "cluster" in extras:
+                clusters = dict(
+                    conn.exec_driver_sql(
+                        "SELECT image_id, cluster FROM clusters WHERE image_id BETWEEN ? AND ?",
+                        (first, last),
+                    ).all()
+                )
+                values["cluster"] = [clusters.get(i) for i in ids.tolist()]
+            yield ids, [r[1] for r in chunk], vecs.astype(np.float32), values
 
     def same_content(self) -> list[list[int]]:
         """Return the ids of each set of two or more indexed files with the same SHA-256."""
@@ -649,6 +674,14 @@ ROWS_PER_STATEMENT = 100
 
 # Ids per `IN (...)` list, under SQLite's limit on bound variables.
 IDS_PER_STATEMENT = 500
+
+
+def _has_rows(conn, table: str) -> bool:
+    """Return True when `table` exists (older indexes lack newer tables) and has a row."""
+    exists = conn.exec_driver_sql(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)
+    ).first()
+    return bool(exists) and conn.exec_driver_sql(f"SELECT 1 FROM {table} LIMIT 1").first()
 
 
 def _chunks(items: Sequence, size: int = IDS_PER_STATEMENT) -> Iterator[Sequence]:

@@ -419,3 +419,33 @@ def test_index_without_dirs_only_labels(run, labelled, classifier):
     assert result.stdout.startswith("9 images labelled (replacing the labels of another model")
     info = run("info", "--index", labelled)
     assert f"labels:   9 images labelled by {classifier} (top 2)" in info.stdout
+
+
+@pytest.mark.parametrize("fmt", ["npy", "csv", "parquet"])
+def test_export_carries_each_images_labels(labelled, tmp_path, fmt):
+    import csv
+    import json
+
+    with Index.open(labelled) as index:
+        expected = {
+            p: [[x.label, x.score] for x in index.labels(p)] for p in index.store.known_files()
+        }
+        out = tmp_path / f"out.{fmt}"
+        assert index.export(out, fmt) == len(expected)
+    if fmt == "npy":
+        paths = [json.loads(line) for line in (out / "paths.txt").read_text().splitlines()]
+        labels = [json.loads(line) for line in (out / "labels.txt").read_text().splitlines()]
+    elif fmt == "csv":
+        rows = list(csv.DictReader(out.open()))
+        paths, labels = [r["path"] for r in rows], [json.loads(r["labels"]) for r in rows]
+    else:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(out).to_pylist()
+        paths = [r["path"] for r in table]
+        labels = [[[x["label"], x["score"]] for x in r["labels"]] for r in table]
+    got = dict(zip(paths, labels, strict=True))
+    assert set(got) == set(expected)
+    for path, pairs in expected.items():
+        assert [name for name, _ in got[path]] == [name for name, _ in pairs]
+        assert [s for _, s in got[path]] == pytest.approx([s for _, s in pairs], abs=1e-5)
