@@ -51,3 +51,7 @@ class StorageError(SimsearchError):
 
 class IndexTypeError(SimsearchError, ValueError):
     """An --index-type that is neither a known type nor a FAISS factory string FAISS builds."""
+
+
+class ClusterError(SimsearchError):
+    """A clustering the index cannot make (bad K, too few images)."""
