@@ -4,13 +4,18 @@ the CLI prints what people and scripts expect."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-from conftest import DIM, fill
+from click.testing import CliRunner
+from conftest import DIM, fill, subprocess_env
 
 from simsearch import Index
+from simsearch.cli import cli
 from simsearch.config import CLUSTER_TRAIN_MAX, DATABASE_FILE
 from simsearch.errors import ClusterError, QueryError
 from simsearch.store import BadImage, GoodImage
@@ -256,3 +261,88 @@ def test_clustering_a_million_vectors_stays_in_bounded_memory():
     assert result.run.images == n and len(result.labels) == n
     assert adjusted_rand_index(all_ids % groups, result.labels) == pytest.approx(1.0)
     assert peak < 80 * 2**20, f"clustering allocated {peak / 2**20:.0f} MB"
+
+
+# -- the command line ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def run():
+    runner = CliRunner()
+
+    def invoke(*args):
+        return runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+    return invoke
+
+
+def test_cli_cluster_table_json_show_info_and_search(run, grouped, monkeypatch):
+    index = grouped[0]
+    path = index.path
+    index.close()
+    result = run("cluster", "--index", path, "-k", GROUPS, "--json", "--top", 2)
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["cluster"] for line in lines] == list(range(1, GROUPS + 1))
+    assert set(lines[0]) == {"cluster", "size", "cohesion", "central"}
+    assert set(lines[0]["central"][0]) == {"id", "path", "score"}
+    assert all(line["size"] == 100 and len(line["central"]) == 2 for line in lines)
+
+    # --show prints the stored clusters and computes nothing.
+    monkeypatch.setattr("simsearch.cluster.cluster_vectors", lambda *a, **k: 1 / 0)
+    shown = run("cluster", "--index", path, "--show", "--top", 2)
+    table = shown.stdout.splitlines()
+    assert table[0].startswith("cluster 1: 100 images, mean similarity to centre 0.9")
+    assert table[1].split()[1] == lines[0]["central"][0]["path"]
+    assert table[-1].startswith(f"{GROUPS} clusters of 2000 images (k={GROUPS} given, seed 0")
+    assert len(table) == GROUPS * 3 + 1
+
+    about = json.loads(run("info", "--index", path, "--json").stdout)
+    assert about["clustered"] == 2_000 and about["clustering"]["k"] == GROUPS
+    human = run("info", "--index", path).stdout
+    assert f"clusters: {GROUPS} (k={GROUPS} given, seed 0, " in human
+    assert "2000 images assigned" in human
+
+    member = lines[3]["central"][0]
+    found = run("search", f"id:{member['id']}", "--index", path, "--cluster", 4, "--json")
+    hits = json.loads(found.stdout)["hits"]
+    assert hits[0]["id"] == member["id"] and len(hits) == 10
+    with Index.open(path) as again:
+        inside = set(again.store.cluster_members(4).tolist())
+    assert {h["id"] for h in hits} <= inside
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["-k", "1"], 2, "Invalid value for '-k': 1 clusters: give at least 2, or 'auto'"),
+        (["-k", "lots"], 2, "'lots' is neither a number of clusters nor 'auto'"),
+        ([], 2, "give -k K (a number, or auto), or --show"),
+        (["-k", "3", "--show"], 2, "--show prints the stored clusters; leave out -k"),
+        (["-k", "5000"], 1, "Error: k=5000 is more clusters than the index has images (2000)"),
+        (["--show"], 1, "has no clusters yet: make them with `simsearch cluster -k K`"),
+    ],
+)
+def test_cli_errors_are_one_line(grouped, args, code, message):
+    path = grouped[0].path
+    grouped[0].close()
+    result = CliRunner().invoke(cli, ["cluster", "--index", str(path), *args])
+    assert result.exit_code == code
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    if code == 1:
+        search = CliRunner().invoke(cli, ["search", "id:1", "--index", str(path), "--cluster", "1"])
+        assert search.exit_code == 1 and "no clusters yet" in search.stderr
+
+
+def test_a_run_killed_before_its_commit_leaves_the_last_clustering(grouped):
+    index, ids, _, _ = grouped
+    first = index.cluster(GROUPS)
+    before = labels_of(index, ids)
+    index.close()
+    argv = [sys.executable, "-m", "simsearch", "-q", "cluster", "--index", str(index.path)]
+    env = subprocess_env(SIMSEARCH_CRASH_AT="clusters:1")
+    killed = subprocess.run([*argv, "-k", "3"], env=env, capture_output=True, timeout=120)
+    assert killed.returncode == -9, killed.stderr
+    with Index.open(index.path) as again:
+        assert again.clustering() == first
+        assert np.array_equal(labels_of(again, ids), before)
