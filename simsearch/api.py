@@ -447,7 +447,9 @@ class Index:
         cluster).
         """
         # Checked first: a bad cluster is a QueryError before any model is loaded.
-        members = None if cluster is None else self._cluster_members(cluster)
+        members = (
+            None if cluster is None else self.store.cluster_members(self._check_cluster(cluster))
+        )
         for name, value in (("nprobe", nprobe), ("ef", ef), ("rerank", rerank)):
             if value is not None and value < (0 if name == "rerank" else 1):
                 raise QueryError(f"{name} must be at least {0 if name == 'rerank' else 1}")
@@ -474,7 +476,8 @@ class Index:
             results.append([Hit(i, paths[i], float(s)) for s, i in pairs if i in paths])
         return results
 
-    def _cluster_members(self, cluster: int) -> np.ndarray:
+    def _check_cluster(self, cluster: int) -> int:
+        """Return `cluster` as an int if the last clustering made it, else QueryError."""
         run = self.clustering()
         if run is None:
             raise QueryError(
@@ -484,7 +487,7 @@ class Index:
             raise QueryError(
                 f"no cluster {cluster}: the last clustering made clusters 1 to {run.clusters}"
             )
-        return self.store.cluster_members(int(cluster))
+        return int(cluster)
 
     def _stored_query_vector(self, query: Query) -> np.ndarray | None:
         """Return the query's vector when no model is needed for it, else None."""
@@ -615,6 +618,12 @@ class Index:
             )
             for cluster, size, mean, best in self.store.clusters(top)
         ]
+
+    def cluster_members(self, cluster: int) -> list[Hit]:
+        """Return every image of `cluster` (of the last `cluster` run), nearest its centre
+        first; score: cosine similarity to the centre. QueryError for no such cluster."""
+        rows = self.store.cluster_hits(self._check_cluster(cluster))
+        return [Hit(int(i), path, float(score)) for i, path, score in rows]
 
     # -- exporting -----------------------------------------------------------------------
 

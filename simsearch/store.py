@@ -533,6 +533,19 @@ class Store:
             ).all()
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
 
+    def cluster_hits(self, cluster: int) -> list[tuple[int, str, float]]:
+        """Return (id, path, score) of every image in `cluster`, nearest its centre first."""
+        with self.engine.connect() as conn:
+            return [
+                tuple(row)
+                for row in conn.exec_driver_sql(
+                    "SELECT c.image_id, i.path, c.score FROM clusters c "
+                    "JOIN images i ON i.id = c.image_id WHERE c.cluster = ? "
+                    "ORDER BY c.score DESC, c.image_id",
+                    (cluster,),
+                )
+            ]
+
     def clustered_count(self) -> int:
         """Return how many images have a cluster."""
         with self.engine.connect() as conn:

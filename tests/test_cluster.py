@@ -146,6 +146,11 @@ def test_search_within_a_cluster_ranks_only_its_images(grouped):
         index.search(query, cluster=21)
     with pytest.raises(QueryError, match="no cluster 0"):
         index.search(query, cluster=0)
+    every = index.cluster_members(int(labels[0]))
+    assert sorted(h.id for h in every) == sorted(members.tolist())
+    assert [h.score for h in every] == sorted((h.score for h in every), reverse=True)
+    with pytest.raises(QueryError, match="no cluster 21"):
+        index.cluster_members(21)
 
 
 def test_an_index_never_clustered_says_so(grouped):
