@@ -423,6 +423,9 @@ class Store:
                 _image_row(img, now, width=img.width, height=img.height, status=STATUS_OK)
                 for img in good
             ]
+            # Clusters describe vectors: a path whose content changed gets a new one and
+            # loses its cluster; a touched file with the same bytes keeps it.
+            stale = _changed_content(session, good)
             id_of = _upsert_images(session, ok_rows)
             ids = [id_of[img.path] for img in good]
             _upsert_vectors(session, ids, vectors)
@@ -435,7 +438,7 @@ class Store:
                 session.execute(delete(VectorRow).where(VectorRow.image_id.in_(dropped)))
             # A new vector (or none) was not part of the last clustering: its image waits,
             # unassigned, for the next `cluster` run rather than keep a stale cluster.
-            _drop_clusters(session, ids + dropped)
+            _drop_clusters(session, [*stale, *bad_ids])
             for move in moves:
                 session.execute(
                     update(ImageRow)
@@ -669,6 +672,18 @@ def _upsert_vectors(session: Session, ids: list[int], vectors: np.ndarray) -> No
                 index_elements=["image_id"], set_={"vector": stmt.excluded.vector}
             )
         )
+
+
+def _changed_content(session: Session, good: Sequence[GoodImage]) -> list[int]:
+    """Return the ids of stored paths among `good` whose content (SHA-256) is new."""
+    new_sha = {img.path: img.sha256 for img in good}
+    stale = []
+    for chunk in _chunks(list(new_sha)):
+        rows = session.execute(
+            select(ImageRow.id, ImageRow.path, ImageRow.sha256).where(ImageRow.path.in_(chunk))
+        )
+        stale += [i for i, path, sha in rows if sha is None or sha != new_sha[path]]
+    return stale
 
 
 def _drop_clusters(session: Session, ids: list[int]) -> None:

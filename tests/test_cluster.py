@@ -166,10 +166,13 @@ def test_changed_failed_and_removed_images_lose_their_cluster(grouped):
     index, ids, data, _ = grouped
     index.cluster(GROUPS)
     before = labels_of(index, ids)
-    # Image 0 is embedded again (new vector, same path, same id); image 1 turns bad.
-    paths = index.store.paths(ids[:2])
+    # Image 0 gets new content (a new vector, same path and id); image 1 turns bad; image 4
+    # is touched (new mtime, same bytes: the same vector).
+    paths = index.store.paths(ids[:5])
     changed = GoodImage(paths[int(ids[0])], 2, 2, "f" * 64, 8, 8)
     assert fill(index, data[5:6], images=[changed]).tolist() == [ids[0]]
+    touched = GoodImage(paths[int(ids[4])], 1, 99, f"{4:064x}", 8, 8)
+    assert fill(index, data[4:5], images=[touched]).tolist() == [ids[4]]
     with index._writing():
         turned_bad = BadImage(paths[int(ids[1])], 1, 3, "cannot decode")
         index.store.write_batch([], np.empty((0, DIM), np.float32), [turned_bad])
