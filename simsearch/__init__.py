@@ -2,12 +2,23 @@
 
 from simsearch.api import Index
 from simsearch.errors import SimsearchError
-from simsearch.records import AddSummary, Duplicate, DuplicateGroup, FailedFile, Hit, IndexInfo
+from simsearch.records import (
+    AddSummary,
+    Cluster,
+    ClusterRun,
+    Duplicate,
+    DuplicateGroup,
+    FailedFile,
+    Hit,
+    IndexInfo,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AddSummary",
+    "Cluster",
+    "ClusterRun",
     "Duplicate",
     "DuplicateGroup",
     "FailedFile",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -22,6 +23,7 @@ import numpy as np
 from simsearch.cache import VectorCache
 from simsearch.config import (
     CALIBRATION_SAMPLE,
+    CLUSTER_TOP,
     DATABASE_FILE,
     DEDUP_NEIGHBOURS,
     DEFAULT_BATCH_SIZE,
@@ -50,6 +52,8 @@ from simsearch.lock import WriteLock
 from simsearch.records import (
     AddSummary,
     Calibration,
+    Cluster,
+    ClusterRun,
     DuplicateGroup,
     FailedFile,
     Hit,
@@ -497,7 +501,7 @@ class Index:
 
         `query` is an image file (indexed or not), a PIL image, an indexed image's id (an int
         or "id:N"), or a vector of the index's dimension (normalised here, so scores are
-        cosine similarities). `params` (nprobe, ef, rerank, within, label): see
+        cosine similarities). `params` (nprobe, ef, rerank, within, label, cluster): see
         `search_many`.
         """
         return self.search_many([query], k, **params)[0]
@@ -512,6 +516,7 @@ class Index:
         rerank: int | None = None,
         within: Iterable[int] | None = None,
         label: str | None = None,
+        cluster: int | None = None,
     ) -> list[list[Hit]]:
         """Return the hits for each query, answering all of them in one FAISS call.
 
@@ -522,7 +527,13 @@ class Index:
         ids may be returned (the best k among them, not a filtered top k). `label`: only
         images having this label (or one of its comma-separated synonyms, any case) among
         their stored labels; QueryError when the index has no labels or none has it.
+        `cluster`: only images of this cluster of the last `cluster` run (QueryError if
+        there is no such cluster).
         """
+        # Checked first: a bad cluster is a QueryError before any model is loaded.
+        members = (
+            None if cluster is None else self.store.cluster_members(self._check_cluster(cluster))
+        )
         for name, value in (("nprobe", nprobe), ("ef", ef), ("rerank", rerank)):
             if value is not None and value < (0 if name == "rerank" else 1):
                 raise QueryError(f"{name} must be at least {0 if name == 'rerank' else 1}")
@@ -540,6 +551,8 @@ class Index:
         if label is not None:
             labelled = self._label_ids(label)
             within = labelled if within is None else np.intersect1d(within, labelled)
+        if members is not None:
+            within = members if within is None else np.intersect1d(within, members)
         scores, ids = self._cache.search(
             matrix, k, nprobe=nprobe, ef=ef, rerank=rerank, within=within
         )
@@ -549,6 +562,19 @@ class Index:
             pairs = zip(row_scores, row_ids.tolist(), strict=True)
             results.append([Hit(i, paths[i], float(s)) for s, i in pairs if i in paths])
         return results
+
+    def _check_cluster(self, cluster: int) -> int:
+        """Return `cluster` as an int if the last clustering made it, else QueryError."""
+        run = self.clustering()
+        if run is None:
+            raise QueryError(
+                "this index has no clusters yet: make them with `simsearch cluster -k K`"
+            )
+        if isinstance(cluster, bool) or not 1 <= int(cluster) <= run.clusters:
+            raise QueryError(
+                f"no cluster {cluster}: the last clustering made clusters 1 to {run.clusters}"
+            )
+        return int(cluster)
 
     def _stored_query_vector(self, query: Query) -> np.ndarray | None:
         """Return the query's vector when no model is needed for it, else None."""
@@ -699,6 +725,75 @@ class Index:
 
         return undo(self, Path(manifest))
 
+    # -- clusters ------------------------------------------------------------------------
+
+    def cluster(self, k: int | str, *, seed: int = 0, progress=None) -> ClusterRun:
+        """Cluster every indexed image by spherical k-means into `k` clusters, store each
+        image's cluster, and return how the run went.
+
+        `k`: 2 up to the number of images (at most CLUSTER_MAX_K), or "auto": the K from 2
+        to CLUSTER_AUTO_MAX_K with the best mean silhouette on a sample. Training sees a
+        random sample of at most CLUSTER_TRAIN_MAX vectors; every vector is then assigned
+        to its nearest centre in chunks, so memory stays bounded at any size. Clusters are
+        numbered by size, 1 the largest. The new clustering replaces the last one in one
+        transaction. `seed` makes runs repeatable. Takes the write lock for the run (an
+        `add` meanwhile gets IndexLockedError). Raises ClusterError for an unusable `k`.
+        `progress`: a tqdm-like object, advanced per image assigned.
+        """
+        from simsearch.cluster import check_k, cluster_vectors
+
+        dim = self.manifest.dim
+        check_k(k, len(self))  # ClusterError before waiting for the lock
+        with self._writing():
+            result = cluster_vectors(
+                self.store.vector_ids(),
+                self.store.vectors_by_id,
+                lambda: self.store.iter_vectors(dim),
+                dim,
+                k,
+                seed=seed,
+                progress=progress,
+            )
+            self.store.replace_clusters(
+                result.ids, result.labels, result.scores, json.dumps(dataclasses.asdict(result.run))
+            )
+        return result.run
+
+    def clustering(self) -> ClusterRun | None:
+        """Return how the stored clustering was made, or None if `cluster` never ran."""
+        data = self.store.clustering()
+        if data is None:
+            return None
+        known = {f.name for f in dataclasses.fields(ClusterRun)}
+        data = {key: value for key, value in data.items() if key in known}
+        data["candidates"] = tuple(tuple(pair) for pair in data.get("candidates", ()))
+        return ClusterRun(**data)
+
+    def clusters(self, top: int = CLUSTER_TOP) -> list[Cluster]:
+        """Return the stored clusters, 1 (the largest) first: size now, cohesion (mean
+        cosine to the centre) and the `top` images nearest the centre. Computes nothing;
+        empty if `cluster` never ran. Images removed since the run are gone from their
+        cluster, images added since are in none."""
+        if top < 0:
+            raise QueryError("top must be at least 0")
+        if self.clustering() is None:
+            return []
+        return [
+            Cluster(
+                cluster,
+                size,
+                round(mean, 6),
+                tuple(Hit(int(i), path, float(score)) for i, path, score in best),
+            )
+            for cluster, size, mean, best in self.store.clusters(top)
+        ]
+
+    def cluster_members(self, cluster: int) -> list[Hit]:
+        """Return every image of `cluster` (of the last `cluster` run), nearest its centre
+        first; score: cosine similarity to the centre. QueryError for no such cluster."""
+        rows = self.store.cluster_hits(self._check_cluster(cluster))
+        return [Hit(int(i), path, float(score)) for i, path, score in rows]
+
     # -- exporting -----------------------------------------------------------------------
 
     def export(self, output: str | os.PathLike, format: str = "npy", progress=None) -> int:
@@ -812,6 +907,7 @@ class Index:
         built, vectors = self._cache.built, self.vectors
         size = sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
         labels = self.store.label_source()
+        clustering = self.clustering()
         return IndexInfo(
             path=str(self.path),
             indexed=indexed,
@@ -837,6 +933,8 @@ class Index:
             label_model=(labels or {}).get("model"),
             label_top=int((labels or {}).get("top", 0)),
             labelled=self.store.labelled_count(),
+            clustering=clustering,
+            clustered=0 if clustering is None else self.store.clustered_count(),
         )
 
     def failed(self) -> list[FailedFile]:

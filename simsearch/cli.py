@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 from dataclasses import asdict
+from datetime import datetime
 from pathlib import Path
 
 import click
@@ -14,6 +15,9 @@ from sqlalchemy.exc import DatabaseError
 from simsearch import __version__
 from simsearch.config import (
     CALIBRATION_SAMPLE,
+    CLUSTER_AUTO_MAX_K,
+    CLUSTER_MAX_K,
+    CLUSTER_TOP,
     DEDUP_NEIGHBOURS,
     DEFAULT_BATCH_SIZE,
     DEFAULT_EF,
@@ -422,6 +426,13 @@ def index(
     "whole label or any of its comma-separated synonyms, any case (tabby matches "
     '"tabby, tabby cat").',
 )
+@click.option(
+    "--cluster",
+    type=int,
+    default=None,
+    metavar="N",
+    help="Only images in cluster N of the last `simsearch cluster` run.",
+)
 @device_option
 @precision_option
 @json_option
@@ -437,6 +448,7 @@ def search(
     ef,
     rerank,
     label,
+    cluster,
     device,
     precision,
     as_json,
@@ -455,6 +467,7 @@ def search(
       simsearch search a.jpg b.jpg --json | jq -r '.hits[0].path'
       simsearch search holiday.jpg -k 20 --html similar.html
       simsearch search beach.jpg --label "seashore"   # only images labelled seashore
+      simsearch search holiday.jpg --cluster 3   # the nearest among cluster 3's images
 
     --json prints one line per query:
     {"query": "a.jpg", "hits": [{"id": 7, "path": "/photos/x.jpg", "score": 0.93}, ...]}
@@ -463,7 +476,13 @@ def search(
 
     with Index.open(index_path, model=model, device=device, precision=precision) as idx:
         results = idx.search_many(
-            list(queries), k, nprobe=nprobe, ef=ef, rerank=rerank, label=label
+            list(queries),
+            k,
+            nprobe=nprobe,
+            ef=ef,
+            rerank=rerank,
+            label=label,
+            cluster=cluster,
         )
     for query, hits in zip(queries, results, strict=True):
         if as_json:
@@ -529,6 +548,7 @@ def info(index_path, errors, as_json):
             f"labels:   {about.labelled} images labelled by {about.label_model} "
             f"(top {about.label_top})"
         )
+    click.echo(f"clusters: {_clusters_line(about)}")
     click.echo(f"size:     {_human_bytes(about.size_bytes)} on disk")
     if errors:
         for f in failed:
@@ -873,6 +893,117 @@ def _print_groups(groups, threshold: float, as_csv: bool, as_json: bool) -> None
         click.echo(f"{len(groups)} groups, {count} duplicates (threshold {threshold})")
 
 
+class _KType(click.ParamType):
+    """-k: a number of clusters (2 or more) or `auto`."""
+
+    name = "K"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or str(value).strip().lower() == "auto":
+            return value if isinstance(value, int) else "auto"
+        try:
+            k = int(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither a number of clusters nor 'auto'", param, ctx)
+        if k < 2:
+            self.fail(f"{k} clusters: give at least 2, or 'auto'", param, ctx)
+        return k
+
+
+@cli.command()
+@index_option
+@click.option(
+    "-k",
+    "k",
+    type=_KType(),
+    default=None,
+    help=f"Number of clusters (2 to the number of images, at most {CLUSTER_MAX_K:,}), or "
+    f"auto: the K from 2 to {CLUSTER_AUTO_MAX_K} with the best mean silhouette (cosine "
+    "distance) on a sample of 2,000 images.",
+)
+@click.option(
+    "--top",
+    type=click.IntRange(min=0),
+    default=CLUSTER_TOP,
+    show_default=True,
+    help="Images shown per cluster: those nearest its centre.",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Random seed of the sampling and seeding; the same seed gives the same clusters.",
+)
+@click.option(
+    "--show", is_flag=True, help="Print the stored clusters of the last run; compute nothing."
+)
+@json_option
+@click.pass_obj
+def cluster(obj, index_path, k, top, seed, show, as_json):
+    """Group the indexed images into K clusters of similar images, and store them.
+
+    Spherical k-means (FAISS) trains on a random sample of the stored vectors (at most
+    100,000), then assigns every image to its nearest centre, a chunk at a time: memory
+    stays bounded at any size. Clusters are numbered by size, 1 the largest, and listed
+    with the images nearest their centre (score: cosine similarity to it). Each image's
+    cluster and the run's settings are stored in the index, replacing the last run's:
+    `search --cluster N` searches one cluster, `info` shows the run. Images indexed
+    afterwards have no cluster until the next run. Takes the write lock while it runs.
+
+    \b
+    Examples:
+      simsearch cluster -k 20
+      simsearch cluster -k auto --top 3
+      simsearch cluster --show --json | jq -r '.central[0].path'
+      simsearch search holiday.jpg --cluster 4
+
+    --json prints one cluster per line:
+    {"cluster": 1, "size": 120, "cohesion": 0.81, "central": [{"id": 7, "path": "/p/a.jpg",
+    "score": 0.93}, ...]}
+    """
+    from tqdm import tqdm
+
+    from simsearch.api import Index
+
+    if show and k is not None:
+        raise click.UsageError("--show prints the stored clusters; leave out -k")
+    if not show and k is None:
+        raise click.UsageError("give -k K (a number, or auto), or --show for the stored clusters")
+    no_bar = True if obj["quiet"] else None
+    with Index.open(index_path) as idx:
+        if show:
+            run = idx.clustering()
+            if run is None:
+                raise click.ClickException(
+                    f"{index_path} has no clusters yet: make them with `simsearch cluster -k K`"
+                )
+        else:
+            with tqdm(desc="clustering", unit="img", file=sys.stderr, disable=no_bar) as bar:
+                run = idx.cluster(k, seed=seed, progress=bar)
+        clusters = idx.clusters(top)
+        unassigned = len(idx) - sum(c.size for c in clusters)
+    for group in clusters:
+        if as_json:
+            central = [asdict(hit) for hit in group.central]
+            line = {"cluster": group.id, "size": group.size, "cohesion": group.cohesion}
+            click.echo(json.dumps({**line, "central": central}))
+            continue
+        click.echo(
+            f"cluster {group.id}: {group.size} images, mean similarity to centre "
+            f"{group.cohesion:.4f}"
+        )
+        for hit in group.central:
+            click.echo(f"  {hit.score:6.4f}  {hit.path}")
+    if not as_json:
+        click.echo(run.line())
+        if unassigned:
+            click.echo(
+                f"{unassigned} images indexed since the run have no cluster; "
+                "run `simsearch cluster -k K` again to include them"
+            )
+
+
 @cli.command()
 @index_option
 @click.option(
@@ -945,6 +1076,22 @@ def _index_type_line(about) -> str:
     line = f"vector index: {about.index_built} ({about.index_factory}); {about.index_reason}"
     if about.tombstones:
         line += f"; {about.tombstones} removed entries awaiting a rebuild"
+    return line
+
+
+def _clusters_line(about) -> str:
+    run = about.clustering
+    if run is None:
+        return "none (simsearch cluster -k K makes them)"
+    when = datetime.fromtimestamp(run.created_at).strftime("%Y-%m-%d %H:%M")
+    how = "given" if run.chosen_by == "given" else "chosen by auto"
+    line = (
+        f"{run.clusters} (k={run.k} {how}, seed {run.seed}, {when}); "
+        f"{about.clustered} images assigned"
+    )
+    unassigned = about.indexed - about.clustered
+    if unassigned:
+        line += f", {unassigned} indexed since are not (run `simsearch cluster` again)"
     return line
 
 

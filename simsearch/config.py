@@ -204,3 +204,53 @@ FILTER_EXACT_MAX = 20_000
 # index allowed (a 10 % subset at the default ef walks 2,560), up to this many; filtered IVF
 # searches visit lists in the same proportion, up to all of them.
 FILTER_MAX_EF = 4096
+
+# -- clusters (see cluster.py) ---------------------------------------------------------------
+
+# k-means trains on a random sample: this many vectors per centroid (FAISS's own cap,
+# `max_points_per_centroid`: more barely moves a centroid), at least CLUSTER_TRAIN_MIN (so
+# small K still sees the collection's variety) and at most CLUSTER_TRAIN_MAX (400 MB at 1024
+# dims), so a 1M- or 10M-image index clusters in the same bounded memory.
+CLUSTER_TRAIN_PER_CENTROID = 256
+CLUSTER_TRAIN_MIN = 10_000
+CLUSTER_TRAIN_MAX = 100_000
+
+# Lloyd iterations (FAISS's default is 25): centroids of embeddings barely move after 10
+# (IVF training stops there), and each iteration is one pass of the sample against every
+# centroid; 20 leaves room for the less separated groups clustering looks for.
+CLUSTER_ITERATIONS = 20
+
+# Seeds are chosen by greedy k-means++ on a subsample of CLUSTER_SEED_PER_CENTROID vectors
+# per centroid (at 16, a group of average size is missing from it, and so gets no seed,
+# with odds of ~1 in 10^6 for 20 groups; at 8, ~1 in 200), trying 2 +
+# CLUSTER_SEED_TRIALS_PER_LOG_K x ln(k) candidates at each step (scikit-learn tries
+# 2 + ln k), CLUSTER_SEEDINGS times while k <= CLUSTER_SEEDINGS_MAX_K, keeping the seeding
+# with the lowest k-means potential. Lloyd iterations cannot undo a seeding that put two
+# seeds in one group and none in another: on 20 planted groups of 100 vectors, 4
+# candidates a step and one seeding recovered every group in 55 % of 40 runs, 8 candidates
+# in 95 %, 8 and the best of 3 seedings in 40 of 40; as shipped (7 candidates at k = 20,
+# best of 3) in 39 of 40 runs on other draws of the groups. Past 200 clusters one split
+# group is a small share of them, and 3 seedings would cost more than training: seeding
+# reads its subsample once per centroid (93 s for 3 seedings of k = 1,000 at 768 dims on
+# 2 cores; training 200 centroids on 51k vectors, seeding included, takes 12 s).
+CLUSTER_SEED_PER_CENTROID = 16
+CLUSTER_SEED_TRIALS_PER_LOG_K = 2
+CLUSTER_SEEDINGS = 3
+CLUSTER_SEEDINGS_MAX_K = 200
+
+# K is at most this: seeding and training cost grow with k^2 (the sample grows with k), to
+# several minutes on 2 cores at this K (an estimate from the timings above), and clusters
+# of a few hundred images out of a million are better found by search than browsed.
+CLUSTER_MAX_K = 2_000
+
+# `-k auto` tries K from 2 to this many (fewer for small indexes), training each on a random
+# CLUSTER_AUTO_SAMPLE of the training sample and scoring it by the mean silhouette of another
+# CLUSTER_SILHOUETTE_SAMPLE (one 2,000 x 2,000 cosine matrix, reused for every K; every run
+# reports its silhouette on it). 64: auto is for a set of clusters a person can browse, and
+# bounds its cost (~25 trainings on 5,000 vectors); give K for more.
+CLUSTER_AUTO_MAX_K = 64
+CLUSTER_AUTO_SAMPLE = 5_000
+CLUSTER_SILHOUETTE_SAMPLE = 2_000
+
+# Images shown per cluster: the ones nearest its centre, enough to tell what it holds.
+CLUSTER_TOP = 5

@@ -55,3 +55,7 @@ class IndexTypeError(SimsearchError, ValueError):
 
 class ReportError(SimsearchError):
     """An HTML report could not be written (missing folder, no permission, disk full)."""
+
+
+class ClusterError(SimsearchError):
+    """A clustering the index cannot make (bad K, too few images)."""

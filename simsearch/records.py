@@ -63,6 +63,42 @@ class Calibration:
 
 
 @dataclass(frozen=True)
+class Cluster:
+    """One cluster of a clustering run: its size and the images nearest its centre."""
+
+    id: int  # 1 = the largest cluster
+    size: int  # images assigned to it now
+    cohesion: float  # mean cosine similarity of its images to its centre
+    central: tuple[Hit, ...]  # the images nearest its centre, best first; score: cosine
+
+
+@dataclass(frozen=True)
+class ClusterRun:
+    """How a clustering was made, as stored with it (`Index.clustering()`)."""
+
+    k: int  # clusters asked for, or chosen by `auto`
+    clusters: int  # clusters that got images (k, unless a centroid attracted none)
+    chosen_by: str  # "given", or the criterion `auto` used
+    seed: int
+    images: int  # images assigned by the run
+    trained_on: int  # vectors in the random sample k-means trained on
+    iterations: int
+    cohesion: float  # mean cosine similarity of the images to their centre
+    silhouette: float  # mean silhouette (cosine distance) on a sample; -1..1, higher = apart
+    created_at: float  # when the run finished (Unix time)
+    seconds: float
+    candidates: tuple[tuple[int, float], ...] = ()  # auto: (K, silhouette) of each K tried
+
+    def line(self) -> str:
+        how = "given" if self.chosen_by == "given" else "chosen by auto"
+        return (
+            f"{self.clusters} clusters of {self.images} images (k={self.k} {how}, "
+            f"seed {self.seed}, silhouette {self.silhouette:.3f}, "
+            f"mean similarity to centre {self.cohesion:.3f}, {self.seconds:.1f} s)"
+        )
+
+
+@dataclass(frozen=True)
 class MoveReport:
     """What moving, deleting or putting back duplicates did."""
 
@@ -184,6 +220,8 @@ class IndexInfo:
     label_model: str | None = None  # what made the stored labels (index --label-model)
     label_top: int = 0  # labels stored per image
     labelled: int = 0  # images with stored labels
+    clustering: ClusterRun | None = None  # the last `cluster` run, or None
+    clustered: int = 0  # images that have a cluster (the others came after the run)
 
 
 def stages_line(seconds: dict[str, float]) -> str:

@@ -98,6 +98,20 @@ class LabelRow(Base):
     score: Mapped[float] = mapped_column()
 
 
+class ClusterRow(Base):
+    """An image's cluster in the last `cluster` run (images added since have none)."""
+
+    __tablename__ = "clusters"
+    # (cluster, score): a cluster's members and its most central images without a scan.
+    __table_args__: ClassVar[tuple] = (SqlIndex("ix_clusters_cluster_score", "cluster", "score"),)
+
+    image_id: Mapped[int] = mapped_column(
+        ForeignKey("images.id", ondelete="CASCADE"), primary_key=True
+    )
+    cluster: Mapped[int] = mapped_column(Integer)
+    score: Mapped[float] = mapped_column()  # cosine similarity to the cluster's centre
+
+
 class MetaRow(Base):
     __tablename__ = "meta"
 
@@ -460,8 +474,9 @@ class Store:
                 _image_row(img, now, width=img.width, height=img.height, status=STATUS_OK)
                 for img in good
             ]
-            # Labels describe content: a path whose content changed loses them (the next
-            # labelling pass labels it again); a touched file with the same bytes keeps them.
+            # Labels and clusters describe content and vectors: a path whose content
+            # changed loses them (the next labelling pass labels it again; the next
+            # `cluster` run assigns it); a touched file with the same bytes keeps them.
             stale = _changed_content(session, good)
             id_of = _upsert_images(session, ok_rows)
             ids = [id_of[img.path] for img in good]
@@ -474,6 +489,9 @@ class Store:
             if dropped:
                 session.execute(delete(VectorRow).where(VectorRow.image_id.in_(dropped)))
             _delete_labels(session, [*stale, *bad_ids])
+            # A new vector (or none) was not part of the last clustering: its image waits,
+            # unassigned, for the next `cluster` run rather than keep a stale cluster.
+            _drop_clusters(session, [*stale, *bad_ids])
             for move in moves:
                 session.execute(
                     update(ImageRow)
@@ -501,6 +519,7 @@ class Store:
     def reset_vectors(self, ids: Sequence[int], reason: str) -> None:
         """Drop damaged vectors and mark their images to be embedded again by the next run."""
         with Session(self.engine) as session, session.begin():
+            _drop_clusters(session, [int(i) for i in ids])
             for image_id in ids:
                 session.execute(delete(VectorRow).where(VectorRow.image_id == int(image_id)))
                 session.execute(
@@ -603,6 +622,85 @@ class Store:
                 is not None
             )
 
+    # -- clusters ------------------------------------------------------------------------
+    # Readers call these only when the meta row "clustering" exists: an index made before
+    # clusters existed has no clusters table until its next write (`upgrade`).
+
+    def replace_clusters(
+        self, ids: np.ndarray, labels: np.ndarray, scores: np.ndarray, run: str
+    ) -> None:
+        """Replace every image's cluster, and the run's description (JSON), in one
+        transaction. Vectors are unchanged, so the generation (and the FAISS file) stays."""
+        with self.engine.begin() as conn:
+            conn.exec_driver_sql("DELETE FROM clusters")
+            for start in range(0, len(ids), FETCH_ROWS):
+                end = start + FETCH_ROWS
+                rows = zip(
+                    ids[start:end].tolist(),
+                    labels[start:end].tolist(),
+                    np.round(scores[start:end].astype(np.float64), 6).tolist(),
+                    strict=True,
+                )
+                conn.exec_driver_sql(
+                    "INSERT INTO clusters (image_id, cluster, score) VALUES (?, ?, ?)", list(rows)
+                )
+            _put_meta(conn, "clustering", run)
+            crash_point("clusters")
+
+    def clustering(self) -> dict | None:
+        """Return the last clustering run's description, or None if there was none."""
+        text = self._get_meta("clustering")
+        return None if text is None else json.loads(text)
+
+    def clusters(self, top: int) -> list[tuple[int, int, float, list[tuple[int, str, float]]]]:
+        """Return (cluster, size, mean score, [(id, path, score)] of its `top` best) for
+        each cluster with images, in cluster order, from one snapshot of the database."""
+        with self.engine.connect() as conn:
+            conn.exec_driver_sql("BEGIN")  # one snapshot, even while a new run commits
+            try:
+                sizes = conn.exec_driver_sql(
+                    "SELECT cluster, count(*), avg(score) FROM clusters "
+                    "GROUP BY cluster ORDER BY cluster"
+                ).all()
+                result = []
+                for cluster, size, mean in sizes:
+                    best = conn.exec_driver_sql(
+                        "SELECT c.image_id, i.path, c.score FROM clusters c "
+                        "JOIN images i ON i.id = c.image_id WHERE c.cluster = ? "
+                        "ORDER BY c.score DESC, c.image_id LIMIT ?",
+                        (cluster, top),
+                    ).all()
+                    result.append((int(cluster), int(size), float(mean), [tuple(r) for r in best]))
+                return result
+            finally:
+                conn.exec_driver_sql("ROLLBACK")
+
+    def cluster_members(self, cluster: int) -> np.ndarray:
+        """Return the ids of the images in `cluster`, sorted."""
+        with self.engine.connect() as conn:
+            rows = conn.exec_driver_sql(
+                "SELECT image_id FROM clusters WHERE cluster = ? ORDER BY image_id", (cluster,)
+            ).all()
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+
+    def cluster_hits(self, cluster: int) -> list[tuple[int, str, float]]:
+        """Return (id, path, score) of every image in `cluster`, nearest its centre first."""
+        with self.engine.connect() as conn:
+            return [
+                tuple(row)
+                for row in conn.exec_driver_sql(
+                    "SELECT c.image_id, i.path, c.score FROM clusters c "
+                    "JOIN images i ON i.id = c.image_id WHERE c.cluster = ? "
+                    "ORDER BY c.score DESC, c.image_id",
+                    (cluster,),
+                )
+            ]
+
+    def clustered_count(self) -> int:
+        """Return how many images have a cluster."""
+        with self.engine.connect() as conn:
+            return int(conn.exec_driver_sql("SELECT count(*) FROM clusters").scalar_one())
+
     # -- checking ------------------------------------------------------------------------
 
     def check(self, dim: int) -> StoreReport:
@@ -652,6 +750,7 @@ class Store:
     def delete_vectors(self, ids: Sequence[int]) -> None:
         """Delete the vectors of `ids` (stray vectors of failed or missing images)."""
         with Session(self.engine) as session, session.begin():
+            _drop_clusters(session, [int(i) for i in ids])
             for chunk in _chunks([int(i) for i in ids]):
                 session.execute(delete(VectorRow).where(VectorRow.image_id.in_(chunk)))
             _bump_generation(session)
@@ -745,6 +844,12 @@ def _changed_content(session: Session, good: Sequence[GoodImage]) -> list[int]:
 def _delete_labels(session: Session, ids: Sequence[int]) -> None:
     for chunk in _chunks([int(i) for i in ids]):
         session.execute(delete(LabelRow).where(LabelRow.image_id.in_(chunk)))
+
+
+def _drop_clusters(session: Session, ids: list[int]) -> None:
+    """Forget the cluster of `ids` (their vectors are replaced or gone)."""
+    for chunk in _chunks(ids):
+        session.execute(delete(ClusterRow).where(ClusterRow.image_id.in_(chunk)))
 
 
 def _put_meta(session: Session, key: str, value: str) -> None:
