@@ -939,8 +939,9 @@ class _KType(click.ParamType):
     "--show", is_flag=True, help="Print the stored clusters of the last run; compute nothing."
 )
 @json_option
+@html_option
 @click.pass_obj
-def cluster(obj, index_path, k, top, seed, show, as_json):
+def cluster(obj, index_path, k, top, seed, show, as_json, html_path):
     """Group the indexed images into K clusters of similar images, and store them.
 
     Spherical k-means (FAISS) trains on a random sample of the stored vectors (at most
@@ -956,6 +957,7 @@ def cluster(obj, index_path, k, top, seed, show, as_json):
       simsearch cluster -k 20
       simsearch cluster -k auto --top 3
       simsearch cluster --show --json | jq -r '.central[0].path'
+      simsearch cluster --show --top 8 --html clusters.html   # a page to browse
       simsearch search holiday.jpg --cluster 4
 
     --json prints one cluster per line:
@@ -1002,6 +1004,11 @@ def cluster(obj, index_path, k, top, seed, show, as_json):
                 f"{unassigned} images indexed since the run have no cluster; "
                 "run `simsearch cluster -k K` again to include them"
             )
+    if html_path is not None:
+        from simsearch.report import cluster_page
+
+        shown = cluster_page(clusters, html_path)
+        _report_written(obj, html_path, shown)
 
 
 @cli.command()

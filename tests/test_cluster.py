@@ -354,3 +354,30 @@ def test_a_run_killed_before_its_commit_leaves_the_last_clustering(grouped):
     with Index.open(index.path) as again:
         assert again.clustering() == first
         assert np.array_equal(labels_of(again, ids), before)
+
+
+@pytest.mark.parametrize("fmt", ["npy", "csv", "parquet"])
+def test_export_carries_each_images_cluster(grouped, tmp_path, fmt):
+    import csv
+
+    index = grouped[0]
+    index.cluster(GROUPS, seed=0)
+    late = fill(index, planted(5, seed=9)[0], start=10_000)  # indexed after the run
+    with index.store.engine.connect() as conn:
+        expected = dict(conn.exec_driver_sql("SELECT image_id, cluster FROM clusters").all())
+    expected.update({int(i): None for i in late})
+    out = tmp_path / f"out.{fmt}"
+    assert index.export(out, fmt) == len(expected)
+    if fmt == "npy":
+        ids = np.load(out / "ids.npy").tolist()
+        clusters = [None if c < 0 else c for c in np.load(out / "clusters.npy").tolist()]
+    elif fmt == "csv":
+        rows = list(csv.DictReader(out.open()))
+        ids = [int(r["id"]) for r in rows]
+        clusters = [int(r["cluster"]) if r["cluster"] else None for r in rows]
+    else:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(out).to_pydict()
+        ids, clusters = table["id"], table["cluster"]
+    assert dict(zip(ids, clusters, strict=True)) == expected

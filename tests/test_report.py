@@ -350,3 +350,18 @@ def test_an_unwritable_html_path_is_a_one_line_error(run, tmp_path, index_path, 
     assert result.stderr.strip().splitlines() == [
         f"Error: cannot write the report {page}: No such file or directory"
     ]
+
+
+def test_cluster_html_from_the_command_line(run, tmp_path, index_path):
+    page = tmp_path / "clusters.html"
+    result = run("cluster", "-k", "2", "--top", "3", "--index", index_path, "--html", page)
+    assert result.exit_code == 0, result.output
+    sizes = [int(n) for n in re.findall(r"cluster \d+: (\d+) images", result.stdout)]
+    assert sum(sizes) == 8 and len(sizes) == 2
+    shown = sum(min(3, n) for n in sizes)
+    assert f"wrote {page} ({shown} images)" in result.stderr
+    text = page.read_text("utf-8")
+    assert text.count("<h2>Cluster ") == 2
+    again = run("cluster", "--show", "--top", "1", "--index", index_path, "--html", page)
+    assert again.exit_code == 0 and f"wrote {page} (2 images)" in again.stderr
+    assert_all_rendered(render(page, tmp_path), 2)
