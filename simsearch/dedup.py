@@ -3,7 +3,9 @@ groups by union-find, and one image to keep per group.
 
 Never an all-pairs matrix: each stored vector asks the index for its `neighbours` nearest,
 a chunk at a time, so memory is the index plus one chunk plus the edges found. Byte-
-identical files (same SHA-256) are always one group, whatever their vectors.
+identical files (same SHA-256) are always one group, whatever their vectors. Connected sets
+are then split so that every duplicate is within the threshold of the image kept: a chain
+of pairs each above it (a ~ b ~ c) does not make c a duplicate of a.
 """
 
 from __future__ import annotations
@@ -92,22 +94,45 @@ def find_groups(
     for ids in same_content:
         for other in ids[1:]:
             sets.union(ids[0], other)
+    identical = {}
+    for ids in same_content:
+        for member in ids:
+            identical[member] = ids[0]
     result = []
     for members in sets.groups():
         info = facts(members)
         members = [m for m in members if m in info]  # removed since the search
-        if len(members) < 2:
-            continue
-        keep = min(members, key=lambda m: key(info[m]))
         stored = vectors(members)
-        dups = [Duplicate(m, info[m][0], _score(stored, keep, m)) for m in members if m != keep]
-        dups.sort(key=lambda d: (-d.score, d.path))
-        result.append(DuplicateGroup(keep, info[keep][0], tuple(dups)))
+        result += _split(members, info, stored, identical, threshold, key)
     result.sort(key=lambda g: g.keep_path)
     return result
+
+
+def _split(members, info, stored, identical, threshold, key) -> list[DuplicateGroup]:
+    """Turn a connected set into groups in which every duplicate is at least `threshold`
+    similar to the image kept (or has its bytes): a chain a ~ b ~ c does not make c a
+    duplicate of a. The best image by `key` is kept; the members too far from it are
+    grouped again among themselves."""
+    groups = []
+    rest = sorted(members, key=lambda m: key(info[m]))
+    while len(rest) > 1:
+        keep, far = rest[0], []
+        dups = []
+        for m in rest[1:]:
+            same = m in identical and identical.get(keep) == identical[m]
+            score = 1.0 if same else _score(stored, keep, m)
+            if same or score >= threshold:
+                dups.append(Duplicate(m, info[m][0], score))
+            else:
+                far.append(m)
+        if dups:
+            dups.sort(key=lambda d: (-d.score, d.path))
+            groups.append(DuplicateGroup(keep, info[keep][0], tuple(dups)))
+        rest = far
+    return groups
 
 
 def _score(stored: dict[int, np.ndarray], a: int, b: int) -> float:
     if a in stored and b in stored:
         return round(float(np.clip(stored[a] @ stored[b], -1.0, 1.0)), 6)
-    return 1.0  # same content, no vector (cannot happen for indexed files)
+    return -1.0  # no vector (removed since the search): never a duplicate by similarity

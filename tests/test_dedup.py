@@ -81,13 +81,31 @@ def test_byte_identical_files_always_group_and_the_keep_policy_holds(tmp_path, t
 def test_groups_larger_than_the_neighbour_list_are_found_whole(tmp_path, tiny_vit):
     rng = np.random.default_rng(1)
     base = clustered(1, seed=5)[0]
-    chain = [base]
-    for _ in range(11):  # each copy close to the previous: a chain of 12
-        chain.append(_copy_of(chain[-1], rng, 0.995))
+    copies = [base] + [_copy_of(base, rng, 0.997) for _ in range(11)]  # 12 of one image
     with Index.create(tmp_path / "idx", tiny_vit) as index:
-        fill(index, np.stack(chain))
+        fill(index, np.stack(copies))
         groups = index.duplicates(0.99, neighbours=2)
     assert len(groups) == 1 and len(groups[0].duplicates) == 11
+
+
+def test_a_chain_of_near_pairs_does_not_make_far_images_duplicates(tmp_path, tiny_vit):
+    rng = np.random.default_rng(1)
+    chain = [clustered(1, seed=5)[0]]
+    for _ in range(11):  # each close to the previous, drifting away from the first
+        chain.append(_copy_of(chain[-1], rng, 0.995))
+    chain = np.stack(chain)
+    with Index.create(tmp_path / "idx", tiny_vit) as index:
+        ids = fill(index, chain)
+        groups = index.duplicates(0.99, neighbours=2)
+    vector = dict(zip(ids.tolist(), chain, strict=True))
+    # Every image is in one group, and within the threshold of that group's kept image.
+    members = [g.keep_id for g in groups] + [d.id for g in groups for d in g.duplicates]
+    assert sorted(members) == sorted(ids.tolist())
+    assert len(groups) > 1
+    for g in groups:
+        for d in g.duplicates:
+            assert float(vector[g.keep_id] @ vector[d.id]) >= 0.99 - 1e-6
+            assert d.score == pytest.approx(float(vector[g.keep_id] @ vector[d.id]), abs=1e-5)
 
 
 def test_bad_settings_are_clear_errors(planted):
