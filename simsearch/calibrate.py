@@ -6,8 +6,9 @@ So a sample of the indexed images is edited the way copies are made (crop, resca
 re-encode, brightness, mirror, small rotation, border), the edited copies are embedded with
 the index's model, and their similarity to the originals (copies: should be grouped) is set
 against the similarity of each original to its nearest other indexed images (what dedup
-would otherwise group by mistake). The threshold that separates the two best (highest F1)
-is kept, with the precision and recall it had on the sample.
+would otherwise group by mistake). The threshold that separates the two best (highest
+F-beta, precision weighted above recall) is kept, with the precision and recall it had on
+the sample.
 
 The nearest other images are exactly the candidates dedup examines, which makes them the
 hard negatives that matter. But a collection that needs dedup holds copies already: a
@@ -27,6 +28,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
+from simsearch.config import DEDUP_F_BETA
 from simsearch.errors import ImageError
 from simsearch.images import decode_image, read_image_file
 from simsearch.records import Calibration
@@ -70,10 +72,13 @@ def edit(image: Image.Image, name: str, rng: np.random.Generator) -> Image.Image
     raise ValueError(f"unknown edit {name!r}; one of {', '.join(EDITS)}")
 
 
-def choose_threshold(copies: np.ndarray, others: np.ndarray) -> tuple[float, float, float]:
-    """Return (threshold, precision, recall): the cut with the highest F1 between
+def choose_threshold(
+    copies: np.ndarray, others: np.ndarray, beta: float = DEDUP_F_BETA
+) -> tuple[float, float, float]:
+    """Return (threshold, precision, recall): the cut with the highest F-beta between
     `copies` (scores that should reach it) and `others` (scores that should not); among
-    equally good cuts, the widest gap, and the threshold in its middle."""
+    equally good cuts, the widest gap, and the threshold in its middle. beta < 1 weighs
+    precision above recall."""
     scores = np.concatenate([copies, others]).astype(np.float64)
     is_copy = np.concatenate([np.ones(len(copies), bool), np.zeros(len(others), bool)])
     order = np.argsort(-scores, kind="stable")
@@ -81,7 +86,9 @@ def choose_threshold(copies: np.ndarray, others: np.ndarray) -> tuple[float, flo
     # Cut i keeps the i + 1 highest scores.
     tp = np.cumsum(is_copy)
     fp = np.cumsum(~is_copy)
-    f1 = 2 * tp / (len(copies) + tp + fp)
+    fn = len(copies) - tp
+    b2 = beta * beta
+    f1 = (1 + b2) * tp / ((1 + b2) * tp + b2 * fn + fp)
     below = np.append(scores[1:], scores[-1] - 0.02)
     # A cut between equal scores is no cut: it cannot be made with a threshold.
     valid = scores > below

@@ -186,6 +186,12 @@ TOMBSTONE_REBUILD_SHARE = 0.2
 # graph at 20 x n edges at most.
 DEDUP_NEIGHBOURS = 20
 
+# The calibrated dedup threshold maximises F-beta with this beta: 0.5 counts a false
+# duplicate (a different photo offered for deletion) as costly as two missed copies. On
+# real photos (benchmarks/dedup_quality.py, DINOv2-S) F1 (beta 1) grouped different shots of
+# one scene; people asked to review thousands of false pairs stop trusting the tool.
+DEDUP_F_BETA = 0.5
+
 # Threshold calibration edits this many indexed images (7 copies each): 700 embeddings,
 # about a minute with ViT-B on two cores; precision and recall on fewer move by several
 # points from one sample to the next.

@@ -68,15 +68,18 @@ def plan_index(requested: str, n: int, dim: int) -> Plan:
     name = requested.lower()
     if name == "auto":
         if n <= AUTO_FLAT_MAX_VECTORS:
-            return _plan("flat", n, dim, f"auto: {n:,} vectors, exact search is fast enough")
+            reason = f"auto: exact search, fast enough up to {AUTO_FLAT_MAX_VECTORS:,} vectors"
+            return _plan("flat", n, dim, reason)
+        # The count is the one the choice was made at: the reason is kept with the build.
         if n * dim * 4 <= AUTO_HNSW_MAX_BYTES:
-            return _plan("hnsw", n, dim, f"auto: {n:,} vectors, a graph answers in ~2 ms")
+            reason = f"auto: chosen at {n:,} vectors, a graph answers in ~2 ms"
+            return _plan("hnsw", n, dim, reason)
         return _plan(
             "ivfpq",
             n,
             dim,
-            f"auto: {n:,} vectors would take {n * dim * 4 / 2**30:.1f} GiB uncompressed; "
-            "compressed codes with exact re-ranking",
+            f"auto: chosen at {n:,} vectors, which would take {n * dim * 4 / 2**30:.1f} GiB "
+            "uncompressed; compressed codes with exact re-ranking",
         )
     if name in INDEX_TYPES:
         return _plan(name, n, dim, f"{name} as requested")

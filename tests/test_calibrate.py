@@ -154,13 +154,23 @@ def test_choose_threshold_cuts_in_the_middle_of_the_gap_when_the_sets_separate()
     assert (precision, recall) == (1.0, 1.0)
 
 
-def test_choose_threshold_trades_precision_for_recall_by_f1():
+def test_choose_threshold_trades_precision_for_recall_by_f_beta():
     copies = np.array([0.99, 0.98, 0.97, 0.96, 0.70])  # one hard copy, among the others
     others = np.array([0.90, 0.80, 0.75, 0.72, 0.60, 0.50])
-    threshold, precision, recall = choose_threshold(copies, others)
+    threshold, precision, recall = choose_threshold(copies, others, beta=1.0)
     # Reaching the 0.70 copy would take four false pairs: F1 0.67 < 0.89 without it.
     assert 0.90 < threshold < 0.96
     assert (precision, recall) == (1.0, 0.8)
+
+
+def test_the_default_weighs_a_false_duplicate_above_a_missed_copy():
+    copies = np.array([0.99, 0.98, 0.97, 0.96, 0.85, 0.84])
+    others = np.array([0.90, 0.50, 0.40])
+    # F1 takes the two 0.85 copies at the price of the 0.90 stranger; F0.5 does not.
+    assert choose_threshold(copies, others, beta=1.0)[0] < 0.85
+    threshold, precision, recall = choose_threshold(copies, others)
+    assert 0.90 < threshold < 0.96
+    assert (precision, recall) == (1.0, pytest.approx(4 / 6))
 
 
 def test_every_edit_makes_a_different_image_of_a_sensible_size():
