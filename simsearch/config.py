@@ -188,8 +188,8 @@ DEDUP_NEIGHBOURS = 20
 
 # The calibrated dedup threshold maximises F-beta with this beta: 0.5 counts a false
 # duplicate (a different photo offered for deletion) as costly as two missed copies. On
-# real photos (benchmarks/dedup_quality.py, DINOv2-S) F1 (beta 1) grouped different shots of
-# one scene; people asked to review thousands of false pairs stop trusting the tool.
+# real photos (benchmarks/dedup_quality.py, DINOv2-S) F1 gave precision 0.79 / recall 0.92,
+# F0.5 0.88 / 0.88: people asked to review many false pairs stop trusting the tool.
 DEDUP_F_BETA = 0.5
 
 # Threshold calibration edits this many indexed images (7 copies each): 700 embeddings,

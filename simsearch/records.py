@@ -36,7 +36,7 @@ class DuplicateGroup:
 class Calibration:
     """A dedup threshold calibrated on edited copies of the index's own images."""
 
-    threshold: float  # the cosine that separated copies from other images best (F1)
+    threshold: float  # the cosine that separated copies from other images best (F-beta)
     precision: float  # of the pairs at or above it on the sample, the share that were copies
     recall: float  # of the edited copies, the share at or above it
     images: int  # indexed images sampled and edited
