@@ -992,8 +992,8 @@ def cluster(obj, index_path, k, top, seed, show, as_json, html_path):
             click.echo(json.dumps({**line, "central": central}))
             continue
         click.echo(
-            f"cluster {group.id}: {group.size} images, mean similarity to centre "
-            f"{group.cohesion:.4f}"
+            f"cluster {group.id}: {group.size} image{'' if group.size == 1 else 's'}, "
+            f"mean similarity to centre {group.cohesion:.4f}"
         )
         for hit in group.central:
             click.echo(f"  {hit.score:6.4f}  {hit.path}")

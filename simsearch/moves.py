@@ -78,8 +78,7 @@ def move(index, groups: Sequence[DuplicateGroup], target: Path) -> MoveReport:
             if dest.exists():
                 skipped.append((dup.path, f"{dest} already exists"))
                 continue
-            vector = index.store.vectors_by_id([dup.id]).get(dup.id)
-            _append(log_file, _entry(dup, dest, group, facts, vector))
+            _append(log_file, _entry(index, dup, dest, group, facts))
             try:
                 _move_file(Path(dup.path), dest)
             except OSError as exc:
@@ -192,7 +191,10 @@ def _unchanged(facts: dict) -> bool:
     return (st.st_size, st.st_mtime_ns) == (facts["size"], facts["mtime_ns"])
 
 
-def _entry(dup, dest: Path, group, facts: dict, vector) -> dict:
+def _entry(index, dup, dest: Path, group, facts: dict) -> dict:
+    """The manifest line of a move: enough to put the file back and give the index back
+    everything it knew of it (vector, labels, cluster) without the model."""
+    store = index.store
     entry = {
         "from": dup.path,
         "to": str(dest),
@@ -200,8 +202,23 @@ def _entry(dup, dest: Path, group, facts: dict, vector) -> dict:
         "score": dup.score,
         **{k: facts[k] for k in ("size", "mtime_ns", "sha256", "width", "height")},
     }
+    vector = store.vectors_by_id([dup.id]).get(dup.id)
     if vector is not None:
         entry["vector"] = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+    labels = store.labels_of([dup.id]).get(dup.id)
+    if labels:
+        entry["labels"] = {
+            "source": store.label_source(),
+            "labels": [[x.label, x.score] for x in labels],
+        }
+    cluster = store.clusters_of([dup.id]).get(dup.id)
+    if cluster is not None:
+        run = store.clustering() or {}
+        entry["cluster"] = {
+            "run": run.get("created_at"),
+            "cluster": cluster[0],
+            "score": cluster[1],
+        }
     return entry
 
 
@@ -274,4 +291,29 @@ def _restore(index, entries: list[dict]) -> None:
             )
         ids, _ = index.store.write_batch(good, vectors)
         index._cache.add(np.asarray(ids, dtype=np.int64), vectors)
+        _restore_labels_and_clusters(index.store, dict(zip(ids, usable, strict=True)))
     entries.clear()
+
+
+def _restore_labels_and_clusters(store, restored: dict[int, dict]) -> None:
+    """Give put-back images the labels and cluster they had, where the labels still come
+    from the same model and the clustering is still the same run (else the next labelling
+    pass or `cluster` run deals with them, as with any new image)."""
+    from simsearch.records import Label
+
+    source = store.label_source()
+    labels = {
+        image_id: [Label(name, float(score)) for name, score in e["labels"]["labels"]]
+        for image_id, e in restored.items()
+        if "labels" in e and source is not None and e["labels"]["source"] == source
+    }
+    if labels:
+        store.write_labels(labels, source)
+    run = (store.clustering() or {}).get("created_at")
+    clusters = [
+        (image_id, e["cluster"]["cluster"], e["cluster"]["score"])
+        for image_id, e in restored.items()
+        if "cluster" in e and run is not None and e["cluster"]["run"] == run
+    ]
+    if clusters:
+        store.restore_clusters(clusters)

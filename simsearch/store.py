@@ -647,6 +647,21 @@ class Store:
             _put_meta(conn, "clustering", run)
             crash_point("clusters")
 
+    def clusters_of(self, ids: Sequence[int]) -> dict[int, tuple[int, float]]:
+        """Return id -> (cluster, score) for each of `ids` that has one."""
+        if self.clustering() is None:
+            return {}
+        rows = self._rows_by_id("SELECT image_id, cluster, score FROM clusters", "image_id", ids)
+        return {int(i): (int(c), float(sc)) for i, c, sc in rows}
+
+    def restore_clusters(self, rows: Sequence[tuple[int, int, float]]) -> None:
+        """Give images back the (image id, cluster, score) they had in the current run."""
+        with self.engine.begin() as conn:
+            conn.exec_driver_sql(
+                "INSERT OR REPLACE INTO clusters (image_id, cluster, score) VALUES (?, ?, ?)",
+                [tuple(r) for r in rows],
+            )
+
     def clustering(self) -> dict | None:
         """Return the last clustering run's description, or None if there was none."""
         text = self._get_meta("clustering")

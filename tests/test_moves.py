@@ -97,6 +97,32 @@ def test_move_to_then_undo_restores_every_file_byte_for_byte(tmp_path, library):
     assert snapshot(folder) == before
 
 
+def labels_and_clusters(index: Path) -> dict[str, tuple]:
+    with Index.open(index) as idx:
+        ids = {i: p for p, i in ((p, k.id) for p, k in idx.store.known_files().items())}
+        labels = idx.store.labels_of(list(ids))
+        clusters = idx.store.clusters_of(list(ids))
+    return {p: (tuple(labels.get(i, ())), clusters.get(i)) for i, p in ids.items()}
+
+
+def test_undo_gives_back_labels_and_clusters(tmp_path, library):
+    from simsearch.records import Label
+
+    _, index = library
+    with Index.open(index) as idx:
+        known = idx.store.known_files()
+        labels = {k.id: [Label(f"name {k.id % 3}", 0.5 + k.id / 100)] for k in known.values()}
+        idx.store.write_labels(labels, {"model": "a classifier", "top": 1})
+        idx.cluster(3)
+    before = labels_and_clusters(index)
+    assert all(lab and cluster is not None for lab, cluster in before.values())
+    with Index.open(index) as idx:
+        report = idx.move_duplicates(idx.duplicates(0.9999), tmp_path / "dups")
+        assert len(labels_and_clusters(index)) == len(before) - 3
+        idx.undo_moves(report.manifest)
+    assert labels_and_clusters(index) == before
+
+
 def test_a_crash_mid_move_is_undone_completely(tmp_path, library, monkeypatch):
     folder, index = library
     before, paths_before = snapshot(folder), indexed_paths(index)
