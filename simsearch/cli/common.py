@@ -1,0 +1,189 @@
+"""The `simsearch` command group, its shared options and the helpers its commands share."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import click
+from sqlalchemy.exc import DatabaseError
+
+from simsearch import __version__
+from simsearch.config import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_INDEX,
+)
+from simsearch.errors import SimsearchError
+
+log = logging.getLogger("simsearch")
+
+
+class _Group(click.Group):
+    """A click group whose errors are one line on stderr, never a usage dump or traceback."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as exc:
+            hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+            click.echo(f"Error: {exc.format_message()}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except SimsearchError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(1)
+        except DatabaseError as exc:
+            click.echo(
+                f"Error: the index database is damaged or unreadable ({exc.orig}); restore it "
+                "from a backup, or index into a new --index",
+                err=True,
+            )
+            sys.exit(1)
+        except click.Abort:
+            click.echo("Interrupted; everything committed before it is kept.", err=True)
+            sys.exit(130)
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+class _TqdmHandler(logging.Handler):
+    """Writes log records through tqdm, so notices do not tear progress bars apart."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    level = (
+        logging.ERROR
+        if quiet
+        else logging.DEBUG
+        if verbose > 1
+        else (logging.INFO if verbose else logging.WARNING)
+    )
+    logging.getLogger("simsearch").setLevel(level)
+
+
+index_option = click.option(
+    "--index",
+    "index_path",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_INDEX,
+    envvar="SIMSEARCH_INDEX",
+    show_default=True,
+    show_envvar=True,
+    help="Index folder.",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+html_option = click.option(
+    "--html",
+    "html_path",
+    metavar="FILE",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write a page with thumbnails to FILE (self-contained: it can be mailed). "
+    "An existing FILE is replaced.",
+)
+device_option = click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="Where the model runs; auto uses CUDA when there is one.",
+)
+precision_option = click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16", "fp16", "int8"]),
+    default="auto",
+    envvar="SIMSEARCH_PRECISION",
+    show_default=True,
+    show_envvar=True,
+    help="Arithmetic of the model: auto = fp16 on CUDA, bf16 on CPUs with native bf16, "
+    "else fp32; int8 = quantised linear layers (CPU).",
+)
+batch_option = click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=DEFAULT_BATCH_SIZE,
+    show_default=True,
+    help="Images per model call.",
+)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="simsearch")
+@click.option("-v", "--verbose", count=True, help="More detail on stderr (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or notices, only results.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
+    """Image similarity search: index folders of images, find the ones that look alike.
+
+    \b
+    Quick start:
+      simsearch index ~/Pictures                 # embed every image (incremental)
+      simsearch search query.jpg -k 5            # the 5 most similar indexed images
+      simsearch info                             # what is in the index
+      simsearch dedup --html dups.html           # near-duplicates, to look at first
+      simsearch cluster -k auto                  # groups of similar images
+
+    Without hub access, point --model (or SIMSEARCH_MODEL) at a folder written by
+    transformers' save_pretrained.
+    """
+    _setup_logging(verbose, quiet)
+    ctx.obj = {"quiet": quiet}
+
+
+def _report_written(obj, path: Path, shown: int) -> None:
+    if not obj["quiet"]:
+        click.echo(f"wrote {path} ({shown} images)", err=True)
+
+
+def _index_type_line(about) -> str:
+    line = f"vector index: {about.index_built} ({about.index_factory}); {about.index_reason}"
+    if about.tombstones:
+        line += f"; {about.tombstones} removed entries awaiting a rebuild"
+    return line
+
+
+def _clusters_line(about) -> str:
+    run = about.clustering
+    if run is None:
+        return "none (simsearch cluster -k K makes them)"
+    when = datetime.fromtimestamp(run.created_at).strftime("%Y-%m-%d %H:%M")
+    how = "given" if run.chosen_by == "given" else "chosen by auto"
+    line = (
+        f"{run.clusters} (k={run.k} {how}, seed {run.seed}, {when}); "
+        f"{about.clustered} images assigned"
+    )
+    unassigned = about.indexed - about.clustered
+    if unassigned:
+        line += f", {unassigned} indexed since are not (run `simsearch cluster` again)"
+    return line
+
+
+def _index_type_json(about) -> dict:
+    keys = ("index_type", "index_built", "index_factory", "index_reason", "tombstones")
+    return {key: getattr(about, key) for key in keys}
+
+
+def _human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TB"

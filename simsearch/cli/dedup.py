@@ -1,0 +1,230 @@
+"""`simsearch dedup`: near-duplicate groups, the threshold calibration, and moving or
+deleting duplicates (and putting them back)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+
+from simsearch.cli.common import (
+    _report_written,
+    cli,
+    html_option,
+    index_option,
+    json_option,
+)
+from simsearch.config import (
+    CALIBRATION_SAMPLE,
+    DEDUP_NEIGHBOURS,
+)
+
+log = logging.getLogger("simsearch")
+
+
+@cli.command()
+@index_option
+@click.option(
+    "--threshold",
+    type=click.FloatRange(-1.0, 1.0),
+    default=None,
+    help="Cosine similarity at which two images count as duplicates.  [default: the "
+    "index's calibrated threshold; the first dedup calibrates it, once]",
+)
+@click.option(
+    "--calibrate",
+    is_flag=True,
+    help="Calibrate the threshold again (edited copies of a sample of the indexed images "
+    "against their nearest other images), keep it, print it with the precision and recall "
+    "it expects, and stop.",
+)
+@click.option(
+    "--calibration-sample",
+    type=click.IntRange(min=1),
+    default=CALIBRATION_SAMPLE,
+    show_default=True,
+    help="Indexed images edited (7 copies each) when calibrating.",
+)
+@click.option(
+    "--neighbours",
+    type=click.IntRange(min=1),
+    default=DEDUP_NEIGHBOURS,
+    show_default=True,
+    help="Nearest neighbours examined per image; groups larger than this are still found "
+    "whole when their members chain together.",
+)
+@click.option(
+    "--model",
+    envvar="SIMSEARCH_MODEL",
+    show_envvar=True,
+    help="Where the index's model is now, if its folder moved (calibration embeds images).",
+)
+@click.option(
+    "--move-to",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Move the duplicates (never the kept images) under this folder, keeping their "
+    "relative paths, and remove them from the index; a manifest there makes it undoable.",
+)
+@click.option(
+    "--undo",
+    "undo_manifest",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Put back the files moved by an earlier --move-to (its manifest) and return them "
+    "to the index.",
+)
+@click.option(
+    "--delete",
+    is_flag=True,
+    help="Delete the duplicates (never the kept images) for good; needs --yes.",
+)
+@click.option("--yes", is_flag=True, help="Confirm --delete.")
+@click.option("--csv", "as_csv", is_flag=True, help="CSV: group,role,path,score.")
+@json_option
+@html_option
+@click.pass_context
+def dedup(
+    ctx,
+    index_path,
+    threshold,
+    calibrate,
+    calibration_sample,
+    neighbours,
+    model,
+    move_to,
+    undo_manifest,
+    delete,
+    yes,
+    as_csv,
+    as_json,
+    html_path,
+):
+    """Find groups of near-duplicate images and the one to keep in each; report them, or
+    move or delete the others.
+
+    Each image's nearest neighbours (batched FAISS searches, never an all-pairs matrix)
+    above the threshold are joined into groups; byte-identical files are always one group.
+    The image to keep is the one with the highest resolution, then the largest file, then
+    the oldest, then the shortest path; the others are listed with their similarity to it.
+
+    The right threshold depends on the model, so it is calibrated per index: a sample of
+    the indexed images is edited the way copies are made (crop, rescale, JPEG re-encode,
+    brightness, mirror, small rotation, border) and embedded, and the threshold that best
+    separates those copies from each image's nearest other images is kept in the index's
+    manifest, with the precision and recall it had (`simsearch info` shows them). This
+    needs the model and the indexed files, once; --threshold overrides it.
+
+    Nothing changes unless asked: --move-to DIR moves the duplicates aside (undo with
+    --undo DIR/simsearch-moves-*.jsonl), --delete --yes deletes them; either way they leave
+    the index. Files changed since indexing, or whose kept image is gone, are left alone.
+
+    \b
+    Examples:
+      simsearch dedup                              # calibrated threshold
+      simsearch dedup --calibrate                  # calibrate again, show the figures
+      simsearch dedup --threshold 0.9 --json | jq -r '.duplicates[].path'
+      simsearch dedup --csv > duplicates.csv
+      simsearch dedup --html duplicates.html       # look before acting
+      simsearch dedup --move-to ~/duplicates       # reversible
+      simsearch dedup --undo ~/duplicates/simsearch-moves-20261124-101500.jsonl
+      simsearch dedup --delete --yes
+
+    --json prints one group per line:
+    {"keep": "/photos/a.jpg", "duplicates": [{"path": "/photos/a-copy.jpg", "score": 0.97}]}
+    """
+    from tqdm import tqdm
+
+    from simsearch.api import Index
+
+    obj = ctx.obj
+    if undo_manifest is not None:
+        if move_to or delete or calibrate:
+            raise click.UsageError(
+                "--undo cannot be combined with --move-to, --delete or --calibrate"
+            )
+        _undo_moves(ctx, undo_manifest, index_path, as_json)
+        return
+    if move_to and delete:
+        raise click.UsageError("choose one of --move-to and --delete")
+    if delete and not yes:
+        raise click.UsageError(
+            "--delete removes the duplicates for good: add --yes (or use "
+            "--move-to DIR, which can be undone)"
+        )
+    no_bar = True if obj["quiet"] else None
+    with Index.open(index_path, model=model) as idx:
+        if calibrate or (threshold is None and idx.manifest.dedup_calibration is None):
+            with tqdm(desc="calibrating", unit="img", file=sys.stderr, disable=no_bar) as bar:
+                found = idx.calibrate_dedup(
+                    sample=calibration_sample, neighbours=neighbours, progress=bar
+                )
+            if calibrate:
+                click.echo(json.dumps(asdict(found)) if as_json else found.line())
+                return
+            if not obj["quiet"]:
+                click.echo(found.line(), err=True)
+        if threshold is None:
+            threshold = idx.dedup_calibration().threshold
+        with tqdm(desc="comparing", unit="img", file=sys.stderr, disable=no_bar) as bar:
+            groups = idx.duplicates(threshold, neighbours=neighbours, progress=bar)
+        _print_groups(groups, threshold, as_csv, as_json)
+        if html_path is not None:  # before any move: the page shows the files in place
+            from simsearch.report import dedup_page
+
+            shown = dedup_page(groups, html_path, threshold=threshold)
+            _report_written(obj, html_path, shown)
+        done = None
+        if move_to is not None:
+            done = idx.move_duplicates(groups, move_to)
+        elif delete:
+            done = idx.delete_duplicates(groups)
+    if done is not None:
+        for path, reason in done.skipped:
+            click.echo(f"left alone: {path}: {reason}", err=True)
+        click.echo(done.line(), err=True)
+
+
+def _undo_moves(ctx, manifest: Path, index_path: Path, as_json: bool) -> None:
+    from click.core import ParameterSource
+
+    from simsearch.api import Index
+    from simsearch.moves import read_manifest
+
+    header, _ = read_manifest(manifest)
+    if ctx.get_parameter_source("index_path") in (ParameterSource.DEFAULT, None):
+        index_path = Path(header["index"])  # the manifest names its index
+    with Index.open(index_path) as idx:
+        report = idx.undo_moves(manifest)
+    if as_json:
+        click.echo(json.dumps(asdict(report)))
+        return
+    for path, reason in report.skipped:
+        click.echo(f"left alone: {path}: {reason}")
+    click.echo(report.line())
+
+
+def _print_groups(groups, threshold: float, as_csv: bool, as_json: bool) -> None:
+    if as_csv:
+        import csv
+
+        out = csv.writer(sys.stdout, lineterminator="\n")
+        out.writerow(["group", "role", "path", "score"])
+        for n, group in enumerate(groups, 1):
+            out.writerow([n, "keep", group.keep_path, ""])
+            for dup in group.duplicates:
+                out.writerow([n, "duplicate", dup.path, f"{dup.score:.4f}"])
+        return
+    for group in groups:
+        if as_json:
+            dups = [{"path": d.path, "score": d.score} for d in group.duplicates]
+            click.echo(json.dumps({"keep": group.keep_path, "duplicates": dups}))
+            continue
+        click.echo(f"keep       {group.keep_path}")
+        for dup in group.duplicates:
+            click.echo(f"  {dup.score:6.4f}  {dup.path}")
+    if not as_json:
+        count = sum(len(g.duplicates) for g in groups)
+        click.echo(f"{len(groups)} groups, {count} duplicates (threshold {threshold})")

@@ -1,0 +1,385 @@
+"""`simsearch index`, `info`, `verify` and `repair`: building an index and looking after it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+
+from simsearch.cli.common import (
+    _clusters_line,
+    _human_bytes,
+    _index_type_json,
+    _index_type_line,
+    batch_option,
+    cli,
+    device_option,
+    index_option,
+    json_option,
+    precision_option,
+)
+from simsearch.config import (
+    DEFAULT_LABEL_MODEL,
+    DEFAULT_LABEL_TOP,
+    DEFAULT_MODEL,
+    MAX_IMAGE_PIXELS,
+)
+
+log = logging.getLogger("simsearch")
+
+
+@cli.command()
+@click.argument("dirs", nargs=-1, type=click.Path(exists=True, path_type=Path))
+@index_option
+@click.option(
+    "--model",
+    envvar="SIMSEARCH_MODEL",
+    show_envvar=True,
+    help=f"Hub id or local folder of the backbone. New index: defaults to {DEFAULT_MODEL}; "
+    "existing index: its own model (a folder with the same weights may be given).",
+)
+@click.option(
+    "--layer",
+    type=int,
+    default=None,
+    help="Hidden state to embed: 0 = patch embeddings, 1..N = blocks, negative from the end. "
+    "New index: -1 (last block, after the final norm).",
+)
+@click.option(
+    "--pool",
+    type=click.Choice(["cls", "mean"]),
+    default=None,
+    help="[CLS] token or mean of the patch tokens. New index: cls.",
+)
+@batch_option
+@device_option
+@precision_option
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Threads that read and decode images.  [default: min(4, cores)]",
+)
+@click.option(
+    "--prune/--no-prune",
+    default=True,
+    show_default=True,
+    help="Remove indexed files under DIRS that no longer exist.",
+)
+@click.option(
+    "--max-pixels",
+    type=click.IntRange(min=1),
+    default=MAX_IMAGE_PIXELS,
+    show_default=True,
+    help="Refuse images with more pixels than this (decompression bombs), unread.",
+)
+@click.option(
+    "--index-type",
+    metavar="TYPE",
+    default=None,
+    help="Vector index: auto, flat (exact), hnsw (graph, ~1 ms), ivf (inverted lists), ivfpq "
+    "(compressed, for tens of millions), or a FAISS factory string such as IVF1024,SQ8. "
+    "New index: auto (flat, then hnsw past 50,000 vectors, then ivfpq past 4 GiB of vectors). "
+    "Existing index: changes its type and rebuilds it from the stored vectors.",
+)
+@click.option(
+    "--label-model",
+    metavar="M",
+    envvar="SIMSEARCH_LABEL_MODEL",
+    show_envvar=True,
+    help="Also store each image's top labels from this image classification model (hub id "
+    f"or folder, e.g. {DEFAULT_LABEL_MODEL}), for `search --label`. Reads new files a second "
+    "time. Labels from another model are all replaced.",
+)
+@click.option(
+    "--label-top",
+    type=click.IntRange(min=1),
+    default=None,
+    help=f"Labels stored per image.  [default: {DEFAULT_LABEL_TOP}, or the index's]",
+)
+@click.option("--strict", is_flag=True, help="Exit with status 3 if any file failed.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or notices (as simsearch -q).")
+@json_option
+@click.pass_obj
+def index(
+    obj,
+    quiet,
+    dirs,
+    index_path,
+    model,
+    layer,
+    pool,
+    batch_size,
+    device,
+    precision,
+    workers,
+    prune,
+    max_pixels,
+    index_type,
+    label_model,
+    label_top,
+    strict,
+    as_json,
+):
+    """Bring an index up to date with the images under DIRS, creating it if needed.
+
+    Folders are searched recursively for jpg, jpeg, png, webp, bmp, gif and tiff files.
+    Unchanged files (same size and mtime) are skipped unread; renamed files and copies of
+    indexed files reuse their vectors; files gone from DIRS are removed (--no-prune keeps
+    them). Files that cannot be read are recorded with the reason (`simsearch info
+    --errors`) and the run goes on. Work is committed in batches: after a crash or Ctrl-C,
+    the same command continues where it stopped. One writer at a time per index; searches
+    keep working while it runs.
+
+    \b
+    Examples:
+      simsearch index ~/Pictures
+      simsearch index photos/ scans/ --index indexes/family
+      simsearch index photos/ --model ./models/vit-base --layer -2 --pool mean
+      simsearch index photos/ --strict --json     # for scripts: exit 3 if any file failed
+      simsearch index --index-type hnsw           # no DIRS: only change the index type
+      simsearch index photos/ --label-model google/vit-large-patch16-384
+      simsearch index --label-model ./models/convnext --label-top 3   # only (re)label
+
+    With --label-model, every indexed image without labels from that model is labelled
+    after indexing (its file is read a second time), in committed batches; a second run
+    labels only what is new or changed. Labels of another model are replaced.
+    """
+    from tqdm import tqdm
+
+    from simsearch.api import Index
+    from simsearch.config import DEFAULT_WORKERS
+
+    quiet = quiet or obj["quiet"]
+    # disable=None: tqdm draws only when stderr is a terminal.
+    no_bar = True if quiet else None
+    if not dirs:
+        if index_type is None and label_model is None:
+            raise click.UsageError(
+                "give the folders to index (DIRS), or --index-type, or --label-model"
+            )
+        with Index.open(
+            index_path,
+            model=model,
+            layer=layer,
+            pool=pool,
+            device=device,
+            precision=precision,
+            batch_size=batch_size,
+        ) as idx:
+            if index_type is not None:
+                idx.set_index_type(index_type)
+            labelled = _label_index(idx, label_model, label_top, workers, no_bar)
+            about = idx.info()
+        out = _index_type_json(about) if index_type is not None else {}
+        if labelled is not None:
+            out["labels"] = asdict(labelled)
+        if as_json:
+            click.echo(json.dumps(out))
+            return
+        if index_type is not None:
+            click.echo(_index_type_line(about))
+        if labelled is not None:
+            click.echo(labelled.line())
+        return
+    idx = Index.open_or_create(
+        index_path,
+        model,
+        layer=layer,
+        pool=pool,
+        device=device,
+        precision=precision,
+        batch_size=batch_size,
+        index_type=index_type,
+    )
+    with idx:
+        m = idx.manifest
+        log.info(
+            "model %s: %d-dim, layer %d of %d, %s pooling",
+            m.model,
+            m.dim,
+            m.layer,
+            m.num_layers,
+            m.pool,
+        )
+        if quiet:
+            logging.getLogger("simsearch").setLevel(logging.ERROR)
+        with tqdm(desc="indexing", unit="img", file=sys.stderr, disable=no_bar) as bar:
+            summary = idx.add(
+                dirs,
+                workers=workers or DEFAULT_WORKERS,
+                prune=prune,
+                max_pixels=max_pixels,
+                progress=bar,
+            )
+        labelled = _label_index(idx, label_model, label_top, workers, no_bar)
+        about = idx.info() if index_type is not None or summary.rebuilt else None
+        unlabelled = None
+        if label_model is None:
+            # An index that has labels keeps them complete only when told the model again.
+            state = idx.info()
+            if state.label_model and state.labelled < state.indexed:
+                unlabelled = (state.indexed - state.labelled, state.label_model)
+    if not quiet:
+        from simsearch.records import stages_line
+
+        click.echo(stages_line(summary.stages), err=True)
+        if about is not None:
+            click.echo(_index_type_line(about), err=True)
+        if unlabelled is not None:
+            click.echo(
+                f"{unlabelled[0]} indexed images have no labels yet; label them with "
+                f"--label-model {unlabelled[1]}",
+                err=True,
+            )
+    if as_json:
+        out = asdict(summary)
+        if labelled is not None:
+            out["labels"] = asdict(labelled)
+        click.echo(json.dumps(out))
+    else:
+        click.echo(summary.line())
+        if labelled is not None:
+            click.echo(labelled.line())
+    if strict and summary.failed:
+        click.echo(
+            f"Error: {summary.failed} files failed (--strict); see `simsearch info --errors`",
+            err=True,
+        )
+        sys.exit(3)
+
+
+@cli.command()
+@index_option
+@click.option("--errors", is_flag=True, help="List every file that failed, with the reason.")
+@json_option
+def info(index_path, errors, as_json):
+    """Show what an index holds: counts, model, vector settings, size on disk.
+
+    \b
+    Examples:
+      simsearch info
+      simsearch info --errors
+      simsearch info --json | jq .indexed
+    """
+    from simsearch.api import Index
+
+    with Index.open(index_path) as idx:
+        about = idx.info()
+        failed = idx.failed() if errors else []
+    if as_json:
+        data = asdict(about)
+        if errors:
+            data["errors"] = [asdict(f) for f in failed]
+        click.echo(json.dumps(data))
+        return
+    revision = f", revision {about.revision[:12]}" if about.revision else ""
+    click.echo(f"index:    {about.path}")
+    click.echo(f"images:   {about.indexed} indexed, {about.failed} failed")
+    click.echo(
+        f"model:    {about.model} ({about.architecture}, weights "
+        f"{about.weights_sha256[:12]}{revision})"
+    )
+    click.echo(
+        f"vectors:  {about.dim}-dim, layer {about.layer} of {about.num_layers}, "
+        f"{about.pool} pooling, {about.precision}, cosine"
+    )
+    click.echo(f"search:   {_index_type_line(about).removeprefix('vector index: ')}")
+    cal = about.dedup_calibration
+    if cal:
+        click.echo(
+            f"dedup:    threshold {cal['threshold']:.4f} (expected precision "
+            f"{cal['precision']:.3f}, recall {cal['recall']:.3f}; calibrated {cal['created']})"
+        )
+    else:
+        click.echo("dedup:    threshold not calibrated yet (the first `simsearch dedup` does it)")
+    if about.label_model:
+        click.echo(
+            f"labels:   {about.labelled} images labelled by {about.label_model} "
+            f"(top {about.label_top})"
+        )
+    click.echo(f"clusters: {_clusters_line(about)}")
+    click.echo(f"size:     {_human_bytes(about.size_bytes)} on disk")
+    if errors:
+        for f in failed:
+            click.echo(f"failed:   {f.path}: {f.error}")
+
+
+@cli.command()
+@index_option
+@json_option
+def verify(index_path, as_json):
+    """Check every invariant of an index; exit 1 and describe each one that fails.
+
+    Checks the database (SQLite integrity, one finite unit vector of the right dimension
+    per indexed image, no stray vectors), manifest.json, and that vectors.faiss matches the
+    database (generation, count, ids, every vector). While `simsearch index` runs, the
+    FAISS file is reported stale until it finishes. `simsearch repair` fixes what it can.
+
+    \b
+    Examples:
+      simsearch verify
+      simsearch verify --index indexes/family --json
+    """
+    from simsearch.api import Index
+
+    with Index.open(index_path) as idx:
+        problems = idx.verify()
+        indexed, failed = (0, 0) if problems else idx.store.counts()
+    if as_json:
+        click.echo(json.dumps({"ok": not problems, "problems": problems}))
+    elif problems:
+        for problem in problems:
+            click.echo(f"problem: {problem}")
+    else:
+        click.echo(f"ok: {indexed} indexed images, {failed} failed files, all invariants hold")
+    if problems:
+        sys.exit(1)
+
+
+@cli.command()
+@index_option
+@json_option
+def repair(index_path, as_json):
+    """Rebuild what can be rebuilt from the database, then verify.
+
+    Rewrites vectors.faiss and manifest.json from meta.sqlite, deletes stray vectors, and
+    marks images whose vectors are damaged to be embedded again by the next `simsearch
+    index`. Takes the write lock. A damaged meta.sqlite cannot be repaired.
+
+    \b
+    Examples:
+      simsearch repair && simsearch index ~/Pictures
+    """
+    from simsearch.api import Index
+
+    with Index.open(index_path) as idx:
+        actions = idx.repair()
+        problems = idx.verify()
+    if as_json:
+        click.echo(json.dumps({"actions": actions, "ok": not problems, "problems": problems}))
+    else:
+        for action in actions or ["nothing to repair"]:
+            click.echo(action)
+        for problem in problems:
+            click.echo(f"problem: {problem}")
+    if problems:
+        sys.exit(1)
+
+
+def _label_index(idx, label_model, label_top, workers, no_bar):
+    """Label the index's images with `label_model` (None: do nothing); the summary."""
+    if label_model is None:
+        return None
+    from tqdm import tqdm
+
+    from simsearch.config import DEFAULT_WORKERS
+
+    with tqdm(desc="labelling", unit="img", file=sys.stderr, disable=no_bar) as bar:
+        return idx.label_images(
+            label_model, top=label_top, workers=workers or DEFAULT_WORKERS, progress=bar
+        )
