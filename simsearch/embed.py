@@ -65,8 +65,8 @@ class Embedder:
         # What the manifest records: the hub id, or the absolute folder so that the index can
         # find its model again from any working directory.
         self.model_id = self.name if self.revision else str(self.folder)
-        self.device = _pick_device(device)
-        self.precision = _pick_precision(precision, self.device)
+        self.device = pick_device(device)
+        self.precision = pick_precision(precision, self.device)
         self._weights_sha256: str | None = None
 
         self.model, self.config = load_backbone(self.folder)
@@ -84,7 +84,7 @@ class Embedder:
                 (getattr(self.model, n) for n in FINAL_NORM_NAMES if hasattr(self.model, n)), None
             )
         if self.precision == "int8":
-            _quantize_linear_layers(self.model)  # in place: the hooks below stay attached
+            quantize_linear_layers(self.model)  # in place: the hooks below stay attached
         self._captured = None
         if self.layer == 0:
             blocks[0].register_forward_pre_hook(self._capture_input, with_kwargs=True)
@@ -193,7 +193,7 @@ def resolve_layer(layer: int, num_layers: int) -> int:
     return layer if layer >= 0 else num_layers + 1 + layer
 
 
-def _pick_device(device: str) -> str:
+def pick_device(device: str) -> str:
     import torch
 
     if device not in DEVICES:
@@ -205,7 +205,7 @@ def _pick_device(device: str) -> str:
     return device
 
 
-def _pick_precision(precision: str | None, device: str) -> str:
+def pick_precision(precision: str | None, device: str) -> str:
     precision = precision or os.environ.get("SIMSEARCH_PRECISION") or "auto"
     if precision not in PRECISIONS:
         raise ModelLoadError(
@@ -230,7 +230,7 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
-def _quantize_linear_layers(model) -> None:
+def quantize_linear_layers(model) -> None:
     """Quantise the attention projections to int8 (dynamic, per-channel weights), in place.
 
     Only the attention's linear layers: the MLP's take the LayerNorm and GELU outputs, whose

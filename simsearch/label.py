@@ -27,7 +27,7 @@ from simsearch.config import (
     DEFAULT_WORKERS,
     PREFETCH_BATCHES,
 )
-from simsearch.embed import _pick_device, _pick_precision, _quantize_linear_layers
+from simsearch.embed import pick_device, pick_precision, quantize_linear_layers
 from simsearch.errors import ImageError, QueryError
 from simsearch.images import Preprocessing, decode_image, read_image_file
 from simsearch.models import (
@@ -65,15 +65,15 @@ class Labeller:
         self.batch_size = batch_size
         self.folder, self.revision = resolve_model(self.name)
         self.model_id = self.name if self.revision else str(self.folder)
-        self.device = _pick_device(device)
-        self.precision = _pick_precision(precision, self.device)
+        self.device = pick_device(device)
+        self.precision = pick_precision(precision, self.device)
         self.model, self.config = load_classifier(self.folder, self.name)
         self.model.to(self.device)
         self.preprocess = load_preprocessing(self.folder)
         id2label = {int(k): str(v) for k, v in self.config.id2label.items()}
         self.classes = [id2label.get(i, f"class {i}") for i in range(int(self.config.num_labels))]
         if self.precision == "int8":
-            _quantize_linear_layers(self.model)
+            quantize_linear_layers(self.model)
 
     def source(self, top: int) -> dict:
         """Return what an index records about labels made by this model (meta "labels")."""

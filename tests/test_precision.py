@@ -7,7 +7,7 @@ import pytest
 from conftest import _save_vit, draw_image
 
 from simsearch import Index
-from simsearch.embed import Embedder, _pick_precision
+from simsearch.embed import Embedder, pick_precision
 from simsearch.errors import ModelLoadError
 
 
@@ -65,20 +65,20 @@ def test_each_precision_stays_close_to_fp32(small_vit, images, precision):
 def test_auto_picks_by_hardware(monkeypatch):
     monkeypatch.delenv("SIMSEARCH_PRECISION")
     monkeypatch.setattr("simsearch.embed.cpu_has_native_bf16", lambda: True)
-    assert _pick_precision("auto", "cpu") == "bf16"
-    assert _pick_precision(None, "cpu") == "bf16"
-    assert _pick_precision("auto", "cuda") == "fp16"
+    assert pick_precision("auto", "cpu") == "bf16"
+    assert pick_precision(None, "cpu") == "bf16"
+    assert pick_precision("auto", "cuda") == "fp16"
     monkeypatch.setattr("simsearch.embed.cpu_has_native_bf16", lambda: False)
-    assert _pick_precision("auto", "cpu") == "fp32"
+    assert pick_precision("auto", "cpu") == "fp32"
     monkeypatch.setenv("SIMSEARCH_PRECISION", "int8")
-    assert _pick_precision(None, "cpu") == "int8"
+    assert pick_precision(None, "cpu") == "int8"
 
 
 def test_bad_precisions_are_clear_errors():
     with pytest.raises(ModelLoadError, match="unknown precision 'fp8'"):
-        _pick_precision("fp8", "cpu")
+        pick_precision("fp8", "cpu")
     with pytest.raises(ModelLoadError, match="int8 runs on the CPU only"):
-        _pick_precision("int8", "cuda")
+        pick_precision("int8", "cuda")
 
 
 def test_precisions_share_an_index_and_the_manifest_records_the_first(tmp_path, tiny_vit):
