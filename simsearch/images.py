@@ -92,7 +92,11 @@ def read_image_file(path: str | os.PathLike) -> bytes:
         if st.st_size > MAX_FILE_BYTES:
             raise ImageError(f"file is {st.st_size:,} bytes, above the limit of {MAX_FILE_BYTES:,}")
         with os.fdopen(fd, "rb", closefd=False) as fh:
-            data = fh.read(MAX_FILE_BYTES + 1)
+            # Ask for the size fstat gave (+1 to notice growth): read(n) allocates n bytes
+            # up front, and asking for the limit would reserve 1 GiB for every photo.
+            data = fh.read(st.st_size + 1)
+            if len(data) > st.st_size:  # growing while read: read on, up to the limit
+                data += fh.read(MAX_FILE_BYTES + 1 - len(data))
     except OSError as exc:
         raise ImageError(f"cannot read file: {exc.strerror or exc}") from None
     finally:
