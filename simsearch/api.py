@@ -638,7 +638,7 @@ class Index:
         # Compressed indexes are searched without re-ranking (it would fetch k x 10 stored
         # vectors per image); every neighbour they return is checked on its stored vector
         # instead, since 4-bit PQ scores of a 0.99 copy can read as low as 0.77.
-        exact = self.vectors.exact_scores
+        exact = self._cache.in_ram().exact_scores
         return find_groups(
             self.store.iter_vectors(self.manifest.dim),
             lambda vecs, k: self._cache.search(vecs, k, rerank=0),
