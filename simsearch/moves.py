@@ -67,50 +67,56 @@ def move(index, groups: Sequence[DuplicateGroup], target: Path) -> MoveReport:
         "root": str(root),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    done, size, skipped, pending = 0, 0, [], []
     with _updating(index), open(manifest, "x", encoding="utf-8") as log_file:
         _append(log_file, header)
-        for group, dup, facts, reason in _checked(index, groups):
-            if reason is not None:
-                skipped.append((dup.path, reason))
-                continue
+
+        def move_one(group, dup, facts) -> str | None:
             dest = target / Path(dup.path).relative_to(root)
             if dest.exists():
-                skipped.append((dup.path, f"{dest} already exists"))
-                continue
+                return f"{dest} already exists"
             _append(log_file, _entry(index, dup, dest, group, facts))
             try:
                 _move_file(Path(dup.path), dest)
             except OSError as exc:
-                skipped.append((dup.path, f"cannot move it: {exc.strerror or exc}"))
-                continue
-            done, size = done + 1, size + facts["size"]
-            pending.append(dup.id)
-            if len(pending) >= INDEX_UPDATE_EVERY:
-                _forget(index, pending)
-        _forget(index, pending)
+                return f"cannot move it: {exc.strerror or exc}"
+            return None
+
+        done, size, skipped = _act(index, groups, move_one)
     return MoveReport("move", done, size, skipped, str(manifest))
 
 
 def delete(index, groups: Sequence[DuplicateGroup]) -> MoveReport:
     """Delete every group's duplicates, for good, and remove them from the index."""
-    done, size, skipped, pending = 0, 0, [], []
+
+    def delete_one(_group, dup, _facts) -> str | None:
+        try:
+            os.unlink(dup.path)
+        except OSError as exc:
+            return f"cannot delete it: {exc.strerror or exc}"
+        return None
+
     with _updating(index):
-        for _group, dup, facts, reason in _checked(index, groups):
-            if reason is not None:
-                skipped.append((dup.path, reason))
-                continue
-            try:
-                os.unlink(dup.path)
-            except OSError as exc:
-                skipped.append((dup.path, f"cannot delete it: {exc.strerror or exc}"))
-                continue
-            done, size = done + 1, size + facts["size"]
-            pending.append(dup.id)
-            if len(pending) >= INDEX_UPDATE_EVERY:
-                _forget(index, pending)
-        _forget(index, pending)
+        done, size, skipped = _act(index, groups, delete_one)
     return MoveReport("delete", done, size, skipped, None)
+
+
+def _act(index, groups, act) -> tuple[int, int, list[tuple[str, str]]]:
+    """Apply `act(group, duplicate, facts)` (None when done, else why not) to every
+    duplicate safe to act on, and remove the ones done from the index as it goes; return
+    (files done, their bytes, [(path, why left alone)])."""
+    done, size, skipped, pending = 0, 0, [], []
+    for group, dup, facts, reason in _checked(index, groups):
+        if reason is None:
+            reason = act(group, dup, facts)
+        if reason is not None:
+            skipped.append((dup.path, reason))
+            continue
+        done, size = done + 1, size + facts["size"]
+        pending.append(dup.id)
+        if len(pending) >= INDEX_UPDATE_EVERY:
+            _forget(index, pending)
+    _forget(index, pending)
+    return done, size, skipped
 
 
 def undo(index, manifest: Path) -> MoveReport:
