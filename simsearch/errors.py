@@ -61,5 +61,5 @@ class ClusterError(SimsearchError):
     """A clustering the index cannot make (bad K, too few images)."""
 
 
-class ExportError(SimsearchError):
+class ModelExportError(SimsearchError):
     """A model could not be exported to ONNX, or its export failed validation."""

@@ -35,7 +35,7 @@ from simsearch.config import (
     VALIDATION_MAX_IMAGES,
     VALIDATION_MIN_IMAGES,
 )
-from simsearch.errors import ExportError, ImageError, ModelLoadError
+from simsearch.errors import ImageError, ModelExportError, ModelLoadError
 from simsearch.images import decode_image, find_images, read_image_file
 from simsearch.onnx_backend import (
     INPUT_NAME,
@@ -106,15 +106,15 @@ def export_model(
     L2-normalised, exactly as `Embedder` computes it. With `int8`, model.int8.onnx is added
     (onnxruntime dynamic quantisation, int8 weights). Each file is checked against PyTorch on
     `validate_dir`'s images, or on scikit-image's sample photographs; a file that misses the
-    bounds in config.py raises ExportError and nothing is written. `progress`, if given, is
+    bounds in config.py raises ModelExportError and nothing is written. `progress`, if given, is
     a tqdm-like bar advanced per image embedded.
     """
     start = time.perf_counter()
     output = Path(output).expanduser()
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise ExportError(f"{output} already exists and is not empty; choose a new --output")
+        raise ModelExportError(f"{output} already exists and is not empty; choose a new --output")
     if opset < MIN_OPSET:
-        raise ExportError(
+        raise ModelExportError(
             f"--opset {opset} is too old: the attention needs opset {MIN_OPSET} or later"
         )
     import_onnxruntime()
@@ -122,7 +122,7 @@ def export_model(
         import onnx  # noqa: F401  (torch's exporter and the int8 quantiser need it)
         import torch  # noqa: F401
     except ImportError as exc:
-        raise ExportError(f"exporting needs {exc.name}: {EXPORT_HINT}") from None
+        raise ModelExportError(f"exporting needs {exc.name}: {EXPORT_HINT}") from None
 
     from simsearch.embed import Embedder
 
@@ -147,7 +147,7 @@ def export_model(
         got = _embed(_runner(session, OUTPUT_NAME), pixels, batch_size, progress)
         cosine = np.sum(got * expected, axis=1)
         if cosine.min() < ONNX_MIN_COSINE:
-            raise ExportError(
+            raise ModelExportError(
                 f"the ONNX model's vectors differ from PyTorch's (lowest cosine "
                 f"{cosine.min():.6f} on {source}, need >= {ONNX_MIN_COSINE}); this model's "
                 "architecture does not export faithfully, try another --opset"
@@ -194,7 +194,7 @@ def export_model(
         try:
             os.replace(work, output)  # an empty folder there is replaced; a full one refuses
         except OSError as exc:
-            raise ExportError(f"cannot move the export into {output}: {exc.strerror}") from None
+            raise ModelExportError(f"cannot move the export to {output}: {exc.strerror}") from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return _replace_seconds(result, time.perf_counter() - start)
@@ -278,7 +278,7 @@ def _export_classifier(
     got = _embed(run, pixels, batch_size)
     cosine = np.sum(_unit(got) * _unit(expected), axis=1)
     if cosine.min() < ONNX_MIN_COSINE:
-        raise ExportError(
+        raise ModelExportError(
             f"the ONNX classifier's logits differ from PyTorch's (lowest cosine "
             f"{cosine.min():.6f}, need >= {ONNX_MIN_COSINE})"
         )
@@ -315,7 +315,7 @@ def _torch_export(module, path: Path, sample: np.ndarray, output_name: str, opse
             )
     except Exception as exc:
         text = (str(exc).strip() or type(exc).__name__).splitlines()[0]
-        raise ExportError(f"torch cannot export this model to ONNX opset {opset}: {text}") from None
+        raise ModelExportError(f"torch cannot export this model to opset {opset}: {text}") from None
 
 
 # -- int8 ------------------------------------------------------------------------------------
@@ -323,7 +323,7 @@ def _torch_export(module, path: Path, sample: np.ndarray, output_name: str, opse
 
 def _quantise(work: Path, expected, pixels, batch_size: int, source: str, progress) -> dict:
     """Write model.int8.onnx with the widest INT8_SCOPES scope that stays faithful, and
-    return its figures; raise ExportError when none does."""
+    return its figures; raise ModelExportError when none does."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -371,7 +371,7 @@ def _quantise(work: Path, expected, pixels, batch_size: int, source: str, progre
             f"{scope}: lowest cosine {cosine.min():.4f}, recall@10 {recall:.3f}",
         )
         target.unlink()
-    raise ExportError(
+    raise ModelExportError(
         f"int8 quantisation changes this model's vectors too much on {source} (need lowest "
         f"cosine >= {INT8_MIN_COSINE} and recall@10 >= {INT8_MIN_RECALL}; "
         + "; ".join(tried or ["no linear layers to quantise"])
@@ -439,7 +439,7 @@ def _validation_images(folder) -> tuple[list, str]:
         if len(images) == VALIDATION_MAX_IMAGES:
             break
     if len(images) < VALIDATION_MIN_IMAGES:
-        raise ExportError(
+        raise ModelExportError(
             f"--validate-dir {folder} has {len(images)} readable images; validation needs at "
             f"least {VALIDATION_MIN_IMAGES} (recall@10 compares each image's 10 neighbours)"
         )
@@ -453,7 +453,7 @@ def sample_photos() -> list:
     try:
         import skimage.data
     except ImportError:
-        raise ExportError(
+        raise ModelExportError(
             f"validation needs real photographs: pass --validate-dir DIR, or {EXPORT_HINT} "
             "(scikit-image ships sample photos)"
         ) from None
@@ -484,7 +484,7 @@ def _pixels(images: list, preprocess) -> np.ndarray:
     arrays = [preprocess(img) for img in images]
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
-        raise ExportError(
+        raise ModelExportError(
             f"this model's preprocessing gives images of several sizes ({sorted(shapes)[:2]}); "
             "an ONNX export needs one input size: a crop_size or an exact height and width "
             "in preprocessor_config.json"

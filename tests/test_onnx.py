@@ -18,7 +18,7 @@ from simsearch import Index
 from simsearch.cli import cli
 from simsearch.config import INT8_MIN_COSINE, INT8_MIN_RECALL, ONNX_MIN_COSINE
 from simsearch.embed import Embedder
-from simsearch.errors import ExportError, LayerError, ManifestMismatchError, ModelLoadError
+from simsearch.errors import LayerError, ManifestMismatchError, ModelExportError, ModelLoadError
 from simsearch.onnx_backend import OnnxEmbedder, read_export_info
 from simsearch.onnx_export import export_model
 
@@ -202,7 +202,7 @@ def test_classifier_onnx_gives_the_torch_top_label(tmp_path_factory, tiny_classi
 def test_failed_validation_leaves_no_output(tmp_path, tiny_vit, monkeypatch):
     monkeypatch.setattr("simsearch.onnx_export.ONNX_MIN_COSINE", 1.01)  # unreachable
     out = tmp_path / "exports" / "model"
-    with pytest.raises(ExportError, match="differ from PyTorch's"):
+    with pytest.raises(ModelExportError, match="differ from PyTorch's"):
         export_model(tiny_vit, out)
     assert not out.exists()
     assert list((tmp_path / "exports").iterdir()) == []  # no temporary folder either
@@ -211,14 +211,16 @@ def test_failed_validation_leaves_no_output(tmp_path, tiny_vit, monkeypatch):
 def test_int8_that_loses_too_much_fails_the_export(tmp_path, tiny_vit, monkeypatch):
     monkeypatch.setattr("simsearch.onnx_export.INT8_MIN_RECALL", 1.01)  # unreachable
     out = tmp_path / "model"
-    with pytest.raises(ExportError, match=r"every linear layer: .*attention projections: .*--int8"):
+    wanted = r"every linear layer: .*attention projections: .*export without --int8"
+    with pytest.raises(ModelExportError, match=wanted):
         export_model(tiny_vit, out, int8=True)
     assert not out.exists()
 
 
 def test_too_few_validation_images_is_a_clear_error(tmp_path, tiny_vit):
     folder = _photos(tmp_path / "few", IMAGES[:5])
-    with pytest.raises(ExportError, match="has 5 readable images; validation needs at least 20"):
+    wanted = "has 5 readable images; validation needs at least 20"
+    with pytest.raises(ModelExportError, match=wanted):
         export_model(tiny_vit, tmp_path / "out", validate_dir=folder)
 
 
