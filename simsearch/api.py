@@ -149,9 +149,11 @@ class Index:
         backend = _check_backend(backend)
         if (path / DATABASE_FILE).exists():
             raise IndexExistsError(f"an index already exists at {path}; open it instead")
-        if embedder is None and backend == "onnx":
+        if embedder is not None:
+            backend = _backend_of(embedder.manifest())  # what a later open will use
+        elif backend == "onnx":
             embedder = _onnx_embedder(model, layer, pool, device, precision, batch_size)
-        elif embedder is None:
+        else:
             from simsearch.embed import Embedder
 
             embedder = Embedder(
