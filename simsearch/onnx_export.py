@@ -296,8 +296,13 @@ def _torch_export(module, path: Path, sample: np.ndarray, output_name: str, opse
     exports a ViT in a fraction of the time, and names each node after its module
     (`/encoder/layer.3/attention/q_proj/MatMul`), which is how INT8_SCOPES pick layers.
     """
+    import inspect
+
     import torch
 
+    # torch before 2.5 has only the TorchScript exporter, and no `dynamo` argument.
+    has_dynamo = "dynamo" in inspect.signature(torch.onnx.export).parameters
+    legacy = {"dynamo": False} if has_dynamo else {}
     try:
         with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
             # Tracer notices about Python conditions fixed at trace time: the image size is
@@ -311,7 +316,7 @@ def _torch_export(module, path: Path, sample: np.ndarray, output_name: str, opse
                 output_names=[output_name],
                 dynamic_axes={INPUT_NAME: {0: "batch"}, output_name: {0: "batch"}},
                 opset_version=opset,
-                dynamo=False,
+                **legacy,
             )
     except Exception as exc:
         text = (str(exc).strip() or type(exc).__name__).splitlines()[0]
