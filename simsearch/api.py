@@ -87,6 +87,7 @@ class Index:
         precision: str | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
         embedder=None,
+        backend: str | None = None,
     ) -> None:
         self.path = path
         self.store = store
@@ -105,6 +106,9 @@ class Index:
             raise IndexFormatError(f"{path} has a database but no manifest: it is not an index")
         self.manifest = manifest
         self._model = model or manifest.model
+        # An index built with ONNX Runtime keeps using it unless told otherwise: its
+        # manifest's model is then the export's folder, which torch cannot load.
+        self.backend = _check_backend(backend or _backend_of(manifest))
         self._device = device
         self._precision = precision
         self._batch_size = batch_size
@@ -122,31 +126,40 @@ class Index:
         path: str | os.PathLike,
         model: str | os.PathLike = DEFAULT_MODEL,
         *,
-        layer: int = -1,
-        pool: str = "cls",
+        layer: int | None = None,
+        pool: str | None = None,
         device: str = "auto",
         precision: str | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
         embedder=None,
         index_type: str = "auto",
+        backend: str = "torch",
     ) -> Index:
         """Create a new, empty index at `path` for `model`, `layer` and `pool`.
 
         Loads the model (to learn its dimension and preprocessing). Raises IndexExistsError
-        when an index is already there. `embedder`: an Embedder already loaded, used instead
-        of `model`, `layer`, `pool`, `device` and `batch_size`. `index_type`: see
-        `set_index_type`.
+        when an index is already there. `layer` defaults to -1 (the last block), `pool` to
+        "cls". `embedder`: an Embedder already loaded, used instead of `model`, `layer`,
+        `pool`, `device` and `batch_size`. `index_type`: see `set_index_type`. `backend`:
+        "torch", or "onnx" to embed with ONNX Runtime, `model` then being a folder that
+        `simsearch export-model` wrote (its layer and pooling are baked in: `layer` and
+        `pool`, if given, must be those).
         """
         path = Path(path)
+        backend = _check_backend(backend)
         if (path / DATABASE_FILE).exists():
             raise IndexExistsError(f"an index already exists at {path}; open it instead")
-        if embedder is None:
+        if embedder is not None:
+            backend = _backend_of(embedder.manifest())  # what a later open will use
+        elif backend == "onnx":
+            embedder = _onnx_embedder(model, layer, pool, device, precision, batch_size)
+        else:
             from simsearch.embed import Embedder
 
             embedder = Embedder(
                 model,
-                layer=layer,
-                pool=pool,
+                layer=-1 if layer is None else layer,
+                pool=pool or "cls",
                 device=device,
                 precision=precision,
                 batch_size=batch_size,
@@ -165,6 +178,7 @@ class Index:
             precision=precision,
             batch_size=batch_size,
             embedder=embedder,
+            backend=backend,
         )
 
     @classmethod
@@ -179,12 +193,15 @@ class Index:
         precision: str | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
         embedder=None,
+        backend: str | None = None,
     ) -> Index:
         """Open an existing index. `model`, `layer` and `pool`, when given, must match it.
 
         A mismatch raises ManifestMismatchError naming what differs. `model` may also point
         at the same weights in a new place (a moved folder), which the index then uses.
         `embedder`: an Embedder already loaded, checked against the index like `model`.
+        `backend`: "torch" or "onnx" (`model` then an export of the index's model); None is
+        the one the index was built with.
         """
         path = Path(path)
         if not (path / DATABASE_FILE).is_file():
@@ -199,6 +216,7 @@ class Index:
             precision=precision,
             batch_size=batch_size,
             embedder=embedder,
+            backend=backend,
         )
         try:
             index._check_request(model, layer, pool)
@@ -219,12 +237,14 @@ class Index:
         precision: str | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
         index_type: str | None = None,
+        backend: str | None = None,
     ) -> Index:
         """Open the index at `path`, or create it there if there is none.
 
         Settings left as None take the existing index's values, or for a new index the
-        defaults (DEFAULT_MODEL, the last layer, cls pooling, auto index type); settings
-        given must match, except `index_type`, which changes the existing index's type.
+        defaults (DEFAULT_MODEL, the last layer, cls pooling, auto index type, torch);
+        settings given must match, except `index_type`, which changes the existing index's
+        type, and `backend`, which may embed an index's model with the other runtime.
         """
         if (Path(path) / DATABASE_FILE).exists():
             index = cls.open(
@@ -235,6 +255,7 @@ class Index:
                 device=device,
                 precision=precision,
                 batch_size=batch_size,
+                backend=backend,
             )
             if index_type is not None and index_type.strip() != index.manifest.index_type:
                 try:
@@ -247,12 +268,13 @@ class Index:
         return cls.create(
             path,
             model=DEFAULT_MODEL if model is None else model,
-            layer=-1 if layer is None else layer,
-            pool=pool or "cls",
+            layer=layer,
+            pool=pool,
             device=device,
             precision=precision,
             batch_size=batch_size,
             index_type=index_type or "auto",
+            backend=backend or "torch",
         )
 
     def set_index_type(self, index_type: str) -> str | None:
@@ -291,7 +313,13 @@ class Index:
             wanted = replace(wanted, layer=resolve_layer(layer, self.manifest.num_layers))
         if pool is not None:
             wanted = replace(wanted, pool=pool)
-        if model is not None and self._embedder is None:
+        if model is not None and self._embedder is None and self.backend == "onnx":
+            from simsearch.onnx_backend import read_export_info
+
+            # The export records its source weights' hash: checked without loading anything.
+            source = read_export_info(model)["source"]
+            wanted = replace(wanted, model=str(model), weights_sha256=source["weights_sha256"])
+        elif model is not None and self._embedder is None:
             from simsearch.models import hash_weights, resolve_model
 
             folder, _ = resolve_model(str(model))
@@ -314,17 +342,38 @@ class Index:
     def embedder(self):
         """The Embedder for this index's model, loaded on first use and checked against it."""
         if self._embedder is None:
-            from simsearch.embed import Embedder
-
-            try:
-                embedder = Embedder(
-                    self._model,
-                    layer=self.manifest.layer,
-                    pool=self.manifest.pool,
-                    device=self._device,
-                    precision=self._precision,
-                    batch_size=self._batch_size,
+            built_with = _backend_of(self.manifest)
+            if self.backend != built_with and self._model == self.manifest.model:
+                raise ModelLoadError(
+                    f"this index was built with {built_with} from {self.manifest.model}; "
+                    f"--backend {self.backend} needs --model: "
+                    + (
+                        "a folder that `simsearch export-model` made from that model"
+                        if self.backend == "onnx"
+                        else "the model that folder was exported from"
+                    )
                 )
+            try:
+                if self.backend == "onnx":
+                    from simsearch.onnx_backend import OnnxEmbedder
+
+                    embedder = OnnxEmbedder(
+                        self._model,
+                        device=self._device,
+                        precision=self._precision,
+                        batch_size=self._batch_size,
+                    )
+                else:
+                    from simsearch.embed import Embedder
+
+                    embedder = Embedder(
+                        self._model,
+                        layer=self.manifest.layer,
+                        pool=self.manifest.pool,
+                        device=self._device,
+                        precision=self._precision,
+                        batch_size=self._batch_size,
+                    )
             except ModelLoadError as exc:
                 if self._model != self.manifest.model:
                     raise
@@ -943,6 +992,41 @@ class Index:
 
     def __len__(self) -> int:
         return self.store.counts()[0]
+
+
+BACKENDS = ("torch", "onnx")
+
+
+def _check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ModelLoadError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    return backend
+
+
+def _backend_of(manifest: Manifest) -> str:
+    """Return the backend an index was built with: its precision says (onnx-fp32, ...)."""
+    return "onnx" if manifest.precision.startswith("onnx-") else "torch"
+
+
+def _onnx_embedder(model, layer, pool, device, precision, batch_size):
+    """Return an OnnxEmbedder for the export `model`, checking `layer` and `pool` against
+    what the export baked in."""
+    from simsearch.embed import resolve_layer
+    from simsearch.errors import LayerError
+    from simsearch.onnx_backend import OnnxEmbedder
+
+    embedder = OnnxEmbedder(model, device=device, precision=precision, batch_size=batch_size)
+    if layer is not None and resolve_layer(layer, embedder.num_layers) != embedder.layer:
+        raise LayerError(
+            f"the ONNX export {model} has layer {embedder.layer} baked in, not {layer}; "
+            "export the model again with --layer"
+        )
+    if pool is not None and pool != embedder.pool:
+        raise LayerError(
+            f"the ONNX export {model} has {embedder.pool} pooling baked in, not {pool}; "
+            "export the model again with --pool"
+        )
+    return embedder
 
 
 class _ModelOnDemand:

@@ -260,3 +260,35 @@ CLUSTER_SILHOUETTE_SAMPLE = 2_000
 
 # Images shown per cluster: the ones nearest its centre, enough to tell what it holds.
 CLUSTER_TOP = 5
+
+# -- ONNX export (see onnx_export.py and onnx_backend.py) -----------------------------------
+
+# ONNX opset of `simsearch export-model`: 17 is the first with a LayerNormalization op (one
+# fused kernel instead of seven), and every onnxruntime since 1.14 runs it. Below 14,
+# scaled_dot_product_attention cannot be exported.
+DEFAULT_OPSET = 17
+MIN_OPSET = 14
+
+# An fp32 export must give the vectors PyTorch gives, up to float rounding: the lowest cosine
+# between the two on any validation image. Measured: 0.9999999 on DINOv2-S.
+ONNX_MIN_COSINE = 0.9999
+
+# An int8 export may round, but not reorder a collection: the lowest cosine to PyTorch's fp32
+# vector on any validation image, and recall@10 of fp32's neighbours among the validation
+# images (the bounds `--precision int8` meets in docs/benchmarks.md).
+INT8_MIN_COSINE = 0.98
+INT8_MIN_RECALL = 0.9
+
+# recall@10 needs more than 10 images, and means little on fewer than this many.
+VALIDATION_MIN_IMAGES = 20
+
+# Validation embeds at most this many images (the first, in sorted order, of --validate-dir;
+# the built-in set has 108): ViT-L embeds ~1.2 images/s in fp32 on two cores, so each of the
+# passes (PyTorch, ONNX fp32, each int8 try) takes up to ~100 s at this cap.
+VALIDATION_MAX_IMAGES = 120
+
+# What `export-model` writes into its output folder.
+ONNX_MODEL_FILE = "model.onnx"
+ONNX_INT8_FILE = "model.int8.onnx"
+ONNX_CLASSIFIER_FILE = "classifier.onnx"
+ONNX_INFO_FILE = "simsearch_onnx.json"

@@ -59,3 +59,7 @@ class ReportError(SimsearchError):
 
 class ClusterError(SimsearchError):
     """A clustering the index cannot make (bad K, too few images)."""
+
+
+class ModelExportError(SimsearchError):
+    """A model could not be exported to ONNX, or its export failed validation."""

@@ -233,3 +233,55 @@ def stages_line(seconds: dict[str, float]) -> str:
         f"(thread time; the model waited {s['waiting']:.1f} s for it), model "
         f"{s['model']:.1f} s, database and index writes {writes:.1f} s"
     )
+
+
+@dataclass(frozen=True)
+class OnnxExport:
+    """What `export_model` wrote, and how its files compared with PyTorch on real images."""
+
+    output: str  # the export's folder
+    model: str  # the source model (hub id or folder)
+    layer: int  # the hidden state baked in (absolute)
+    num_layers: int
+    pool: str
+    dim: int
+    opset: int
+    input_size: list[int]  # [height, width] the graph takes
+    validated_on: str  # which images the figures come from
+    images: int
+    fp32_min_cosine: float  # ONNX fp32 vs PyTorch fp32, per image
+    fp32_mean_cosine: float
+    fp32_mb: float  # model.onnx, megabytes
+    int8_mb: float | None = None  # model.int8.onnx, when made with --int8
+    int8_scope: str | None = None  # which linear layers are int8
+    int8_min_cosine: float | None = None  # int8 vs PyTorch fp32, per image
+    int8_mean_cosine: float | None = None
+    int8_recall_at_10: float | None = None  # of PyTorch fp32's 10 nearest among the images
+    classes: int | None = None  # classifier.onnx's classes, when the model has a head
+    classifier_min_cosine: float | None = None  # of its logits against PyTorch's
+    classifier_top1_agreement: float | None = None  # share of images with the same top class
+    seconds: float = 0.0
+
+    def lines(self) -> list[str]:
+        """Return the export's summary for people, one figure per line."""
+        out = [
+            f"exported {self.output} ({self.seconds:.1f} s): layer {self.layer} of "
+            f"{self.num_layers}, {self.pool} pooling, {self.dim}-dim, "
+            f"{self.input_size[0]}x{self.input_size[1]} px input, opset {self.opset}",
+            f"validated on {self.validated_on}:",
+            f"  model.onnx       {self.fp32_mb:7.1f} MB  cosine to PyTorch: lowest "
+            f"{self.fp32_min_cosine:.7f}, mean {self.fp32_mean_cosine:.7f}",
+        ]
+        if self.int8_mb is not None:
+            out.append(
+                f"  model.int8.onnx  {self.int8_mb:7.1f} MB  cosine to PyTorch fp32: lowest "
+                f"{self.int8_min_cosine:.5f}, mean {self.int8_mean_cosine:.5f}; recall@10 "
+                f"{self.int8_recall_at_10:.3f} ({self.int8_scope} in int8)"
+            )
+        if self.classes is not None:
+            out.append(
+                f"  classifier.onnx  {self.classes} classes; logits cosine to PyTorch: lowest "
+                f"{self.classifier_min_cosine:.7f}; same top class on "
+                f"{self.classifier_top1_agreement:.1%} of the images"
+            )
+        return out

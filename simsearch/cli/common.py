@@ -115,6 +115,13 @@ precision_option = click.option(
     help="Arithmetic of the model: auto = fp16 on CUDA, bf16 on CPUs with native bf16, "
     "else fp32; int8 = quantised linear layers (CPU).",
 )
+backend_option = click.option(
+    "--backend",
+    type=click.Choice(["torch", "onnx"]),
+    default=None,
+    help="Runtime of the model: torch, or onnx (ONNX Runtime, no PyTorch needed) with --model "
+    "a folder that `simsearch export-model` made.  [default: the index's, or torch]",
+)
 batch_option = click.option(
     "--batch-size",
     type=click.IntRange(min=1),

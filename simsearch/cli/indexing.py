@@ -15,6 +15,7 @@ from simsearch.cli.common import (
     _human_bytes,
     _index_type_json,
     _index_type_line,
+    backend_option,
     batch_option,
     cli,
     device_option,
@@ -40,7 +41,8 @@ log = logging.getLogger("simsearch")
     envvar="SIMSEARCH_MODEL",
     show_envvar=True,
     help=f"Hub id or local folder of the backbone. New index: defaults to {DEFAULT_MODEL}; "
-    "existing index: its own model (a folder with the same weights may be given).",
+    "existing index: its own model (a folder with the same weights may be given). With "
+    "--backend onnx: a folder that `simsearch export-model` made.",
 )
 @click.option(
     "--layer",
@@ -55,6 +57,7 @@ log = logging.getLogger("simsearch")
     default=None,
     help="[CLS] token or mean of the patch tokens. New index: cls.",
 )
+@backend_option
 @batch_option
 @device_option
 @precision_option
@@ -113,6 +116,7 @@ def index(
     model,
     layer,
     pool,
+    backend,
     batch_size,
     device,
     precision,
@@ -140,6 +144,7 @@ def index(
       simsearch index ~/Pictures
       simsearch index photos/ scans/ --index indexes/family
       simsearch index photos/ --model ./models/vit-base --layer -2 --pool mean
+      simsearch index photos/ --backend onnx --model ./vit-onnx   # export-model's folder
       simsearch index photos/ --strict --json     # for scripts: exit 3 if any file failed
       simsearch index --index-type hnsw           # no DIRS: only change the index type
       simsearch index photos/ --label-model google/vit-large-patch16-384
@@ -170,6 +175,7 @@ def index(
             device=device,
             precision=precision,
             batch_size=batch_size,
+            backend=backend,
         ) as idx:
             if index_type is not None:
                 idx.set_index_type(index_type)
@@ -195,6 +201,7 @@ def index(
         precision=precision,
         batch_size=batch_size,
         index_type=index_type,
+        backend=backend,
     )
     with idx:
         m = idx.manifest

@@ -10,6 +10,7 @@ import click
 
 from simsearch.cli.common import (
     _report_written,
+    backend_option,
     cli,
     device_option,
     html_option,
@@ -42,7 +43,8 @@ log = logging.getLogger("simsearch")
     "--model",
     envvar="SIMSEARCH_MODEL",
     show_envvar=True,
-    help="Where the index's model is now, if its folder moved.",
+    help="Where the index's model is now, if its folder moved; with --backend onnx, a "
+    "folder that `simsearch export-model` made from it.",
 )
 @click.option(
     "--nprobe",
@@ -79,6 +81,7 @@ log = logging.getLogger("simsearch")
     metavar="N",
     help="Only images in cluster N of the last `simsearch cluster` run.",
 )
+@backend_option
 @device_option
 @precision_option
 @json_option
@@ -95,6 +98,7 @@ def search(
     rerank,
     label,
     cluster,
+    backend,
     device,
     precision,
     as_json,
@@ -120,7 +124,9 @@ def search(
     """
     from simsearch.api import Index
 
-    with Index.open(index_path, model=model, device=device, precision=precision) as idx:
+    with Index.open(
+        index_path, model=model, device=device, precision=precision, backend=backend
+    ) as idx:
         results = idx.search_many(
             list(queries),
             k,
