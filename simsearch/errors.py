@@ -59,3 +59,11 @@ class ReportError(SimsearchError):
 
 class ClusterError(SimsearchError):
     """A clustering the index cannot make (bad K, too few images)."""
+
+
+class FinetuneError(SimsearchError):
+    """A fine-tuning run that cannot start or go on (bad data folder, settings, output)."""
+
+
+class TrainingInterrupted(SimsearchError):
+    """Fine-tuning stopped on request (Ctrl-C); its progress is saved and can be resumed."""

@@ -3,7 +3,15 @@
 One module per group of commands; each registers its commands on the group in `common`.
 """
 
-from simsearch.cli import clusters, dedup, exporting, indexing, labels, searching  # noqa: F401
+from simsearch.cli import (  # noqa: F401
+    clusters,
+    dedup,
+    exporting,
+    finetune,
+    indexing,
+    labels,
+    searching,
+)
 from simsearch.cli.common import cli
 
 __all__ = ["cli", "main"]
