@@ -23,8 +23,12 @@ CHECKPOINT_FORMAT = 1
 
 
 def trainable_state(trainable: dict) -> dict:
-    """Return a CPU copy of the named parameters that train (what checkpoints hold)."""
-    return {name: param.detach().cpu().clone() for name, param in trainable.items()}
+    """Return the named parameters that train (what checkpoints hold), on the CPU.
+
+    Not copies: the dict is saved at once, and a copy of every trainable weight was the
+    peak of a whole fine-tuning run's memory (+0.34 GB for ViT-B with every block training).
+    """
+    return {name: param.detach().cpu() for name, param in trainable.items()}
 
 
 def save_atomic(obj, path: Path) -> None:
