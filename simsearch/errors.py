@@ -63,3 +63,11 @@ class ClusterError(SimsearchError):
 
 class ModelExportError(SimsearchError):
     """A model could not be exported to ONNX, or its export failed validation."""
+
+
+class FinetuneError(SimsearchError):
+    """A fine-tuning run that cannot start or go on (bad data folder, settings, output)."""
+
+
+class TrainingInterrupted(SimsearchError):
+    """Fine-tuning stopped on request (Ctrl-C); its progress is saved and can be resumed."""

@@ -285,3 +285,56 @@ class OnnxExport:
                 f"{self.classifier_top1_agreement:.1%} of the images"
             )
         return out
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    """One epoch of fine-tuning: the training loss and how the model did on validation."""
+
+    epoch: int  # 1-based
+    step: int  # optimiser steps taken when the epoch ended
+    train_loss: float  # mean cross-entropy over the epoch's training images (augmented)
+    val_loss: float
+    val_accuracy: float
+    lr: float  # learning rate of the backbone at the epoch's last step
+    seconds: float
+    best: bool = False  # the best epoch so far: its weights are the ones kept
+
+    def line(self, epochs: int) -> str:
+        best = " (best)" if self.best else ""
+        return (
+            f"epoch {self.epoch}/{epochs}: train loss {self.train_loss:.3f}, val loss "
+            f"{self.val_loss:.3f}, val accuracy {self.val_accuracy:.3f}{best}"
+        )
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    """What a finished fine-tuning run made: the best epoch's model, saved at `output`."""
+
+    output: str  # the save_pretrained folder: usable as --model by index and label
+    classes: tuple[str, ...]  # class names, in label id order
+    best_epoch: int
+    best_accuracy: float
+    best_loss: float
+    epochs_run: int
+    steps: int
+    stopped_early: bool  # stopped by --patience before the last epoch
+    train_images: int
+    val_images: int
+    skipped: int  # images that could not be read or decoded, left out
+    device: str
+    precision: str  # the arithmetic used (auto resolved)
+    seconds: float
+    peak_memory_bytes: int | None = None  # CUDA: peak allocated; CPU: the process's peak RSS
+    peak_memory_kind: str | None = None  # "cuda allocated" or "process RSS"
+    history: tuple[EpochRecord, ...] = ()
+
+    def line(self) -> str:
+        early = ", stopped early" if self.stopped_early else ""
+        return (
+            f"best epoch {self.best_epoch} of {self.epochs_run}{early}: val accuracy "
+            f"{self.best_accuracy:.3f}, val loss {self.best_loss:.3f} ({self.train_images} "
+            f"training, {self.val_images} validation images, {self.skipped} skipped; "
+            f"{self.steps} steps, {self.seconds:.1f} s)"
+        )

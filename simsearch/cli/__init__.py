@@ -7,6 +7,7 @@ from simsearch.cli import (  # noqa: F401
     clusters,
     dedup,
     exporting,
+    finetune,
     indexing,
     labels,
     models,

@@ -1,0 +1,94 @@
+"""The files of a fine-tuning run: its checkpoints while it trains, and the model folder it
+leaves (see simsearch/finetune.py for the layout)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from simsearch.errors import FinetuneError
+from simsearch.files import replaced_atomically
+from simsearch.models import quiet_transformers
+
+CHECKPOINTS = "checkpoints"
+LAST = "last.pt"
+BEST = "best.pt"
+TRAINING_FILE = "simsearch_training.json"
+PREPROCESSOR_FILE = "preprocessor_config.json"
+
+# Version of last.pt's layout; a checkpoint of another version is refused, not misread.
+CHECKPOINT_FORMAT = 1
+
+
+def trainable_state(trainable: dict) -> dict:
+    """Return the named parameters that train (what checkpoints hold), on the CPU.
+
+    Not copies: the dict is saved at once, and a copy of every trainable weight was the
+    peak of a whole fine-tuning run's memory (+0.34 GB for ViT-B with every block training).
+    """
+    return {name: param.detach().cpu() for name, param in trainable.items()}
+
+
+def save_atomic(obj, path: Path) -> None:
+    """torch.save to a temporary file, fsync, then rename over `path`: a kill at any instant
+    leaves the previous checkpoint or the new one, never half of one."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with replaced_atomically(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def read_checkpoint(output: Path) -> dict:
+    """Return the contents of OUTPUT/checkpoints/last.pt, or raise FinetuneError saying why
+    there is nothing to resume."""
+    import torch
+
+    path = output / CHECKPOINTS / LAST
+    if not path.is_file():
+        if (output / TRAINING_FILE).is_file():
+            raise FinetuneError(f"{output} holds a finished fine-tune; there is nothing to resume")
+        raise FinetuneError(f"no fine-tuning checkpoint to resume in {output} ({path} is missing)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise FinetuneError(f"cannot read the checkpoint {path}: {exc}") from None
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise FinetuneError(
+            f"{path} is a checkpoint of format {checkpoint.get('format')!r}; this simsearch "
+            f"resumes format {CHECKPOINT_FORMAT} only"
+        )
+    return checkpoint
+
+
+def check_output_free(output: Path) -> None:
+    """Raise FinetuneError unless `output` is a new or empty folder."""
+    if output.exists() and not output.is_dir():
+        raise FinetuneError(f"--output {output} is a file, not a folder")
+    if output.is_dir() and any(output.iterdir()):
+        if (output / CHECKPOINTS / LAST).is_file():
+            raise FinetuneError(
+                f"{output} holds an interrupted fine-tune: add --resume to continue it, "
+                "or choose another --output"
+            )
+        raise FinetuneError(
+            f"--output {output} exists and is not empty; choose a new folder "
+            "(fine-tuning never overwrites a model)"
+        )
+
+
+def publish(model, base: Path, output: Path, training: dict) -> None:
+    """Save the model, the base's image processor and the training record at `output`, then
+    drop the checkpoints. simsearch_training.json comes last: it marks a finished run."""
+    staging = output / CHECKPOINTS / "publish"
+    shutil.rmtree(staging, ignore_errors=True)
+    with quiet_transformers():
+        model.save_pretrained(staging)
+    shutil.copy2(base / PREPROCESSOR_FILE, staging / PREPROCESSOR_FILE)
+    for item in sorted(staging.iterdir()):
+        os.replace(item, output / item.name)
+    with replaced_atomically(output / TRAINING_FILE) as tmp:
+        tmp.write_text(json.dumps(training, indent=2) + "\n")
+    shutil.rmtree(output / CHECKPOINTS, ignore_errors=True)
