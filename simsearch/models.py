@@ -160,7 +160,7 @@ def load_backbone(folder: Path):
             vision_config = getattr(config, "vision_config", None)
             # A two-tower model (CLIP, SigLIP): load only the vision tower's weights.
             model_cls = AutoModel if vision_config is None else MODEL_MAPPING[type(vision_config)]
-            model = _from_pretrained(model_cls, folder, use_safetensors)
+            model = load_pretrained(model_cls, folder, use_safetensors)
     except Exception as exc:
         raise ModelLoadError(f"cannot load model from {folder}: {_first_line(exc)}") from None
     model.eval()
@@ -207,7 +207,7 @@ def load_classifier(folder: Path, name: str):
     use_safetensors = True if any(folder.glob("*.safetensors")) else None
     try:
         with quiet_transformers():
-            model, info = _from_pretrained(
+            model, info = load_pretrained(
                 AutoModelForImageClassification, folder, use_safetensors, output_loading_info=True
             )
     except Exception as exc:
@@ -234,7 +234,7 @@ def _names(keys) -> set[str]:
     return {k[0] if isinstance(k, tuple) else str(k) for k in keys or ()}
 
 
-def _from_pretrained(model_cls, folder: Path, use_safetensors: bool | None, **extra):
+def load_pretrained(model_cls, folder: Path, use_safetensors: bool | None, **extra):
     """Load with PyTorch's fused scaled-dot-product attention, or the default if unsupported."""
     kwargs = dict(use_safetensors=use_safetensors, **extra)
     if model_cls.__name__.startswith("Auto"):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from simsearch.embed import cpu_has_native_bf16
 from simsearch.errors import FinetuneError, ModelLoadError
-from simsearch.models import FINAL_NORM_NAMES, _from_pretrained, find_blocks, quiet_transformers
+from simsearch.models import FINAL_NORM_NAMES, find_blocks, load_pretrained, quiet_transformers
 
 # Unless --freeze-layers says otherwise, the head and this many last blocks train. The lower
 # blocks hold generic features (edges, textures, parts) that a few hundred images per class
@@ -47,7 +47,7 @@ def load_for_training(folder: Path, name: str, classes: list[str]):
     use_safetensors = True if any(folder.glob("*.safetensors")) else None
     try:
         with quiet_transformers():
-            model = _from_pretrained(
+            model = load_pretrained(
                 AutoModelForImageClassification,
                 folder,
                 use_safetensors,
