@@ -20,26 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-PHOTOS = [
-    "astronaut",
-    "camera",
-    "chelsea",
-    "coffee",
-    "rocket",
-    "hubble_deep_field",
-    "retina",
-    "coins",
-    "immunohistochemistry",
-    "moon",
-    "brick",
-    "grass",
-    "gravel",
-    "horse",
-    "page",
-    "text",
-    "clock",
-    "motorcycle",
-]
+from simsearch.config import SAMPLE_PHOTOS
+
+PHOTOS = SAMPLE_PHOTOS
 
 
 def _load(name: str):

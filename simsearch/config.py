@@ -292,3 +292,27 @@ ONNX_MODEL_FILE = "model.onnx"
 ONNX_INT8_FILE = "model.int8.onnx"
 ONNX_CLASSIFIER_FILE = "classifier.onnx"
 ONNX_INFO_FILE = "simsearch_onnx.json"
+
+# scikit-image's sample photographs (shipped inside the package, no download): people,
+# animals, objects, space, microscopy, text and textures, so validation (export-model) and
+# the benchmarks see the range of inputs a collection holds.
+SAMPLE_PHOTOS = (
+    "astronaut",
+    "camera",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "hubble_deep_field",
+    "retina",
+    "coins",
+    "immunohistochemistry",
+    "moon",
+    "brick",
+    "grass",
+    "gravel",
+    "horse",
+    "page",
+    "text",
+    "clock",
+    "motorcycle",
+)

@@ -11,6 +11,7 @@ import numpy as np
 
 from simsearch.config import DEFAULT_BATCH_SIZE, DEFAULT_MODEL, Manifest
 from simsearch.errors import LayerError, ModelLoadError
+from simsearch.images import embed_in_batches
 from simsearch.models import (
     FINAL_NORM_NAMES,
     find_blocks,
@@ -119,11 +120,7 @@ class Embedder:
 
     def embed_images(self, images) -> np.ndarray:
         """Return one unit-norm float32 row per RGB PIL image, computed in batches."""
-        out = [np.empty((0, self.dim), dtype=np.float32)]
-        for start in range(0, len(images), self.batch_size):
-            chunk = images[start : start + self.batch_size]
-            out.append(self.embed_pixels(np.stack([self.preprocess(img) for img in chunk])))
-        return np.concatenate(out)
+        return embed_in_batches(self, images)
 
     def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """Return unit-norm float32 vectors, shape (B, dim), for preprocessed (B, 3, H, W) input."""

@@ -308,3 +308,14 @@ def json_ready(value):
     if isinstance(value, (list, tuple)):
         return [json_ready(v) for v in value]
     return value
+
+
+def embed_in_batches(embedder, images) -> np.ndarray:
+    """Return `embedder`'s unit-norm float32 row for each RGB PIL image, preprocessed and
+    embedded `embedder.batch_size` at a time (any object with `preprocess`, `embed_pixels`,
+    `batch_size` and `dim`: the torch and the ONNX Runtime embedders)."""
+    out = [np.empty((0, embedder.dim), dtype=np.float32)]
+    for start in range(0, len(images), embedder.batch_size):
+        chunk = images[start : start + embedder.batch_size]
+        out.append(embedder.embed_pixels(np.stack([embedder.preprocess(img) for img in chunk])))
+    return np.concatenate(out)

@@ -32,6 +32,7 @@ from simsearch.config import (
     ONNX_INT8_FILE,
     ONNX_MIN_COSINE,
     ONNX_MODEL_FILE,
+    SAMPLE_PHOTOS,
     VALIDATION_MAX_IMAGES,
     VALIDATION_MIN_IMAGES,
 )
@@ -49,30 +50,6 @@ from simsearch.records import OnnxExport
 log = logging.getLogger(__name__)
 
 EXPORT_HINT = "pip install 'simsearch[onnx-export]'"
-
-# scikit-image's sample photographs (shipped inside the package, no download): people,
-# animals, objects, space, microscopy, text and textures, so validation sees the range of
-# inputs a collection holds. The same 18 as benchmarks/copy_retrieval.py.
-VALIDATION_PHOTOS = (
-    "astronaut",
-    "camera",
-    "chelsea",
-    "coffee",
-    "rocket",
-    "hubble_deep_field",
-    "retina",
-    "coins",
-    "immunohistochemistry",
-    "moon",
-    "brick",
-    "grass",
-    "gravel",
-    "horse",
-    "page",
-    "text",
-    "clock",
-    "motorcycle",
-)
 
 # The int8 quantisation scopes tried in turn, smallest and fastest first; the first whose
 # vectors meet INT8_MIN_COSINE and INT8_MIN_RECALL is kept. On DINOv2-S (docs/benchmarks.md)
@@ -465,7 +442,7 @@ def sample_photos() -> list:
     from PIL import Image, ImageOps
 
     views = []
-    for name in VALIDATION_PHOTOS:
+    for name in SAMPLE_PHOTOS:
         if name == "motorcycle":
             arr = skimage.data.stereo_motorcycle()[0]
         else:
