@@ -31,18 +31,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+from index_speed import ARCHS, random_model  # the same model sizes, built the same way
 
 SETTINGS = {
     "default": [],
     "default + GC": ["--gradient-checkpointing"],
     "full": ["--freeze-layers", "0"],
     "full + GC": ["--freeze-layers", "0", "--gradient-checkpointing"],
-}
-
-ARCHS = {
-    # name: (hidden size, layers, heads, MLP size), patch 16 at 224 px as the real checkpoints
-    "vit-b16": (768, 12, 12, 3072),
-    "vit-l16": (1024, 24, 16, 4096),
 }
 
 LOAD_ONLY = """
@@ -74,26 +69,6 @@ def make_classes(folder: Path, per_class: int, size: tuple[int, int] = (320, 256
             x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
             crop = src.crop((x, y, x + cw, y + ch)).resize(size, Image.Resampling.BICUBIC)
             crop.save(folder / name / f"{i:04d}.jpg", quality=90)
-    return folder
-
-
-def random_model(arch: str, folder: Path) -> Path:
-    """Save a randomly initialised ViT backbone of a real architecture size."""
-    import torch
-    from transformers import ViTConfig, ViTImageProcessor, ViTModel
-
-    hidden, layers, heads, mlp = ARCHS[arch]
-    torch.manual_seed(0)
-    config = ViTConfig(
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        intermediate_size=mlp,
-        image_size=224,
-        patch_size=16,
-    )
-    ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
-    ViTImageProcessor(size={"height": 224, "width": 224}).save_pretrained(folder)
     return folder
 
 
