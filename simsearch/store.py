@@ -615,12 +615,7 @@ class Store:
         """Return True when the labels table exists: an index made before labels lacks it
         until its next write (`upgrade`), and readers treat that as no labels."""
         with self.engine.connect() as conn:
-            return (
-                conn.exec_driver_sql(
-                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'labels'"
-                ).first()
-                is not None
-            )
+            return _table_exists(conn, "labels")
 
     # -- clusters ------------------------------------------------------------------------
     # Readers call these only when the meta row "clustering" exists: an index made before
@@ -790,12 +785,19 @@ ROWS_PER_STATEMENT = 100
 IDS_PER_STATEMENT = 500
 
 
-def _has_rows(conn, table: str) -> bool:
-    """Return True when `table` exists (older indexes lack newer tables) and has a row."""
-    exists = conn.exec_driver_sql(
+def _table_exists(conn, table: str) -> bool:
+    """Return True when `table` exists: older indexes lack newer tables until a write."""
+    found = conn.exec_driver_sql(
         "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)
     ).first()
-    return bool(exists) and conn.exec_driver_sql(f"SELECT 1 FROM {table} LIMIT 1").first()
+    return found is not None
+
+
+def _has_rows(conn, table: str) -> bool:
+    """Return True when `table` exists and has a row."""
+    if not _table_exists(conn, table):
+        return False
+    return conn.exec_driver_sql(f"SELECT 1 FROM {table} LIMIT 1").first() is not None
 
 
 def _chunks(items: Sequence, size: int = IDS_PER_STATEMENT) -> Iterator[Sequence]:
