@@ -666,14 +666,16 @@ class Index:
     ) -> list[DuplicateGroup]:
         """Return the groups of near-duplicate images: pairs whose cosine similarity is at
         least `threshold` among each image's `neighbours` nearest, joined transitively, and
-        byte-identical files. Each group names the image to keep (highest resolution, then
-        largest file, then oldest, then shortest path) and the others with their
-        similarity to it, best first. Memory: the index plus one chunk of vectors and the
-        edges found, never an n x n matrix. `threshold` None: the index's calibrated
-        threshold (see `calibrate_dedup`; calibrated now, once, if it never was).
-        `progress`: a tqdm-like object.
+        byte-identical files. Each group names the image to keep (highest true resolution,
+        then lossless over lossy, then largest file, then oldest, then shortest path) with
+        the facts the rule compared, and the others with their similarity to it, best first,
+        each with its facts and the rule that preferred the kept image. Paths naming one
+        file (symlinks, hard links) are one member, never each other's duplicates. Memory:
+        the index plus one chunk of vectors and the edges found, never an n x n matrix.
+        `threshold` None: the index's calibrated threshold (see `calibrate_dedup`;
+        calibrated now, once, if it never was). `progress`: a tqdm-like object.
         """
-        from simsearch.dedup import find_groups
+        from simsearch.dedup import describe, find_groups
 
         if threshold is None:
             threshold = self.dedup_calibration(neighbours=neighbours).threshold
@@ -692,7 +694,10 @@ class Index:
             self.store.iter_vectors(self.manifest.dim),
             lambda vecs, k: self._cache.search(vecs, k, rerank=0),
             self.store.same_content(),
-            self.store.image_facts,
+            lambda ids: {
+                i: describe(path, facts)
+                for i, (path, _, facts) in self.store.keep_facts(ids).items()
+            },
             self.store.vectors_by_id,
             threshold,
             neighbours,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -13,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from simsearch.config import DRAFT_OVERSAMPLE, IMAGE_SUFFIXES, MAX_FILE_BYTES, MAX_IMAGE_PIXELS
 from simsearch.errors import ImageError, InputPathError
@@ -154,6 +155,101 @@ def decode_image(
     except Exception as exc:  # a corrupt EXIF block should not lose an otherwise good image
         log.debug("ignoring unreadable EXIF orientation: %s", exc)
     return to_rgb(img)
+
+
+@dataclass(frozen=True)
+class HeaderFacts:
+    """What an image file's header says of it: the facts dedup's keep rule compares."""
+
+    width: int  # as displayed: EXIF quarter turns applied
+    height: int
+    format: str | None  # Pillow's name for the format: "JPEG", "PNG", "WEBP", ...
+    lossless: bool  # the encoding kept every pixel it was given
+
+
+# Formats whose encoding keeps every pixel. GIF is left out: its 256-colour palette loses more
+# of a photo than a JPEG copy does. WebP and TIFF are either, and are looked at more closely.
+LOSSLESS_FORMATS = frozenset({"PNG", "BMP", "DIB", "PPM", "TGA", "QOI", "SGI", "PCX", "ICNS"})
+
+# TIFF compressions that lose detail (Pillow's names); the others (none, LZW, deflate,
+# PackBits, ...) keep every pixel.
+_LOSSY_TIFF = frozenset({"jpeg", "tiff_jpeg", "webp", "jpeg2000"})
+
+# EXIF orientations that turn the picture a quarter: the displayed width is the stored height.
+_QUARTER_TURNS = frozenset({5, 6, 7, 8})
+
+# Bytes of a WebP file read to find its bitstream chunk: the RIFF header and the chunks
+# before the image data (VP8X, ICCP, ANIM, ALPH) fit in this unless a colour profile is huge.
+_WEBP_PROBE_BYTES = 64 * 1024
+
+
+def header_facts(source: bytes | str | os.PathLike) -> HeaderFacts:
+    """Return an image's true pixel size (from its header, not a decode: a JPEG decoded in
+    draft mode is smaller), its format, and whether it is losslessly encoded. `source`: the
+    file's bytes, or a path (read only as far as the header; a FIFO or device is refused
+    unread). Raises ImageError when it is not an image Pillow can identify."""
+    try:
+        if isinstance(source, bytes):
+            return _facts_of(io.BytesIO(source))
+        with _open_regular(source) as fh:
+            return _facts_of(fh)
+    except ImageError:
+        raise
+    except Image.UnidentifiedImageError:
+        raise ImageError("not an image, or a format Pillow cannot read") from None
+    except Exception as exc:  # a damaged header: one line, never a traceback
+        raise ImageError(f"cannot read the image header: {_reason(exc)}") from None
+
+
+def _facts_of(fh) -> HeaderFacts:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(fh) as img:  # parses the header; no pixel is decoded
+            width, height = img.size
+            fmt = img.format
+            try:
+                orientation = img.getexif().get(ExifTags.Base.Orientation)
+            except Exception:  # an unreadable EXIF block: the stored orientation
+                orientation = None
+            compression = str(img.info.get("compression", "")).lower()
+    if orientation in _QUARTER_TURNS:
+        width, height = height, width
+    if fmt == "WEBP":
+        fh.seek(0)
+        lossless = _webp_is_lossless(fh.read(_WEBP_PROBE_BYTES))
+    elif fmt == "TIFF":
+        lossless = compression not in _LOSSY_TIFF
+    else:
+        lossless = fmt in LOSSLESS_FORMATS
+    return HeaderFacts(width, height, fmt, lossless)
+
+
+def _webp_is_lossless(head: bytes) -> bool:
+    """True when a WebP file's image chunk is VP8L (lossless), not VP8 (lossy)."""
+    at = 12  # after "RIFF", the size and "WEBP"
+    while at + 8 <= len(head):
+        fourcc = head[at : at + 4]
+        if fourcc in (b"VP8L", b"VP8 "):
+            return fourcc == b"VP8L"
+        size = int.from_bytes(head[at + 4 : at + 8], "little")
+        at += 8 + size + (size & 1)  # chunks are padded to an even length
+    return False
+
+
+@contextlib.contextmanager
+def _open_regular(path: str | os.PathLike):
+    """Open a regular file for reading (a FIFO or device named like an image is refused
+    without waiting on it), as a buffered binary file object."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ImageError("not a regular file (a FIFO, socket or device)")
+        fh = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with fh:
+        yield fh
 
 
 def _reason(exc: Exception) -> str:

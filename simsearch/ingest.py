@@ -38,7 +38,13 @@ from simsearch.config import (
 )
 from simsearch.errors import ImageError
 from simsearch.faults import crash_point
-from simsearch.images import Preprocessing, decode_image, find_images, read_image_file
+from simsearch.images import (
+    Preprocessing,
+    decode_image,
+    find_images,
+    header_facts,
+    read_image_file,
+)
 from simsearch.records import AddSummary, stages_line
 from simsearch.store import STATUS_OK, BadImage, GoodImage, Known, Moved, Store
 
@@ -80,10 +86,13 @@ class _Prepared:
     key: str  # the path as stored
     size: int
     mtime_ns: int
+    device: int | None = None  # st_dev
     sha256: str | None = None
     pixels: np.ndarray | None = None
-    width: int = 0
+    width: int = 0  # from the header: the true size, not the draft-mode decode's
     height: int = 0
+    format: str | None = None
+    lossless: bool | None = None
     error: str | None = None
     known_id: int | None = None  # an image with the same content already has a vector
     seconds: float = 0.0  # spent reading, hashing, decoding and preprocessing
@@ -129,7 +138,7 @@ def ingest(
         crash_point("listed")
         known = store.known_files()
         hashes = store.vector_hashes()  # read by the decode threads: content already embedded
-        todo, listed, unchanged = _scan(files, known)
+        todo, listed, unchanged, stale = _scan(files, known)
     gone = _disappeared(known, listed, roots, unlisted) if prune else {}
     gone_by_hash: dict[str, list[str]] = {}
     for key, row in gone.items():
@@ -193,6 +202,9 @@ def ingest(
                     flush()
             if len(batch):
                 flush()
+            if stale.facts or stale.devices:
+                with timed("decoding"):
+                    _refresh(stale, store, pool)
         except BaseException:
             for future in pending:  # on Ctrl-C or an error, do not decode what is queued
                 future.cancel()
@@ -213,11 +225,21 @@ def ingest(
     )
 
 
-def _scan(files: list[Path], known: dict[str, Known]) -> tuple[list[tuple], set[str], int]:
-    """Return (files to read, every listed path as stored, how many are unchanged)."""
-    todo: list[tuple[str, str, int, int, str | None]] = []
+@dataclass
+class _Stale:
+    """Unchanged files whose rows lack what newer versions record."""
+
+    facts: list[tuple[str, int, int, int]] = field(default_factory=list)  # real, id, size, mtime
+    devices: list[tuple[int, int]] = field(default_factory=list)  # id, st_dev now
+
+
+def _scan(files: list[Path], known: dict[str, Known]) -> tuple[list[tuple], set[str], int, _Stale]:
+    """Return (files to read, every listed path as stored, how many are unchanged, the
+    unchanged ones whose rows need the header's facts or their device)."""
+    todo: list[tuple[str, str, int, int, int | None, str | None]] = []
     listed: set[str] = set()
     unchanged = 0
+    stale = _Stale()
     for path in files:
         real = str(path)
         key = _storable(real)
@@ -225,14 +247,49 @@ def _scan(files: list[Path], known: dict[str, Known]) -> tuple[list[tuple], set[
         try:
             st = path.stat()
         except OSError as exc:
-            todo.append((real, key, -1, -1, _stat_error(path, exc)))
+            todo.append((real, key, -1, -1, None, _stat_error(path, exc)))
             continue
         prior = known.get(key)
         if prior is not None and prior.unchanged(st):
             unchanged += 1
+            if not prior.has_facts:
+                stale.facts.append((real, prior.id, st.st_size, st.st_mtime_ns))
+            if prior.device != st.st_dev:
+                stale.devices.append((prior.id, st.st_dev))
         else:
-            todo.append((real, key, st.st_size, st.st_mtime_ns, None))
-    return todo, listed, unchanged
+            todo.append((real, key, st.st_size, st.st_mtime_ns, st.st_dev, None))
+    return todo, listed, unchanged, stale
+
+
+# Files whose header is read per transaction when bringing old rows up to date.
+REFRESH_CHUNK = 1_000
+
+
+def _refresh(stale: _Stale, store: Store, pool: ThreadPoolExecutor) -> None:
+    """Record the true pixel size and format (from the header; no model, no decode) of
+    unchanged files indexed before they were recorded, and the device of files whose file
+    system now has another number; a chunk per transaction, so an interrupted run keeps
+    what it did."""
+    store.set_devices(stale.devices)
+    for start in range(0, len(stale.facts), REFRESH_CHUNK):
+        chunk = stale.facts[start : start + REFRESH_CHUNK]
+        store.set_header_facts([row for row in pool.map(_header_row, chunk) if row is not None])
+    if stale.facts:
+        log.info(
+            "read the true pixel size of %d files indexed before it was kept", len(stale.facts)
+        )
+
+
+def _header_row(item: tuple[str, int, int, int]) -> tuple | None:
+    real, image_id, size, mtime_ns = item
+    try:
+        st = os.stat(real)
+        if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
+            return None  # changed since listed: the next run indexes it again
+        facts = header_facts(real)
+    except (OSError, ImageError):
+        return None
+    return image_id, facts.width, facts.height, facts.format, facts.lossless
 
 
 def _route(
@@ -254,7 +311,9 @@ def _route(
     elif prepared.key not in known and gone_by_hash.get(prepared.sha256):
         # A new path with the content of a file that has gone: a rename; the row follows.
         old = gone.pop(gone_by_hash[prepared.sha256].pop())
-        batch.moves.append(Moved(old.id, prepared.key, prepared.size, prepared.mtime_ns))
+        batch.moves.append(
+            Moved(old.id, prepared.key, prepared.size, prepared.mtime_ns, prepared.device)
+        )
     else:
         prepared.known_id = prepared.known_id or hashes[prepared.sha256]
         batch.copy.append(prepared)
@@ -283,6 +342,7 @@ def _commit(
             item.key,
             item.size,
             item.mtime_ns,
+            item.device,
             None,
             embedder.preprocess,
             {},
@@ -306,15 +366,9 @@ def _commit(
             else np.empty((0, vectors.dim), dtype=np.float32)
         )
     crash_point("model")
-    good, rows = [], []
-    for item in batch.embed:
-        good.append(
-            GoodImage(item.key, item.size, item.mtime_ns, item.sha256, item.width, item.height)
-        )
-        rows.append(embedded[row_of[item.sha256]])
-    for item, (vec, width, height, _) in copies:
-        good.append(GoodImage(item.key, item.size, item.mtime_ns, item.sha256, width, height))
-        rows.append(vec)
+    good = [_good(item) for item in (*batch.embed, *batch.copy)]
+    rows = [embedded[row_of[item.sha256]] for item in batch.embed]
+    rows += [vec for _, (vec, *_) in copies]
     matrix = np.stack(rows) if rows else np.empty((0, vectors.dim), dtype=np.float32)
     with timed("database"):
         ids, dropped = store.write_batch(good, matrix, batch.bad, batch.moves)
@@ -324,6 +378,20 @@ def _commit(
         vectors.remove(np.asarray(dropped, dtype=np.int64))
     for img, image_id in zip(good, ids, strict=True):
         hashes[img.sha256] = image_id
+
+
+def _good(item: _Prepared) -> GoodImage:
+    return GoodImage(
+        item.key,
+        item.size,
+        item.mtime_ns,
+        item.sha256,
+        item.width,
+        item.height,
+        item.format,
+        item.lossless,
+        item.device,
+    )
 
 
 def _disappeared(
@@ -379,6 +447,7 @@ def _prepare(
     key: str,
     size: int,
     mtime_ns: int,
+    device: int | None,
     error: str | None,
     preprocess: Preprocessing,
     hashes: dict[str, int],
@@ -386,7 +455,7 @@ def _prepare(
 ) -> _Prepared:
     """Read and hash one file; decode and preprocess it unless its content is known."""
     start = time.perf_counter()
-    item = _Prepared(real, key, size, mtime_ns, error=error)
+    item = _Prepared(real, key, size, mtime_ns, device, error=error)
     if error is None and key != real:
         item.error = "file name is not valid UTF-8; rename the file to index it"
     if item.error is not None:
@@ -397,9 +466,11 @@ def _prepare(
         item.sha256 = hashlib.sha256(data).hexdigest()
         item.known_id = hashes.get(item.sha256)
         if item.known_id is None:  # new content: decode it (known content needs no model)
-            img = decode_image(data, max_pixels, draft=preprocess)
-            item.width, item.height = img.size
-            item.pixels = preprocess(img)
+            item.pixels = preprocess(decode_image(data, max_pixels, draft=preprocess))
+        # From the header: a JPEG decoded in draft mode is smaller than the file.
+        facts = header_facts(data)
+        item.width, item.height = facts.width, facts.height
+        item.format, item.lossless = facts.format, facts.lossless
     except ImageError as exc:
         item.error = str(exc)
     except Exception as exc:  # a bug in a codec must cost one file, not the run

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 
@@ -15,21 +16,53 @@ class Hit:
 
 
 @dataclass(frozen=True)
+class FileFacts:
+    """What dedup's keep rule compares of a file: its true pixel size (from the header, as
+    displayed), its encoding, its size and age."""
+
+    width: int
+    height: int
+    format: str | None  # "JPEG", "PNG", "WEBP", ...; None where the file could not be read
+    lossless: bool | None  # None: unknown (the file could not be read)
+    size: int  # bytes
+    mtime_ns: int
+
+    def line(self) -> str:
+        """E.g. "4000x3000 JPEG lossy, 3.1 MB, 2024-05-01"."""
+        encoding = {True: " lossless", False: " lossy", None: ""}[self.lossless]
+        day = time.strftime("%Y-%m-%d", time.localtime(self.mtime_ns / 1e9))
+        return (
+            f"{self.width}x{self.height} {self.format or '?'}{encoding}, "
+            f"{_megabytes(self.size)}, {day}"
+        )
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.1f} MB" if size >= 100_000 else f"{size / 1e3:.0f} KB"
+
+
+@dataclass(frozen=True)
 class Duplicate:
     """An image found to be a near-duplicate of a group's kept image."""
 
     id: int
     path: str
     score: float  # cosine similarity to the kept image
+    facts: FileFacts | None = None
+    why: str = ""  # the first rule by which the kept image won: "higher resolution", ...
 
 
 @dataclass(frozen=True)
 class DuplicateGroup:
-    """Near-duplicate images: the one to keep (by the keep policy) and the others."""
+    """Near-duplicate images: the one to keep (by the keep rule) and the others."""
 
     keep_id: int
     keep_path: str
     duplicates: tuple[Duplicate, ...]
+    keep_facts: FileFacts | None = None
+    # Other indexed paths naming the kept file or a duplicate (symlinks, hard links, a
+    # folder indexed under two names): the same files, never duplicates, never acted on.
+    aliases: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

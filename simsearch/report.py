@@ -20,12 +20,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Protocol, TextIO, TypeVar
 
-from PIL import ExifTags, Image
+from PIL import Image
 
 from simsearch import __version__
 from simsearch.errors import ImageError, ReportError
 from simsearch.files import replaced_atomically
-from simsearch.images import decode_image, read_image_file
+from simsearch.images import decode_image, header_facts, read_image_file
 from simsearch.records import DuplicateGroup, Hit
 
 # Longest side of a thumbnail in pixels: twice the ~128-200 CSS px a grid cell shows, so
@@ -40,9 +40,6 @@ THUMBNAIL_QUALITY = 80
 # browser opens without stalling and a person scrolls through; beyond that, a note points to
 # --json. Dedup runs over large collections find tens of thousands of groups.
 MAX_PAGE_FIGURES = 1_000
-
-# EXIF orientations that turn the picture by 90 degrees, swapping its width and height.
-_QUARTER_TURNS = {5, 6, 7, 8}
 
 T = TypeVar("T")
 
@@ -89,7 +86,8 @@ def make_thumbnail(path: str | os.PathLike, size: int = THUMBNAIL_PX) -> Thumbna
     try:
         data = read_image_file(path)
         img = decode_image(data, draft=_ThumbnailDraft(size))
-        original = _upright_size(data)
+        facts = header_facts(data)
+        original = (facts.width, facts.height)
         img.thumbnail((size, size), Image.Resampling.LANCZOS)
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=THUMBNAIL_QUALITY, optimize=True)
@@ -99,14 +97,6 @@ def make_thumbnail(path: str | os.PathLike, size: int = THUMBNAIL_PX) -> Thumbna
         return Thumbnail(None, error=f"cannot make a thumbnail: {exc}")
     uri = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
     return Thumbnail(uri, img.width, img.height, original, len(data))
-
-
-def _upright_size(data: bytes) -> tuple[int, int]:
-    """Return the width and height of an already-decoded image file as it is displayed."""
-    with Image.open(io.BytesIO(data)) as img:  # reads the header only
-        width, height = img.size
-        orientation = img.getexif().get(ExifTags.Base.Orientation)
-    return (height, width) if orientation in _QUARTER_TURNS else (width, height)
 
 
 class _Thumbnails:

@@ -40,7 +40,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from simsearch.config import Manifest
 from simsearch.faults import crash_point
-from simsearch.records import FailedFile, Label
+from simsearch.records import FailedFile, FileFacts, Label
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
@@ -63,8 +63,17 @@ class ImageRow(Base):
     size: Mapped[int] = mapped_column(Integer)
     mtime_ns: Mapped[int] = mapped_column(Integer)
     sha256: Mapped[str | None] = mapped_column(String(64), index=True)
+    # The true pixel size from the file's header, as displayed (not the draft-mode decode).
     width: Mapped[int | None] = mapped_column(Integer)
     height: Mapped[int | None] = mapped_column(Integer)
+    # Pillow's format name and whether the encoding is lossless: dedup's keep rule. NULL in
+    # rows of indexes made before they were recorded (their width and height were the draft
+    # decode's): the next `index` run reads them from the headers, and dedup until then.
+    format: Mapped[str | None] = mapped_column(String(16))
+    lossless: Mapped[int | None] = mapped_column(Integer)
+    # st_dev of the file when indexed: a file gone with its whole file system (an unmounted
+    # disk) is not pruned.
+    device: Mapped[int | None] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(16))
     error: Mapped[str | None] = mapped_column(Text)
     indexed_at: Mapped[float] = mapped_column()
@@ -128,6 +137,8 @@ class Known:
     mtime_ns: int
     status: str
     sha256: str | None = None
+    device: int | None = None
+    has_facts: bool = True  # the row holds the header's facts (format, true pixel size)
 
     def unchanged(self, st: os.stat_result) -> bool:
         """Return True when the file was indexed and still has the size and mtime it had."""
@@ -145,6 +156,9 @@ class GoodImage:
     sha256: str
     width: int
     height: int
+    format: str | None = None
+    lossless: bool | None = None
+    device: int | None = None
 
 
 @dataclass(frozen=True)
@@ -155,6 +169,7 @@ class Moved:
     path: str
     size: int
     mtime_ns: int
+    device: int | None = None
 
 
 @dataclass(frozen=True)
@@ -174,6 +189,7 @@ class Store:
         if not create and not self.path.is_file():
             raise FileNotFoundError(self.path)
         self.engine = create_engine(f"sqlite:///{self.path}")
+        self._facts_columns: bool | None = None
         event.listen(self.engine, "connect", _on_connect)
         if create:
             Base.metadata.create_all(self.engine)
@@ -187,6 +203,11 @@ class Store:
             conn.exec_driver_sql(
                 "CREATE INDEX IF NOT EXISTS ix_vectors_image_id ON vectors (image_id)"
             )
+            have = _columns(conn, "images")
+            for column in ("format", "lossless", "device"):
+                if column not in have:
+                    kind = ImageRow.__table__.c[column].type.compile(self.engine.dialect)
+                    conn.exec_driver_sql(f"ALTER TABLE images ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         self.engine.dispose()
@@ -235,7 +256,8 @@ class Store:
     # -- reading -------------------------------------------------------------------------
 
     def known_files(self) -> dict[str, Known]:
-        """Return every stored path with its size, mtime and status."""
+        """Return every stored path with its size, mtime, status and device (a writer's
+        call: it reads the columns `upgrade` adds)."""
         stmt = select(
             ImageRow.path,
             ImageRow.id,
@@ -243,6 +265,8 @@ class Store:
             ImageRow.mtime_ns,
             ImageRow.status,
             ImageRow.sha256,
+            ImageRow.device,
+            ImageRow.format.is_not(None),
         )
         with Session(self.engine) as session:
             return {row[0]: Known(*row[1:]) for row in session.execute(stmt)}
@@ -408,6 +432,54 @@ class Store:
         select = "SELECT id, path, width, height, size, mtime_ns FROM images"
         return {int(r[0]): tuple(r[1:]) for r in self._rows_by_id(select, "id", ids)}
 
+    def keep_facts(self, ids: Sequence[int]) -> dict[int, tuple]:
+        """Return id -> (path, status, FileFacts) for each id that exists: what dedup's keep
+        rule compares. Indexes made before the format was recorded give format None."""
+        columns = "format, lossless" if self._has_facts_columns() else "NULL, NULL"
+        select = f"SELECT id, path, status, width, height, {columns}, size, mtime_ns FROM images"
+        out = {}
+        for image_id, path, status, w, h, fmt, lossless, size, mtime_ns in self._rows_by_id(
+            select, "id", ids
+        ):
+            lossless = None if lossless is None else bool(lossless)
+            out[int(image_id)] = (
+                path,
+                status,
+                FileFacts(w or 0, h or 0, fmt, lossless, size, mtime_ns),
+            )
+        return out
+
+    def set_header_facts(self, rows: Sequence[tuple[int, int, int, str | None, bool]]) -> None:
+        """Record (id, width, height, format, lossless) read from files' headers. No vector
+        changes, so the generation stays (the FAISS file stays current)."""
+        if not rows:
+            return
+        with Session(self.engine) as session, session.begin():
+            for chunk in _chunks(list(rows), ROWS_PER_STATEMENT):
+                session.execute(
+                    update(ImageRow),
+                    [
+                        dict(id=i, width=w, height=h, format=f, lossless=int(bool(lossless)))
+                        for i, w, h, f, lossless in chunk
+                    ],
+                )
+
+    def set_devices(self, rows: Sequence[tuple[int, int]]) -> None:
+        """Record (id, st_dev) for files whose file system has another number now."""
+        if not rows:
+            return
+        with Session(self.engine) as session, session.begin():
+            for chunk in _chunks(list(rows), ROWS_PER_STATEMENT):
+                session.execute(update(ImageRow), [dict(id=i, device=d) for i, d in chunk])
+
+    def _has_facts_columns(self) -> bool:
+        """Whether the images table has the format column (a reader may open an index made
+        before it, which no writer has upgraded yet)."""
+        if self._facts_columns is None:
+            with self.engine.connect() as conn:
+                self._facts_columns = "format" in _columns(conn, "images")
+        return self._facts_columns
+
     def file_records(self, ids: Sequence[int]) -> dict[int, dict]:
         """Return id -> {path, size, mtime_ns, sha256, width, height} for each id that
         exists: what acting on a file checks it against and what undoing it restores."""
@@ -471,7 +543,16 @@ class Store:
         vectors = np.ascontiguousarray(vectors, dtype="<f4")
         with Session(self.engine) as session, session.begin():
             ok_rows = [
-                _image_row(img, now, width=img.width, height=img.height, status=STATUS_OK)
+                _image_row(
+                    img,
+                    now,
+                    width=img.width,
+                    height=img.height,
+                    format=img.format,
+                    lossless=None if img.lossless is None else int(img.lossless),
+                    device=img.device,
+                    status=STATUS_OK,
+                )
                 for img in good
             ]
             # Labels and clusters describe content and vectors: a path whose content
@@ -496,7 +577,13 @@ class Store:
                 session.execute(
                     update(ImageRow)
                     .where(ImageRow.id == move.id)
-                    .values(path=move.path, size=move.size, mtime_ns=move.mtime_ns, indexed_at=now)
+                    .values(
+                        path=move.path,
+                        size=move.size,
+                        mtime_ns=move.mtime_ns,
+                        device=move.device,
+                        indexed_at=now,
+                    )
                 )
             _bump_generation(session)
             crash_point("commit")
@@ -785,6 +872,10 @@ ROWS_PER_STATEMENT = 100
 IDS_PER_STATEMENT = 500
 
 
+def _columns(conn, table: str) -> set[str]:
+    return {row[1] for row in conn.exec_driver_sql(f"PRAGMA table_info({table})")}
+
+
 def _table_exists(conn, table: str) -> bool:
     """Return True when `table` exists: older indexes lack newer tables until a write."""
     found = conn.exec_driver_sql(
@@ -816,6 +907,9 @@ def _image_row(img: GoodImage | BadImage, now: float, **columns) -> dict:
         sha256=img.sha256,
         width=None,
         height=None,
+        format=None,
+        lossless=None,
+        device=None,
         error=None,
     )
     row.update(columns)

@@ -152,7 +152,8 @@ def test_dedup_of_200k_vectors_runs_in_bounded_memory():
 
     import faiss
 
-    from simsearch.dedup import find_groups
+    from simsearch.dedup import Member, find_groups
+    from simsearch.records import FileFacts
 
     n, dim, chunk = 200_000, 32, 10_000
     rng = np.random.default_rng(7)
@@ -174,7 +175,9 @@ def test_dedup_of_200k_vectors_runs_in_bounded_memory():
             chunks(),
             lambda vecs, k: index.search(vecs, k),
             [],
-            lambda ids: {i: (f"/p/{i}.jpg", 1, 1, 1, i) for i in ids},
+            lambda ids: {
+                i: Member(f"/p/{i}.jpg", FileFacts(1, 1, "PNG", True, 1, i), None) for i in ids
+            },
             lambda ids: {i: data[i] for i in ids},
             threshold=0.99,
             neighbours=20,
