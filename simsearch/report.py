@@ -25,8 +25,8 @@ from PIL import Image
 from simsearch import __version__
 from simsearch.errors import ImageError, ReportError
 from simsearch.files import replaced_atomically
-from simsearch.images import decode_image, header_facts, read_image_file
-from simsearch.records import DuplicateGroup, Hit
+from simsearch.images import decode_image, read_image_file
+from simsearch.records import DuplicateGroup, FileFacts, Hit
 
 # Longest side of a thumbnail in pixels: twice the ~128-200 CSS px a grid cell shows, so
 # thumbnails stay sharp on high-density screens.
@@ -59,8 +59,6 @@ class Thumbnail:
     uri: str | None  # data:image/jpeg;base64,...; None when the image could not be read
     width: int = 0  # of the thumbnail
     height: int = 0
-    original: tuple[int, int] | None = None  # width x height of the image file, upright
-    file_bytes: int | None = None
     error: str | None = None
 
 
@@ -86,8 +84,6 @@ def make_thumbnail(path: str | os.PathLike, size: int = THUMBNAIL_PX) -> Thumbna
     try:
         data = read_image_file(path)
         img = decode_image(data, draft=_ThumbnailDraft(size))
-        facts = header_facts(data)
-        original = (facts.width, facts.height)
         img.thumbnail((size, size), Image.Resampling.LANCZOS)
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=THUMBNAIL_QUALITY, optimize=True)
@@ -96,7 +92,7 @@ def make_thumbnail(path: str | os.PathLike, size: int = THUMBNAIL_PX) -> Thumbna
     except (OSError, ValueError) as exc:  # e.g. the disk went away mid-read
         return Thumbnail(None, error=f"cannot make a thumbnail: {exc}")
     uri = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-    return Thumbnail(uri, img.width, img.height, original, len(data))
+    return Thumbnail(uri, img.width, img.height)
 
 
 class _Thumbnails:
@@ -170,7 +166,8 @@ def dedup_page(
     """Write a page of near-duplicate groups to `output`; return the number of images shown.
 
     Each group shows the image to keep, marked, then its duplicates with their similarity to
-    it; every image with its resolution and file size.
+    it; every image with the facts the keep rule compared (true resolution, format, lossless
+    or not, file size, date) and each duplicate with the rule by which the kept one won.
     """
     sizes = [1 + len(g.duplicates) for g in groups]
     plan = _fit(groups, sizes)
@@ -178,8 +175,9 @@ def dedup_page(
     at = f" at similarity {threshold:g} or more" if threshold is not None else ""
     summary = [
         f"{_count(len(groups), 'group')}, {_count(dups, 'duplicate')}{at}. The image to keep "
-        "has the highest resolution, then the largest file, then the oldest date, then the "
-        "shortest path. Nothing has been moved or deleted."
+        "has the highest resolution, then lossless over lossy encoding, then the largest "
+        "file, then the oldest date, then the shortest path. Nothing has been moved or "
+        "deleted."
     ]
     summary += _cut_note(sizes, plan, "groups", "simsearch dedup --json")
     paths = []
@@ -196,10 +194,11 @@ def dedup_page(
                 g.keep_path,
                 [("keep", "keep")],
                 role="keep",
-                facts=True,
+                facts=g.keep_facts,
             )
             for d in g.duplicates[: n - 1]:
-                _figure(out, thumbs.get(d.path), d.path, [_score(d.score)], facts=True)
+                why = f"kept: {d.why}" if d.why else ""
+                _figure(out, thumbs.get(d.path), d.path, [_score(d.score)], facts=d.facts, note=why)
             out.write(_more(len(g.duplicates) - (n - 1)) + "</div></section>\n")
     return len(paths)
 
@@ -294,11 +293,12 @@ def _figure(
     tags: Sequence[tuple[str, str]],
     *,
     role: str = "",
-    facts: bool = False,
+    facts: FileFacts | None = None,
+    note: str = "",
 ) -> None:
     """Write one image: its thumbnail (or a box with the reason it has none) linking to the
     original, its tags ((css class, text): a role, a rank, a score), its name and folder
-    and, with `facts`, its resolution and file size."""
+    and, with `facts`, what dedup's keep rule compared of it, then `note`."""
     link = _esc(_file_uri(path))
     name = Path(path).name or path
     if thumb.uri is not None:
@@ -317,10 +317,10 @@ def _figure(
         f"<figcaption><span class=tags>{labels}</span>"
         f'<a class=name href="{link}">{_esc(name)}</a><span class=dir>{_esc(folder)}</span>'
     )
-    if facts and thumb.original is not None:
-        width, height = thumb.original
-        size = _size(thumb.file_bytes)
-        out.write(f"<span class=facts>{width}&times;{height} &middot; {size}</span>")
+    if facts is not None:
+        out.write(f"<span class=facts>{_esc(facts.line())}</span>")
+    if note:
+        out.write(f"<span class=facts>{_esc(note)}</span>")
     out.write("</figcaption></figure>\n")
 
 
@@ -348,16 +348,6 @@ def _score(score: float) -> tuple[str, str]:
 
 def _count(n: int, singular: str, plural: str | None = None) -> str:
     return f"{n:,} {singular if n == 1 else plural or singular + 's'}"
-
-
-def _size(n: int | None) -> str:
-    if n is None:
-        return "?"
-    for unit in ("bytes", "KB", "MB"):
-        if n < 1024 or unit == "MB":
-            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} MB"
 
 
 def _esc(text: object) -> str:

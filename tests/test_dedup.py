@@ -128,10 +128,11 @@ def test_cli_dedup_json_and_csv(planted):
     lines = runner.invoke(cli, [*args, "--json"]).output.strip().splitlines()
     assert len(lines) == 30
     first = json.loads(lines[0])
-    assert set(first) == {"keep", "duplicates"}
-    assert set(first["duplicates"][0]) == {"path", "score"}
+    facts = {"width", "height", "format", "lossless", "size", "mtime_ns"}
+    assert set(first) == {"keep", "duplicates", *facts}
+    assert set(first["duplicates"][0]) == {"path", "score", "why", *facts}
     rows = runner.invoke(cli, [*args, "--csv"]).output.strip().splitlines()
-    assert rows[0] == "group,role,path,score"
+    assert rows[0] == "group,role,path,score,width,height,format,lossless,size,mtime_ns,why"
     assert sum(1 for r in rows if ",keep," in r) == 30
     human = runner.invoke(cli, args).output
     assert human.strip().endswith("(threshold 0.98)") and "30 groups" in human

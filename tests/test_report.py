@@ -27,7 +27,8 @@ from PIL import Image
 from simsearch import report
 from simsearch.cli import cli
 from simsearch.errors import ReportError
-from simsearch.records import Duplicate, DuplicateGroup, Hit
+from simsearch.images import header_facts
+from simsearch.records import Duplicate, DuplicateGroup, FileFacts, Hit
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
@@ -139,8 +140,12 @@ def test_search_page_renders_every_thumbnail(tmp_path, pictures):
 
 
 def test_dedup_page_marks_the_kept_image_and_shows_sizes(tmp_path, pictures):
+    big = FileFacts(4000, 3000, "JPEG", False, 3_100_000, 1_700_000_000 * 10**9)
+    small = FileFacts(1280, 960, "WEBP", False, 210_000, 1_700_000_000 * 10**9)
     groups = [
-        DuplicateGroup(0, pictures[0], (Duplicate(1, pictures[1], 0.987),)),
+        DuplicateGroup(
+            0, pictures[0], (Duplicate(1, pictures[1], 0.987, small, "higher resolution"),), big
+        ),
         DuplicateGroup(
             2, pictures[2], (Duplicate(3, pictures[3], 0.99), Duplicate(4, pictures[4], 0.96))
         ),
@@ -151,8 +156,9 @@ def test_dedup_page_marks_the_kept_image_and_shows_sizes(tmp_path, pictures):
     assert "2 groups, 3 duplicates at similarity 0.95 or more" in text
     keeps = re.findall(r'<figure class="keep">.*?</figure>', text)
     assert len(keeps) == 2 and "p0.jpg" in keeps[0] and "p2.jpg" in keeps[1]
-    size = Path(pictures[0]).stat().st_size / 1024
-    assert f"1600&times;1200 &middot; {size:.1f} KB" in keeps[0]
+    # The facts the keep rule compared, as the CLI shows them, and why the copy lost.
+    assert "4000x3000 JPEG lossy, 3.1 MB, 2023-11-1" in keeps[0]
+    assert "1280x960 WEBP lossy, 210 KB" in text and "kept: higher resolution" in text
     assert ">0.9870</b>" in text
     assert_all_rendered(render(page, tmp_path), 5)
 
@@ -275,7 +281,8 @@ def test_resolution_is_upright_for_rotated_photos(tmp_path):
     exif[0x0112] = 6  # stored landscape, displayed turned by 90 degrees
     draw_image(2, (300, 200)).save(path, exif=exif)
     thumb = report.make_thumbnail(path)
-    assert thumb.original == (200, 300)
+    facts = header_facts(path)  # what dedup's keep rule compares and the page shows
+    assert (facts.width, facts.height) == (200, 300)
     assert (thumb.width, thumb.height) == (171, 256)  # upright too, longest side 256
 
 

@@ -107,8 +107,10 @@ def dedup(
 
     Each image's nearest neighbours (batched FAISS searches, never an all-pairs matrix)
     above the threshold are joined into groups; byte-identical files are always one group.
-    The image to keep is the one with the highest resolution, then the largest file, then
-    the oldest, then the shortest path; the others are listed with their similarity to it.
+    The image to keep is the one with the highest true resolution (read from the file's
+    header), then lossless over lossy encoding (PNG, TIFF, lossless WebP over JPEG), then
+    the largest file, then the oldest, then the shortest path; the others are listed with
+    their similarity to it and the rule that decided.
 
     The right threshold depends on the model, so it is calibrated per index: a sample of
     the indexed images is edited the way copies are made (crop, rescale, JPEG re-encode,
@@ -132,8 +134,14 @@ def dedup(
       simsearch dedup --undo ~/duplicates/simsearch-moves-20261124-101500.jsonl
       simsearch dedup --delete --yes
 
-    --json prints one group per line:
-    {"keep": "/photos/a.jpg", "duplicates": [{"path": "/photos/a-copy.jpg", "score": 0.97}]}
+    --json prints one group per line, with the facts the keep rule compared (the true
+    pixel size from the file's header, format, lossless or not, bytes, modification time)
+    and, for each duplicate, the first rule by which the kept image won:
+    {"keep": "/photos/a.jpg", "width": 4000, "height": 3000, "format": "JPEG",
+    "lossless": false, "size": 3100000, "mtime_ns": ..., "duplicates": [{"path":
+    "/photos/a-small.jpg", "score": 0.97, "width": 1280, ..., "why": "higher resolution"}]}
+    Paths that name the same file as a member (symlinks, hard links) are listed under
+    "aliases": the same file, never a duplicate, never moved or deleted.
     """
     from tqdm import tqdm
 
@@ -207,24 +215,54 @@ def _undo_moves(ctx, manifest: Path, index_path: Path, as_json: bool) -> None:
 
 
 def _print_groups(groups, threshold: float, as_csv: bool, as_json: bool) -> None:
+    """Print the groups with the facts the keep rule compared, and why each duplicate lost."""
     if as_csv:
         import csv
 
         out = csv.writer(sys.stdout, lineterminator="\n")
-        out.writerow(["group", "role", "path", "score"])
+        out.writerow(["group", "role", "path", "score", *FACT_COLUMNS, "why"])
         for n, group in enumerate(groups, 1):
-            out.writerow([n, "keep", group.keep_path, ""])
+            out.writerow([n, "keep", group.keep_path, "", *_fact_cells(group.keep_facts), ""])
             for dup in group.duplicates:
-                out.writerow([n, "duplicate", dup.path, f"{dup.score:.4f}"])
+                cells = _fact_cells(dup.facts)
+                out.writerow([n, "duplicate", dup.path, f"{dup.score:.4f}", *cells, dup.why])
+            for alias in group.aliases:
+                out.writerow([n, "alias", alias, "", *_fact_cells(None), "same file"])
         return
     for group in groups:
         if as_json:
-            dups = [{"path": d.path, "score": d.score} for d in group.duplicates]
-            click.echo(json.dumps({"keep": group.keep_path, "duplicates": dups}))
+            dups = [
+                {"path": d.path, "score": d.score, **_fact_dict(d.facts), "why": d.why}
+                for d in group.duplicates
+            ]
+            record = {"keep": group.keep_path, **_fact_dict(group.keep_facts), "duplicates": dups}
+            if group.aliases:
+                record["aliases"] = list(group.aliases)
+            click.echo(json.dumps(record))
             continue
-        click.echo(f"keep       {group.keep_path}")
+        click.echo(f"keep       {group.keep_path}{_facts_text(group.keep_facts)}")
         for dup in group.duplicates:
-            click.echo(f"  {dup.score:6.4f}  {dup.path}")
+            why = f"; kept: {dup.why}" if dup.why else ""
+            click.echo(f"  {dup.score:6.4f}  {dup.path}{_facts_text(dup.facts, why)}")
+        for alias in group.aliases:
+            click.echo(f"  same file {alias} (another name for a file above: left alone)")
     if not as_json:
         count = sum(len(g.duplicates) for g in groups)
         click.echo(f"{len(groups)} groups, {count} duplicates (threshold {threshold})")
+
+
+# The keep rule's facts, as --csv columns and --json fields.
+FACT_COLUMNS = ("width", "height", "format", "lossless", "size", "mtime_ns")
+
+
+def _fact_dict(facts) -> dict:
+    return {} if facts is None else asdict(facts)
+
+
+def _fact_cells(facts) -> list:
+    values = _fact_dict(facts)
+    return [values.get(column, "") for column in FACT_COLUMNS]
+
+
+def _facts_text(facts, extra: str = "") -> str:
+    return "" if facts is None else f"  ({facts.line()}{extra})"
