@@ -399,9 +399,12 @@ def _disappeared(
 ) -> dict[str, Known]:
     """Return the indexed files under `roots` that the listing no longer found.
 
-    Nothing is reported under a folder that could not be listed, nor under a root folder
-    that lists no images at all while the index has some there (an unmounted disk looks
-    like that; removing its files from the index would lose work).
+    A file is not reported gone when it may only be out of reach: under a folder that could
+    not be listed; under a root folder that lists no images at all while the index has some
+    there; or when the nearest folder on its way that still exists is empty now, or sits on
+    another file system than the file did and holds no listed image. An unmounted disk looks
+    like that (its mount point is an empty folder of the parent file system), and removing
+    its files from the index would lose their labels, clusters and vectors.
     """
     empty_roots = []
     for root in roots:
@@ -411,14 +414,21 @@ def _disappeared(
     keep_under = [str(p) + os.sep for p in (*unlisted, *empty_roots)]
     gone = {}
     held = {str(root): 0 for root in empty_roots}
+    reach = _Reach({os.path.dirname(p) for p in listed})
+    lost: dict[tuple[str, str], int] = {}
     for key, row in known.items():
         if key in listed or not _under(key, roots):
             continue
         blocked = next((k for k in keep_under if key.startswith(k)), None)
-        if blocked is None:
+        if blocked is not None:
+            if blocked[:-1] in held:
+                held[blocked[:-1]] += 1
+            continue
+        out_of_reach = reach.why_unreachable(key, row.device, roots)
+        if out_of_reach is None:
             gone[key] = row
-        elif blocked[:-1] in held:
-            held[blocked[:-1]] += 1
+        else:
+            lost[out_of_reach] = lost.get(out_of_reach, 0) + 1
     for root, count in held.items():
         if count:
             log.warning(
@@ -426,7 +436,57 @@ def _disappeared(
                 count,
                 root,
             )
+    for (folder, why), count in sorted(lost.items()):
+        log.warning(
+            "not removing %d indexed files under %s: %s (an unmounted disk?); if they are "
+            "really gone, remove that folder and run index again",
+            count,
+            folder,
+            why,
+        )
     return gone
+
+
+class _Reach:
+    """Tells a file that is gone from one that is out of reach, looking at the nearest
+    folder on its way that still exists (each folder looked at once per run)."""
+
+    def __init__(self, listed_dirs: set[str]) -> None:
+        self.listed_dirs = listed_dirs  # folders that directly hold a listed image
+        self.folders: dict[str, tuple[int, bool] | None] = {}  # folder -> (st_dev, empty)
+
+    def why_unreachable(
+        self, key: str, device: int | None, roots: list[Path]
+    ) -> tuple[str, str] | None:
+        """Return (folder, reason) when the file at `key` may be on a file system that is
+        not mounted now, None when it is simply gone."""
+        top = next(str(r) for r in roots if key.startswith(str(r) + os.sep) or key == str(r))
+        folder = os.path.dirname(key)
+        while True:
+            found = self._look(folder)
+            if found is not None or len(folder) <= len(top):
+                break
+            folder = os.path.dirname(folder)
+        if found is None:
+            return None
+        st_dev, empty = found
+        if empty:
+            return folder, "that folder is empty now"
+        if device is not None and device != st_dev and folder not in self.listed_dirs:
+            return folder, "they were on another file system than that folder is on now"
+        return None
+
+    def _look(self, folder: str) -> tuple[int, bool] | None:
+        """(st_dev, empty) of an existing folder, None where there is none."""
+        if folder not in self.folders:
+            try:
+                st_dev = os.stat(folder).st_dev
+                with os.scandir(folder) as entries:
+                    empty = next(entries, None) is None
+                self.folders[folder] = (st_dev, empty)
+            except OSError:
+                self.folders[folder] = None
+        return self.folders[folder]
 
 
 def _under(key: str, roots: list[Path]) -> bool:
