@@ -21,7 +21,7 @@ import hashlib
 import logging
 import os
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -125,7 +125,8 @@ def ingest(
     with timed("listing"):
         roots = [Path(os.path.abspath(p)) for p in paths]
         unlisted: list[Path] = []
-        files = list(find_images(roots, unlisted))
+        passed_over: dict[str, Counter] = {}  # folders with files, none of them images
+        files = list(find_images(roots, unlisted, passed_over))
         crash_point("listed")
         known = store.known_files()
         hashes = store.vector_hashes()  # read by the decode threads: content already embedded
@@ -208,6 +209,7 @@ def ingest(
         moved=counts["moved"],
         removed=removed,
         reused=counts["reused"],
+        skipped_suffixes=dict(sum(passed_over.values(), Counter())),
         seconds=time.monotonic() - start,
         stages=timed.seconds,
     )
@@ -397,7 +399,7 @@ def _prepare(
         item.sha256 = hashlib.sha256(data).hexdigest()
         item.known_id = hashes.get(item.sha256)
         if item.known_id is None:  # new content: decode it (known content needs no model)
-            img = decode_image(data, max_pixels, draft=preprocess)
+            img = decode_image(data, max_pixels, draft=preprocess, name=real)
             item.width, item.height = img.size
             item.pixels = preprocess(img)
     except ImageError as exc:

@@ -88,7 +88,7 @@ def make_thumbnail(path: str | os.PathLike, size: int = THUMBNAIL_PX) -> Thumbna
     """
     try:
         data = read_image_file(path)
-        img = decode_image(data, draft=_ThumbnailDraft(size))
+        img = decode_image(data, draft=_ThumbnailDraft(size), name=path)
         original = _upright_size(data)
         img.thumbnail((size, size), Image.Resampling.LANCZOS)
         buf = io.BytesIO()
