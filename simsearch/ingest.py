@@ -389,8 +389,6 @@ def _prepare(
     """Read and hash one file; decode and preprocess it unless its content is known."""
     start = time.perf_counter()
     item = _Prepared(real, key, size, mtime_ns, error=error)
-    if error is None and key != real:
-        item.error = "file name is not valid UTF-8; rename the file to index it"
     if item.error is not None:
         return item
     try:
@@ -423,9 +421,7 @@ def _stat_error(path: Path, exc: OSError) -> str:
 
 
 def _storable(path: str) -> str:
-    """Return `path` as it can be stored in SQLite (UTF-8), escaping undecodable bytes."""
-    try:
-        path.encode("utf-8")
-    except UnicodeEncodeError:
-        return os.fsencode(path).decode("utf-8", "backslashreplace")
+    """Return `path` as the store keys it: unchanged. The store keeps a name that is not
+    UTF-8 losslessly as its bytes (store.FsPath), so no escaping is needed, and an escape
+    could collide with a real name that spells it."""
     return path

@@ -26,6 +26,7 @@ from simsearch import __version__
 from simsearch.errors import ImageError, ReportError
 from simsearch.files import replaced_atomically
 from simsearch.images import decode_image, read_image_file
+from simsearch.names import shown
 from simsearch.records import DuplicateGroup, Hit
 
 # Longest side of a thumbnail in pixels: twice the ~128-200 CSS px a grid cell shows, so
@@ -371,7 +372,8 @@ def _size(n: int | None) -> str:
 
 
 def _esc(text: object) -> str:
-    return html.escape(str(text), quote=True)
+    # shown: a file name that is not UTF-8 appears with its bytes escaped (caf\xe9.jpg).
+    return html.escape(shown(str(text)), quote=True)
 
 
 _HEAD = """<!DOCTYPE html>

@@ -129,9 +129,15 @@ def directory_named_jpg(d: Path):
 
 
 def non_utf8_name(d: Path):
-    name = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes: not valid UTF-8
+    name = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes: not valid UTF-8, indexed all the same
     draw_image(30).save(os.path.join(d, name))
-    return "caf\\xe9.png", "not valid UTF-8"
+    return name, None
+
+
+def escape_text_name(d: Path):
+    """A valid name that spells the escape of the one above: a file of its own."""
+    draw_image(32).save(d / "caf\\xe9.png")
+    return "caf\\xe9.png", None
 
 
 def _ppm_claiming(width: int, height: int) -> bytes:
@@ -192,6 +198,7 @@ CASES = [
     symlink_loop,
     directory_named_jpg,
     non_utf8_name,
+    escape_text_name,
     ppm_bomb,
     tga_bomb,
     eps_named_jpg,
