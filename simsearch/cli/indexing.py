@@ -282,9 +282,8 @@ def _skipped_line(counts: dict[str, int]) -> str:
         hints.append("camera RAW files need the raw extra: pip install 'simsearch[raw]'")
     if counts.keys() - HEIF_SUFFIXES - RAW_SUFFIXES:
         hints.append("a file named directly is tried whatever its suffix: simsearch index FILE...")
-    return f"no image files found: every file was skipped for its extension: {named}. " + "; ".join(
-        hints
-    )
+    what = f"every file was skipped for its extension: {named}"
+    return f"no image files in a folder given: {what}. " + "; ".join(hints)
 
 
 @cli.command()
