@@ -357,6 +357,15 @@ def test_heic_photos_are_scanned_and_decoded_with_pillow_heif(tmp_path):
     assert np.abs(np.asarray(out, dtype=np.float32) - reference).mean() < 12  # lossy codec
 
 
+def test_heic_pixel_limit_is_checked_from_its_header():
+    pillow_heif = pytest.importorskip("pillow_heif", reason="the heic extra is not installed")
+    image_suffixes()
+    buf = io.BytesIO()
+    pillow_heif.from_pillow(draw_image(6, size=(64, 48))).save(buf, quality=50)
+    with pytest.raises(ImageError, match="64x48 = 3,072 pixels, above the limit of 1,000"):
+        decode_image(buf.getvalue(), max_pixels=1_000, name="x.heic")
+
+
 def _dng(width: int = 64, height: int = 48, preview=None, orientation: int = 1) -> bytes:
     """A real, minimal DNG (RGGB Bayer sensor data, 12 bits), optionally with an RGB
     preview in IFD0 as cameras store one, written with tifffile."""

@@ -74,6 +74,12 @@ def test_cli_shows_the_name_escaped_and_json_keeps_the_bytes(tmp_path, tiny_vit,
     index = tmp_path / "index"
     made = runner.invoke(cli, ["index", str(folder), "--index", str(index), "--model", tiny_vit])
     assert made.exit_code == 0, made.output
+    assert "skipping" not in made.stderr
+    (folder / "broken.png").write_bytes(b"not a png")
+    os.rename(folder / "broken.png", os.fsdecode(os.fsencode(folder) + b"/bad\xff.png"))
+    again = runner.invoke(cli, ["index", str(folder), "--index", str(index)])
+    assert again.exit_code == 0, again.output
+    assert "skipping " + shown(folder) + "/bad\\xff.png: not an image" in again.stderr
     table = runner.invoke(cli, ["search", latin1(folder), "--index", str(index), "-k", "1"])
     assert table.exit_code == 0, table.output
     assert shown(latin1(folder)) in table.stdout  # .../caf\xe9.jpg, no UnicodeEncodeError
