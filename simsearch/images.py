@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import importlib
 import io
 import logging
 import os
@@ -46,14 +48,13 @@ def _registry() -> _Formats:
     """Return what the installed Pillow (with pillow-heif, if installed) opens, worked out
     once: the optional openers are registered on first use, not at import."""
     global _formats
+    if _formats is not None:  # every decode asks: no lock once it is known
+        return _formats
     with _formats_lock:
         if _formats is None:
-            try:
-                from pillow_heif import register_heif_opener
-            except ImportError:
-                pass
-            else:
-                register_heif_opener()
+            heif = _optional("pillow_heif", "heic")
+            if heif is not None:
+                heif.register_heif_opener()
             Image.init()
             names = {
                 name
@@ -66,7 +67,7 @@ def _registry() -> _Formats:
             indexed = names | ({"MPO"} if "JPEG" in names else set())
             registered = Image.registered_extensions()
             suffixes = {ext for ext, name in registered.items() if name in indexed}
-            if _rawpy() is not None:
+            if _optional("rawpy", "raw") is not None:
                 suffixes |= RAW_SUFFIXES
             # In Pillow's own order (the common formats first): Image.open tries them in turn.
             ordered = tuple(name for name in Image.ID if name in names)
@@ -74,12 +75,17 @@ def _registry() -> _Formats:
         return _formats
 
 
-def _rawpy():
+@functools.cache  # a failed import is not cached by Python: warn once, not per file
+def _optional(module: str, extra: str):
+    """Return an optional decoder's module, or None when it is not installed or cannot load
+    (a broken install costs its formats, with one warning, not every decode)."""
     try:
-        import rawpy
+        return importlib.import_module(module)
     except ImportError:
         return None
-    return rawpy
+    except Exception as exc:
+        log.warning("%s (simsearch[%s]) is installed but cannot load: %s", module, extra, exc)
+        return None
 
 
 def image_suffixes() -> frozenset[str]:
@@ -202,7 +208,7 @@ def decode_image(
     if not data:
         raise ImageError("empty file (0 bytes)")
     if name is not None and Path(name).suffix.lower() in RAW_SUFFIXES:
-        rawpy = _rawpy()
+        rawpy = _optional("rawpy", "raw")
         if rawpy is not None:
             return _decode_raw(rawpy, data, max_pixels, draft)
     try:

@@ -344,6 +344,32 @@ def test_find_images_reports_folders_whose_files_were_all_skipped(tmp_path):
 # -- optional formats: HEIC/HEIF (pillow-heif) and camera RAW (rawpy) ----------------------
 
 
+def test_without_the_extras_heic_and_raw_are_not_scanned_and_the_notice_says_why(
+    tmp_path, monkeypatch
+):
+    import simsearch.images as images
+    from simsearch.cli.indexing import _skipped_line
+
+    monkeypatch.setattr(images, "_optional", lambda module, extra: None)
+    monkeypatch.setattr(images, "_formats", None)  # worked out again, without them
+    # pillow-heif, if installed, has already registered its opener: take it out again.
+    Image.init()
+    monkeypatch.setattr(Image, "OPEN", {k: v for k, v in Image.OPEN.items() if k != "HEIF"})
+    monkeypatch.setattr(Image, "ID", [k for k in Image.ID if k != "HEIF"])
+    without = {k: v for k, v in Image.EXTENSION.items() if v != "HEIF"}
+    monkeypatch.setattr(Image, "EXTENSION", without)
+    for name in ("a.heic", "b.HEIC", "c.dng"):
+        (tmp_path / name).write_bytes(b"x")
+    skipped: dict = {}
+    assert list(find_images([tmp_path], skipped=skipped)) == []
+    counts = skipped[str(tmp_path)]
+    assert counts == {".heic": 2, ".dng": 1}
+    line = _skipped_line(counts)
+    assert "simsearch[heic]" in line and "simsearch[raw]" in line
+    monkeypatch.undo()
+    assert images._registry() is not None
+
+
 def test_heic_photos_are_scanned_and_decoded_with_pillow_heif(tmp_path):
     pillow_heif = pytest.importorskip("pillow_heif", reason="the heic extra is not installed")
     image_suffixes()  # registers the opener
