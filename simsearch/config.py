@@ -72,6 +72,12 @@ RAW_SUFFIXES = frozenset(
     }
 )  # fmt: skip
 
+# Distinct suffixes of skipped files tallied per folder (for the notice that a folder held
+# no image files); the rest are counted together under OTHER_SUFFIXES, which has no dot,
+# so no real suffix equals it. A tree of odd names cannot grow the tally without bound.
+SKIPPED_SUFFIXES_KEPT = 100
+OTHER_SUFFIXES = "other"
+
 # Version of the on-disk layout (manifest.json, meta.sqlite, vectors.faiss). Bumped on any
 # incompatible change; an index with a newer version is refused rather than misread.
 FORMAT_VERSION = 1

@@ -23,7 +23,9 @@ from simsearch.config import (
     DRAFT_OVERSAMPLE,
     MAX_FILE_BYTES,
     MAX_IMAGE_PIXELS,
+    OTHER_SUFFIXES,
     RAW_SUFFIXES,
+    SKIPPED_SUFFIXES_KEPT,
     UNINDEXED_FORMATS,
 )
 from simsearch.errors import ImageError, InputPathError
@@ -116,8 +118,9 @@ def find_images(
     seen: set[str] = set()
     for root in paths:
         root = Path(os.path.abspath(root))
+        left_out: Counter | None = None
         if root.is_dir():
-            left_out: Counter = Counter()
+            left_out = Counter()
             candidates = _walk(root, unlisted, left_out)
         elif root.exists() or root.is_symlink():
             candidates = iter([root])
@@ -130,7 +133,7 @@ def find_images(
             if key not in seen:
                 seen.add(key)
                 yield path
-        if not found and skipped is not None and root.is_dir() and left_out:
+        if not found and skipped is not None and left_out:
             skipped[str(root)] = left_out
 
 
@@ -147,7 +150,11 @@ def _walk(root: Path, unlisted: list[Path] | None, skipped: Counter) -> Iterator
             if is_image_name(path):
                 yield path
             else:
-                skipped[path.suffix.lower()] += 1
+                suffix = path.suffix.lower()
+                if suffix in skipped or len(skipped) < SKIPPED_SUFFIXES_KEPT:
+                    skipped[suffix] += 1
+                else:
+                    skipped[OTHER_SUFFIXES] += 1
 
 
 def read_image_file(path: str | os.PathLike) -> bytes:

@@ -341,6 +341,17 @@ def test_find_images_reports_folders_whose_files_were_all_skipped(tmp_path):
     assert skipped == {str(only_other): {".mov": 2, ".xyz": 1, "": 1}}
 
 
+def test_the_tally_of_skipped_suffixes_stays_bounded(tmp_path, monkeypatch):
+    import simsearch.images as images
+
+    monkeypatch.setattr(images, "SKIPPED_SUFFIXES_KEPT", 3)
+    for i in range(10):
+        (tmp_path / f"file.x{i}").write_bytes(b"x")
+    skipped: dict = {}
+    assert list(find_images([tmp_path], skipped=skipped)) == []
+    assert skipped[str(tmp_path)] == {".x0": 1, ".x1": 1, ".x2": 1, "other": 7}
+
+
 # -- optional formats: HEIC/HEIF (pillow-heif) and camera RAW (rawpy) ----------------------
 
 

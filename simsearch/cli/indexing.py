@@ -29,6 +29,7 @@ from simsearch.config import (
     DEFAULT_MODEL,
     HEIF_SUFFIXES,
     MAX_IMAGE_PIXELS,
+    OTHER_SUFFIXES,
     RAW_SUFFIXES,
 )
 
@@ -272,7 +273,8 @@ def _skipped_line(counts: dict[str, int]) -> str:
     """Return the notice for folders whose files were all skipped for their suffix: which
     suffixes, and how to include them."""
     ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
-    named = ", ".join(f"{ext or '(no suffix)'} ({n})" for ext, n in ranked[:SKIPPED_SHOWN])
+    names = {"": "(no suffix)", OTHER_SUFFIXES: "(other suffixes)"}
+    named = ", ".join(f"{names.get(ext, ext)} ({n})" for ext, n in ranked[:SKIPPED_SHOWN])
     if len(ranked) > SKIPPED_SHOWN:
         named += f" and {len(ranked) - SKIPPED_SHOWN} more"
     hints = []
