@@ -1072,7 +1072,7 @@ def _as_image(image, preprocess):
     if not path.exists():
         raise QueryError(f"no such image file: {path}")
     try:
-        return decode_image(read_image_file(path), draft=preprocess)
+        return decode_image(read_image_file(path), draft=preprocess, name=path)
     except ImageError as exc:
         raise QueryError(f"{path}: {exc}") from None
 

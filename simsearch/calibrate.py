@@ -190,7 +190,7 @@ def _unchanged_image(facts: tuple | None, preprocess) -> Image.Image | None:
         st = os.stat(path)
         if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
             return None
-        return decode_image(read_image_file(path), draft=preprocess)
+        return decode_image(read_image_file(path), draft=preprocess, name=path)
     except (OSError, ImageError) as exc:
         log.debug("calibration skips %s: %s", path, exc)
         return None

@@ -47,8 +47,36 @@ MAX_IMAGE_PIXELS = 178_956_970
 # 1600x1200 photo still decodes at 1/2 scale, about 3x faster.
 DRAFT_OVERSAMPLE = 2
 
-# File suffixes we treat as images (compared case-insensitively).
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+# Folder scans take every suffix the installed Pillow registers for a format it can open
+# (images.image_suffixes), except the formats below, which are also never decoded whatever
+# a file is named (Pillow's stub formats, BUFR, GRIB, HDF5 and WMF/EMF, are left out too:
+# they open only through a handler an application registers):
+UNINDEXED_FORMATS = frozenset(
+    {
+        "EPS",  # decoding runs Ghostscript, an outside interpreter, on the file: too much
+        # power to hand a file from anywhere, and PostScript is documents, not photos
+        "MPEG",  # a video: Pillow reads its header but has no decoder for a frame
+    }
+)
+
+# HEIC/HEIF (iPhone photos) open through pillow-heif, the `heic` extra, when installed.
+HEIF_SUFFIXES = frozenset({".heic", ".heics", ".heif", ".heifs", ".hif"})
+
+# Camera RAW files open through rawpy (LibRaw), the `raw` extra, when installed. LibRaw has
+# no registry of suffixes to ask, so these are the common ones.
+RAW_SUFFIXES = frozenset(
+    {
+        ".3fr", ".ari", ".arw", ".cr2", ".cr3", ".crw", ".dcr", ".dng", ".erf", ".iiq",
+        ".k25", ".kdc", ".mef", ".mos", ".mrw", ".nef", ".nrw", ".orf", ".pef", ".raf",
+        ".raw", ".rw2", ".rwl", ".sr2", ".srf", ".srw", ".x3f",
+    }
+)  # fmt: skip
+
+# Distinct suffixes of skipped files tallied per folder (for the notice that a folder held
+# no image files); the rest are counted together under OTHER_SUFFIXES, which has no dot,
+# so no real suffix equals it. A tree of odd names cannot grow the tally without bound.
+SKIPPED_SUFFIXES_KEPT = 100
+OTHER_SUFFIXES = "other"
 
 # Version of the on-disk layout (manifest.json, meta.sqlite, vectors.faiss). Bumped on any
 # incompatible change; an index with a newer version is refused rather than misread.

@@ -286,7 +286,7 @@ def _load(
 ) -> tuple[Image.Image | None, str | None]:
     """Return (RGB image with its shortest edge at most `edge`, None) or (None, reason)."""
     try:
-        img = decode_image(read_image_file(path), MAX_IMAGE_PIXELS, draft=preprocess)
+        img = decode_image(read_image_file(path), MAX_IMAGE_PIXELS, draft=preprocess, name=path)
     except ImageError as exc:
         return None, str(exc)
     except Exception as exc:  # a bug in a codec must cost one file, not the run

@@ -6,13 +6,20 @@ export never leaves a file that looks whole.
 
 - npy: a folder with `vectors.npy` (n x dim float32, memory-mappable with
   `np.load(..., mmap_mode="r")`), `ids.npy` (int64) and `paths.txt` (one JSON-quoted path
-  per line, so that any file name survives, in the same order); with labels, `labels.txt`
+  per line, so that any file name survives, in the same order: a byte that is not UTF-8 is
+  the escape \\udcXX, which `json.loads` turns into the str `open()` takes, and
+  `os.fsencode` into the name's bytes); with labels, `labels.txt`
   (one JSON list of [label, probability] pairs per line, null for none); with clusters,
   `clusters.npy` (int64, -1 for none).
 - csv: one row per image: `id,path,vector`, the vector a JSON list of floats; then `labels`
-  (JSON, as above) and `cluster` (empty for none) when the index has them.
-- parquet: columns `id` (int64), `path` (string), `vector` (fixed-size list of float32),
+  (JSON, as above) and `cluster` (empty for none) when the index has them. The file is
+  UTF-8, and a file name that is not holds its own bytes, as the file system does: read it
+  with `open(..., encoding="utf-8", errors="surrogateescape")` (pandas:
+  `encoding_errors="surrogateescape"`) and each path is the str that names the real file.
+- parquet: columns `id` (int64), `path` (string), `path_bytes` (binary: the name's bytes,
+  `os.fsdecode(path_bytes)` names the real file), `vector` (fixed-size list of float32),
   and `labels` (list of {label, score}) and `cluster` (int64, null for none) when present;
+  `path` is text, so a name that is not UTF-8 has its bytes escaped there (caf\\xe9.jpg);
   needs pyarrow (`pip install 'simsearch[parquet]'`).
 
 Labels and clusters are exported when the index has any (`index --label-model`,
@@ -33,6 +40,7 @@ import numpy as np
 
 from simsearch.errors import SimsearchError
 from simsearch.files import replaced_atomically
+from simsearch.names import shown
 
 FORMATS = ("npy", "csv", "parquet")
 
@@ -125,7 +133,11 @@ def _npy_header(f, descr: str, shape: tuple) -> None:
 
 def _csv(chunks: Iterator, total: int, dim: int, output: Path, extras: list[str]) -> int:
     done = 0
-    with replaced_atomically(output) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+    with (
+        replaced_atomically(output) as tmp,
+        # surrogateescape: a name that is not UTF-8 is written as its own bytes, losslessly.
+        open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f,
+    ):
         out = csv.writer(f)
         out.writerow(["id", "path", "vector", *extras])
         for chunk_ids, chunk_paths, chunk_vectors, values in chunks:
@@ -152,7 +164,12 @@ def _parquet(chunks: Iterator, total: int, dim: int, output: Path, extras: list[
             "(or use --format npy or csv)"
         ) from None
     label_type = pa.list_(pa.struct([("label", pa.string()), ("score", pa.float32())]))
-    fields = [("id", pa.int64()), ("path", pa.string()), ("vector", pa.list_(pa.float32(), dim))]
+    fields = [
+        ("id", pa.int64()),
+        ("path", pa.string()),
+        ("path_bytes", pa.binary()),
+        ("vector", pa.list_(pa.float32(), dim)),
+    ]
     fields += [(c, label_type if c == "labels" else pa.int64()) for c in extras]
     schema = pa.schema(fields)
     done = 0
@@ -161,7 +178,8 @@ def _parquet(chunks: Iterator, total: int, dim: int, output: Path, extras: list[
             flat = pa.array(np.ascontiguousarray(chunk_vectors).reshape(-1))
             columns = [
                 pa.array(chunk_ids, pa.int64()),
-                pa.array(chunk_paths, pa.string()),
+                pa.array([shown(p) for p in chunk_paths], pa.string()),
+                pa.array([os.fsencode(p) for p in chunk_paths], pa.binary()),
                 pa.FixedSizeListArray.from_arrays(flat, dim),
             ]
             if "labels" in extras:

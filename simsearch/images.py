@@ -3,20 +3,32 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
 import io
 import logging
 import os
 import re
 import stat
+import threading
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import ExifTags, Image, ImageOps
+from PIL import ExifTags, Image, ImageFile, ImageOps
 
-from simsearch.config import DRAFT_OVERSAMPLE, IMAGE_SUFFIXES, MAX_FILE_BYTES, MAX_IMAGE_PIXELS
+from simsearch.config import (
+    DRAFT_OVERSAMPLE,
+    MAX_FILE_BYTES,
+    MAX_IMAGE_PIXELS,
+    OTHER_SUFFIXES,
+    RAW_SUFFIXES,
+    SKIPPED_SUFFIXES_KEPT,
+    UNINDEXED_FORMATS,
+)
 from simsearch.errors import ImageError, InputPathError
 
 log = logging.getLogger(__name__)
@@ -25,37 +37,108 @@ log = logging.getLogger(__name__)
 BACKGROUND = (255, 255, 255)
 
 
+@dataclass(frozen=True)
+class _Formats:
+    suffixes: frozenset[str]  # lower case, with the dot
+    names: tuple[str, ...]  # Pillow format names decode_image lets Image.open try
+
+
+_formats: _Formats | None = None
+_formats_lock = threading.Lock()
+
+
+def _registry() -> _Formats:
+    """Return what the installed Pillow (with pillow-heif, if installed) opens, worked out
+    once: the optional openers are registered on first use, not at import."""
+    global _formats
+    if _formats is not None:  # every decode asks: no lock once it is known
+        return _formats
+    with _formats_lock:
+        if _formats is None:
+            heif = _optional("pillow_heif", "heic")
+            if heif is not None:
+                heif.register_heif_opener()
+            Image.init()
+            names = {
+                name
+                for name, (factory, _) in Image.OPEN.items()
+                if name not in UNINDEXED_FORMATS
+                and not (isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile))
+            }
+            # MPO (multi-picture JPEG, from 3D and some phone cameras) has no opener of its
+            # own: Pillow's JPEG opener returns an MpoImageFile when it finds the MP header.
+            indexed = names | ({"MPO"} if "JPEG" in names else set())
+            registered = Image.registered_extensions()
+            suffixes = {ext for ext, name in registered.items() if name in indexed}
+            if _optional("rawpy", "raw") is not None:
+                suffixes |= RAW_SUFFIXES
+            # In Pillow's own order (the common formats first): Image.open tries them in turn.
+            ordered = tuple(name for name in Image.ID if name in names)
+            _formats = _Formats(frozenset(suffixes), ordered)
+        return _formats
+
+
+@functools.cache  # a failed import is not cached by Python: warn once, not per file
+def _optional(module: str, extra: str):
+    """Return an optional decoder's module, or None when it is not installed or cannot load
+    (a broken install costs its formats, with one warning, not every decode)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        return None
+    except Exception as exc:
+        log.warning("%s (simsearch[%s]) is installed but cannot load: %s", module, extra, exc)
+        return None
+
+
+def image_suffixes() -> frozenset[str]:
+    """Return the file suffixes folder scans index: every one that the installed Pillow
+    registers for a format it can open (HEIC/HEIF too with pillow-heif, camera RAW with
+    rawpy), less config.UNINDEXED_FORMATS."""
+    return _registry().suffixes
+
+
 def is_image_name(path: Path) -> bool:
     """Return True when the file name has one of the image suffixes we index."""
-    return path.suffix.lower() in IMAGE_SUFFIXES
+    return path.suffix.lower() in image_suffixes()
 
 
 def find_images(
-    paths: Iterable[str | os.PathLike], unlisted: list[Path] | None = None
+    paths: Iterable[str | os.PathLike],
+    unlisted: list[Path] | None = None,
+    skipped: dict[str, Counter] | None = None,
 ) -> Iterator[Path]:
     """Yield image files under `paths`, depth first in sorted order, each once.
 
     A directory is searched recursively (symlinked directories are not followed, so a link
     loop cannot trap the walk); a file named directly is yielded whatever its suffix.
     Directories that cannot be listed are logged and, if `unlisted` is given, appended to it.
+    If `skipped` is given, each root folder that holds files but none with a suffix we
+    index is added to it (as a str) with a Counter of those files' suffixes ("" for none).
     """
     seen: set[str] = set()
     for root in paths:
         root = Path(os.path.abspath(root))
+        left_out: Counter | None = None
         if root.is_dir():
-            candidates = _walk(root, unlisted)
+            left_out = Counter()
+            candidates = _walk(root, unlisted, left_out)
         elif root.exists() or root.is_symlink():
             candidates = iter([root])
         else:
             raise InputPathError(f"no such file or directory: {root}")
+        found = False
         for path in candidates:
+            found = True
             key = str(path)
             if key not in seen:
                 seen.add(key)
                 yield path
+        if not found and skipped is not None and left_out:
+            skipped[str(root)] = left_out
 
 
-def _walk(root: Path, unlisted: list[Path] | None) -> Iterator[Path]:
+def _walk(root: Path, unlisted: list[Path] | None, skipped: Counter) -> Iterator[Path]:
     def on_error(err: OSError) -> None:
         log.warning("cannot list %s: %s", err.filename, err.strerror)
         if unlisted is not None and err.filename:
@@ -67,6 +150,12 @@ def _walk(root: Path, unlisted: list[Path] | None) -> Iterator[Path]:
             path = Path(dirpath, name)
             if is_image_name(path):
                 yield path
+            else:
+                suffix = path.suffix.lower()
+                if suffix in skipped or len(skipped) < SKIPPED_SUFFIXES_KEPT:
+                    skipped[suffix] += 1
+                else:
+                    skipped[OTHER_SUFFIXES] += 1
 
 
 def read_image_file(path: str | os.PathLike) -> bytes:
@@ -108,7 +197,11 @@ def read_image_file(path: str | os.PathLike) -> bytes:
 
 
 def decode_image(
-    data: bytes, max_pixels: int = MAX_IMAGE_PIXELS, draft: Preprocessing | None = None
+    data: bytes,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    draft: Preprocessing | None = None,
+    *,
+    name: str | os.PathLike | None = None,
 ) -> Image.Image:
     """Return the image in `data` as upright RGB, or raise ImageError with the reason.
 
@@ -117,14 +210,20 @@ def decode_image(
     16-bit and float modes are all converted to 8-bit RGB; animations give their first frame.
     With `draft`, a JPEG much larger than that preprocessing needs is decoded at 1/2, 1/4
     or 1/8 scale in the DCT domain (Pillow's draft mode), several times faster.
+    Only the formats folder scans index are tried (never EPS, whatever the file is called).
+    `name`: the file's name; a camera RAW suffix sends it through rawpy, when installed.
     """
     if not data:
         raise ImageError("empty file (0 bytes)")
+    if name is not None and Path(name).suffix.lower() in RAW_SUFFIXES:
+        rawpy = _optional("rawpy", "raw")
+        if rawpy is not None:
+            return _decode_raw(rawpy, data, max_pixels, draft)
     try:
         with warnings.catch_warnings():
             # We enforce our own pixel limit below; Pillow's warning would only repeat it.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=_registry().names)
             width, height = img.size
             if width * height > max_pixels:
                 raise ImageError(
@@ -183,12 +282,21 @@ _QUARTER_TURNS = frozenset({5, 6, 7, 8})
 _WEBP_PROBE_BYTES = 64 * 1024
 
 
-def header_facts(source: bytes | str | os.PathLike) -> HeaderFacts:
+def header_facts(
+    source: bytes | str | os.PathLike, *, name: str | os.PathLike | None = None
+) -> HeaderFacts:
     """Return an image's true pixel size (from its header, not a decode: a JPEG decoded in
     draft mode is smaller), its format, and whether it is losslessly encoded. `source`: the
     file's bytes, or a path (read only as far as the header; a FIFO or device is refused
-    unread). Raises ImageError when it is not an image Pillow can identify."""
+    unread). `name`: the file's name, when `source` is bytes (a camera RAW suffix is read
+    by rawpy: the sensor's size, and a RAW file counts as lossless, the camera's original).
+    Raises ImageError when it is not an image Pillow can identify."""
+    name = source if name is None and not isinstance(source, bytes) else name
     try:
+        if name is not None and Path(name).suffix.lower() in RAW_SUFFIXES:
+            rawpy = _optional("rawpy", "raw")
+            if rawpy is not None:
+                return _raw_facts(rawpy, source)
         if isinstance(source, bytes):
             return _facts_of(io.BytesIO(source))
         with _open_regular(source) as fh:
@@ -204,7 +312,8 @@ def header_facts(source: bytes | str | os.PathLike) -> HeaderFacts:
 def _facts_of(fh) -> HeaderFacts:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with Image.open(fh) as img:  # parses the header; no pixel is decoded
+        # Parses the header; no pixel is decoded. Only the formats scans index are tried.
+        with Image.open(fh, formats=_registry().names) as img:
             width, height = img.size
             fmt = img.format
             try:
@@ -222,6 +331,18 @@ def _facts_of(fh) -> HeaderFacts:
     else:
         lossless = fmt in LOSSLESS_FORMATS
     return HeaderFacts(width, height, fmt, lossless)
+
+
+def _raw_facts(rawpy, source: bytes | str | os.PathLike) -> HeaderFacts:
+    """The displayed sensor size of a camera RAW file (LibRaw reads the header only)."""
+    if not isinstance(source, bytes):
+        source = read_image_file(source)  # LibRaw reads from memory; the size limit holds
+    with rawpy.imread(io.BytesIO(source)) as raw:
+        sizes = raw.sizes
+        width, height = sizes.width, sizes.height
+        if sizes.flip in (5, 6):  # LibRaw's quarter turns
+            width, height = height, width
+    return HeaderFacts(width, height, "RAW", True)
 
 
 def _webp_is_lossless(head: bytes) -> bool:
@@ -250,6 +371,57 @@ def _open_regular(path: str | os.PathLike):
         raise
     with fh:
         yield fh
+
+
+def _decode_raw(rawpy, data: bytes, max_pixels: int, draft) -> Image.Image:
+    """Return a camera RAW file as upright RGB: its embedded preview where it has one (a
+    camera's own rendering, and no demosaicing), else LibRaw's half-size development.
+
+    The sensor's dimensions are checked against `max_pixels` before anything is unpacked,
+    so a RAW file claiming a huge sensor costs only its header; a JPEG preview goes through
+    decode_image, with its own header check.
+    """
+    try:
+        with rawpy.imread(io.BytesIO(data)) as raw:
+            sizes = raw.sizes
+            width, height = sizes.raw_width, sizes.raw_height
+            if width * height > max_pixels:
+                raise ImageError(
+                    f"camera RAW sensor is {width}x{height} = {width * height:,} pixels, "
+                    f"above the limit of {max_pixels:,} pixels"
+                )
+            try:
+                thumb = raw.extract_thumb()
+            except (rawpy.LibRawNoThumbnailError, rawpy.LibRawUnsupportedThumbnailError):
+                thumb = None
+            if thumb is not None and thumb.format == rawpy.ThumbFormat.JPEG:
+                # The preview carries no orientation of its own; LibRaw's flip says it.
+                return _flipped(decode_image(thumb.data, max_pixels, draft), sizes.flip)
+            if thumb is not None and thumb.format == rawpy.ThumbFormat.BITMAP:
+                return _flipped(to_rgb(Image.fromarray(thumb.data)), sizes.flip)
+            # postprocess applies the flip itself. half_size: a quarter of the pixels,
+            # no interpolation, plenty for a 224-px model input.
+            rgb = raw.postprocess(half_size=True, use_camera_wb=True, output_bps=8)
+            return Image.fromarray(rgb).convert("RGB")
+    except ImageError:
+        raise
+    except rawpy.LibRawError as exc:
+        raise ImageError(f"cannot decode camera RAW: {_reason(exc)}") from None
+    except Exception as exc:  # LibRaw raises plain errors too for truncated files
+        raise ImageError(f"cannot decode camera RAW: {_reason(exc)}") from None
+
+
+# LibRaw's flip codes for the rotation a preview needs (0: none).
+_FLIPS = {
+    3: Image.Transpose.ROTATE_180,
+    5: Image.Transpose.ROTATE_90,
+    6: Image.Transpose.ROTATE_270,
+}
+
+
+def _flipped(img: Image.Image, flip: int) -> Image.Image:
+    turn = _FLIPS.get(flip)
+    return img if turn is None else img.transpose(turn)
 
 
 def _reason(exc: Exception) -> str:

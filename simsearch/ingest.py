@@ -21,7 +21,7 @@ import hashlib
 import logging
 import os
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -134,7 +134,8 @@ def ingest(
     with timed("listing"):
         roots = [Path(os.path.abspath(p)) for p in paths]
         unlisted: list[Path] = []
-        files = list(find_images(roots, unlisted))
+        passed_over: dict[str, Counter] = {}  # folders with files, none of them images
+        files = list(find_images(roots, unlisted, passed_over))
         crash_point("listed")
         known = store.known_files()
         hashes = store.vector_hashes()  # read by the decode threads: content already embedded
@@ -220,6 +221,7 @@ def ingest(
         moved=counts["moved"],
         removed=removed,
         reused=counts["reused"],
+        skipped_suffixes=dict(sum(passed_over.values(), Counter())),
         seconds=time.monotonic() - start,
         stages=timed.seconds,
     )
@@ -516,8 +518,6 @@ def _prepare(
     """Read and hash one file; decode and preprocess it unless its content is known."""
     start = time.perf_counter()
     item = _Prepared(real, key, size, mtime_ns, device, error=error)
-    if error is None and key != real:
-        item.error = "file name is not valid UTF-8; rename the file to index it"
     if item.error is not None:
         return item
     try:
@@ -526,9 +526,9 @@ def _prepare(
         item.sha256 = hashlib.sha256(data).hexdigest()
         item.known_id = hashes.get(item.sha256)
         if item.known_id is None:  # new content: decode it (known content needs no model)
-            item.pixels = preprocess(decode_image(data, max_pixels, draft=preprocess))
+            item.pixels = preprocess(decode_image(data, max_pixels, draft=preprocess, name=real))
         # From the header: a JPEG decoded in draft mode is smaller than the file.
-        facts = header_facts(data)
+        facts = header_facts(data, name=real)
         item.width, item.height = facts.width, facts.height
         item.format, item.lossless = facts.format, facts.lossless
     except ImageError as exc:
@@ -552,9 +552,7 @@ def _stat_error(path: Path, exc: OSError) -> str:
 
 
 def _storable(path: str) -> str:
-    """Return `path` as it can be stored in SQLite (UTF-8), escaping undecodable bytes."""
-    try:
-        path.encode("utf-8")
-    except UnicodeEncodeError:
-        return os.fsencode(path).decode("utf-8", "backslashreplace")
+    """Return `path` as the store keys it: unchanged. The store keeps a name that is not
+    UTF-8 losslessly as its bytes (store.FsPath), so no escaping is needed, and an escape
+    could collide with a real name that spells it."""
     return path

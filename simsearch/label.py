@@ -250,7 +250,7 @@ def _prepare(
         data = read_image_file(path)
         if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
             return None, "the file changed since it was indexed; run `simsearch index` again"
-        return preprocess(decode_image(data, draft=preprocess)), None
+        return preprocess(decode_image(data, draft=preprocess, name=path)), None
     except ImageError as exc:
         return None, str(exc)
     except Exception as exc:  # a bug in a codec must cost one file, not the run

@@ -415,7 +415,7 @@ def _validation_images(folder) -> tuple[list, str]:
     images = []
     for path in find_images([folder]):
         try:
-            images.append(decode_image(read_image_file(path)))
+            images.append(decode_image(read_image_file(path), name=path))
         except ImageError as exc:
             log.warning("skipping %s: %s", path, exc)
         if len(images) == VALIDATION_MAX_IMAGES:

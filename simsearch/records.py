@@ -170,6 +170,9 @@ class AddSummary:
     moved: int = 0  # renamed or moved files (same content): kept their id and vector
     removed: int = 0  # gone from disk, so removed from the index
     reused: int = 0  # of `indexed`: vector copied from a byte-identical file, no model call
+    # Folders given that held files but no image we index: suffix ("" for none) -> how
+    # many files had it (the CLI says how to include them).
+    skipped_suffixes: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     # Seconds per stage: listing, decoding (thread time), waiting (the model idle, waiting
     # for decoded images), model, database, faiss.

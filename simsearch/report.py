@@ -26,6 +26,7 @@ from simsearch import __version__
 from simsearch.errors import ImageError, ReportError
 from simsearch.files import replaced_atomically
 from simsearch.images import decode_image, read_image_file
+from simsearch.names import shown
 from simsearch.records import DuplicateGroup, FileFacts, Hit
 
 # Longest side of a thumbnail in pixels: twice the ~128-200 CSS px a grid cell shows, so
@@ -83,7 +84,7 @@ def make_thumbnail(path: str | os.PathLike, size: int = THUMBNAIL_PX) -> Thumbna
     """
     try:
         data = read_image_file(path)
-        img = decode_image(data, draft=_ThumbnailDraft(size))
+        img = decode_image(data, draft=_ThumbnailDraft(size), name=path)
         img.thumbnail((size, size), Image.Resampling.LANCZOS)
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=THUMBNAIL_QUALITY, optimize=True)
@@ -351,7 +352,8 @@ def _count(n: int, singular: str, plural: str | None = None) -> str:
 
 
 def _esc(text: object) -> str:
-    return html.escape(str(text), quote=True)
+    # shown: a file name that is not UTF-8 appears with its bytes escaped (caf\xe9.jpg).
+    return html.escape(shown(str(text)), quote=True)
 
 
 _HEAD = """<!DOCTYPE html>

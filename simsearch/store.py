@@ -23,6 +23,7 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Text,
+    TypeDecorator,
     create_engine,
     delete,
     event,
@@ -40,6 +41,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from simsearch.config import Manifest
 from simsearch.faults import crash_point
+from simsearch.names import from_column, to_column
 from simsearch.records import FailedFile, FileFacts, Label
 
 STATUS_OK = "ok"
@@ -53,13 +55,32 @@ class Base(DeclarativeBase):
     pass
 
 
+class FsPath(TypeDecorator):
+    """A file path, kept losslessly: TEXT when the name is UTF-8, else a BLOB of its bytes.
+
+    SQLite is dynamically typed, so the one UNIQUE column holds both, and a BLOB never
+    equals a TEXT: b"caf\\xe9.jpg" and a file literally named "caf\\xe9.jpg" are two rows.
+    In Python the path is always the os.fsdecode str. ORM statements convert through this
+    type; the plain-SQL readers call `from_column` on the path they select.
+    """
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        return None if value is None else to_column(value)
+
+    def process_result_value(self, value, dialect):
+        return from_column(value)
+
+
 class ImageRow(Base):
     __tablename__ = "images"
     # AUTOINCREMENT: an id is never reused, so a stale FAISS id can never name a new image.
     __table_args__: ClassVar[dict] = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    path: Mapped[str] = mapped_column(Text, unique=True)
+    path: Mapped[str] = mapped_column(FsPath, unique=True)
     size: Mapped[int] = mapped_column(Integer)
     mtime_ns: Mapped[int] = mapped_column(Integer)
     sha256: Mapped[str | None] = mapped_column(String(64), index=True)
@@ -299,7 +320,8 @@ class Store:
 
     def paths(self, ids: Sequence[int]) -> dict[int, str]:
         """Return the stored path of each id that exists."""
-        return {int(i): p for i, p in self._rows_by_id("SELECT id, path FROM images", "id", ids)}
+        rows = self._rows_by_id("SELECT id, path FROM images", "id", ids)
+        return {int(i): from_column(p) for i, p in rows}
 
     def lookup(self, path: str) -> Known | None:
         """Return what the store knows of `path`, or None."""
@@ -416,7 +438,7 @@ class Store:
                     ).all()
                 )
                 values["cluster"] = [clusters.get(i) for i in ids.tolist()]
-            yield ids, [r[1] for r in chunk], vecs.astype(np.float32), values
+            yield ids, [from_column(r[1]) for r in chunk], vecs.astype(np.float32), values
 
     def same_content(self) -> list[list[int]]:
         """Return the ids of each set of two or more indexed files with the same SHA-256."""
@@ -430,7 +452,7 @@ class Store:
     def image_facts(self, ids: Sequence[int]) -> dict[int, tuple]:
         """Return id -> (path, width, height, size, mtime_ns) for each id that exists."""
         select = "SELECT id, path, width, height, size, mtime_ns FROM images"
-        return {int(r[0]): tuple(r[1:]) for r in self._rows_by_id(select, "id", ids)}
+        return {int(r[0]): (from_column(r[1]), *r[2:]) for r in self._rows_by_id(select, "id", ids)}
 
     def keep_facts(self, ids: Sequence[int]) -> dict[int, tuple]:
         """Return id -> (path, status, FileFacts) for each id that exists: what dedup's keep
@@ -443,7 +465,7 @@ class Store:
         ):
             lossless = None if lossless is None else bool(lossless)
             out[int(image_id)] = (
-                path,
+                from_column(path),
                 status,
                 FileFacts(w or 0, h or 0, fmt, lossless, size, mtime_ns),
             )
@@ -486,7 +508,7 @@ class Store:
         select = "SELECT id, path, size, mtime_ns, sha256, width, height FROM images"
         keys = ("path", "size", "mtime_ns", "sha256", "width", "height")
         return {
-            int(r[0]): dict(zip(keys, r[1:], strict=True))
+            int(r[0]): dict(zip(keys, (from_column(r[1]), *r[2:]), strict=True))
             for r in self._rows_by_id(select, "id", ids)
         }
 
@@ -628,8 +650,8 @@ class Store:
         """Return (id, path, sha256) of every image with a vector and no labels, by id."""
         with self.engine.connect() as conn:
             return [
-                tuple(row)
-                for row in conn.exec_driver_sql(
+                (i, from_column(path), sha)
+                for i, path, sha in conn.exec_driver_sql(
                     "SELECT i.id, i.path, i.sha256 FROM images i JOIN vectors v "
                     "ON v.image_id = i.id WHERE NOT EXISTS (SELECT 1 FROM labels l "
                     "WHERE l.image_id = i.id) ORDER BY i.id"
@@ -767,7 +789,8 @@ class Store:
                         "ORDER BY c.score DESC, c.image_id LIMIT ?",
                         (cluster, top),
                     ).all()
-                    result.append((int(cluster), int(size), float(mean), [tuple(r) for r in best]))
+                    best = [(i, from_column(p), score) for i, p, score in best]
+                    result.append((int(cluster), int(size), float(mean), best))
                 return result
             finally:
                 conn.exec_driver_sql("ROLLBACK")
@@ -784,8 +807,8 @@ class Store:
         """Return (id, path, score) of every image in `cluster`, nearest its centre first."""
         with self.engine.connect() as conn:
             return [
-                tuple(row)
-                for row in conn.exec_driver_sql(
+                (i, from_column(path), score)
+                for i, path, score in conn.exec_driver_sql(
                     "SELECT c.image_id, i.path, c.score FROM clusters c "
                     "JOIN images i ON i.id = c.image_id WHERE c.cluster = ? "
                     "ORDER BY c.score DESC, c.image_id",

@@ -6,6 +6,7 @@ import json
 
 import pytest
 from click.testing import CliRunner
+from conftest import draw_image
 
 from simsearch import __version__
 from simsearch.cli import cli
@@ -199,3 +200,32 @@ def test_a_moved_model_folder_is_explained(run, tmp_path, tiny_vit, photo_dir):
     )
     found = run("search", query, "--index", ix, "--model", tmp_path / "model-moved", "--json")
     assert found.exit_code == 0 and json.loads(found.stdout)["hits"]
+
+
+def test_a_folder_with_no_image_suffix_says_which_and_how_to_include_them(run, tmp_path, tiny_vit):
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    for name in ("a.mov", "b.mov", "scan.xyz", "README"):
+        (clips / name).write_bytes(b"x")
+    result = run("index", clips, "--index", tmp_path / "ix", "--model", tiny_vit)
+    assert result.exit_code == 0
+    assert result.stdout.startswith("0 files seen")
+    assert "every file was skipped for its extension: .mov (2), (no suffix) (1), .xyz (1)" in (
+        result.stderr
+    )
+    assert "simsearch index FILE" in result.stderr
+    data = json.loads(run("-q", "index", clips, "--index", tmp_path / "ix", "--json").stdout)
+    assert data["skipped_suffixes"] == {".mov": 2, ".xyz": 1, "": 1}
+    # A folder that has an image says nothing about the rest.
+    draw_image(0).save(clips / "one.png")
+    again = run("index", clips, "--index", tmp_path / "ix")
+    assert "skipped for its extension" not in again.stderr
+
+
+def test_the_skipped_notice_names_the_extra_for_heic_and_raw():
+    from simsearch.cli.indexing import _skipped_line
+
+    line = _skipped_line({".heic": 3, ".nef": 2})
+    assert ".heic (3), .nef (2)" in line
+    assert "pip install 'simsearch[heic]'" in line and "pip install 'simsearch[raw]'" in line
+    assert "FILE" not in line  # nothing else to name

@@ -129,9 +129,43 @@ def directory_named_jpg(d: Path):
 
 
 def non_utf8_name(d: Path):
-    name = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes: not valid UTF-8
+    name = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes: not valid UTF-8, indexed all the same
     draw_image(30).save(os.path.join(d, name))
-    return "caf\\xe9.png", "not valid UTF-8"
+    return name, None
+
+
+def escape_text_name(d: Path):
+    """A valid name that spells the escape of the one above: a file of its own."""
+    draw_image(32).save(d / "caf\\xe9.png")
+    return "caf\\xe9.png", None
+
+
+def _ppm_claiming(width: int, height: int) -> bytes:
+    return f"P6 {width} {height} 255\n".encode() + b"\0" * 64
+
+
+def _tga_claiming(width: int, height: int) -> bytes:
+    # Uncompressed true-colour TGA header: 18 bytes, the size as two little-endian shorts.
+    header = struct.pack("<BBBHHBHHHHBB", 0, 0, 2, 0, 0, 0, 0, 0, width, height, 24, 0)
+    return header + b"\0" * 64
+
+
+def ppm_bomb(d: Path):
+    """A 100-byte PPM whose header claims 100,000 x 100,000 pixels (30 GB decoded)."""
+    (d / "bomb.ppm").write_bytes(_ppm_claiming(100_000, 100_000))
+    return "bomb.ppm", "above the limit of"
+
+
+def tga_bomb(d: Path):
+    """A TGA (no magic number: found by suffix and header) claiming 65,535 x 65,535 pixels."""
+    (d / "bomb.tga").write_bytes(_tga_claiming(65_535, 65_535))
+    return "bomb.tga", "above the limit of"
+
+
+def eps_named_jpg(d: Path):
+    """PostScript would run in Ghostscript: refused as an image whatever it is named."""
+    (d / "script.jpg").write_bytes(_encode(draw_image(33), "EPS"))
+    return "script.jpg", "not an image, or a format"
 
 
 def very_long_path(d: Path):
@@ -164,6 +198,10 @@ CASES = [
     symlink_loop,
     directory_named_jpg,
     non_utf8_name,
+    escape_text_name,
+    ppm_bomb,
+    tga_bomb,
+    eps_named_jpg,
     very_long_path,
     fifo_named_jpg,
 ]

@@ -19,7 +19,13 @@ from transformers import (
 )
 
 from simsearch.errors import ImageError, InputPathError
-from simsearch.images import Preprocessing, decode_image, find_images
+from simsearch.images import (
+    Preprocessing,
+    decode_image,
+    find_images,
+    header_facts,
+    image_suffixes,
+)
 
 
 def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -37,7 +43,7 @@ def test_find_images_recurses_matches_suffixes_case_insensitively_and_sorts(tmp_
     for name in names:
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "notes.txt").write_text("not an image")
-    (tmp_path / "b" / "raw.cr2").write_bytes(b"x")
+    (tmp_path / "b" / "clip.mov").write_bytes(b"x")
     found = [p.relative_to(tmp_path).as_posix() for p in find_images([tmp_path])]
     assert found == [
         "a.JPG",
@@ -255,3 +261,215 @@ def test_draft_never_decodes_below_twice_the_model_input():
 def test_preprocessing_is_rebuilt_from_its_manifest_form(proc_name):
     pre = Preprocessing.from_processor(PROCESSORS[proc_name]())
     assert Preprocessing.from_dict(pre.to_dict()) == pre
+
+
+# -- every format the installed Pillow opens -------------------------------------------------
+
+
+def _savable_suffixes() -> list[tuple[str, str]]:
+    """(suffix, Pillow format) of every scanned suffix whose format Pillow can also write."""
+    Image.init()
+    scanned = image_suffixes()
+    return sorted(
+        (ext, fmt)
+        for ext, fmt in Image.registered_extensions().items()
+        if ext in scanned and fmt in Image.SAVE
+    )
+
+
+def test_folder_scans_take_the_suffixes_of_pillows_registry():
+    scanned = image_suffixes()
+    # Formats the issue names, all opened by Pillow itself.
+    for ext in (".ppm", ".pgm", ".pbm", ".pnm", ".jp2", ".j2k", ".ico", ".tga", ".mpo", ".avif"):
+        assert ext in scanned, ext
+    # Never: PostScript runs in Ghostscript; PDF Pillow only writes; MPEG is a video.
+    for ext in (".eps", ".ps", ".pdf", ".mpg", ".mpeg", ".txt", ".mov"):
+        assert ext not in scanned, ext
+
+
+@pytest.mark.parametrize(("ext", "fmt"), _savable_suffixes())
+def test_each_scanned_format_pillow_writes_is_found_and_decoded(tmp_path, ext, fmt):
+    img = draw_image(3, size=(64, 48))
+    mode = {"XBM": "1", "PPM": "RGB", "MSP": "1", "BLP": "P", "PALM": "P"}.get(fmt)
+    if ext == ".pbm":
+        mode = "1"
+    elif ext == ".pgm":
+        mode = "L"
+    elif ext == ".pfm":
+        mode = "F"
+    path = tmp_path / f"picture{ext}"
+    try:
+        (img.convert(mode) if mode else img).save(path, fmt)
+    except (OSError, ValueError, KeyError) as exc:  # a writer that needs another mode or size
+        pytest.skip(f"Pillow cannot write this test image as {fmt}: {exc}")
+    assert list(find_images([tmp_path])) == [path]
+    out = decode_image(path.read_bytes(), name=path)
+    assert out.mode == "RGB" and out.size[0] > 0
+
+
+def test_a_huge_header_in_a_newly_scanned_format_is_refused_before_decoding():
+    import time
+
+    from test_hostile import _ppm_claiming, _tga_claiming
+
+    for data in (_ppm_claiming(100_000, 100_000), _tga_claiming(65_535, 65_535)):
+        start = time.perf_counter()
+        with pytest.raises(ImageError, match="above the limit of"):
+            decode_image(data)
+        assert time.perf_counter() - start < 0.5  # the header only: 10-30 GB never allocated
+
+
+def test_postscript_never_reaches_ghostscript_whatever_its_name(monkeypatch):
+    from PIL import EpsImagePlugin
+
+    ran = []
+    monkeypatch.setattr(EpsImagePlugin, "has_ghostscript", lambda: True)
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: ran.append(a))
+    eps = _encode(draw_image(4), "EPS")
+    for name in ("photo.jpg", "photo.eps", None):
+        with pytest.raises(ImageError, match="not an image, or a format"):
+            decode_image(eps, name=name)
+    assert ran == []
+
+
+def test_find_images_reports_folders_whose_files_were_all_skipped(tmp_path):
+    only_other = tmp_path / "clips"
+    (only_other / "sub").mkdir(parents=True)
+    for name in ("a.mov", "b.MOV", "sub/c.xyz", "README"):
+        (only_other / name).write_bytes(b"x")
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "x.png").write_bytes(b"x")
+    (mixed / "y.mov").write_bytes(b"x")
+    skipped: dict = {}
+    found = list(find_images([only_other, mixed, mixed / "y.mov"], skipped=skipped))
+    assert [p.name for p in found] == ["x.png", "y.mov"]  # a file named directly is taken
+    assert skipped == {str(only_other): {".mov": 2, ".xyz": 1, "": 1}}
+
+
+def test_the_tally_of_skipped_suffixes_stays_bounded(tmp_path, monkeypatch):
+    import simsearch.images as images
+
+    monkeypatch.setattr(images, "SKIPPED_SUFFIXES_KEPT", 3)
+    for i in range(10):
+        (tmp_path / f"file.x{i}").write_bytes(b"x")
+    skipped: dict = {}
+    assert list(find_images([tmp_path], skipped=skipped)) == []
+    assert skipped[str(tmp_path)] == {".x0": 1, ".x1": 1, ".x2": 1, "other": 7}
+
+
+# -- optional formats: HEIC/HEIF (pillow-heif) and camera RAW (rawpy) ----------------------
+
+
+def test_without_the_extras_heic_and_raw_are_not_scanned_and_the_notice_says_why(
+    tmp_path, monkeypatch
+):
+    import simsearch.images as images
+    from simsearch.cli.indexing import _skipped_line
+
+    monkeypatch.setattr(images, "_optional", lambda module, extra: None)
+    monkeypatch.setattr(images, "_formats", None)  # worked out again, without them
+    # pillow-heif, if installed, has already registered its opener: take it out again.
+    Image.init()
+    monkeypatch.setattr(Image, "OPEN", {k: v for k, v in Image.OPEN.items() if k != "HEIF"})
+    monkeypatch.setattr(Image, "ID", [k for k in Image.ID if k != "HEIF"])
+    without = {k: v for k, v in Image.EXTENSION.items() if v != "HEIF"}
+    monkeypatch.setattr(Image, "EXTENSION", without)
+    for name in ("a.heic", "b.HEIC", "c.dng"):
+        (tmp_path / name).write_bytes(b"x")
+    skipped: dict = {}
+    assert list(find_images([tmp_path], skipped=skipped)) == []
+    counts = skipped[str(tmp_path)]
+    assert counts == {".heic": 2, ".dng": 1}
+    line = _skipped_line(counts)
+    assert "simsearch[heic]" in line and "simsearch[raw]" in line
+    monkeypatch.undo()
+    assert images._registry() is not None
+
+
+def test_heic_photos_are_scanned_and_decoded_with_pillow_heif(tmp_path):
+    pillow_heif = pytest.importorskip("pillow_heif", reason="the heic extra is not installed")
+    image_suffixes()  # registers the opener
+    path = tmp_path / "iphone.HEIC"
+    pillow_heif.from_pillow(draw_image(5, size=(64, 48))).save(path, quality=90)
+    assert ".heic" in image_suffixes()
+    assert list(find_images([tmp_path])) == [path]
+    out = decode_image(path.read_bytes(), name=path)
+    assert out.size == (64, 48) and out.mode == "RGB"
+    reference = np.asarray(draw_image(5, size=(64, 48)), dtype=np.float32)
+    assert np.abs(np.asarray(out, dtype=np.float32) - reference).mean() < 12  # lossy codec
+
+
+def test_heic_pixel_limit_is_checked_from_its_header():
+    pillow_heif = pytest.importorskip("pillow_heif", reason="the heic extra is not installed")
+    image_suffixes()
+    buf = io.BytesIO()
+    pillow_heif.from_pillow(draw_image(6, size=(64, 48))).save(buf, quality=50)
+    with pytest.raises(ImageError, match="64x48 = 3,072 pixels, above the limit of 1,000"):
+        decode_image(buf.getvalue(), max_pixels=1_000, name="x.heic")
+
+
+def _dng(width: int = 64, height: int = 48, preview=None, orientation: int = 1) -> bytes:
+    """A real, minimal DNG (RGGB Bayer sensor data, 12 bits), optionally with an RGB
+    preview in IFD0 as cameras store one, written with tifffile."""
+    tifffile = pytest.importorskip("tifffile")
+    cfa = np.random.default_rng(0).integers(0, 4000, (height, width)).astype(np.uint16)
+    dng_tags = [
+        (50706, "B", 4, (1, 4, 0, 0), True),  # DNGVersion
+        (50707, "B", 4, (1, 1, 0, 0), True),  # DNGBackwardVersion
+        (50708, "s", 0, "simsearch test", True),  # UniqueCameraModel
+        (50721, "2i", 9, (1, 1, 0, 1, 0, 1, 0, 1, 1, 1, 0, 1, 0, 1, 0, 1, 1, 1), True),  # matrix
+        (50728, "2I", 3, (1, 1, 1, 1, 1, 1), True),  # AsShotNeutral
+        (274, "H", 1, orientation, True),
+    ]
+    cfa_tags = [
+        (33421, "H", 2, (2, 2), True),  # CFARepeatPatternDim
+        (33422, "B", 4, (0, 1, 1, 2), True),  # CFAPattern: RGGB
+        (50717, "I", 1, 4095, True),  # WhiteLevel
+    ]
+    buf = io.BytesIO()
+    with tifffile.TiffWriter(buf) as tif:
+        if preview is None:
+            tif.write(cfa, photometric=32803, subfiletype=0, extratags=dng_tags + cfa_tags)
+        else:
+            tif.write(preview, photometric="rgb", subfiletype=1, subifds=1, extratags=dng_tags)
+            tif.write(cfa, photometric=32803, subfiletype=0, extratags=cfa_tags)
+    return buf.getvalue()
+
+
+def test_camera_raw_is_scanned_and_developed_at_half_size_without_a_preview(tmp_path):
+    pytest.importorskip("rawpy", reason="the raw extra is not installed")
+    path = tmp_path / "IMG_0001.DNG"
+    path.write_bytes(_dng(64, 48))
+    assert list(find_images([tmp_path])) == [path]
+    out = decode_image(path.read_bytes(), name=path)
+    assert out.mode == "RGB" and out.size == (32, 24)
+
+
+def test_camera_raw_uses_its_embedded_preview_turned_upright(tmp_path):
+    pytest.importorskip("rawpy", reason="the raw extra is not installed")
+    preview = np.zeros((30, 40, 3), np.uint8)
+    preview[:, :20] = (255, 0, 0)  # left half red
+    out = decode_image(_dng(preview=preview, orientation=6), name="sideways.nef")
+    assert out.size == (30, 40)  # the camera was held sideways: turned a quarter clockwise
+    assert out.getpixel((15, 5)) == (255, 0, 0)  # the red half is on top now
+    assert out.getpixel((15, 35)) == (0, 0, 0)
+
+
+def test_camera_raw_sensor_size_is_checked_before_unpacking(tmp_path):
+    pytest.importorskip("rawpy", reason="the raw extra is not installed")
+    with pytest.raises(ImageError, match="camera RAW sensor is 64x48 = 3,072 pixels"):
+        decode_image(_dng(64, 48), max_pixels=1_000, name="x.dng")
+    with pytest.raises(ImageError, match="cannot decode camera RAW"):
+        decode_image(b"II*\0" + b"\0" * 100, name="broken.cr2")
+
+
+def test_camera_raw_header_facts_are_the_sensor_size_and_count_as_lossless(tmp_path):
+    """Dedup's keep rule compares the sensor's size, not the preview's or the half-size
+    development's that indexing decodes: the RAW original beats a JPEG export of it."""
+    pytest.importorskip("rawpy", reason="the raw extra is not installed")
+    path = tmp_path / "IMG_0001.DNG"
+    path.write_bytes(_dng(64, 48, preview=np.zeros((12, 16, 3), np.uint8)))
+    facts = header_facts(path)
+    assert (facts.width, facts.height, facts.format, facts.lossless) == (64, 48, "RAW", True)
+    assert header_facts(path.read_bytes(), name=path) == facts

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import sys
 from datetime import datetime
@@ -16,6 +18,7 @@ from simsearch.config import (
     DEFAULT_INDEX,
 )
 from simsearch.errors import SimsearchError
+from simsearch.names import ESCAPE
 
 log = logging.getLogger("simsearch")
 
@@ -24,6 +27,12 @@ class _Group(click.Group):
     """A click group whose errors are one line on stderr, never a usage dump or traceback."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        for stream in (sys.stdout, sys.stderr):
+            # A file name that is not UTF-8 is printed with its bytes escaped (caf\xe9.jpg),
+            # never a UnicodeEncodeError; JSON output has none to escape (json.dumps writes
+            # \udcXX), so it keeps the real bytes.
+            with contextlib.suppress(AttributeError, ValueError, io.UnsupportedOperation):
+                stream.reconfigure(errors=ESCAPE)
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.UsageError as exc:

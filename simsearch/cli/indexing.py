@@ -27,7 +27,10 @@ from simsearch.config import (
     DEFAULT_LABEL_MODEL,
     DEFAULT_LABEL_TOP,
     DEFAULT_MODEL,
+    HEIF_SUFFIXES,
     MAX_IMAGE_PIXELS,
+    OTHER_SUFFIXES,
+    RAW_SUFFIXES,
 )
 
 log = logging.getLogger("simsearch")
@@ -231,6 +234,8 @@ def index(
             state = idx.info()
             if state.label_model and state.labelled < state.indexed:
                 unlabelled = (state.indexed - state.labelled, state.label_model)
+    if summary.skipped_suffixes:  # even with --quiet: a folder of photos gave nothing
+        click.echo(_skipped_line(summary.skipped_suffixes), err=True)
     if not quiet:
         from simsearch.records import stages_line
 
@@ -258,6 +263,29 @@ def index(
             err=True,
         )
         sys.exit(3)
+
+
+# Suffixes named in the notice about folders with no image files; the rest are counted.
+SKIPPED_SHOWN = 8
+
+
+def _skipped_line(counts: dict[str, int]) -> str:
+    """Return the notice for folders whose files were all skipped for their suffix: which
+    suffixes, and how to include them."""
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    names = {"": "(no suffix)", OTHER_SUFFIXES: "(other suffixes)"}
+    named = ", ".join(f"{names.get(ext, ext)} ({n})" for ext, n in ranked[:SKIPPED_SHOWN])
+    if len(ranked) > SKIPPED_SHOWN:
+        named += f" and {len(ranked) - SKIPPED_SHOWN} more"
+    hints = []
+    if counts.keys() & HEIF_SUFFIXES:
+        hints.append("HEIC/HEIF photos need the heic extra: pip install 'simsearch[heic]'")
+    if counts.keys() & RAW_SUFFIXES:
+        hints.append("camera RAW files need the raw extra: pip install 'simsearch[raw]'")
+    if counts.keys() - HEIF_SUFFIXES - RAW_SUFFIXES:
+        hints.append("a file named directly is tried whatever its suffix: simsearch index FILE...")
+    what = f"every file was skipped for its extension: {named}"
+    return f"no image files in a folder given: {what}. " + "; ".join(hints)
 
 
 @cli.command()
