@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,18 +22,44 @@ def _file_mode() -> int:
 # Permissions for files we create through mkstemp (which makes them 0600): what open() gives.
 FILE_MODE = _file_mode()
 
+# Every temporary name simsearch makes starts so: no user names a file like this, so the
+# leftovers of a crash can be tidied by exact pattern without touching anything else.
+TEMP_PREFIX = ".simsearch-tmp-"
+_TEMP_NAME = re.compile(re.escape(TEMP_PREFIX) + r".+\.[A-Za-z0-9_]{8}\.tmp(-wal|-shm|-journal)?")
+
+# What opening a path component that is a symbolic link with O_NOFOLLOW raises.
+LINK_ERRNOS = (errno.ELOOP, errno.ENOTDIR, getattr(errno, "EMLINK", errno.ELOOP))
+
+
+def is_temp_leftover(path: Path) -> bool:
+    """Whether `path` is a temporary file that `replaced_atomically` made (a crash's
+    leftover), by its exact name pattern: a regular file, never a link or a folder."""
+    return bool(_TEMP_NAME.fullmatch(path.name)) and path.is_file() and not path.is_symlink()
+
+
+def remove_temp_leftovers(folder: Path) -> None:
+    """Delete what crashed writes left in `folder`: only names simsearch makes."""
+    for leftover in Path(folder).glob(TEMP_PREFIX + "*"):
+        if is_temp_leftover(leftover):
+            leftover.unlink(missing_ok=True)
+
 
 @contextlib.contextmanager
-def replaced_atomically(dest: Path, crash_point_name: str | None = None) -> Iterator[Path]:
+def replaced_atomically(
+    dest: Path, crash_point_name: str | None = None, *, replace: bool = True
+) -> Iterator[Path]:
     """Yield a temporary path beside `dest`; the file written there then becomes `dest`.
 
     When the block ends, the new file is fsynced, renamed over `dest`, and the rename made
     durable. If the block fails, the temporary file (with any SQLite -wal/-shm companions)
     is removed and `dest` is untouched. `crash_point_name` names the fault-injection point
-    between the fsync and the rename.
+    between the fsync and the rename. `replace=False`: an existing `dest` (even one made
+    while the block ran) is a FileExistsError, never overwritten.
     """
     dest = Path(dest)
-    fd, name = tempfile.mkstemp(prefix=dest.name + ".", suffix=".tmp", dir=dest.parent)
+    fd, name = tempfile.mkstemp(
+        prefix=TEMP_PREFIX + dest.name + ".", suffix=".tmp", dir=dest.parent
+    )
     os.close(fd)
     tmp = Path(name)
     try:
@@ -41,7 +69,10 @@ def replaced_atomically(dest: Path, crash_point_name: str | None = None) -> Iter
             os.fsync(fh.fileno())
         if crash_point_name:
             crash_point(crash_point_name)
-        os.replace(tmp, dest)
+        if replace:
+            os.replace(tmp, dest)
+        else:
+            _rename_new(tmp, dest)
     finally:
         for leftover in (tmp, Path(name + "-wal"), Path(name + "-shm")):
             leftover.unlink(missing_ok=True)
@@ -58,3 +89,38 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _rename_new(tmp: Path, dest: Path) -> None:
+    """Give `tmp` the name `dest` only if no such name exists (a hard link cannot replace
+    anything); where links are not supported, check and rename."""
+    try:
+        os.link(tmp, dest, follow_symlinks=False)
+    except FileExistsError:
+        raise
+    except OSError:
+        if os.path.lexists(dest):
+            raise FileExistsError(errno.EEXIST, "File exists", str(dest)) from None
+        os.rename(tmp, dest)
+    else:
+        os.unlink(tmp)
+
+
+def open_folder(root: Path, parts: tuple[str, ...] = (), *, create: bool = False) -> int:
+    """Return a file descriptor of the folder root/parts..., opening every part below
+    `root` without following a symbolic link (OSError with errno in LINK_ERRNOS where one
+    is a link); `create`: make the missing ones. `root` itself is opened as named."""
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
+    fd = os.open(root, flags)
+    try:
+        for part in parts:
+            if create:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, dir_fd=fd)
+            inner = os.open(part, flags | getattr(os, "O_NOFOLLOW", 0), dir_fd=fd)
+            os.close(fd)
+            fd = inner
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
