@@ -418,6 +418,13 @@ class Store:
             for r in self._rows_by_id(select, "id", ids)
         }
 
+    def path_bounds(self) -> tuple[str | None, str | None]:
+        """Return the smallest and largest stored path (None, None when empty): the folder
+        that holds every stored file is the common folder of these two."""
+        with self.engine.connect() as conn:
+            low, high = conn.exec_driver_sql("SELECT min(path), max(path) FROM images").one()
+        return low, high
+
     def _rows_by_id(self, select: str, column: str, ids: Sequence[int]) -> list[tuple]:
         """Run `select ... WHERE column IN (ids)` in chunks under SQLite's variable limit,
         as plain SQL (these run on every search, where the ORM costs more than SQLite)."""
