@@ -17,6 +17,7 @@ import contextlib
 import json
 import math
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,6 +139,8 @@ def _lines(path: Path) -> Iterator[tuple[int, bytes, int]]:
     """Yield (number, line, offset after it) for each whole line; stop silently at an
     unterminated last one (torn: its move never happened)."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the read forever
+            raise QueryError(f"{path} is not a manifest of moved duplicates: not a file")
         f = open(path, "rb")  # noqa: SIM115 (closed below)
     except FileNotFoundError:
         raise QueryError(f"no such manifest: {path}") from None

@@ -101,10 +101,18 @@ def move(index, groups: Sequence[DuplicateGroup], target: Path) -> MoveReport:
         "target": str(target),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    writer = ManifestWriter(manifest)
+    try:
+        writer = ManifestWriter(manifest)
+    except OSError as exc:
+        raise StorageError(f"cannot write to {target}: {exc.strerror or exc}") from None
     try:
         with _updating(index):
-            writer.append(header)
+            try:
+                writer.append(header)
+            except OSError as exc:
+                raise StorageError(
+                    f"cannot write to {target}: {exc.strerror or exc}; nothing was moved"
+                ) from None
 
             def move_one(group, dup, facts, found: _Found) -> str | None:
                 rel = Path(dup.path).relative_to(root)
@@ -193,7 +201,11 @@ def _act(index, groups, root: Path, act, verb: str) -> tuple[int, int, list[tupl
         for group in groups:
             rows = index.store.file_records([group.keep_id, *(d.id for d in group.duplicates)])
             keep_row = rows.get(group.keep_id)
-            keep_ok = keep_row is not None and _unchanged(keep_row)
+            keep_ok = (
+                keep_row is not None
+                and keep_row["path"] == group.keep_path
+                and _unchanged(keep_row)
+            )
             for dup in group.duplicates:
                 facts = rows.get(dup.id)
                 reason, found = _refusal(dup, facts, keep_ok, root, kept, acted, verb)
@@ -230,6 +242,8 @@ def _refusal(dup, facts, keep_ok, root, kept, acted, verb) -> tuple[str | None, 
     """(None, what the duplicate is) if it is safe to act on, else (why not, None)."""
     if facts is None:
         return "no longer in the index", None
+    if facts["path"] != dup.path:  # act on what the index knows, never on a caller's string
+        return f"the index knows image {dup.id} as {facts['path']}, not as this path", None
     if not _unchanged(facts):
         return "changed or gone since it was indexed; run `simsearch index` first", None
     if not keep_ok:
@@ -308,7 +322,10 @@ def undo(index, manifest_path: Path) -> MoveReport:
                     _restore(index, restored)
         finally:
             _restore(index, restored)  # what is back is indexed, even on the way out
-    append_undone(manifest, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    try:
+        append_undone(manifest, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    except OSError as exc:  # only a note: every file is back and indexed already
+        log.warning("cannot note in %s that it was undone: %s", manifest.path, exc)
     return MoveReport("undo", done, size, skipped, str(manifest.path))
 
 

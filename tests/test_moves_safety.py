@@ -226,3 +226,20 @@ def test_cli_says_why_an_alias_is_left_alone(aliased, monkeypatch):
     left = {data for data, _ in snapshot(folder).values()}
     assert all(data in left for data, _ in before.values())  # a copy of every picture
     verified(index)
+
+
+def test_a_group_naming_a_path_the_index_does_not_know_by_that_id_is_refused(tmp_path, aliased):
+    """The path acted on is the one the index holds for the id, never the caller's string."""
+    folder, index = aliased
+    victim = tmp_path / "victim.jpg"
+    shutil.copy2(folder / "img0.jpg", victim)
+    with Index.open(index) as idx:
+        real = group(idx, folder / "copy.jpg", folder / "img4.jpg")
+        forged = DuplicateGroup(
+            keep_id=real.keep_id,
+            keep_path=real.keep_path,
+            duplicates=(Duplicate(id=real.duplicates[0].id, path=str(victim), score=1.0),),
+        )
+        report = idx.delete_duplicates([forged])
+    assert report.files == 0 and "the index knows image" in report.skipped[0][1]
+    assert victim.exists() and (folder / "img4.jpg").exists()

@@ -1,3 +1,4 @@
+# ruff: noqa: F811 (the `library` fixture, imported from test_moves, is an argument)
 """A manifest is data, not orders: `dedup --undo` validates the whole manifest before it
 moves anything, refuses an edited one with one line naming the first bad entry, tolerates a
 torn last line, never follows a symlink swapped into a path, and an interrupted undo or a
@@ -15,14 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_moves import indexed_paths, library, run, snapshot  # noqa: F401 (fixture)
+from test_moves import indexed_paths, library, run, snapshot  # noqa: F401 (a fixture)
 
 from simsearch import Index
 from simsearch.errors import QueryError
 
 
 @pytest.fixture
-def moved(tmp_path, library):  # noqa: F811
+def moved(tmp_path, library):
     """The library with its three duplicates moved to dups/; returns (folder, index,
     manifest, the folder's files before, the index's paths before)."""
     folder, index = library
@@ -214,7 +215,9 @@ class _Limited:
 
 
 def test_a_full_target_disk_stops_move_cleanly_and_undo_accepts_the_manifest(
-    tmp_path, library, monkeypatch  # noqa: F811
+    tmp_path,
+    library,
+    monkeypatch,
 ):
     folder, index = library
     before, paths_before = snapshot(folder), indexed_paths(index)
@@ -259,7 +262,9 @@ def labels_and_clusters(index: Path) -> dict[str, tuple]:
 
 
 def test_an_interrupted_undo_run_again_restores_every_file_and_its_index_entry(
-    tmp_path, library, monkeypatch  # noqa: F811
+    tmp_path,
+    library,
+    monkeypatch,
 ):
     from simsearch.records import Label
 
@@ -289,3 +294,56 @@ def test_an_interrupted_undo_run_again_restores_every_file_and_its_index_entry(
     assert snapshot(folder) == before
     assert labels_and_clusters(index) == entries
     assert indexed_paths(index) == set(entries)
+
+
+def test_an_undo_killed_with_sigkill_then_run_again_loses_nothing(tmp_path, library):
+    """A real kill (SIGKILL from the crash point after the second file is back, before the
+    index knows it), then a second run: every file back, indexed, and `verify` passes."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    from simsearch.records import Label
+
+    folder, index = library
+    with Index.open(index) as idx:
+        known = idx.store.known_files()
+        idx.store.write_labels(
+            {k.id: [Label("a label", 0.5)] for k in known.values()}, {"model": "m", "top": 1}
+        )
+        idx.cluster(2)
+    before, entries = snapshot(folder), labels_and_clusters(index)
+    with Index.open(index) as idx:
+        manifest = idx.move_duplicates(idx.duplicates(0.9999), tmp_path / "dups").manifest
+    command = [sys.executable, "-m", "simsearch", "dedup", "--undo", manifest, "--index", index]
+    killed = subprocess.run(
+        [str(c) for c in command],
+        env=subprocess_env(SIMSEARCH_CRASH_AT="undo-moved:2"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert killed.returncode == -9, killed.stderr
+    assert len(list((tmp_path / "dups").rglob("*.*g"))) == 1
+    again = subprocess.run(
+        [str(c) for c in command], env=subprocess_env(), capture_output=True, text=True
+    )
+    assert again.returncode == 0, again.stderr
+    assert snapshot(folder) == before
+    assert labels_and_clusters(index) == entries
+    verify = subprocess.run(
+        [sys.executable, "-m", "simsearch", "verify", "--index", str(index)],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_a_fifo_named_as_the_manifest_is_refused_without_blocking(tmp_path, library):
+    _, index = library
+    fifo = tmp_path / "moves.jsonl"
+    os.mkfifo(fifo)
+    with Index.open(index) as idx, pytest.raises(QueryError, match="not a file"):
+        idx.undo_moves(fifo)
