@@ -1,4 +1,6 @@
-"""Writing files so that a crash leaves either the old file or the new one, never half of one."""
+"""Writing files so that a crash leaves either the old file or the new one, never half of one;
+naming temporary files so that only simsearch's own are ever tidied; and moving a user's
+file without following a symbolic link or replacing anything."""
 
 from __future__ import annotations
 
@@ -6,6 +8,8 @@ import contextlib
 import errno
 import os
 import re
+import secrets
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +30,8 @@ FILE_MODE = _file_mode()
 # leftovers of a crash can be tidied by exact pattern without touching anything else.
 TEMP_PREFIX = ".simsearch-tmp-"
 _TEMP_NAME = re.compile(re.escape(TEMP_PREFIX) + r".+\.[A-Za-z0-9_]{8}\.tmp(-wal|-shm|-journal)?")
+
+COPY_CHUNK = 1 << 20  # bytes read and written at a time by a cross-device move
 
 # What opening a path component that is a symbolic link with O_NOFOLLOW raises.
 LINK_ERRNOS = (errno.ELOOP, errno.ENOTDIR, getattr(errno, "EMLINK", errno.ELOOP))
@@ -124,3 +130,91 @@ def open_folder(root: Path, parts: tuple[str, ...] = (), *, create: bool = False
         os.close(fd)
         raise
     return fd
+
+
+def link_below(root: Path, path: Path) -> Path | None:
+    """The first folder between `root` and `path` that is a symbolic link, if any."""
+    here = root
+    for part in path.parent.relative_to(root).parts:
+        here = here / part
+        if here.is_symlink():
+            return here
+    return None
+
+
+def entry_id(name: str, folder: int) -> tuple[int, int]:
+    """(device, inode) of entry `name` of the open folder `folder`, not followed."""
+    st = os.stat(name, dir_fd=folder, follow_symlinks=False)
+    return st.st_dev, st.st_ino
+
+
+def move_entry(
+    src_root: Path, src: Path, dst_root: Path, dst: Path, expect: tuple[int, int]
+) -> None:
+    """Move the directory entry src_root/src (a file or a link, never followed) to
+    dst_root/dst, keeping its modification time; every folder below the roots is opened
+    without following links, and the entry must still be `expect` (device, inode). Across
+    file systems: copy to a name of our own, fsync, give it its name, then delete the
+    source, so no moment has neither copy. An existing destination is never replaced."""
+    source = open_folder(src_root, src.parent.parts)
+    try:
+        folder = open_folder(dst_root, dst.parent.parts, create=True)
+    except BaseException:
+        os.close(source)
+        raise
+    try:
+        if entry_id(src.name, source) != expect:
+            raise FileNotFoundError(errno.ENOENT, "replaced since it was checked", str(src))
+        with contextlib.suppress(FileNotFoundError):
+            os.stat(dst.name, dir_fd=folder, follow_symlinks=False)
+            raise FileExistsError(errno.EEXIST, "File exists", str(dst_root / dst))
+        try:
+            os.rename(src.name, dst.name, src_dir_fd=source, dst_dir_fd=folder)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:  # another file system
+                raise
+            _copy_across(source, src.name, folder, dst.name)
+            os.fsync(folder)
+            os.unlink(src.name, dir_fd=source)
+        os.fsync(folder)
+        os.fsync(source)
+    finally:
+        os.close(source)
+        os.close(folder)
+
+
+def _copy_across(source: int, name: str, folder: int, dest: str) -> None:
+    """Copy entry `name` of folder `source` (a link as a link) to `dest` in `folder`."""
+    st = os.stat(name, dir_fd=source, follow_symlinks=False)
+    partial = f"{TEMP_PREFIX}{secrets.token_hex(8)}.partial"  # ours alone: O_EXCL
+    try:
+        if stat.S_ISLNK(st.st_mode):
+            os.symlink(os.readlink(name, dir_fd=source), partial, dir_fd=folder)
+        else:
+            flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
+            src = os.open(name, flags, dir_fd=source)
+            try:
+                out = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=folder)
+                try:
+                    while chunk := os.read(src, COPY_CHUNK):
+                        view = memoryview(chunk)
+                        while view:
+                            view = view[os.write(out, view) :]
+                    os.fchmod(out, stat.S_IMODE(st.st_mode))
+                    os.fsync(out)
+                finally:
+                    os.close(out)
+            finally:
+                os.close(src)
+        times = (st.st_atime_ns, st.st_mtime_ns)
+        if os.utime in os.supports_follow_symlinks or not stat.S_ISLNK(st.st_mode):
+            os.utime(partial, ns=times, dir_fd=folder, follow_symlinks=False)
+        os.stat(partial, dir_fd=folder, follow_symlinks=False)
+        with contextlib.suppress(FileNotFoundError):
+            os.stat(dest, dir_fd=folder, follow_symlinks=False)
+            raise FileExistsError(errno.EEXIST, "File exists", dest)
+        os.rename(partial, dest, src_dir_fd=folder, dst_dir_fd=folder)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(partial, dir_fd=folder)  # by its exact name: ours
+        raise

@@ -21,7 +21,6 @@ import contextlib
 import errno
 import logging
 import os
-import secrets
 import stat
 import time
 from collections.abc import Sequence
@@ -32,7 +31,7 @@ import numpy as np
 
 from simsearch.errors import QueryError, StorageError
 from simsearch.faults import crash_point
-from simsearch.files import LINK_ERRNOS, TEMP_PREFIX, open_folder
+from simsearch.files import LINK_ERRNOS, entry_id, link_below, move_entry, open_folder
 from simsearch.movelog import (
     MANIFEST_KIND,
     MANIFEST_VERSION,
@@ -53,8 +52,6 @@ INDEX_UPDATE_EVERY = 200
 
 # Errors after which every further write to that disk fails too: stop, do not skip.
 DISK_FULL = (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC))
-
-COPY_CHUNK = 1 << 20
 
 
 class _Stop(Exception):
@@ -127,7 +124,7 @@ def move(index, groups: Sequence[DuplicateGroup], target: Path) -> MoveReport:
                 except OSError as exc:
                     raise _Stop(exc) from None
                 try:
-                    _move_file(root, rel, target, rel, found.entry)
+                    move_entry(root, rel, target, rel, found.entry)
                 except OSError as exc:
                     if exc.errno in DISK_FULL:
                         raise _Stop(exc) from None
@@ -161,7 +158,7 @@ def delete(index, groups: Sequence[DuplicateGroup]) -> MoveReport:
         except OSError as exc:
             return _why(exc, "cannot delete it")
         try:
-            if _entry_id(rel.name, folder) != found.entry:
+            if entry_id(rel.name, folder) != found.entry:
                 return "replaced since it was checked"
             os.unlink(rel.name, dir_fd=folder)  # the entry itself: a link, not its target
             os.fsync(folder)
@@ -257,7 +254,7 @@ def _refusal(dup, facts, keep_ok, root, kept, acted, verb) -> tuple[str | None, 
         return f"the same file as the kept image {kept[identity]} (a link or alias of it)", None
     if identity in acted:
         return f"the same file as {acted[identity]}, which this run already {verb}", None
-    link = _link_below(root, Path(dup.path))
+    link = link_below(root, Path(dup.path))
     if link is not None:
         return (
             f"reached through the symbolic link {link}; simsearch does not act through links",
@@ -267,25 +264,10 @@ def _refusal(dup, facts, keep_ok, root, kept, acted, verb) -> tuple[str | None, 
     return None, _Found(identity, (lst.st_dev, lst.st_ino), target)
 
 
-def _link_below(root: Path, path: Path) -> Path | None:
-    """The first folder between `root` and `path` that is a symbolic link, if any."""
-    here = root
-    for part in path.parent.relative_to(root).parts:
-        here = here / part
-        if here.is_symlink():
-            return here
-    return None
-
-
 def _why(exc: OSError, doing: str) -> str:
     if exc.errno in LINK_ERRNOS:
         return f"a folder on its path is a symbolic link now; {doing} through it"
     return f"{doing}: {exc.strerror or exc}"
-
-
-def _entry_id(name: str, folder: int) -> tuple[int, int]:
-    st = os.stat(name, dir_fd=folder, follow_symlinks=False)
-    return st.st_dev, st.st_ino
 
 
 def _unchanged(facts: dict) -> bool:
@@ -353,7 +335,7 @@ def _put_back(index, manifest: Manifest, entry: dict, restored: list) -> str | N
     nothing to do, else why it was left alone."""
     rel = Path(entry["from"]).relative_to(manifest.root)
     dest = manifest.target / rel
-    link = _link_below(manifest.root, Path(entry["from"])) or _link_below(
+    link = link_below(manifest.root, Path(entry["from"])) or link_below(
         manifest.folder, manifest.folder / rel
     )
     if link is not None:
@@ -371,7 +353,7 @@ def _put_back(index, manifest: Manifest, entry: dict, restored: list) -> str | N
         return f"{dest} is not the file moved there (changed or replaced since); left there"
     try:
         entry_id = os.lstat(manifest.folder / rel)
-        _move_file(manifest.folder, rel, manifest.root, rel, (entry_id.st_dev, entry_id.st_ino))
+        move_entry(manifest.folder, rel, manifest.root, rel, (entry_id.st_dev, entry_id.st_ino))
     except OSError as exc:
         return _why(exc, "cannot move it back")
     restored.append(entry)
@@ -424,78 +406,6 @@ def _entry(index, dup, dest: Path, group, facts: dict) -> dict:
             "score": cluster[1],
         }
     return entry
-
-
-def _move_file(
-    src_root: Path, src: Path, dst_root: Path, dst: Path, expect: tuple[int, int]
-) -> None:
-    """Move the directory entry src_root/src (a file or a link, never followed) to
-    dst_root/dst, keeping its modification time; every folder below the roots is opened
-    without following links, and the entry must still be `expect` (device, inode). Across
-    file systems: copy to a name of our own, fsync, give it its name, then delete the
-    source, so no moment has neither copy. An existing destination is never replaced."""
-    source = open_folder(src_root, src.parent.parts)
-    try:
-        folder = open_folder(dst_root, dst.parent.parts, create=True)
-    except BaseException:
-        os.close(source)
-        raise
-    try:
-        if _entry_id(src.name, source) != expect:
-            raise FileNotFoundError(errno.ENOENT, "replaced since it was checked", str(src))
-        with contextlib.suppress(FileNotFoundError):
-            os.stat(dst.name, dir_fd=folder, follow_symlinks=False)
-            raise FileExistsError(errno.EEXIST, "File exists", str(dst_root / dst))
-        try:
-            os.rename(src.name, dst.name, src_dir_fd=source, dst_dir_fd=folder)
-        except OSError as exc:
-            if exc.errno != errno.EXDEV:  # another file system
-                raise
-            _copy_across(source, src.name, folder, dst.name)
-            os.fsync(folder)
-            os.unlink(src.name, dir_fd=source)
-        os.fsync(folder)
-        os.fsync(source)
-    finally:
-        os.close(source)
-        os.close(folder)
-
-
-def _copy_across(source: int, name: str, folder: int, dest: str) -> None:
-    """Copy entry `name` of folder `source` (a link as a link) to `dest` in `folder`."""
-    st = os.stat(name, dir_fd=source, follow_symlinks=False)
-    partial = f"{TEMP_PREFIX}{secrets.token_hex(8)}.partial"  # ours alone: O_EXCL
-    try:
-        if stat.S_ISLNK(st.st_mode):
-            os.symlink(os.readlink(name, dir_fd=source), partial, dir_fd=folder)
-        else:
-            flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
-            src = os.open(name, flags, dir_fd=source)
-            try:
-                out = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=folder)
-                try:
-                    while chunk := os.read(src, COPY_CHUNK):
-                        view = memoryview(chunk)
-                        while view:
-                            view = view[os.write(out, view) :]
-                    os.fchmod(out, stat.S_IMODE(st.st_mode))
-                    os.fsync(out)
-                finally:
-                    os.close(out)
-            finally:
-                os.close(src)
-        times = (st.st_atime_ns, st.st_mtime_ns)
-        if os.utime in os.supports_follow_symlinks or not stat.S_ISLNK(st.st_mode):
-            os.utime(partial, ns=times, dir_fd=folder, follow_symlinks=False)
-        os.stat(partial, dir_fd=folder, follow_symlinks=False)
-        with contextlib.suppress(FileNotFoundError):
-            os.stat(dest, dir_fd=folder, follow_symlinks=False)
-            raise FileExistsError(errno.EEXIST, "File exists", dest)
-        os.rename(partial, dest, src_dir_fd=folder, dst_dir_fd=folder)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(partial, dir_fd=folder)  # by its exact name: ours
-        raise
 
 
 @contextlib.contextmanager

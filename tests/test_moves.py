@@ -128,7 +128,7 @@ def test_a_crash_mid_move_is_undone_completely(tmp_path, library, monkeypatch):
     before, paths_before = snapshot(folder), indexed_paths(index)
     import simsearch.moves as moves
 
-    real_move, calls = moves._move_file, []
+    real_move, calls = moves.move_entry, []
 
     def flaky_move(*args):
         calls.append(args)
@@ -136,10 +136,10 @@ def test_a_crash_mid_move_is_undone_completely(tmp_path, library, monkeypatch):
             raise KeyboardInterrupt  # killed before the third file moved
         real_move(*args)
 
-    monkeypatch.setattr(moves, "_move_file", flaky_move)
+    monkeypatch.setattr(moves, "move_entry", flaky_move)
     with Index.open(index) as idx, pytest.raises(KeyboardInterrupt):
         idx.move_duplicates(idx.duplicates(0.9999), tmp_path / "dups")
-    monkeypatch.setattr(moves, "_move_file", real_move)
+    monkeypatch.setattr(moves, "move_entry", real_move)
     [manifest] = (tmp_path / "dups").glob("*.jsonl")
     assert len(manifest.read_text().splitlines()) == 4  # header + three logged moves
     with Index.open(index) as idx:
