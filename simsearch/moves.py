@@ -335,16 +335,18 @@ def _put_back(index, manifest: Manifest, entry: dict, restored: list) -> str | N
     nothing to do, else why it was left alone."""
     rel = Path(entry["from"]).relative_to(manifest.root)
     dest = manifest.target / rel
-    link = link_below(manifest.root, Path(entry["from"])) or link_below(
-        manifest.folder, manifest.folder / rel
-    )
+    link = link_below(manifest.root, Path(entry["from"]))
     if link is not None:
         return f"the symbolic link {link} is in the way; {dest} was left there"
-    here, there = os.path.lexists(entry["from"]), os.path.lexists(manifest.folder / rel)
+    here = os.path.lexists(entry["from"])
+    link = link_below(manifest.folder, manifest.folder / rel)
+    there = link is None and os.path.lexists(manifest.folder / rel)
     if here and not there:  # put back already (or never moved: a crash between log and move)
         if index.store.lookup(entry["from"]) is None and _is_moved_file(entry["from"], entry):
             restored.append(entry)  # an undo killed after the move, before the index update
         return ""
+    if link is not None:
+        return f"the symbolic link {link} is in the way; {dest} was left there"
     if here:
         return f"a file is there again; {dest} was left there"
     if not there:

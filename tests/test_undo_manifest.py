@@ -347,3 +347,35 @@ def test_a_fifo_named_as_the_manifest_is_refused_without_blocking(tmp_path, libr
     os.mkfifo(fifo)
     with Index.open(index) as idx, pytest.raises(QueryError, match="not a file"):
         idx.undo_moves(fifo)
+
+
+def test_undo_remakes_folders_the_user_removed_and_refuses_a_link_in_the_target(tmp_path, moved):
+    folder, index, manifest, before, _ = moved
+    shutil.rmtree(folder / "backup")  # emptied by the move, then removed by the user
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(manifest.parent / "backup" / "deep", elsewhere)
+    (manifest.parent / "backup" / "deep").symlink_to(elsewhere)  # swapped in after the move
+    with Index.open(index) as idx:
+        report = idx.undo_moves(manifest)
+    assert report.files == 2
+    [(path, why)] = report.skipped
+    assert path.endswith("img2.jpg") and "symbolic link" in why
+    assert (elsewhere / "img2.jpg").exists() and not (folder / "backup" / "deep").exists()
+    after = snapshot(folder)
+    assert {k: v for k, v in before.items() if "deep" not in k} == after
+
+
+def test_a_symlink_planted_in_the_target_is_not_moved_through(tmp_path, library):
+    folder, index = library
+    target, elsewhere = tmp_path / "dups", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    target.mkdir()
+    (target / "backup").symlink_to(elsewhere)
+    with Index.open(index) as idx:
+        report = idx.move_duplicates(idx.duplicates(0.9999), target)
+        assert report.files == 0 and len(report.skipped) == 3
+        assert list(elsewhere.iterdir()) == []
+        undone = idx.undo_moves(report.manifest)  # the logged, never made moves
+    assert undone.files == 0 and undone.skipped == []
+    assert len(list((folder / "backup").rglob("*.*g"))) == 3
+    indexed_paths(index)
