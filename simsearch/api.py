@@ -46,7 +46,7 @@ from simsearch.errors import (
     QueryError,
     StorageError,
 )
-from simsearch.files import replaced_atomically
+from simsearch.files import remove_temp_leftovers, replaced_atomically
 from simsearch.images import Preprocessing, decode_image, read_image_file
 from simsearch.lock import WriteLock
 from simsearch.records import (
@@ -535,8 +535,7 @@ class Index:
             return
         self._lock.acquire(wait=LOCK_WAIT_SECONDS)
         try:
-            for leftover in self.path.glob("*.tmp"):
-                leftover.unlink(missing_ok=True)
+            remove_temp_leftovers(self.path)  # only names simsearch makes, never a user's
             self.store.upgrade()
             self._cache.begin_write()
             yield

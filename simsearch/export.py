@@ -33,13 +33,14 @@ import csv
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from simsearch.errors import SimsearchError
-from simsearch.files import replaced_atomically
+from simsearch.files import TEMP_PREFIX, replaced_atomically
 from simsearch.names import shown
 
 FORMATS = ("npy", "csv", "parquet")
@@ -67,7 +68,7 @@ def export(
     output = Path(output)
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if output.exists() and (fmt != "npy" or not output.is_dir() or any(output.iterdir())):
+    if os.path.lexists(output):  # never replaced, not even an empty folder or a link
         raise ExportError(f"{output} already exists; choose a new --output or remove it")
     if not output.parent.is_dir():
         raise ExportError(f"{output.parent} is not a folder")
@@ -79,14 +80,17 @@ def export(
             if progress is not None:
                 progress.update(len(chunk[0]))
 
-    return writer(counted(), total, dim, output, list(extras))
+    try:
+        return writer(counted(), total, dim, output, list(extras))
+    except FileExistsError:  # made while the export ran
+        raise ExportError(f"{output} already exists; choose a new --output or remove it") from None
 
 
 def _npy(chunks: Iterator, total: int, dim: int, output: Path, extras: list[str]) -> int:
-    tmp = output.with_name(output.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    # A folder of our own making (a unique name), removed by that name only on failure.
+    tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX + output.name + ".", dir=output.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())
         # Plain writes after a .npy header, not a memmap: the pages do not pile up in RSS.
         with contextlib.ExitStack() as files:
             vectors = files.enter_context(open(tmp / "vectors.npy", "wb"))
@@ -117,13 +121,19 @@ def _npy(chunks: Iterator, total: int, dim: int, output: Path, extras: list[str]
                     os.fsync(f.fileno())
         if done != total:  # one snapshot gives both: this would be a bug
             raise ExportError(f"read {done} vectors, expected {total}")
-        if output.is_dir():
-            output.rmdir()  # empty: checked above
+        if os.path.lexists(output):
+            raise FileExistsError(output)
         tmp.rename(output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return done
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _npy_header(f, descr: str, shape: tuple) -> None:
@@ -134,7 +144,7 @@ def _npy_header(f, descr: str, shape: tuple) -> None:
 def _csv(chunks: Iterator, total: int, dim: int, output: Path, extras: list[str]) -> int:
     done = 0
     with (
-        replaced_atomically(output) as tmp,
+        replaced_atomically(output, replace=False) as tmp,
         # surrogateescape: a name that is not UTF-8 is written as its own bytes, losslessly.
         open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f,
     ):
@@ -173,7 +183,7 @@ def _parquet(chunks: Iterator, total: int, dim: int, output: Path, extras: list[
     fields += [(c, label_type if c == "labels" else pa.int64()) for c in extras]
     schema = pa.schema(fields)
     done = 0
-    with replaced_atomically(output) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+    with replaced_atomically(output, replace=False) as tmp, pq.ParquetWriter(tmp, schema) as writer:
         for chunk_ids, chunk_paths, chunk_vectors, values in chunks:
             flat = pa.array(np.ascontiguousarray(chunk_vectors).reshape(-1))
             columns = [

@@ -2,41 +2,72 @@
 them.
 
 A move is logged before it is made: each line of the manifest (JSON lines in the target
-folder) records where a file came from and went, with what the index knew of it (its
-vector included), and is on disk before the file moves. So after a crash at any point,
-`undo` can put every file back and return it to the index without the model. Files are
-checked against the index before anything happens to them: a file changed since it was
-indexed, or whose kept copy is gone, is left alone and reported.
+folder, see `movelog`) records where a file came from and went, with what the index knew of
+it (its vector included), and is on disk before the file moves. So after a crash at any
+point, `undo` can put every file back and return it to the index without the model.
+
+The user's files come first. Before anything happens to a duplicate it is checked against
+the index (unchanged since indexing) and against the files kept: a duplicate that is the
+same file (device and inode) as any kept image of the run, or as a file already moved or
+deleted in this run, is left alone, and so is every duplicate of a kept image that is gone
+or changed. Nothing is done through a symbolic link: each folder below the root is opened
+with O_NOFOLLOW, a path reached through a link is left alone, and a duplicate that is a link
+is moved or deleted as the link itself (its target untouched; it is put back as it was).
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import errno
-import json
 import logging
 import os
-import shutil
+import stat
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from simsearch.errors import QueryError
-from simsearch.files import fsync_dir
+from simsearch.errors import QueryError, StorageError
+from simsearch.faults import crash_point
+from simsearch.files import LINK_ERRNOS, entry_id, link_below, move_entry, open_folder
+from simsearch.movelog import (
+    MANIFEST_KIND,
+    MANIFEST_VERSION,
+    Manifest,
+    ManifestWriter,
+    append_undone,
+    check,
+    entries,
+)
 from simsearch.records import DuplicateGroup, MoveReport
 from simsearch.store import GoodImage
 
 log = logging.getLogger(__name__)
 
-MANIFEST_KIND = "simsearch-dedup-moves"
-MANIFEST_VERSION = 1
-
 # Files moved (or deleted) between two index updates: a crash loses at most this many
 # index changes, which the next `simsearch index` (or `--undo`) makes good anyway.
 INDEX_UPDATE_EVERY = 200
+
+# Errors after which every further write to that disk fails too: stop, do not skip.
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+class _Stop(Exception):
+    """The target disk is full: stop after the last complete move."""
+
+    def __init__(self, exc: OSError):
+        self.exc = exc
+
+
+@dataclass(frozen=True)
+class _Found:
+    """What a checked duplicate is: the file its data is in, and the entry itself."""
+
+    identity: tuple[int, int]  # (st_dev, st_ino) of the data
+    entry: tuple[int, int]  # (st_dev, st_ino) of the directory entry (a link's own)
+    link: str | None  # the link's target text, for a symbolic link
 
 
 def move(index, groups: Sequence[DuplicateGroup], target: Path) -> MoveReport:
@@ -45,10 +76,9 @@ def move(index, groups: Sequence[DuplicateGroup], target: Path) -> MoveReport:
     target = Path(os.path.abspath(target))
     if target.exists() and not target.is_dir():
         raise QueryError(f"--move-to {target} is a file, not a folder")
-    everything = [p for g in groups for p in (g.keep_path, *(d.path for d in g.duplicates))]
-    if not everything:
+    root = _root(groups)
+    if root is None:
         return MoveReport("move", 0, 0, [], None)
-    root = Path(os.path.commonpath([os.path.dirname(p) for p in everything]))
     if target == root or root in target.parents:
         log.warning(
             "%s is inside the indexed folder %s: indexing that folder again will index the "
@@ -65,128 +95,179 @@ def move(index, groups: Sequence[DuplicateGroup], target: Path) -> MoveReport:
         "version": MANIFEST_VERSION,
         "index": str(index.path.resolve()),
         "root": str(root),
+        "target": str(target),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    with _updating(index), open(manifest, "x", encoding="utf-8") as log_file:
-        _append(log_file, header)
-
-        def move_one(group, dup, facts) -> str | None:
-            dest = target / Path(dup.path).relative_to(root)
-            if dest.exists():
-                return f"{dest} already exists"
-            _append(log_file, _entry(index, dup, dest, group, facts))
+    try:
+        writer = ManifestWriter(manifest)
+    except OSError as exc:
+        raise StorageError(f"cannot write to {target}: {exc.strerror or exc}") from None
+    try:
+        with _updating(index):
             try:
-                _move_file(Path(dup.path), dest)
+                writer.append(header)
             except OSError as exc:
-                return f"cannot move it: {exc.strerror or exc}"
-            return None
+                raise StorageError(
+                    f"cannot write to {target}: {exc.strerror or exc}; nothing was moved"
+                ) from None
 
-        done, size, skipped = _act(index, groups, move_one)
+            def move_one(group, dup, facts, found: _Found) -> str | None:
+                rel = Path(dup.path).relative_to(root)
+                dest = target / rel
+                if os.path.lexists(dest):
+                    return f"{dest} already exists"
+                entry = _entry(index, dup, dest, group, facts)
+                if found.link is not None:
+                    entry["link"] = found.link
+                try:
+                    writer.append(entry)
+                except OSError as exc:
+                    raise _Stop(exc) from None
+                try:
+                    move_entry(root, rel, target, rel, found.entry)
+                except OSError as exc:
+                    if exc.errno in DISK_FULL:
+                        raise _Stop(exc) from None
+                    return _why(exc, "cannot move it")
+                return None
+
+            try:
+                done, size, skipped = _act(index, groups, root, move_one, "moved")
+            except _Stopped as stopped:
+                raise StorageError(
+                    f"cannot write to {target}: {stopped.exc.strerror or stopped.exc}; "
+                    f"stopped after the last complete move: moved {stopped.done} files "
+                    f"({stopped.size / 2**20:.1f} MB); undo with: simsearch dedup --undo "
+                    f"{manifest}"
+                ) from None
+    finally:
+        writer.close()
     return MoveReport("move", done, size, skipped, str(manifest))
 
 
 def delete(index, groups: Sequence[DuplicateGroup]) -> MoveReport:
     """Delete every group's duplicates, for good, and remove them from the index."""
+    root = _root(groups)
+    if root is None:
+        return MoveReport("delete", 0, 0, [], None)
 
-    def delete_one(_group, dup, _facts) -> str | None:
+    def delete_one(_group, dup, _facts, found: _Found) -> str | None:
+        rel = Path(dup.path).relative_to(root)
         try:
-            os.unlink(dup.path)
+            folder = open_folder(root, rel.parent.parts)
         except OSError as exc:
-            return f"cannot delete it: {exc.strerror or exc}"
+            return _why(exc, "cannot delete it")
+        try:
+            if entry_id(rel.name, folder) != found.entry:
+                return "replaced since it was checked"
+            os.unlink(rel.name, dir_fd=folder)  # the entry itself: a link, not its target
+            os.fsync(folder)
+        except OSError as exc:
+            return _why(exc, "cannot delete it")
+        finally:
+            os.close(folder)
         return None
 
     with _updating(index):
-        done, size, skipped = _act(index, groups, delete_one)
+        done, size, skipped = _act(index, groups, root, delete_one, "deleted")
     return MoveReport("delete", done, size, skipped, None)
 
 
-def _act(index, groups, act) -> tuple[int, int, list[tuple[str, str]]]:
-    """Apply `act(group, duplicate, facts)` (None when done, else why not) to every
+def _root(groups: Sequence[DuplicateGroup]) -> Path | None:
+    """The folder that holds every file of the groups (None for no groups)."""
+    everything = [p for g in groups for p in (g.keep_path, *(d.path for d in g.duplicates))]
+    if not everything:
+        return None
+    return Path(os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in everything]))
+
+
+class _Stopped(Exception):
+    def __init__(self, exc: OSError, done: int, size: int):
+        self.exc, self.done, self.size = exc, done, size
+
+
+def _act(index, groups, root: Path, act, verb: str) -> tuple[int, int, list[tuple[str, str]]]:
+    """Apply `act(group, duplicate, facts, found)` (None when done, else why not) to every
     duplicate safe to act on, and remove the ones done from the index as it goes; return
-    (files done, their bytes, [(path, why left alone)])."""
+    (files done, their bytes, [(path, why left alone)]). A full disk (_Stop) ends it with
+    _Stopped, after the index has forgotten every file done."""
     done, size, skipped, pending = 0, 0, [], []
-    for group, dup, facts, reason in _checked(index, groups):
-        if reason is None:
-            reason = act(group, dup, facts)
-        if reason is not None:
-            skipped.append((dup.path, reason))
-            continue
-        done, size = done + 1, size + facts["size"]
-        pending.append(dup.id)
-        if len(pending) >= INDEX_UPDATE_EVERY:
-            _forget(index, pending)
+    kept = _kept_files(groups)
+    acted: dict[tuple[int, int], str] = {}
+    try:
+        for group in groups:
+            rows = index.store.file_records([group.keep_id, *(d.id for d in group.duplicates)])
+            keep_row = rows.get(group.keep_id)
+            keep_ok = (
+                keep_row is not None
+                and keep_row["path"] == group.keep_path
+                and _unchanged(keep_row)
+            )
+            for dup in group.duplicates:
+                facts = rows.get(dup.id)
+                reason, found = _refusal(dup, facts, keep_ok, root, kept, acted, verb)
+                if reason is None:
+                    reason = act(group, dup, facts, found)
+                if reason is not None:
+                    skipped.append((dup.path, reason))
+                    continue
+                acted[found.identity] = dup.path
+                done, size = done + 1, size + facts["size"]
+                pending.append(dup.id)
+                if len(pending) >= INDEX_UPDATE_EVERY:
+                    _forget(index, pending)
+    except _Stop as stop:
+        _forget(index, pending)
+        raise _Stopped(stop.exc, done, size) from None
     _forget(index, pending)
     return done, size, skipped
 
 
-def undo(index, manifest: Path) -> MoveReport:
-    """Put back every file a manifest moved, and return them to the index."""
-    header, entries = read_manifest(manifest)
-    if Path(header["index"]) != index.path.resolve():
-        raise QueryError(
-            f"{manifest} records moves from the index {header['index']}, not {index.path}; "
-            f"give --index {header['index']}"
-        )
-    done, size, skipped, restored = 0, 0, [], []
-    with _updating(index):
-        for entry in entries:
-            source, dest = Path(entry["from"]), Path(entry["to"])
-            if source.exists() and not dest.exists():
-                continue  # put back already, or never moved (a crash between log and move)
-            if source.exists():
-                skipped.append((str(source), f"a file is there again; {dest} was left there"))
-                continue
-            if not dest.exists():
-                skipped.append((str(source), f"{dest} is gone"))
-                continue
-            try:
-                _move_file(dest, source)
-            except OSError as exc:
-                skipped.append((str(source), f"cannot move it back: {exc.strerror or exc}"))
-                continue
-            done, size = done + 1, size + entry["size"]
-            restored.append(entry)
-            if len(restored) >= INDEX_UPDATE_EVERY:
-                _restore(index, restored)
-        _restore(index, restored)
-    with open(manifest, "a", encoding="utf-8") as log_file:
-        _append(log_file, {"undone": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-    return MoveReport("undo", done, size, skipped, str(manifest))
-
-
-def read_manifest(path: Path) -> tuple[dict, list[dict]]:
-    """Return (header, move entries) of a manifest written by `move`."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-        records = [json.loads(line) for line in lines if line.strip()]
-    except FileNotFoundError:
-        raise QueryError(f"no such manifest: {path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise QueryError(f"{path} is not a manifest of moved duplicates: {exc}") from None
-    if not records or records[0].get("kind") != MANIFEST_KIND:
-        raise QueryError(f"{path} is not a manifest of moved duplicates")
-    if records[0].get("version", 0) > MANIFEST_VERSION:
-        raise QueryError(f"{path} was written by a newer simsearch; upgrade to undo it")
-    return records[0], [r for r in records[1:] if "from" in r]
-
-
-def _checked(index, groups: Sequence[DuplicateGroup]):
-    """Yield (group, duplicate, facts, None) for each duplicate safe to act on, or
-    (group, duplicate, facts, reason) when it must be left alone."""
+def _kept_files(groups: Sequence[DuplicateGroup]) -> dict[tuple[int, int], str]:
+    """(device, inode) -> path of every kept image of the run that is there."""
+    kept = {}
     for group in groups:
-        ids = [group.keep_id, *(d.id for d in group.duplicates)]
-        rows = index.store.file_records(ids)
-        kept = rows.get(group.keep_id)
-        kept_reason = None if kept and _unchanged(kept) else "the file to keep is gone or changed"
-        for dup in group.duplicates:
-            facts = rows.get(dup.id)
-            if facts is None:
-                reason = "no longer in the index"
-            elif not _unchanged(facts):
-                reason = "changed or gone since it was indexed; run `simsearch index` first"
-            else:
-                reason = kept_reason
-            yield group, dup, facts, reason
+        try:
+            st = os.stat(group.keep_path)
+        except OSError:
+            continue
+        kept.setdefault((st.st_dev, st.st_ino), group.keep_path)
+    return kept
+
+
+def _refusal(dup, facts, keep_ok, root, kept, acted, verb) -> tuple[str | None, _Found | None]:
+    """(None, what the duplicate is) if it is safe to act on, else (why not, None)."""
+    if facts is None:
+        return "no longer in the index", None
+    if facts["path"] != dup.path:  # act on what the index knows, never on a caller's string
+        return f"the index knows image {dup.id} as {facts['path']}, not as this path", None
+    if not _unchanged(facts):
+        return "changed or gone since it was indexed; run `simsearch index` first", None
+    if not keep_ok:
+        return "the file to keep is gone or changed", None
+    try:
+        st, lst = os.stat(dup.path), os.lstat(dup.path)
+    except OSError as exc:
+        return _why(exc, "cannot look at it"), None
+    identity = (st.st_dev, st.st_ino)
+    if identity in kept:
+        return f"the same file as the kept image {kept[identity]} (a link or alias of it)", None
+    if identity in acted:
+        return f"the same file as {acted[identity]}, which this run already {verb}", None
+    link = link_below(root, Path(dup.path))
+    if link is not None:
+        return (
+            f"reached through the symbolic link {link}; simsearch does not act through links",
+            None,
+        )
+    target = os.readlink(dup.path) if stat.S_ISLNK(lst.st_mode) else None
+    return None, _Found(identity, (lst.st_dev, lst.st_ino), target)
+
+
+def _why(exc: OSError, doing: str) -> str:
+    if exc.errno in LINK_ERRNOS:
+        return f"a folder on its path is a symbolic link now; {doing} through it"
+    return f"{doing}: {exc.strerror or exc}"
 
 
 def _unchanged(facts: dict) -> bool:
@@ -197,9 +278,108 @@ def _unchanged(facts: dict) -> bool:
     return (st.st_size, st.st_mtime_ns) == (facts["size"], facts["mtime_ns"])
 
 
+def undo(index, manifest_path: Path) -> MoveReport:
+    """Put back every file a manifest moved, and return them to the index."""
+    dim = index.manifest.dim
+    manifest = check(manifest_path, dim)
+    if Path(manifest.header["index"]) != index.path.resolve():
+        raise QueryError(
+            f"{manifest.path} records moves from the index {manifest.header['index']}, not "
+            f"{index.path}; give --index {manifest.header['index']}"
+        )
+    _check_root(index, manifest)
+    done, size, skipped, restored = 0, 0, [], []
+    with _updating(index):
+        try:
+            for entry in entries(manifest, dim):
+                reason = _put_back(index, manifest, entry, restored)
+                if reason == "":
+                    continue
+                if reason is not None:
+                    skipped.append((entry["from"], reason))
+                    continue
+                done, size = done + 1, size + entry["size"]
+                crash_point("undo-moved")
+                if len(restored) >= INDEX_UPDATE_EVERY:
+                    _restore(index, restored)
+        finally:
+            _restore(index, restored)  # what is back is indexed, even on the way out
+    try:
+        append_undone(manifest, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    except OSError as exc:  # only a note: every file is back and indexed already
+        log.warning("cannot note in %s that it was undone: %s", manifest.path, exc)
+    return MoveReport("undo", done, size, skipped, str(manifest.path))
+
+
+def _check_root(index, manifest: Manifest) -> None:
+    """The root the manifest names must be where this index's files are: no higher than
+    the folder that holds every indexed file and every file the manifest names (an edited
+    root of `/` would let it put files anywhere)."""
+    if manifest.span is None:
+        return
+    folders = [str(manifest.span)]
+    folders += [os.path.dirname(p) for p in index.store.path_bounds()]
+    span = Path(os.path.commonpath(folders))
+    if manifest.root != span and span not in manifest.root.parents:
+        raise QueryError(
+            f"{manifest.path} is not a manifest of moved duplicates as simsearch writes them "
+            f"(line 1: its root {manifest.root} is above {span}, which holds every indexed "
+            "file); nothing was moved"
+        )
+
+
+def _put_back(index, manifest: Manifest, entry: dict, restored: list) -> str | None:
+    """Move one file back; None when done (and queued in `restored`), "" when there is
+    nothing to do, else why it was left alone."""
+    rel = Path(entry["from"]).relative_to(manifest.root)
+    dest = manifest.target / rel
+    link = link_below(manifest.root, Path(entry["from"]))
+    if link is not None:
+        return f"the symbolic link {link} is in the way; {dest} was left there"
+    here = os.path.lexists(entry["from"])
+    link = link_below(manifest.folder, manifest.folder / rel)
+    there = link is None and os.path.lexists(manifest.folder / rel)
+    if here and not there:  # put back already (or never moved: a crash between log and move)
+        if index.store.lookup(entry["from"]) is None and _is_moved_file(entry["from"], entry):
+            restored.append(entry)  # an undo killed after the move, before the index update
+        return ""
+    if link is not None:
+        return f"the symbolic link {link} is in the way; {dest} was left there"
+    if here:
+        return f"a file is there again; {dest} was left there"
+    if not there:
+        return f"{dest} is gone"
+    if not _is_moved_file(manifest.folder / rel, entry):
+        return f"{dest} is not the file moved there (changed or replaced since); left there"
+    try:
+        entry_id = os.lstat(manifest.folder / rel)
+        move_entry(manifest.folder, rel, manifest.root, rel, (entry_id.st_dev, entry_id.st_ino))
+    except OSError as exc:
+        return _why(exc, "cannot move it back")
+    restored.append(entry)
+    return None
+
+
+def _is_moved_file(path, entry: dict) -> bool:
+    """Whether `path` (not followed) is what the entry moved: the same link, or a regular
+    file of the same size and modification time."""
+    try:
+        st = os.lstat(path)
+        if "link" in entry:
+            return stat.S_ISLNK(st.st_mode) and os.readlink(path) == entry["link"]
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == (
+        entry["size"],
+        entry["mtime_ns"],
+    )
+
+
 def _entry(index, dup, dest: Path, group, facts: dict) -> dict:
     """The manifest line of a move: enough to put the file back and give the index back
     everything it knew of it (vector, labels, cluster) without the model."""
+    import base64
+
     store = index.store
     entry = {
         "from": dup.path,
@@ -228,33 +408,6 @@ def _entry(index, dup, dest: Path, group, facts: dict) -> dict:
     return entry
 
 
-def _append(log_file, record: dict) -> None:
-    """Write one manifest line and make it durable before anything it describes happens."""
-    log_file.write(json.dumps(record) + "\n")
-    log_file.flush()
-    os.fsync(log_file.fileno())
-
-
-def _move_file(source: Path, dest: Path) -> None:
-    """Move a file, keeping its modification time; across file systems: copy, fsync,
-    rename into place, then delete the source, so no moment has neither copy."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.rename(source, dest)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:  # another file system
-            raise
-        partial = dest.with_name(dest.name + ".simsearch-partial")
-        shutil.copy2(source, partial)
-        with open(partial, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.rename(partial, dest)
-        fsync_dir(dest.parent)
-        os.unlink(source)
-    fsync_dir(dest.parent)
-    fsync_dir(source.parent)
-
-
 @contextlib.contextmanager
 def _updating(index):
     """Hold the index's write lock; save the FAISS file at the end, or drop it from memory
@@ -281,12 +434,7 @@ def _restore(index, entries: list[dict]) -> None:
     """Return put-back files to the index with the vectors the manifest kept for them."""
     usable = [e for e in entries if "vector" in e]
     if usable:
-        dim = index.manifest.dim
-        vectors = np.stack(
-            [np.frombuffer(base64.b64decode(e["vector"]), dtype="<f4") for e in usable]
-        )
-        if vectors.shape[1] != dim:
-            raise QueryError(f"the manifest's vectors are not {dim}-dim: another index's?")
+        vectors = np.stack([e["vector"] for e in usable])  # checked by movelog
         good = []
         for e in usable:
             st = os.stat(e["from"])

@@ -512,6 +512,16 @@ class Store:
             for r in self._rows_by_id(select, "id", ids)
         }
 
+    def path_bounds(self) -> list[str]:
+        """Return the smallest and largest stored path of each kind (UTF-8 names as TEXT,
+        other names as bytes; [] when empty): the folder that holds every stored file is
+        the common folder of these."""
+        with self.engine.connect() as conn:
+            rows = conn.exec_driver_sql(
+                "SELECT min(path), max(path) FROM images GROUP BY typeof(path)"
+            ).all()
+        return [from_column(p) for row in rows for p in row]
+
     def _rows_by_id(self, select: str, column: str, ids: Sequence[int]) -> list[tuple]:
         """Run `select ... WHERE column IN (ids)` in chunks under SQLite's variable limit,
         as plain SQL (these run on every search, where the ORM costs more than SQLite)."""

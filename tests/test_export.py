@@ -31,7 +31,7 @@ def test_npy_round_trips_ids_paths_and_vectors(index_path, tmp_path):
     assert np.array_equal(np.load(out / "vectors.npy", mmap_mode="r"), vectors)
     lines = (out / "paths.txt").read_text(encoding="utf-8").splitlines()
     assert [json.loads(line) for line in lines] == paths
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not list(tmp_path.glob(".simsearch-tmp-*"))
 
 
 def test_csv_round_trips(index_path, tmp_path):
@@ -80,3 +80,43 @@ def test_cli_export_json(index_path, tmp_path):
         cli, ["export", "--index", str(index_path), "-o", str(tmp_path / "o")]
     )
     assert result.exit_code == 1 and "already exists" in result.output
+
+
+def test_export_never_touches_a_users_folder_beside_it(index_path, tmp_path):
+    """The npy export writes into a folder of its own making (a unique name), not X.tmp."""
+    mine = tmp_path / "out.tmp"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("mine", encoding="utf-8")
+    with Index.open(index_path) as index:
+        index.export(tmp_path / "out", "npy")
+    assert (mine / "keep.txt").read_text(encoding="utf-8") == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out")) == [
+        "out",
+        "out.tmp",
+    ]
+
+
+def test_an_existing_output_of_any_kind_is_an_error(index_path, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    with Index.open(index_path) as index:
+        for name, fmt in [("empty", "npy"), ("link", "npy"), ("link", "csv")]:
+            with pytest.raises(ExportError, match="already exists"):
+                index.export(tmp_path / name, fmt)
+    assert (tmp_path / "empty").is_dir() and not any((tmp_path / "empty").iterdir())
+    assert (tmp_path / "link").is_symlink() and not (tmp_path / "nowhere").exists()
+
+
+def test_a_users_tmp_file_in_the_index_folder_survives_writes(index_path, photo_dir):
+    """Crash leftovers are removed by the exact names simsearch makes, nothing else."""
+    mine = index_path / "notes.tmp"
+    mine.write_text("mine", encoding="utf-8")
+    (index_path / "meta.sqlite.abc.tmp").write_text("also mine", encoding="utf-8")
+    leftover = index_path / ".simsearch-tmp-vectors.faiss.ab12cd_3.tmp"
+    leftover.write_bytes(b"half a file")
+    with Index.open(index_path) as index:
+        (photo_dir / "img0.jpg").unlink()
+        index.add(photo_dir)
+    assert mine.read_text(encoding="utf-8") == "mine"
+    assert (index_path / "meta.sqlite.abc.tmp").read_text(encoding="utf-8") == "also mine"
+    assert not leftover.exists()

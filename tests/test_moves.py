@@ -128,18 +128,18 @@ def test_a_crash_mid_move_is_undone_completely(tmp_path, library, monkeypatch):
     before, paths_before = snapshot(folder), indexed_paths(index)
     import simsearch.moves as moves
 
-    real_move, calls = moves._move_file, []
+    real_move, calls = moves.move_entry, []
 
-    def flaky_move(source, dest):
-        calls.append(source)
+    def flaky_move(*args):
+        calls.append(args)
         if len(calls) == 3:
             raise KeyboardInterrupt  # killed before the third file moved
-        real_move(source, dest)
+        real_move(*args)
 
-    monkeypatch.setattr(moves, "_move_file", flaky_move)
+    monkeypatch.setattr(moves, "move_entry", flaky_move)
     with Index.open(index) as idx, pytest.raises(KeyboardInterrupt):
         idx.move_duplicates(idx.duplicates(0.9999), tmp_path / "dups")
-    monkeypatch.setattr(moves, "_move_file", real_move)
+    monkeypatch.setattr(moves, "move_entry", real_move)
     [manifest] = (tmp_path / "dups").glob("*.jsonl")
     assert len(manifest.read_text().splitlines()) == 4  # header + three logged moves
     with Index.open(index) as idx:
@@ -154,16 +154,16 @@ def test_moves_across_file_systems_copy_then_delete(tmp_path, library, monkeypat
     before = snapshot(folder)
     real_rename = os.rename
 
-    def rename(source, dest):
-        if not str(source).endswith(".simsearch-partial"):
+    def rename(source, dest, **kwargs):
+        if not os.path.basename(source).startswith(".simsearch-tmp-"):  # not our own copy
             raise OSError(errno.EXDEV, "Invalid cross-device link")
-        real_rename(source, dest)
+        real_rename(source, dest, **kwargs)
 
     monkeypatch.setattr("simsearch.moves.os.rename", rename)
     with Index.open(index) as idx:
         report = idx.move_duplicates(idx.duplicates(0.9999), tmp_path / "dups")
         assert report.files == 3
-        assert not list((tmp_path / "dups").rglob("*.simsearch-partial"))
+        assert not list((tmp_path / "dups").rglob(".simsearch-tmp-*"))
         idx.undo_moves(report.manifest)
     assert snapshot(folder) == before
 

@@ -199,9 +199,9 @@ def _undo_moves(ctx, manifest: Path, index_path: Path, as_json: bool) -> None:
     from click.core import ParameterSource
 
     from simsearch.api import Index
-    from simsearch.moves import read_manifest
+    from simsearch.movelog import read_header
 
-    header, _ = read_manifest(manifest)
+    header = read_header(manifest)
     if ctx.get_parameter_source("index_path") in (ParameterSource.DEFAULT, None):
         index_path = Path(header["index"])  # the manifest names its index
     with Index.open(index_path) as idx:
