@@ -35,6 +35,8 @@ def _load(name: str):
         arr = getattr(skimage.data, name)()
     if arr.dtype == bool:
         arr = (arr * 255).astype(np.uint8)
+    elif arr.dtype.kind == "f":  # pictures drawn in [0, 1]
+        arr = (np.clip(arr, 0, 1) * 255).astype(np.uint8)
     return Image.fromarray(arr).convert("RGB")
 
 

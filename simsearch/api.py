@@ -22,6 +22,7 @@ import numpy as np
 
 from simsearch.cache import VectorCache
 from simsearch.config import (
+    CALIBRATION_METHOD,
     CALIBRATION_SAMPLE,
     CLUSTER_TOP,
     DATABASE_FILE,
@@ -710,7 +711,19 @@ class Index:
         if self.manifest.dedup_calibration is None:
             log.warning("calibrating the dedup threshold of %s (once; it is kept)", self.path)
             return self.calibrate_dedup(neighbours=neighbours)
-        return Calibration(**self.manifest.dedup_calibration)
+        stored = Calibration(**self.manifest.dedup_calibration)
+        if stored.method < CALIBRATION_METHOD:
+            # Kept, not redone behind the user's back: that needs the model and the files,
+            # and would change what dedup reports. Method 1 sets it too high where the
+            # collection already holds copies, never too low.
+            log.warning(
+                "the dedup threshold of %s (%.4f) was calibrated by an older method that "
+                "misses copies in collections that already hold many; run `simsearch dedup "
+                "--calibrate` to calibrate it again",
+                self.path,
+                stored.threshold,
+            )
+        return stored
 
     def calibrate_dedup(
         self,
@@ -724,8 +737,9 @@ class Index:
 
         Makes edited copies (crop, rescale, JPEG, brightness, mirror, rotation, border) of
         `sample` indexed images, embeds them, and returns the threshold that best separates
-        them from each image's `neighbours` nearest other indexed images, with the
-        precision and recall it had there. Needs the model and the indexed files.
+        them from each image's `neighbours` nearest other indexed images (less those
+        estimated to be copies already), with the precision and recall it had there. Needs
+        the model and the indexed files.
         """
         from simsearch.calibrate import calibrate
 

@@ -225,6 +225,12 @@ DEDUP_F_BETA = 0.5
 # points from one sample to the next.
 CALIBRATION_SAMPLE = 100
 
+# The calibration method a new calibration uses (records.Calibration.method): 2 estimates the
+# copies already among each image's neighbours (simsearch.calibrate) instead of counting
+# those below its edited copies' median as mistakes (1), which set the threshold too high on
+# collections dense with copies (0.972 where 0.915 was best, benchmarks/dedup_quality.py).
+CALIBRATION_METHOD = 2
+
 # Readers memory-map FAISS files at least this big instead of reading them, so `search`
 # starts at once; smaller files are read whole (milliseconds) and live in RAM.
 MMAP_MIN_BYTES = 256 << 20

@@ -81,17 +81,25 @@ class Calibration:
     neighbours: int = 0
     seed: int = 0
     created: str = ""
+    # neighbours estimated to be copies already in the collection, not mistakes (method 2)
+    copies_among_others: float | None = None
+    # 1: neighbours above the image's copies' median dropped, the rest counted as mistakes
+    # (stored calibrations from before method 2 read as 1); 2: see simsearch.calibrate
+    method: int = 1
 
     def line(self) -> str:
         edits = ", ".join(f"{k} {v:.2f}" for k, v in self.recall_by_edit.items())
         other = ""
         if self.highest_other is not None:
             other = f", other images up to {self.highest_other:.3f}"
+        among = ""
+        if self.copies_among_others:
+            among = f"; about {self.copies_among_others:.0f} of those others taken for copies"
         return (
             f"dedup threshold {self.threshold:.4f}: expected precision {self.precision:.3f}, "
             f"recall {self.recall:.3f} (calibrated on {self.copies} edited copies of "
             f"{self.images} indexed images against their {self.others} nearest others; copies "
-            f"from {self.lowest_copy:.3f}{other}). Recall by edit: {edits}"
+            f"from {self.lowest_copy:.3f}{other}{among}). Recall by edit: {edits}"
         )
 
 
