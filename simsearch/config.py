@@ -215,9 +215,9 @@ TOMBSTONE_REBUILD_SHARE = 0.2
 DEDUP_NEIGHBOURS = 20
 
 # The calibrated dedup threshold maximises F-beta with this beta: 0.5 counts a false
-# duplicate (a different photo offered for deletion) as costly as two missed copies. On
-# real photos (benchmarks/dedup_quality.py, DINOv2-S) F1 gave precision 0.79 / recall 0.92,
-# F0.5 0.88 / 0.88: people asked to review many false pairs stop trusting the tool.
+# duplicate (a different photo offered for deletion) as costly as two missed copies: people
+# asked to review many false pairs stop trusting the tool. What it costs in recall on real
+# photos: benchmarks/dedup_quality.py, figures in docs/benchmarks.md.
 DEDUP_F_BETA = 0.5
 
 # Threshold calibration edits this many indexed images (7 copies each): 700 embeddings,
