@@ -666,12 +666,13 @@ class Index:
     ) -> list[DuplicateGroup]:
         """Return the groups of near-duplicate images: pairs whose cosine similarity is at
         least `threshold` among each image's `neighbours` nearest, joined transitively, and
-        byte-identical files. Each group names the image to keep (highest true resolution,
-        then lossless over lossy, then largest file, then oldest, then shortest path) with
-        the facts the rule compared, and the others with their similarity to it, best first,
-        each with its facts and the rule that preferred the kept image. Paths naming one
-        file (symlinks, hard links) are one member, never each other's duplicates. Memory:
-        the index plus one chunk of vectors and the edges found, never an n x n matrix.
+        byte-identical files. Each group names the image to keep (a real file over a link,
+        then highest true resolution, then lossless over lossy, then largest file, then
+        oldest, then shortest path) with the facts the rule compared, and the others with
+        their similarity to it, best first, each with its facts and the rule that
+        preferred the kept image. Paths naming one file (symlinks, hard links) are one
+        member, never each other's duplicates. Memory: the index plus one chunk of vectors
+        and the edges found, never an n x n matrix.
         `threshold` None: the index's calibrated threshold (see `calibrate_dedup`;
         calibrated now, once, if it never was). `progress`: a tqdm-like object.
         """

@@ -92,6 +92,9 @@ class UnionFind:
 
 # The keep rule, in order, as (what wins, the sort key's part): the best image is kept.
 KEEP_RULE = (
+    # A real file over a symbolic link: keeping a link and removing the real file would
+    # leave the folder holding only a pointer to a file elsewhere, which may go too.
+    ("a file, not a link", lambda m: not m.direct),
     ("higher resolution", lambda m: -m.facts.width * m.facts.height),
     ("lossless", lambda m: not m.facts.lossless),
     ("larger file", lambda m: -m.facts.size),
@@ -102,15 +105,16 @@ KEEP_RULE = (
 
 
 def keep_order(member: Member) -> tuple:
-    """The keep rule as a sort key, best first: highest true resolution, then lossless over
+    """The keep rule as a sort key, best first: a path with no symbolic link on the way
+    over one through a link, then highest true resolution, then lossless over
     lossy, then largest file, then oldest (modification time), then shortest path (then the
     path, for a total order)."""
     return tuple(part(member) for _, part in KEEP_RULE)
 
 
 def why_kept(kept: Member, other: Member) -> str:
-    """Return the first rule by which `kept` comes before `other` ("higher resolution",
-    "lossless", ...)."""
+    """Return the first rule by which `kept` comes before `other` ("a file, not a link",
+    "higher resolution", "lossless", ...)."""
     for reason, part in KEEP_RULE:
         if part(kept) != part(other):
             return reason

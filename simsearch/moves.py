@@ -21,6 +21,7 @@ import contextlib
 import errno
 import logging
 import os
+import shlex
 import stat
 import time
 from collections.abc import Sequence
@@ -138,7 +139,7 @@ def move(index, groups: Sequence[DuplicateGroup], target: Path) -> MoveReport:
                     f"cannot write to {target}: {stopped.exc.strerror or stopped.exc}; "
                     f"stopped after the last complete move: moved {stopped.done} files "
                     f"({stopped.size / 2**20:.1f} MB); undo with: simsearch dedup --undo "
-                    f"{manifest}"
+                    f"{shlex.quote(str(manifest))}"
                 ) from None
     finally:
         writer.close()
@@ -431,7 +432,11 @@ def _forget(index, ids: list[int]) -> None:
 
 
 def _restore(index, entries: list[dict]) -> None:
-    """Return put-back files to the index with the vectors the manifest kept for them."""
+    """Return put-back files to the index with the vectors the manifest kept for them, and
+    forget the paths they had been moved to (indexed there when the target folder lies
+    inside an indexed folder and `index` ran before the undo)."""
+    away = [known.id for e in entries if (known := index.store.lookup(e["to"])) is not None]
+    _forget(index, away)
     usable = [e for e in entries if "vector" in e]
     if usable:
         vectors = np.stack([e["vector"] for e in usable])  # checked by movelog

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import time
 from dataclasses import dataclass, field
 
@@ -155,7 +156,8 @@ class MoveReport:
         if self.skipped:
             line += f"; left {len(self.skipped)} alone"
         if self.action == "move" and self.manifest:
-            line += f"; undo with: simsearch dedup --undo {self.manifest}"
+            # Quoted, so a folder with spaces can be pasted into a shell as it is.
+            line += f"; undo with: simsearch dedup --undo {shlex.quote(self.manifest)}"
         return line
 
 

@@ -176,9 +176,9 @@ def dedup_page(
     at = f" at similarity {threshold:g} or more" if threshold is not None else ""
     summary = [
         f"{_count(len(groups), 'group')}, {_count(dups, 'duplicate')}{at}. The image to keep "
-        "has the highest resolution, then lossless over lossy encoding, then the largest "
-        "file, then the oldest date, then the shortest path. Nothing has been moved or "
-        "deleted."
+        "is a real file, not a link, with the highest resolution, then lossless over lossy "
+        "encoding, then the largest file, then the oldest date, then the shortest path. "
+        "Nothing has been moved or deleted."
     ]
     summary += _cut_note(sizes, plan, "groups", "simsearch dedup --json")
     paths = []
@@ -328,7 +328,10 @@ def _figure(
 # Hover text that says what a tag means.
 _TAG_TITLES = {
     "score": ' title="cosine similarity (1 = the same picture)"',
-    "keep": ' title="the one to keep: highest resolution, largest file, oldest, shortest path"',
+    "keep": (
+        ' title="the one to keep: a real file, highest resolution, lossless, largest file, '
+        'oldest, shortest path"'
+    ),
 }
 
 

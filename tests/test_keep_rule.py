@@ -245,3 +245,28 @@ def test_aliases_are_listed_with_the_group_they_belong_to(tmp_path, vit224):
     everything = {"p0.png", "p1.png", "p2.png", "p0-small.jpg"}
     assert names == sorted(everything - {Path(group.keep_path).name})
     assert len(group.aliases) == 4 and all(Path(a).parent == folders[1] for a in group.aliases)
+
+
+def test_a_real_file_is_kept_over_a_symlink_to_a_better_one_elsewhere(tmp_path, vit224):
+    """Keeping the link and deleting the real file would leave the folder with a pointer to
+    a file outside it, which may be cleaned up next: the real file is kept, and deleting
+    the link (the duplicate) leaves its target untouched."""
+    outside, photos = tmp_path / "outside", tmp_path / "photos"
+    outside.mkdir()
+    photos.mkdir()
+    picture = draw_image(4, (1600, 1200))
+    picture.save(outside / "big.png")
+    picture.resize((640, 480)).save(photos / "real.jpg", quality=90)
+    (photos / "big-link.png").symlink_to(outside / "big.png")
+    index = indexed(tmp_path, vit224, photos)
+    (group,) = dedup(index)
+    assert Path(group["keep"]).name == "real.jpg"
+    assert [(Path(d["path"]).name, d["why"]) for d in group["duplicates"]] == [
+        ("big-link.png", "a file, not a link")
+    ]
+    result = CliRunner().invoke(
+        cli, ["dedup", "--index", str(index), "--threshold", str(LOW), "--delete", "--yes"]
+    )
+    assert result.exit_code == 0, result.output
+    assert (photos / "real.jpg").exists() and (outside / "big.png").exists()
+    assert not (photos / "big-link.png").is_symlink()

@@ -207,3 +207,21 @@ def test_bad_action_combinations_and_manifests_are_clear_errors(tmp_path, librar
     result = run("dedup", "--undo", bogus)
     assert result.exit_code == 1
     assert "is not a manifest of moved duplicates" in result.output
+
+
+def test_undo_forgets_the_moved_to_paths_an_index_run_found_inside_the_library(library):
+    """A target inside the indexed folder: `index` finds the moved files there; after the
+    undo they are back where they were, and no entry names the paths they no longer have."""
+    folder, index = library
+    before, paths_before = snapshot(folder), indexed_paths(index)
+    target = folder / "dups"
+    moved = run("dedup", "--index", index, "--threshold", "0.9999", "--move-to", target)
+    assert moved.exit_code == 0, moved.output
+    with Index.open(index) as idx:
+        assert idx.add(folder).reused == 3  # the moved files, found again under dups/
+    (manifest,) = target.glob("simsearch-moves-*.jsonl")
+    undone = run("dedup", "--index", index, "--undo", manifest)
+    assert undone.exit_code == 0, undone.output
+    assert indexed_paths(index) == paths_before  # nothing under dups/ left in the index
+    after = {k: v for k, v in snapshot(folder).items() if not k.startswith("dups")}
+    assert after == before

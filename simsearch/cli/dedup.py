@@ -107,7 +107,8 @@ def dedup(
 
     Each image's nearest neighbours (batched FAISS searches, never an all-pairs matrix)
     above the threshold are joined into groups; byte-identical files are always one group.
-    The image to keep is the one with the highest true resolution (read from the file's
+    The image to keep is a real file (not a symbolic link) with the highest true
+    resolution (read from the file's
     header), then lossless over lossy encoding (PNG, TIFF, lossless WebP over JPEG), then
     the largest file, then the oldest, then the shortest path; the others are listed with
     their similarity to it and the rule that decided.
