@@ -164,6 +164,26 @@ def read_image_file(path: str | os.PathLike) -> bytes:
     Anything else (a FIFO, socket or device named like an image) is refused unread, and so
     is a file above MAX_FILE_BYTES.
     """
+    with _open_regular(path) as (fh, st):
+        if st.st_size > MAX_FILE_BYTES:
+            raise ImageError(f"file is {st.st_size:,} bytes, above the limit of {MAX_FILE_BYTES:,}")
+        try:
+            # Ask for the size fstat gave (+1 to notice growth): read(n) allocates n bytes
+            # up front, and asking for the limit would reserve 1 GiB for every photo.
+            data = fh.read(st.st_size + 1)
+            if len(data) > st.st_size:  # growing while read: read on, up to the limit
+                data += fh.read(MAX_FILE_BYTES + 1 - len(data))
+        except OSError as exc:
+            raise ImageError(f"cannot read file: {exc.strerror or exc}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ImageError(f"file grew above the limit of {MAX_FILE_BYTES:,} bytes while read")
+    return data
+
+
+@contextlib.contextmanager
+def _open_regular(path: str | os.PathLike):
+    """Yield (binary file object, its stat) for a regular file, or raise ImageError with
+    the reason: a FIFO, socket or device named like an image is refused without waiting."""
     try:
         # O_NONBLOCK: opening a FIFO named like an image must not wait for a writer forever.
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
@@ -179,21 +199,15 @@ def read_image_file(path: str | os.PathLike) -> bytes:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise ImageError("not a regular file (a FIFO, socket or device)")
-        if st.st_size > MAX_FILE_BYTES:
-            raise ImageError(f"file is {st.st_size:,} bytes, above the limit of {MAX_FILE_BYTES:,}")
-        with os.fdopen(fd, "rb", closefd=False) as fh:
-            # Ask for the size fstat gave (+1 to notice growth): read(n) allocates n bytes
-            # up front, and asking for the limit would reserve 1 GiB for every photo.
-            data = fh.read(st.st_size + 1)
-            if len(data) > st.st_size:  # growing while read: read on, up to the limit
-                data += fh.read(MAX_FILE_BYTES + 1 - len(data))
+        fh = os.fdopen(fd, "rb")
     except OSError as exc:
-        raise ImageError(f"cannot read file: {exc.strerror or exc}") from None
-    finally:
         os.close(fd)
-    if len(data) > MAX_FILE_BYTES:
-        raise ImageError(f"file grew above the limit of {MAX_FILE_BYTES:,} bytes while read")
-    return data
+        raise ImageError(f"cannot read file: {exc.strerror or exc}") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    with fh:
+        yield fh, st
 
 
 def decode_image(
@@ -299,7 +313,7 @@ def header_facts(
                 return _raw_facts(rawpy, source)
         if isinstance(source, bytes):
             return _facts_of(io.BytesIO(source))
-        with _open_regular(source) as fh:
+        with _open_regular(source) as (fh, _):
             return _facts_of(fh)
     except ImageError:
         raise
@@ -355,22 +369,6 @@ def _webp_is_lossless(head: bytes) -> bool:
         size = int.from_bytes(head[at + 4 : at + 8], "little")
         at += 8 + size + (size & 1)  # chunks are padded to an even length
     return False
-
-
-@contextlib.contextmanager
-def _open_regular(path: str | os.PathLike):
-    """Open a regular file for reading (a FIFO or device named like an image is refused
-    without waiting on it), as a buffered binary file object."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ImageError("not a regular file (a FIFO, socket or device)")
-        fh = os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-    with fh:
-        yield fh
 
 
 def _decode_raw(rawpy, data: bytes, max_pixels: int, draft) -> Image.Image:
