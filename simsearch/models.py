@@ -1,7 +1,9 @@
 """Finding and loading checkpoints: hub ids or local folders, weights, image processors.
 
-Nothing here runs code from a model repository (trust_remote_code stays off), and
-safetensors weights are preferred over pickles.
+Nothing here runs code from a model repository: a folder whose configs ask for it
+(`auto_map`) is refused before transformers sees it, and every loader passes
+trust_remote_code=False (without it, transformers asks on the terminal and runs the
+folder's Python on "y"). Safetensors weights are preferred over pickles.
 """
 
 from __future__ import annotations
@@ -26,6 +28,39 @@ FINAL_NORM_NAMES = ("layernorm", "post_layernorm", "norm", "final_layernorm", "l
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 
 
+# Configs are small; a larger "config" is not read to look for auto_map, it is refused.
+CONFIG_READ_LIMIT = 16 << 20
+
+
+def refuse_code(folder: Path) -> None:
+    """Raise ModelLoadError when a JSON file in model `folder` asks transformers to run the
+    folder's own code (an `auto_map` naming classes in its .py files)."""
+    import json
+
+    for file in sorted(folder.glob("*.json")):
+        try:
+            if file.stat().st_size > CONFIG_READ_LIMIT:
+                if file.name.endswith("config.json"):
+                    raise ModelLoadError(
+                        f"{file} is {file.stat().st_size} bytes, not a model config "
+                        f"(at most {CONFIG_READ_LIMIT >> 20} MiB)"
+                    )
+                continue
+            data = json.loads(file.read_bytes())
+        except (OSError, ValueError):
+            continue  # unreadable: the loader that needs it says so
+        if isinstance(data, dict) and data.get("auto_map"):
+            named = data["auto_map"]
+            names = ", ".join(
+                str(v) for v in (named.values() if isinstance(named, dict) else [named])
+            )
+            raise ModelLoadError(
+                f"the model in {folder} asks to run its own code ({file.name} has an "
+                f"auto_map naming {names[:200]}); simsearch never runs code from a model "
+                "folder: use a model that transformers loads without it"
+            )
+
+
 def resolve_model(name: str) -> tuple[Path, str | None]:
     """Return the local folder holding model `name`, and its hub revision when it has one.
 
@@ -35,6 +70,7 @@ def resolve_model(name: str) -> tuple[Path, str | None]:
     """
     path = Path(name).expanduser()
     if path.is_dir():
+        refuse_code(path.resolve())
         return path.resolve(), None
     if _looks_like_path(name):
         raise ModelLoadError(f"model folder not found: {name}")
@@ -62,6 +98,7 @@ def resolve_model(name: str) -> tuple[Path, str | None]:
                 f"cannot download model {name!r} from the hub: {_first_line(exc)} "
                 f"(if {name!r} was meant as a local folder: there is no such folder)"
             ) from None
+    refuse_code(folder)
     return folder, folder.name
 
 
@@ -149,6 +186,7 @@ def load_backbone(folder: Path):
     """Return (vision backbone, its config) from a local model folder, without remote code."""
     from transformers import AutoConfig, AutoModel
 
+    refuse_code(folder)
     if not _weight_files(folder):
         raise ModelLoadError(f"no weight files (*.safetensors or pytorch_model.bin) in {folder}")
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
@@ -192,6 +230,7 @@ def load_classifier(folder: Path, name: str):
         "labelling needs an image classification checkpoint (AutoModelForImageClassification, "
         "with id2label class names), e.g. google/vit-large-patch16-384"
     )
+    refuse_code(folder)
     if not _weight_files(folder):
         raise ModelLoadError(f"no weight files (*.safetensors or pytorch_model.bin) in {folder}")
     try:
@@ -251,6 +290,7 @@ def load_pretrained(model_cls, folder: Path, use_safetensors: bool | None, **ext
 def load_preprocessing(folder: Path) -> Preprocessing:
     from transformers import AutoImageProcessor
 
+    refuse_code(folder)
     if not (folder / "preprocessor_config.json").is_file():
         raise ModelLoadError(
             f"no preprocessor_config.json in {folder}: save the checkpoint's image processor "
@@ -258,7 +298,7 @@ def load_preprocessing(folder: Path) -> Preprocessing:
         )
     try:
         with quiet_transformers():
-            proc = AutoImageProcessor.from_pretrained(folder)
+            proc = AutoImageProcessor.from_pretrained(folder, trust_remote_code=False)
     except Exception as exc:
         raise ModelLoadError(f"cannot read the image processor in {folder}: {exc}") from None
     return Preprocessing.from_processor(proc)

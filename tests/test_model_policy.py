@@ -1,0 +1,106 @@
+"""A model folder is data: nothing in it runs, whichever command loads it.
+
+transformers runs a folder's own Python when a config names it (`auto_map`) and the caller
+allows remote code, and asks on the terminal when the caller says nothing. The attacker's
+folder here is a real tiny ViT whose configs point at `evil.py`, which leaves a mark when
+imported; every command that takes --model must refuse it with one line, answering "y"
+to any prompt, and the mark must never appear.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import _save_vit, draw_image
+
+from simsearch import Index
+from simsearch.cli import cli
+from simsearch.errors import ModelLoadError
+
+
+def plant_code(folder: Path, mark: Path, where: str) -> Path:
+    (folder / "evil.py").write_text(
+        f"open({str(mark)!r}, 'w').write('ran')\n"
+        "from transformers import ViTConfig, ViTImageProcessor, ViTModel\n"
+        "class EvilConfig(ViTConfig):\n    pass\n"
+        "class EvilProcessor(ViTImageProcessor):\n    pass\n"
+        "class EvilModel(ViTModel):\n    pass\n"
+    )
+    if where in ("config", "both"):
+        config = json.loads((folder / "config.json").read_text())
+        config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel"}
+        (folder / "config.json").write_text(json.dumps(config))
+    if where in ("processor", "both"):
+        proc = json.loads((folder / "preprocessor_config.json").read_text())
+        proc["auto_map"] = {"AutoImageProcessor": "evil.EvilProcessor"}
+        (folder / "preprocessor_config.json").write_text(json.dumps(proc))
+    return folder
+
+
+@pytest.fixture(params=["config", "processor"])
+def evil_model(request, tmp_path) -> tuple[Path, Path]:
+    mark = tmp_path / "MARK"
+    folder = _save_vit(tmp_path / "evil-model", seed=0)
+    return plant_code(folder, mark, request.param), mark
+
+
+def photos(folder: Path, n: int = 3) -> Path:
+    folder.mkdir()
+    for i in range(n):
+        draw_image(i).save(folder / f"p{i}.png")
+    return folder
+
+
+def labelled(folder: Path) -> Path:
+    for k, cls in enumerate(("a", "b")):
+        (folder / cls).mkdir(parents=True)
+        for i in range(4):
+            draw_image(4 * k + i).save(folder / cls / f"{cls}{i}.png")
+    return folder
+
+
+@pytest.mark.parametrize("command", ["index", "label", "finetune", "export-model"])
+def test_no_command_runs_a_model_folders_code(command, evil_model, tmp_path):
+    folder, mark = evil_model
+    pics = photos(tmp_path / "pics")
+    args = {
+        "index": ["index", str(pics), "--index", str(tmp_path / "idx"), "--model", str(folder)],
+        "label": ["label", str(pics / "p0.png"), "--model", str(folder)],
+        "finetune": [
+            "finetune",
+            str(labelled(tmp_path / "data")),
+            "-o",
+            str(tmp_path / "out"),
+            "--model",
+            str(folder),
+            "--epochs",
+            "1",
+        ],
+        "export-model": ["export-model", "--model", str(folder), "-o", str(tmp_path / "onnx")],
+    }[command]
+    result = CliRunner().invoke(cli, args, input="y\ny\ny\n")
+    assert not mark.exists(), f"{command} ran the model folder's code"
+    assert result.exit_code != 0
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    message = result.stderr.strip().splitlines()
+    assert message and "runs code" in message[-1] and "auto_map" in message[-1], result.output
+    assert "[y/N]" not in result.output
+
+
+def test_the_python_api_refuses_it_too(evil_model, tmp_path):
+    folder, mark = evil_model
+    with pytest.raises(ModelLoadError, match="auto_map"):
+        Index.create(tmp_path / "idx", model=str(folder)).embedder  # noqa: B018
+    assert not mark.exists()
+
+
+def test_a_processor_without_auto_map_still_loads(tmp_path):
+    folder = _save_vit(tmp_path / "plain", seed=0)
+    pics = photos(tmp_path / "pics")
+    result = CliRunner().invoke(
+        cli, ["index", str(pics), "--index", str(tmp_path / "idx"), "--model", str(folder)]
+    )
+    assert result.exit_code == 0, result.output
