@@ -64,7 +64,7 @@ from simsearch.records import (
     MoveReport,
 )
 from simsearch.store import Store
-from simsearch.vectors import VectorIndex, plan_index
+from simsearch.vectors import VectorIndex, check_vectors, plan_index
 
 log = logging.getLogger(__name__)
 
@@ -388,9 +388,11 @@ class Index:
         return self._embedder
 
     def embed(self, images: Sequence) -> np.ndarray:
-        """Return one unit-norm float32 row per image (file paths or PIL images)."""
+        """Return one unit-norm float32 row per image (file paths or PIL images); a model
+        whose output is not that raises ModelOutputError."""
         embedder = self.embedder
-        return embedder.embed_images([_as_image(img, embedder.preprocess) for img in images])
+        vectors = embedder.embed_images([_as_image(img, embedder.preprocess) for img in images])
+        return check_vectors(vectors, self.manifest.dim, f"the model {self._model}")
 
     # -- adding --------------------------------------------------------------------------
 
@@ -1058,7 +1060,8 @@ class _ModelOnDemand:
         self.preprocess = Preprocessing.from_dict(index.manifest.preprocessing)
 
     def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        return self._index.embedder.embed_pixels(pixels)
+        vectors = self._index.embedder.embed_pixels(pixels)
+        return check_vectors(vectors, self._index.manifest.dim, f"the model {self._index._model}")
 
 
 def _parse_id(query: Query) -> int | None:

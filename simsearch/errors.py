@@ -9,6 +9,11 @@ class ModelLoadError(SimsearchError):
     """The model could not be found, downloaded or loaded."""
 
 
+class ModelOutputError(SimsearchError):
+    """The model produced vectors that cannot be stored: not finite, of another dimension,
+    or not of unit length. Nothing from that batch is committed."""
+
+
 class LayerError(SimsearchError):
     """A --layer or --pool that the model cannot provide."""
 

@@ -297,6 +297,8 @@ def finetune(
                     with autocast():
                         logits = model(pixel_values=x).logits
                     loss = torch.nn.functional.cross_entropy(logits.float(), y)
+                    if not torch.isfinite(loss):
+                        raise _diverged(f"the training loss is {loss.item()}", state, lr)
                     # Weighted by images, so the step's gradient is the mean over its images.
                     scaler.scale(loss * (len(indices) / images_in_step)).backward()
                     state.loss_sum += loss.item() * len(indices)
@@ -319,6 +321,8 @@ def finetune(
             bar.close()
 
             val_loss, val_accuracy = evaluate(model, data, config.batch_size, device, autocast)
+            if not math.isfinite(val_loss):
+                raise _diverged(f"the validation loss is {val_loss}", state, lr)
             better = val_accuracy > state.best_accuracy or (
                 val_accuracy == state.best_accuracy and val_loss < state.best_loss
             )
@@ -467,6 +471,15 @@ class _NoBar:
 
     def close(self) -> None:
         pass
+
+
+def _diverged(what: str, state: _State, lr: float) -> FinetuneError:
+    """The error for a run whose weights went non-finite: nothing of it is published."""
+    return FinetuneError(
+        f"training diverged: {what} at step {state.step + 1} (epoch {state.epoch + 1}, learning "
+        f"rate {lr:.3g}); nothing from this epoch was published. Run again with a lower --lr "
+        "(and --warmup-ratio), or check the model's weights"
+    )
 
 
 def _interrupted(state: _State, output: Path) -> TrainingInterrupted:

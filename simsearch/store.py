@@ -43,6 +43,7 @@ from simsearch.config import Manifest
 from simsearch.faults import crash_point
 from simsearch.names import from_column, to_column
 from simsearch.records import FailedFile, FileFacts, Label
+from simsearch.vectors import check_vectors
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
@@ -572,6 +573,9 @@ class Store:
         if len(good) != len(vectors):
             raise ValueError("one vector per good image is required")
         now = time.time()
+        if len(vectors):
+            # The last guard: whatever produced them, no vector that search cannot use.
+            vectors = check_vectors(vectors, vectors.shape[1], "this batch")
         vectors = np.ascontiguousarray(vectors, dtype="<f4")
         with Session(self.engine) as session, session.begin():
             ok_rows = [

@@ -436,3 +436,22 @@ def test_cli_resume_takes_the_runs_own_settings(tmp_path, base, data):
     assert summary["steps"] == 8
     training = json.loads((output / "simsearch_training.json").read_text())
     assert training["config"]["seed"] == 5 and training["config"]["lr"] == 1e-3
+
+
+def test_a_diverging_run_stops_and_publishes_nothing(tmp_path, base, data):
+    """--lr 1e30 published a model of NaN weights and exited 0; `label` then named one
+    class for every image. Now it stops at the first non-finite loss, with one line."""
+    output = tmp_path / "model"
+    result = CliRunner().invoke(
+        cli,
+        [
+            "finetune", str(data), "-o", str(output), "--model", str(base),
+            "--lr", "1e30", "--epochs", "2", "--batch-size", "8", "--precision", "fp32",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    last = result.stderr.strip().splitlines()[-1]
+    assert "training diverged" in last and "--lr" in last
+    assert not (output / "model.safetensors").exists()
+    assert not (output / "config.json").exists()

@@ -104,3 +104,56 @@ def test_a_processor_without_auto_map_still_loads(tmp_path):
         cli, ["index", str(pics), "--index", str(tmp_path / "idx"), "--model", str(folder)]
     )
     assert result.exit_code == 0, result.output
+
+
+def broken_vit(folder: Path, how: str) -> Path:
+    """A tiny ViT whose output is NaN (one NaN weight in the final norm)."""
+    import torch
+    from transformers import ViTModel
+
+    _save_vit(folder, seed=0)
+    model = ViTModel.from_pretrained(folder)
+    with torch.no_grad():
+        if how == "nan":
+            model.layernorm.weight[0] = float("nan")
+        else:
+            model.layernorm.weight[:] = float("inf")
+            model.layernorm.bias[:] = float("inf")
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("how", ["nan", "inf"])
+def test_a_model_with_broken_weights_stores_nothing(how, tmp_path, tiny_vit):
+    """It stored 60 NaN vectors and exited 0: every later search ranked garbage."""
+    pics = photos(tmp_path / "pics", n=6)
+    model = broken_vit(tmp_path / "broken", how)
+    runner = CliRunner()
+    result = runner.invoke(
+        cli, ["index", str(pics), "--index", str(tmp_path / "idx"), "--model", str(model)]
+    )
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    last = result.stderr.strip().splitlines()[-1]
+    assert "NaN or infinite" in last and "nothing from this batch was stored" in last
+    with Index.open(tmp_path / "idx") as index:
+        assert len(index) == 0
+    verify = runner.invoke(cli, ["verify", "--index", str(tmp_path / "idx")])
+    assert verify.exit_code == 0, verify.output
+
+
+def test_output_that_is_not_unit_length_is_refused(tmp_path, tiny_vit, monkeypatch):
+    """An ONNX export without its final normalisation (or any backend that forgets it)
+    stored its vectors as they came; cosine scores then meant nothing."""
+    from simsearch.embed import Embedder
+
+    pics = photos(tmp_path / "pics", n=4)
+    real = Embedder.embed_pixels
+    monkeypatch.setattr(Embedder, "embed_pixels", lambda self, px: 2.0 * real(self, px))
+    with Index.create(tmp_path / "idx", model=str(tiny_vit)) as index:
+        with pytest.raises(Exception, match="not of unit length") as caught:
+            index.add(pics)
+        assert type(caught.value).__name__ == "ModelOutputError"
+        assert len(index) == 0
+        with pytest.raises(Exception, match="not of unit length"):
+            index.search(pics / "p0.png")
