@@ -611,7 +611,7 @@ class Index:
         results = []
         for row_scores, row_ids in zip(scores, ids, strict=True):
             pairs = zip(row_scores, row_ids.tolist(), strict=True)
-            results.append([Hit(i, paths[i], float(s)) for s, i in pairs if i in paths])
+            results.append([Hit(i, paths[i], _score(s)) for s, i in pairs if i in paths])
         return results
 
     def _check_cluster(self, cluster: int) -> int:
@@ -853,7 +853,7 @@ class Index:
                 cluster,
                 size,
                 round(mean, 6),
-                tuple(Hit(int(i), path, float(score)) for i, path, score in best),
+                tuple(Hit(int(i), path, _score(score)) for i, path, score in best),
             )
             for cluster, size, mean, best in self.store.clusters(top)
         ]
@@ -862,7 +862,7 @@ class Index:
         """Return every image of `cluster` (of the last `cluster` run), nearest its centre
         first; score: cosine similarity to the centre. QueryError for no such cluster."""
         rows = self.store.cluster_hits(self._check_cluster(cluster))
-        return [Hit(int(i), path, float(score)) for i, path, score in rows]
+        return [Hit(int(i), path, _score(score)) for i, path, score in rows]
 
     # -- exporting -----------------------------------------------------------------------
 
@@ -1068,13 +1068,25 @@ def _parse_id(query: Query) -> int | None:
     if isinstance(query, (bool, np.bool_)):
         raise QueryError(f"not a query: {query!r}")
     if isinstance(query, (int, np.integer)):
-        return int(query)
+        return _image_id(int(query))
     if isinstance(query, str) and query.startswith("id:"):
         try:
-            return int(query[3:])
+            return _image_id(int(query[3:]))
         except ValueError:
             raise QueryError(f"bad id query {query!r}: expected id:N with N an integer") from None
     return None
+
+
+def _image_id(n: int) -> int:
+    """`n` if it can be an image id (SQLite's 64-bit row ids), else a QueryError."""
+    if not 0 <= n < 2**63:
+        raise QueryError(f"no indexed image has id {n}: ids are 1 to {2**63 - 1}")
+    return n
+
+
+def _score(s) -> float:
+    """A cosine as shown: float32 rounding can put a unit vector's own score at 1.0000001."""
+    return round(min(1.0, max(-1.0, float(s))), 6)
 
 
 def _as_image(image, preprocess):
@@ -1087,7 +1099,8 @@ def _as_image(image, preprocess):
         return to_rgb(image)
     path = Path(image)
     if not path.exists():
-        raise QueryError(f"no such image file: {path}")
+        hint = f" (to search with indexed image {image}, write id:{image})"
+        raise QueryError(f"no such image file: {path}{hint if str(image).isdigit() else ''}")
     try:
         return decode_image(read_image_file(path), draft=preprocess, name=path)
     except ImageError as exc:

@@ -82,10 +82,11 @@ class Calibration:
     neighbours: int = 0
     seed: int = 0
     created: str = ""
-    # neighbours estimated to be copies already in the collection, not mistakes (method 2)
+    # neighbours estimated to be copies already in the collection, not mistakes (method 2
+    # on); from method 3 also what the edited copies stand for in the F1 (precision, recall)
     copies_among_others: float | None = None
     # 1: neighbours above the image's copies' median dropped, the rest counted as mistakes
-    # (stored calibrations from before method 2 read as 1); 2: see simsearch.calibrate
+    # (stored calibrations from before method 2 read as 1); 2, 3: see simsearch.calibrate
     method: int = 1
 
     def line(self) -> str:
@@ -193,8 +194,9 @@ class AddSummary:
 
     def line(self) -> str:
         reused = f" ({self.reused} copied from identical files)" if self.reused else ""
+        files = "file" if self.seen == 1 else "files"
         return (
-            f"{self.seen} files seen, {self.indexed} indexed{reused}, "
+            f"{self.seen} {files} seen, {self.indexed} indexed{reused}, "
             f"{self.unchanged} skipped as unchanged, {self.failed} failed, "
             f"{self.moved} moved, {self.removed} removed ({self.seconds:.1f} s)"
         )

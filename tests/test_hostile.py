@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import struct
@@ -11,10 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from conftest import draw_image
 from PIL import Image
 
 from simsearch import Index
+from simsearch.cli import cli
 from simsearch.embed import Embedder
 
 
@@ -351,3 +354,25 @@ def test_pixel_limit_is_configurable_per_run(tmp_path, tiny_vit):
         assert (summary.indexed, summary.failed) == (1, 1)
         assert "above the limit of 5,000 pixels" in index.failed()[0].error
         assert index.add(folder).indexed == 1  # default limit: indexed now
+
+
+def test_queries_and_options_out_of_range_get_one_line(index_path):
+    """Tracebacks before: an id past SQLite's 64-bit range (OverflowError), a negative
+    seed (numpy's ValueError); a bare number was 'no such image file' with no hint; scores
+    printed as 1.0000001192092896."""
+    runner = CliRunner()
+    args = ["--index", str(index_path)]
+    cases = {
+        ("search", "id:99999999999999999999999"): "no indexed image has id",
+        ("search", "id:-5"): "no indexed image has id",
+        ("cluster", "-k", "2", "--seed", "-1"): "--seed",
+        ("search", "3"): "write id:3",
+    }
+    for argv, expected in cases.items():
+        result = runner.invoke(cli, [*argv, *args])
+        assert result.exit_code in (1, 2), (argv, result.output)
+        assert result.exception is None or isinstance(result.exception, SystemExit), argv
+        assert expected in result.stderr.strip().splitlines()[-1], (argv, result.stderr)
+    hits = json.loads(runner.invoke(cli, ["search", "id:1", "--json", *args]).stdout)["hits"]
+    assert hits[0]["score"] == 1.0
+    assert all(len(repr(h["score"])) <= 8 for h in hits)

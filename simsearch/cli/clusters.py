@@ -62,7 +62,7 @@ class _KType(click.ParamType):
 )
 @click.option(
     "--seed",
-    type=int,
+    type=click.IntRange(0, 2**32 - 1),
     default=0,
     show_default=True,
     help="Random seed of the sampling and seeding; the same seed gives the same clusters.",

@@ -134,7 +134,7 @@ CONFIG_OPTIONS = (
 )
 @click.option(
     "--seed",
-    type=int,
+    type=click.IntRange(0, 2**32 - 1),
     default=FinetuneConfig.seed,
     show_default=True,
     help="Seed of the head, the split, the data order and the augmentation.",
