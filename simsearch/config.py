@@ -41,6 +41,16 @@ PREFETCH_BATCHES = 2
 # this many pixels before decoding, so one hostile file cannot allocate gigabytes.
 MAX_IMAGE_PIXELS = 178_956_970
 
+# And whatever its pixel count, no image may take more than this many bytes to decode, as
+# Pillow stores its mode (16-bit grey 2 bytes a pixel, RGB and RGBA 4, 32-bit or float 4):
+# a 329 KB PNG of 13000x13000 16-bit pixels took 5.4 GB on its way to RGB. 400 MiB holds a
+# 100-megapixel RGB scan; two decode workers then stay near 1 GB above the process.
+MAX_DECODE_BYTES = 400 << 20
+
+# The model input an image is resized to may take at most this many bytes (8-bit pixels
+# and their float copy): a shortest-edge resize of a 1x10000 PNG would be 224x2240000.
+MAX_RESIZED_BYTES = 64 << 20
+
 # JPEGs are decoded at no less than this many times the model's input size (Pillow's draft
 # mode scales by 1/2, 1/4 or 1/8 while decoding). The DCT-domain downscale is a crude filter;
 # leaving the last 2x to Pillow's resize keeps the pixels within ~1 % of a full decode, and a

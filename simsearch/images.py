@@ -18,12 +18,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import ExifTags, Image, ImageFile, ImageOps
+from PIL import ExifTags, Image, ImageFile
 
 from simsearch.config import (
     DRAFT_OVERSAMPLE,
+    MAX_DECODE_BYTES,
     MAX_FILE_BYTES,
     MAX_IMAGE_PIXELS,
+    MAX_RESIZED_BYTES,
     OTHER_SUFFIXES,
     RAW_SUFFIXES,
     SKIPPED_SUFFIXES_KEPT,
@@ -171,12 +173,14 @@ def read_image_file(path: str | os.PathLike) -> bytes:
             # Ask for the size fstat gave (+1 to notice growth): read(n) allocates n bytes
             # up front, and asking for the limit would reserve 1 GiB for every photo.
             data = fh.read(st.st_size + 1)
-            if len(data) > st.st_size:  # growing while read: read on, up to the limit
-                data += fh.read(MAX_FILE_BYTES + 1 - len(data))
         except OSError as exc:
             raise ImageError(f"cannot read file: {exc.strerror or exc}") from None
-    if len(data) > MAX_FILE_BYTES:
-        raise ImageError(f"file grew above the limit of {MAX_FILE_BYTES:,} bytes while read")
+    if len(data) > st.st_size:
+        # Never read on past the size the file had: a file still being written is taken
+        # on the next run, and a /proc or /sys file (size 0, endless content) never.
+        if st.st_size == 0:
+            raise ImageError("file says it is empty but is not (a /proc or /sys file?)")
+        raise ImageError("file grew while it was read (still being written?)")
     return data
 
 
@@ -216,14 +220,19 @@ def decode_image(
     draft: Preprocessing | None = None,
     *,
     name: str | os.PathLike | None = None,
+    max_bytes: int = MAX_DECODE_BYTES,
 ) -> Image.Image:
     """Return the image in `data` as upright RGB, or raise ImageError with the reason.
 
-    The pixel count is checked from the header before any pixel is decoded, so a
-    decompression bomb costs nothing. EXIF orientation is applied; palette, alpha, CMYK,
-    16-bit and float modes are all converted to 8-bit RGB; animations give their first frame.
+    The pixel count, and the bytes the decoded pixels take in their mode (`max_bytes`), are
+    checked from the header before any pixel is decoded, so a decompression bomb costs
+    nothing; with `draft`, so is the size the preprocessing would resize it to (a 1x100000
+    image). EXIF orientation is applied; palette, alpha, CMYK, 16-bit and float modes are
+    all converted to 8-bit RGB; animations give their first frame.
     With `draft`, a JPEG much larger than that preprocessing needs is decoded at 1/2, 1/4
-    or 1/8 scale in the DCT domain (Pillow's draft mode), several times faster.
+    or 1/8 scale in the DCT domain (Pillow's draft mode), several times faster, and any
+    other image is box-reduced to that size a band of rows at a time right after decoding,
+    so its conversions to RGB cost a fraction of the decode.
     Only the formats folder scans index are tried (never EPS, whatever the file is called).
     `name`: the file's name; a camera RAW suffix sends it through rawpy, when installed.
     """
@@ -244,9 +253,20 @@ def decode_image(
                     f"image is {width}x{height} = {width * height:,} pixels, above the limit "
                     f"of {max_pixels:,} pixels"
                 )
+            if draft is not None:
+                draft.check_resize(width, height)
             if draft is not None and img.format == "JPEG":
                 img.draft("RGB", draft.draft_size(width, height))
+            cost = decoded_bytes(img.mode, *img.size)
+            if cost > max_bytes:
+                raise ImageError(
+                    f"image is {width}x{height} {img.mode}: decoding it takes "
+                    f"{cost / 2**20:,.0f} MiB, above the limit of {max_bytes / 2**20:,.0f} MiB"
+                )
             img.load()
+            orientation = _orientation(img)
+            if draft is not None:
+                img = _reduced(img, draft)
     except ImageError:
         raise
     except Image.UnidentifiedImageError:
@@ -263,11 +283,79 @@ def decode_image(
         raise ImageError(f"cannot decode image: {_reason(exc)}") from None
     if width < 1 or height < 1:
         raise ImageError(f"image has no pixels ({width}x{height})")
+    turn = _EXIF_TURNS.get(orientation)
+    if turn is not None:
+        img = img.transpose(turn)
+    return to_rgb(img)
+
+
+# Bytes a pixel takes in Pillow's storage, by mode: 8-bit single-band modes one, 16-bit
+# ones two, and every multi-band or 32-bit mode four (RGB is stored as four bytes too).
+_ONE_BYTE_MODES = frozenset({"1", "L", "P"})
+
+
+def decoded_bytes(mode: str, width: int, height: int) -> int:
+    """Return the bytes an image of `mode` and size takes once Pillow has decoded it."""
+    if mode in _ONE_BYTE_MODES:
+        per = 1
+    elif mode.startswith("I;16"):
+        per = 2
+    else:
+        per = 4
+    return per * width * height
+
+
+# EXIF orientation -> the transpose that makes the image upright (as ImageOps.exif_transpose).
+_EXIF_TURNS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _orientation(img: Image.Image) -> int | None:
     try:
-        img = ImageOps.exif_transpose(img)
+        return img.getexif().get(0x0112)
     except Exception as exc:  # a corrupt EXIF block should not lose an otherwise good image
         log.debug("ignoring unreadable EXIF orientation: %s", exc)
-    return to_rgb(img)
+        return None
+
+
+# Rows of the source reduced at a time: the band's converted copy is all the extra memory.
+_REDUCE_BAND_BYTES = 16 << 20
+
+
+def _reduced(img: Image.Image, draft: Preprocessing) -> Image.Image:
+    """Return `img` box-reduced by the largest integer factor that keeps it at least the
+    size `draft` decodes JPEGs at (what Pillow's JPEG draft does in the DCT domain), a band
+    of rows at a time, or `img` itself when it is not twice that size. Modes that Pillow
+    cannot reduce (16-bit, palette, bilevel) are converted a band at a time on the way."""
+    width, height = img.size
+    # draft_size already allows for the EXIF turn that follows (see there).
+    want_w, want_h = draft.draft_size(width, height)
+    factor = min(width // max(1, want_w), height // max(1, want_h))
+    if factor < 2:
+        return img
+    if img.mode.startswith("I;16"):
+        mode = "I"
+    elif img.mode == "P":
+        mode = "RGBA" if "transparency" in img.info else "RGB"
+    elif img.mode == "1":
+        mode = "L"
+    else:
+        mode = img.mode
+    out = Image.new(mode, (-(-width // factor), -(-height // factor)))
+    band = max(1, _REDUCE_BAND_BYTES // max(1, 4 * width) // factor) * factor
+    for top in range(0, height, band):
+        piece = img.crop((0, top, width, min(height, top + band)))
+        if piece.mode != mode:
+            piece = piece.convert(mode)
+        out.paste(piece.reduce(factor), (0, top // factor))
+    return out
 
 
 @dataclass(frozen=True)
@@ -526,6 +614,21 @@ class Preprocessing:
             return int(edge * width / height), edge
         return width, height
 
+    def check_resize(self, width: int, height: int) -> None:
+        """Raise ImageError when resizing a width x height image for the model would take
+        more than MAX_RESIZED_BYTES (a shortest-edge resize of a very thin image)."""
+        new_w, new_h = self.output_size(width, height)
+        cost = 16 * new_w * new_h  # 8-bit RGB as Pillow stores it, and its float32 copy
+        if cost > MAX_RESIZED_BYTES:
+            raise ImageError(
+                f"image is {width}x{height}: too thin for this model's resize to "
+                f"{new_w}x{new_h} (aspect ratio above {self._max_aspect():,.0f}:1)"
+            )
+
+    def _max_aspect(self) -> float:
+        edge = self.size[0] if self.size else 1
+        return MAX_RESIZED_BYTES / 16 / max(1, edge * edge)
+
     def draft_size(self, width: int, height: int) -> tuple[int, int]:
         """Return the smallest (width, height) a JPEG may be decoded at for this preprocessing.
 
@@ -540,6 +643,7 @@ class Preprocessing:
 
     def __call__(self, img: Image.Image) -> np.ndarray:
         """Return the model input for an RGB image: float32, channels first (3, H, W)."""
+        self.check_resize(*img.size)
         new_w, new_h = self.output_size(*img.size)
         if (new_w, new_h) != img.size:
             img = img.resize((new_w, new_h), resample=Image.Resampling(self.resample))
