@@ -717,14 +717,17 @@ class Index:
         stored = Calibration(**self.manifest.dedup_calibration)
         if stored.method < CALIBRATION_METHOD:
             # Kept, not redone behind the user's back: that needs the model and the files,
-            # and would change what dedup reports. Method 1 sets it too high where the
-            # collection already holds copies, never too low.
+            # and would change what dedup reports.
+            flaw = {
+                1: "misses copies in collections that already hold many",
+                2: "can group near-distinct pictures (bursts, views of one object)",
+            }.get(stored.method, "is no longer used")
             log.warning(
                 "the dedup threshold of %s (%.4f) was calibrated by an older method that "
-                "misses copies in collections that already hold many; run `simsearch dedup "
-                "--calibrate` to calibrate it again",
+                "%s; run `simsearch dedup --calibrate` to calibrate it again",
                 self.path,
                 stored.threshold,
+                flaw,
             )
         return stored
 

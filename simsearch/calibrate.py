@@ -14,25 +14,29 @@ The nearest other images are exactly the candidates dedup examines, which makes 
 hard negatives that matter. But a collection that needs dedup holds copies already, and
 those copies are not mistakes: counted as negatives, they push the threshold up past the
 copies it should find. Which neighbours are copies is unknown, but how copies of an image
-score is known from its edited copies, so they are estimated, per sampled image:
+score is known from its edited copies, so, per sampled image:
 
 - The level: the median of its edited copies' scores against it and against each other
   (two copies of one original are neighbours too, and score lower than either does
   against the original).
-- A real copy scores above that level about half of the time, and another picture seldom
-  does (one that does is grouped at any threshold that finds copies at all). So the `a`
-  neighbours above it are copies, and so is a neighbour above it against one of them (a
-  copy of a copy); and the neighbours hold about `max(2a, those named)` copies.
-- The copies not named are taken to be the most similar of the other neighbours: a copy
-  is nearer its original than other pictures are.
+- The neighbours above that level are taken for copies, and so is a neighbour above it
+  against one of those (a copy of a copy). They count as no mistake; every other
+  neighbour counts as one.
 
-Those neighbours count as no mistake (a fraction at the boundary); every other one counts
-as a whole one, and the F-beta cut is taken over the edited copies and these. On a
-collection with no copies nothing is taken away and this is the plain cut between edited
-copies and nearest neighbours. Method 1 dropped only the neighbours above the median of
-the image's own edited copies and kept the copies below it as mistakes: on a collection
-where half the pictures had 1-10 copies it set 0.972 where the best cut was 0.915 and
-found half of the copy pairs (benchmarks/dedup_quality.py; method 2: 0.924, 83 %).
+And how many copies the collection holds sets what a threshold is worth. Seven edited
+copies per sampled image say how copies score, not how many there are: counted as seven
+real copies each, they outweigh the few real near-duplicate pictures (bursts, views of
+one object) a threshold must not group, and the cut falls among those. So the edited
+copies stand, together, for the copies taken among the neighbours, and the cut is the one
+with the best F1 of those copies against the mistakes: on a collection with few copies,
+each picture grouped by mistake costs more than the copies a slightly higher cut misses.
+
+Method 1 counted the neighbours below the median of the image's own edited copies as
+mistakes: where half the pictures had 1-10 copies it set 0.972 where the best cut was
+0.915 and found half of the copy pairs. Method 2 also took for copies as many again of
+the neighbours below the level, and counted each edited copy as a real one; it set 0.924
+there, but 0.916-0.932 on collections of near-distinct shots, whose best cut was
+0.931-0.957 (benchmarks/dedup_quality.py, figures in docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -94,22 +98,28 @@ def choose_threshold(
     others: np.ndarray,
     beta: float = DEDUP_F_BETA,
     weights: np.ndarray | None = None,
+    copies_expected: float | None = None,
 ) -> tuple[float, float, float]:
     """Return (threshold, precision, recall): the cut with the highest F-beta between
     `copies` (scores that should reach it) and `others` (scores that should not, each
     counted as `weights` mistakes, 1 if None); among equally good cuts, the widest gap, and
-    the threshold in its middle. beta < 1 weighs precision above recall."""
+    the threshold in its middle. `copies_expected`: how many real copies the scores stand
+    for (the edited copies are then a sample of their scores, each counting
+    copies_expected / len(copies)); None counts each edited copy as one. beta < 1 weighs
+    precision above recall."""
     if weights is None:
         weights = np.ones(len(others))
+    each = 1.0 if copies_expected is None or not len(copies) else copies_expected / len(copies)
     scores = np.concatenate([copies, others]).astype(np.float64)
-    is_copy = np.concatenate([np.ones(len(copies), bool), np.zeros(len(others), bool)])
+    found = np.concatenate([np.full(len(copies), each), np.zeros(len(others))])
     mistake = np.concatenate([np.zeros(len(copies)), np.asarray(weights, np.float64)])
     order = np.argsort(-scores, kind="stable")
-    scores, is_copy, mistake = scores[order], is_copy[order], mistake[order]
+    scores, found, mistake = scores[order], found[order], mistake[order]
     # Cut i keeps the i + 1 highest scores.
-    tp = np.cumsum(is_copy)
+    total = each * len(copies)
+    tp = np.cumsum(found)
     fp = np.cumsum(mistake)
-    fn = len(copies) - tp
+    fn = total - tp
     b2 = beta * beta
     with np.errstate(invalid="ignore", divide="ignore"):
         f = (1 + b2) * tp / ((1 + b2) * tp + b2 * fn + fp)
@@ -123,7 +133,7 @@ def choose_threshold(
     threshold = float((scores[cut] + below[cut]) / 2)
     kept = tp[cut] + fp[cut]
     precision = float(tp[cut] / kept) if kept > 0 else 1.0
-    recall = float(tp[cut] / len(copies)) if len(copies) else 0.0
+    recall = float(tp[cut] / total) if total > 0 else 0.0
     return round(threshold, 4), precision, recall
 
 
@@ -133,34 +143,24 @@ def mistake_weights(
     between: np.ndarray | None = None,
     siblings: np.ndarray | None = None,
 ) -> tuple[np.ndarray, float]:
-    """Return (weights, expected copies): how much of each of one image's `neighbours`
-    (scores, best first) counts as a mistake, and how many copies of the image they are
-    estimated to hold, given the scores of its edited `copies` against it, of its edited
-    copies against each other (`siblings`) and of its neighbours against each other
-    (`between`, a square matrix). See the module's docstring."""
+    """Return (weights, copies found): how much of each of one image's `neighbours`
+    (scores, best first) counts as a mistake (1, or 0 for a neighbour taken for a copy),
+    and how many were taken for copies, given the scores of its edited `copies` against it,
+    of its edited copies against each other (`siblings`) and of its neighbours against each
+    other (`between`, a square matrix). See the module's docstring."""
     neighbours = np.asarray(neighbours, np.float64)
     if not len(neighbours):
         return neighbours, 0.0
     reference = np.concatenate([copies, [] if siblings is None else siblings])
     level = float(np.median(reference))
     known = neighbours > level
-    above = int(known.sum())
     if between is not None:
         while True:  # copies of its copies
             grown = known | (between[:, known] > level).any(axis=1)
             if grown.sum() == known.sum():
                 break
             known = grown
-    expected = float(min(len(neighbours), max(2 * above, int(known.sum()))))
-    weights = np.where(known, 0.0, 1.0)
-    # The copies not yet named are the most similar of the rest.
-    more = expected - known.sum()
-    for j in np.flatnonzero(~known):
-        if more <= 0:
-            break
-        weights[j] = max(0.0, 1.0 - more)
-        more -= 1.0
-    return weights, expected
+    return np.where(known, 0.0, 1.0), float(known.sum())
 
 
 def calibrate(
@@ -236,7 +236,11 @@ def calibrate(
         clear += mine[mine <= np.median(own_copies[image_id])].tolist()
     others, weights = np.concatenate(others), np.concatenate(weights)
     copies = np.asarray(copy_scores)
-    threshold, precision, recall = choose_threshold(copies, others, weights=weights)
+    # However few copies the sample's neighbours seem to hold, one is assumed: with none,
+    # any cut above the highest other image would do, and the widest gap is taken.
+    threshold, precision, recall = choose_threshold(
+        copies, others, weights=weights, copies_expected=max(expected, 1.0)
+    )
     edits = np.asarray(copy_edits)
     by_edit = {name: round(float(np.mean(copies[edits == name] >= threshold)), 4) for name in EDITS}
     return Calibration(

@@ -224,22 +224,26 @@ TOMBSTONE_REBUILD_SHARE = 0.2
 # graph at 20 x n edges at most.
 DEDUP_NEIGHBOURS = 20
 
-# The calibrated dedup threshold maximises F-beta with this beta: 0.5 counts a false
-# duplicate (a different photo offered for deletion) as costly as two missed copies: people
-# asked to review many false pairs stop trusting the tool. What it costs in recall on real
-# photos: benchmarks/dedup_quality.py, figures in docs/benchmarks.md.
-DEDUP_F_BETA = 0.5
+# The calibrated dedup threshold maximises F-beta with this beta, over the copies the
+# collection is estimated to hold (simsearch.calibrate): 1 weighs a false duplicate (a
+# different photo offered for deletion) and a missed copy alike; precision is protected by
+# counting copies as few as the collection has, not seven per sampled image. Method 2's
+# 0.5 over seven copies an image set thresholds among near-distinct shots (precision
+# 0.57); benchmarks/dedup_quality.py, figures in docs/benchmarks.md.
+DEDUP_F_BETA = 1.0
 
 # Threshold calibration edits this many indexed images (7 copies each): 700 embeddings,
 # about a minute with ViT-B on two cores; precision and recall on fewer move by several
 # points from one sample to the next.
 CALIBRATION_SAMPLE = 100
 
-# The calibration method a new calibration uses (records.Calibration.method): 2 estimates the
-# copies already among each image's neighbours (simsearch.calibrate) instead of counting
-# those below its edited copies' median as mistakes (1), which set the threshold too high on
-# collections dense with copies (0.972 where 0.915 was best, benchmarks/dedup_quality.py).
-CALIBRATION_METHOD = 2
+# The calibration method a new calibration uses (records.Calibration.method): 3 weighs the
+# edited copies by the number of copies the collection is estimated to hold
+# (simsearch.calibrate); 2 counted each as a real copy and set thresholds among near-
+# distinct shots; 1 counted the copies already in the collection as mistakes and set the
+# threshold too high where there are many (0.972 where 0.915 was best). A stored
+# calibration of an older method is still used, with a warning to recalibrate.
+CALIBRATION_METHOD = 3
 
 # Readers memory-map FAISS files at least this big instead of reading them, so `search`
 # starts at once; smaller files are read whole (milliseconds) and live in RAM.

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from PIL import Image, ImageDraw
 
 from simsearch import Index
-from simsearch.calibrate import EDITS, choose_threshold, edit
+from simsearch.calibrate import EDITS, choose_threshold, edit, mistake_weights
 from simsearch.cli import cli as main
 from simsearch.errors import QueryError
 
@@ -165,14 +165,40 @@ def test_choose_threshold_trades_precision_for_recall_by_f_beta():
     assert (precision, recall) == (1.0, 0.8)
 
 
-def test_the_default_weighs_a_false_duplicate_above_a_missed_copy():
-    copies = np.array([0.99, 0.98, 0.97, 0.96, 0.85, 0.84])
+def test_a_stranger_costs_more_where_the_collection_holds_few_copies():
+    """The edited copies say how copies score, not how many there are: counted as seven
+    real copies each, they outweigh a near-distinct picture (a burst shot at 0.90) and the
+    cut falls below it; standing for the one copy the neighbours hold, they do not."""
+    copies = np.array([0.99, 0.98, 0.97, 0.96, 0.95, 0.85, 0.84])
     others = np.array([0.90, 0.50, 0.40])
-    # F1 takes the two 0.85 copies at the price of the 0.90 stranger; F0.5 does not.
-    assert choose_threshold(copies, others, beta=1.0)[0] < 0.85
-    threshold, precision, recall = choose_threshold(copies, others)
-    assert 0.90 < threshold < 0.96
-    assert (precision, recall) == (1.0, pytest.approx(4 / 6))
+    assert choose_threshold(copies, others)[0] < 0.85
+    threshold, precision, recall = choose_threshold(copies, others, copies_expected=1.0)
+    assert 0.90 < threshold < 0.95
+    assert (precision, recall) == (1.0, pytest.approx(5 / 7))
+    # Where the collection holds many copies, the same stranger is worth taking.
+    assert choose_threshold(copies, others, copies_expected=20.0)[0] < 0.85
+
+
+def test_only_neighbours_above_the_copies_level_are_taken_for_copies():
+    """A neighbour above the median of the image's edited copies is a copy, and so is one
+    above it against that copy; one below both is a different picture, however many copies
+    the image has above it (method 2 took as many again below the level for copies, and so
+    near-distinct shots of one scene became 'copies')."""
+    copies = np.array([0.99, 0.98, 0.97, 0.95, 0.93])
+    neighbours = np.array([0.985, 0.96, 0.94, 0.80])
+    between = np.array(
+        [
+            [1.0, 0.90, 0.975, 0.7],
+            [0.90, 1.0, 0.90, 0.7],
+            [0.975, 0.90, 1.0, 0.7],
+            [0.7, 0.7, 0.7, 1.0],
+        ]
+    )
+    weights, found = mistake_weights(neighbours, copies, between)
+    # 0.985: above the level (0.97); 0.94: a copy of that copy (0.975); 0.96 and 0.80: not.
+    assert weights.tolist() == [0.0, 1.0, 0.0, 1.0] and found == 2.0
+    weights, found = mistake_weights(neighbours, copies)
+    assert weights.tolist() == [0.0, 1.0, 1.0, 1.0] and found == 1.0
 
 
 def test_every_edit_makes_a_different_image_of_a_sensible_size():
@@ -231,7 +257,7 @@ def test_copies_already_in_the_collection_do_not_push_the_threshold_past_them(
     with open_index(tmp_path / "idx", thumbnail_vit) as index:
         index.add(folder)
         calibration = index.calibrate_dedup(sample=64)
-        assert calibration.method == 2 and calibration.copies_among_others > 100
+        assert calibration.method == 3 and calibration.copies_among_others > 100
         pairs = {
             frozenset(p)
             for g in index.duplicates()
