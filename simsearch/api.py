@@ -64,7 +64,7 @@ from simsearch.records import (
     MoveReport,
 )
 from simsearch.store import Store
-from simsearch.vectors import VectorIndex, check_vectors, plan_index
+from simsearch.vectors import VectorIndex, check_vectors, plan_index, try_index_type
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ class Index:
                 batch_size=batch_size,
             )
         manifest = dataclasses.replace(embedder.manifest(), index_type=index_type.strip())
-        plan_index(manifest.index_type, 0, manifest.dim)  # IndexTypeError if it is unusable
+        try_index_type(manifest.index_type, manifest.dim)  # IndexTypeError if it is unusable
         path.mkdir(parents=True, exist_ok=True)
         with WriteLock(path):
             if (path / DATABASE_FILE).exists():
@@ -288,7 +288,8 @@ class Index:
         IndexTypeError for a type FAISS cannot build.
         """
         index_type = index_type.strip()
-        plan_index(index_type, len(self), self.manifest.dim)  # IndexTypeError if unusable
+        try_index_type(index_type, self.manifest.dim)  # IndexTypeError if it is unusable
+        plan_index(index_type, len(self), self.manifest.dim)
         with self._writing():
             self._set_manifest(dataclasses.replace(self.manifest, index_type=index_type))
             reason = self._cache.maintain()

@@ -134,11 +134,17 @@ def _plan(kind: str, n: int, dim: int, reason: str) -> Plan:
 
 
 def check_factory(factory: str, dim: int) -> None:
-    """Raise IndexTypeError unless FAISS builds `factory` for `dim`-dim vectors."""
+    """Raise IndexTypeError unless FAISS builds `factory` for `dim`-dim vectors (cheap: an
+    empty index; `try_index_type` also uses it)."""
     import faiss
 
     if not re.fullmatch(r"[A-Za-z0-9_,.=x]+", factory):
         raise IndexTypeError(f"{factory!r} is not an index type ({', '.join(INDEX_TYPES)})")
+    if re.match(r"IDMap", factory, re.IGNORECASE):
+        raise IndexTypeError(
+            f"{factory!r}: simsearch maps image ids itself; give the index without IDMap "
+            f"(e.g. {factory.split(',', 1)[-1]!r})"
+        )
     try:
         faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
@@ -147,6 +153,85 @@ def check_factory(factory: str, dim: int) -> None:
             f"{factory!r} is neither an index type ({', '.join(INDEX_TYPES)}) nor a FAISS "
             f"factory string for {dim}-dim vectors: {detail}"
         ) from None
+
+
+# Vectors a factory string is tried on before it is saved as an index's type.
+TRIAL_VECTORS = 2048
+
+
+def try_index_type(requested: str, dim: int, timeout: float = 300.0) -> None:
+    """Raise IndexTypeError unless a FAISS factory string `requested` trains, adds, removes,
+    searches, saves and loads on TRIAL_VECTORS random vectors; the named types are known
+    to. Tried in a child process: FAISS checks some parameters with C++ assertions that
+    abort the whole process (HNSW0 did, and every later command on that index too)."""
+    import signal
+    import subprocess
+    import sys
+
+    if requested.strip().lower() in INDEX_TYPES:
+        return
+    check_factory(requested, dim)
+    code = "import sys; from simsearch.vectors import _trial; _trial(sys.argv[1], int(sys.argv[2]))"
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code, requested, str(dim)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        raise IndexTypeError(
+            f"{requested!r}: trying it on {TRIAL_VECTORS:,} vectors took over {timeout:.0f} s"
+        ) from None
+    if done.returncode == 0:
+        if done.stdout.strip():
+            log.warning("%s", done.stdout.strip())
+        return
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    if done.returncode < 0 or done.returncode == 134:
+        number = -done.returncode if done.returncode < 0 else signal.SIGABRT
+        why = f"FAISS aborted ({signal.Signals(number).name})"
+        detail = next((line for line in lines if "assert" in line.lower()), "")
+        why += f": {detail.split(' in ')[0].strip()}" if detail else ""
+    else:
+        why = lines[-1] if lines else f"exit status {done.returncode}"
+    raise IndexTypeError(
+        f"{requested!r} is not a usable index type: tried on {TRIAL_VECTORS:,} random "
+        f"{dim}-dim vectors, {why}"
+    )
+
+
+def _trial(factory: str, dim: int) -> None:
+    """Put `factory` through what an index does (see try_index_type); in a child process."""
+    import sys
+    import tempfile
+
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal((TRIAL_VECTORS, dim)).astype(np.float32)
+    data /= np.linalg.norm(data, axis=1, keepdims=True)
+    ids = np.arange(1, TRIAL_VECTORS + 1, dtype=np.int64)
+    try:
+        index = VectorIndex(dim, factory=factory)
+        if not index.is_trained:
+            try:
+                index.train(data)
+            except IndexTypeError as exc:
+                if "at least as large as number of clusters" not in str(exc):
+                    raise
+                # Built, but too many lists to train on a trial's vectors: the rest of the
+                # trial waits for the collection (training then says if it is too small).
+                print(f"{factory}: checked as far as training, which needs more vectors")
+                return
+        index.add(ids, data)
+        index.remove(ids[:10])
+        index.search(data[:5], 10)
+        with tempfile.TemporaryDirectory() as folder:
+            index.save(Path(folder) / "trial.faiss")
+            loaded = VectorIndex.load(Path(folder) / "trial.faiss", dim, factory=factory)
+            loaded.search(data[:5], 10)
+    except Exception as exc:  # any failure is the answer
+        print(f"{type(exc).__name__}: {_faiss_message(exc)}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 class VectorIndex:

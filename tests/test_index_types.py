@@ -230,3 +230,45 @@ def test_a_factory_string_too_big_to_train_yet_searches_exactly_meanwhile(empty_
     assert empty_index.search(data[7], k=1)[0].id == ids[7]
     fill(empty_index, clustered(100, seed=5), start=500)  # not yet twice as many: no retry
     assert empty_index._cache.due() is None
+
+
+@pytest.mark.parametrize(
+    ("index_type", "says"),
+    [
+        ("HNSW0", "FAISS aborted (SIGABRT)"),  # a C++ assertion: it killed the process
+        ("IDMap,Flat", "without IDMap"),  # saved, then every rebuild raised
+        ("IDMap2,HNSW32", "without IDMap"),
+    ],
+)
+def test_an_index_type_that_fails_is_refused_before_anything_is_saved(
+    tmp_path, tiny_vit, photo_dir, index_type, says
+):
+    """HNSW0 aborted the process (exit 134) and was kept as the index's type, so that
+    `index`, `search` and `repair` aborted too. Now it is tried on random vectors in a
+    child process first: one line, and the index is as it was."""
+    runner = CliRunner()
+    new = runner.invoke(
+        main,
+        ["index", str(photo_dir), "--index", str(tmp_path / "new"), "--model", str(tiny_vit),
+         "--index-type", index_type],
+    )  # fmt: skip
+    assert new.exit_code == 1 and says in new.stderr.strip().splitlines()[-1], new.output
+    assert not (tmp_path / "new" / "meta.sqlite").exists()
+
+    existing = ["--index", str(tmp_path / "idx")]
+    made = runner.invoke(main, ["index", str(photo_dir), *existing, "--model", str(tiny_vit)])
+    assert made.exit_code == 0, made.output
+    changed = runner.invoke(main, ["index", str(photo_dir), *existing, "--index-type", index_type])
+    assert changed.exit_code == 1 and says in changed.stderr, changed.output
+    for after in (["search", "id:1", "-k", "2"], ["verify"], ["index", str(photo_dir)]):
+        result = runner.invoke(main, [*after, *existing])
+        assert result.exit_code == 0, (after, result.output)
+    with Index.open(tmp_path / "idx") as index:
+        assert index.info().index_type == "auto"
+
+
+def test_a_factory_with_too_many_lists_to_try_is_kept_for_the_collection(empty_index):
+    """IVF65536 cannot be trained on a trial's 2,048 vectors, but is right for tens of
+    millions: it is kept, and the index stays exact until it can be trained."""
+    empty_index.set_index_type("IVF65536,Flat")
+    assert empty_index.info().index_type == "IVF65536,Flat"
