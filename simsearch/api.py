@@ -94,11 +94,23 @@ class Index:
         self.store = store
         from sqlalchemy.exc import DatabaseError
 
+        self._manifest_from_file = False
+        self._repairing = False
         try:
             manifest = store.manifest()
         except DatabaseError as exc:
             store.close()
             raise IndexFormatError(_damaged(path, exc)) from None
+        except IndexFormatError as exc:
+            # The database's copy is damaged: manifest.json, written after it on every
+            # change, stands in for reading and for `repair`, which writes it back.
+            manifest = _manifest_file(path)
+            if manifest is None or "version" in str(exc):
+                store.close()
+                raise
+            log.warning("%s; using %s (`simsearch repair` restores it)", exc, MANIFEST_FILE)
+            store.dim = manifest.dim
+            self._manifest_from_file = True
         except BaseException:
             store.close()
             raise
@@ -537,11 +549,17 @@ class Index:
         if self._lock.held:
             yield
             return
+        if self._manifest_from_file and not self._repairing:
+            raise IndexFormatError(
+                f"the manifest in {self.path / DATABASE_FILE} is damaged; run `simsearch "
+                f"repair` (it restores it from {MANIFEST_FILE}) before changing the index"
+            )
         self._lock.acquire(wait=LOCK_WAIT_SECONDS)
         try:
             remove_temp_leftovers(self.path)  # only names simsearch makes, never a user's
             self.store.upgrade()
-            self._cache.begin_write()
+            if not self._repairing:  # a damaged generation is what repair renews
+                self._cache.begin_write()
             yield
         finally:
             self._lock.release()
@@ -923,7 +941,16 @@ class Index:
         except DatabaseError as exc:
             return [*problems, _damaged(self.path, exc)]
         problems += report.problems
-        if not report.corrupt:
+        if self._manifest_from_file:
+            problems.append(
+                f"the manifest in {DATABASE_FILE} is damaged ({MANIFEST_FILE} stands in)"
+            )
+        try:
+            generation_ok = self.store.generation() >= 0
+        except IndexFormatError as exc:
+            problems.append(str(exc))
+            generation_ok = False
+        if not report.corrupt and not report.damaged and generation_ok:
             problems += self._cache.problems()
         return problems
 
@@ -932,44 +959,59 @@ class Index:
 
         Damaged or missing vectors are dropped and their images marked to be embedded again
         by the next `add`; stray vectors are deleted; manifest.json and vectors.faiss are
-        rewritten from the database. A damaged database itself cannot be repaired here
-        (IndexFormatError).
+        rewritten from the database; a damaged manifest in the database is restored from
+        manifest.json, and a damaged generation number renewed. A damaged database itself
+        cannot be repaired here (IndexFormatError).
         """
+        actions = []
+        self._repairing = True
+        try:
+            with self._writing():
+                if self.store.repair_meta(self.manifest if self._manifest_from_file else None):
+                    actions.append(f"renewed the generation numbers in {DATABASE_FILE}")
+                if self._manifest_from_file:
+                    self._manifest_from_file = False
+                    actions.append(f"restored the manifest in {DATABASE_FILE} from {MANIFEST_FILE}")
+                actions += self._repair_files()
+        finally:
+            self._repairing = False
+        return actions
+
+    def _repair_files(self) -> list[str]:
         from sqlalchemy.exc import DatabaseError
 
         actions = []
-        with self._writing():
-            try:
-                report = self.store.check(self.manifest.dim)
-            except DatabaseError as exc:
-                raise IndexFormatError(_damaged(self.path, exc)) from None
-            if report.corrupt:
-                raise IndexFormatError(_damaged(self.path, report.problems[0]))
-            redo = sorted(set(report.damaged) | set(report.unvectored))
-            if redo:
-                self.store.reset_vectors(
-                    redo, "its stored vector was damaged; the next `simsearch index` embeds it"
-                )
-                actions.append(
-                    f"marked {len(redo)} images with damaged or missing vectors to be "
-                    "embedded again by the next `simsearch index`"
-                )
-            if report.stray:
-                self.store.delete_vectors(report.stray)
-                actions.append(f"deleted {len(report.stray)} stray vectors")
-            manifest_file = self.path / MANIFEST_FILE
-            wanted = self.manifest.to_json() + "\n"
-            try:
-                current = manifest_file.read_text(encoding="utf-8")
-            except OSError:
-                current = None
-            if current != wanted:
-                _write_atomic(manifest_file, wanted)
-                actions.append(f"rewrote {MANIFEST_FILE} from the database")
-            if self._cache.problems():
-                vectors = self._cache.rebuild()
-                self._cache.save()
-                actions.append(f"rebuilt {VECTORS_FILE} from the database ({len(vectors)} vectors)")
+        try:
+            report = self.store.check(self.manifest.dim)
+        except DatabaseError as exc:
+            raise IndexFormatError(_damaged(self.path, exc)) from None
+        if report.corrupt:
+            raise IndexFormatError(_damaged(self.path, report.problems[0]))
+        redo = sorted(set(report.damaged) | set(report.unvectored))
+        if redo:
+            self.store.reset_vectors(
+                redo, "its stored vector was damaged; the next `simsearch index` embeds it"
+            )
+            actions.append(
+                f"marked {len(redo)} images with damaged or missing vectors to be "
+                "embedded again by the next `simsearch index`"
+            )
+        if report.stray:
+            self.store.delete_vectors(report.stray)
+            actions.append(f"deleted {len(report.stray)} stray vectors")
+        manifest_file = self.path / MANIFEST_FILE
+        wanted = self.manifest.to_json() + "\n"
+        try:
+            current = manifest_file.read_text(encoding="utf-8")
+        except (OSError, ValueError):  # missing, unreadable, not UTF-8
+            current = None
+        if current != wanted:
+            _write_atomic(manifest_file, wanted)
+            actions.append(f"rewrote {MANIFEST_FILE} from the database")
+        if self._cache.problems():
+            vectors = self._cache.rebuild()
+            self._cache.save()
+            actions.append(f"rebuilt {VECTORS_FILE} from the database ({len(vectors)} vectors)")
         return actions
 
     # -- reporting -----------------------------------------------------------------------
@@ -1066,6 +1108,16 @@ class _ModelOnDemand:
     def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
         vectors = self._index.embedder.embed_pixels(pixels)
         return check_vectors(vectors, self._index.manifest.dim, f"the model {self._index._model}")
+
+
+def _manifest_file(path: Path) -> Manifest | None:
+    """The index's manifest.json, or None when it is missing or damaged too."""
+    try:
+        return Manifest.from_json(
+            (path / MANIFEST_FILE).read_text(encoding="utf-8"), str(path / MANIFEST_FILE)
+        )
+    except (OSError, ValueError, IndexFormatError):
+        return None
 
 
 def _parse_id(query: Query) -> int | None:

@@ -92,6 +92,10 @@ OTHER_SUFFIXES = "other"
 # incompatible change; an index with a newer version is refused rather than misread.
 FORMAT_VERSION = 1
 
+# The largest vector dimension an index may have: above any vision model's (ViT-G: 1664),
+# and small enough that a damaged manifest cannot size allocations from it.
+MAX_DIM = 1 << 16
+
 MANIFEST_FILE = "manifest.json"
 DATABASE_FILE = "meta.sqlite"
 VECTORS_FILE = "vectors.faiss"
@@ -120,8 +124,15 @@ class Manifest:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> Manifest:
-        data = json.loads(text)
+    def from_json(cls, text: str, source: str = "the manifest") -> Manifest:
+        """Read a manifest, or raise IndexFormatError naming `source` and what is wrong
+        with it (not JSON, a field of the wrong type or out of range)."""
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise IndexFormatError(f"{source} is damaged: not JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise IndexFormatError(f"{source} is damaged: not a JSON object")
         version = data.get("format_version")
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise IndexFormatError(
@@ -129,7 +140,41 @@ class Manifest:
                 f"(it reads versions up to {FORMAT_VERSION}); upgrade simsearch"
             )
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        try:
+            manifest = cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as exc:  # a required field missing
+            raise IndexFormatError(f"{source} is damaged: {exc}") from None
+        problem = manifest._problem()
+        if problem:
+            raise IndexFormatError(f"{source} is damaged: {problem}")
+        return manifest
+
+    def _problem(self) -> str | None:
+        """What makes this manifest unusable, or None."""
+
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        checks = [
+            (isinstance(self.model, str) and self.model != "", "model", "a name"),
+            (isinstance(self.weights_sha256, str), "weights_sha256", "a hash"),
+            (is_int(self.num_layers) and self.num_layers >= 1, "num_layers", "at least 1"),
+            (is_int(self.layer) and 0 <= self.layer <= self.num_layers, "layer", "a layer"),
+            (self.pool in ("cls", "mean"), "pool", "cls or mean"),
+            (is_int(self.dim) and 1 <= self.dim <= MAX_DIM, "dim", f"1 to {MAX_DIM}"),
+            (isinstance(self.preprocessing, dict), "preprocessing", "an object"),
+            (isinstance(self.index_type, str), "index_type", "a string"),
+            (self.metric == "cosine", "metric", "cosine"),
+            (
+                self.dedup_calibration is None or isinstance(self.dedup_calibration, dict),
+                "dedup_calibration",
+                "an object",
+            ),
+        ]
+        for ok, name, wanted in checks:
+            if not ok:
+                return f"its {name} is {getattr(self, name)!r}, not {wanted}"
+        return None
 
     def check_compatible(self, other: Manifest) -> None:
         """Raise ManifestMismatchError naming each setting where `other` differs from this index."""

@@ -40,6 +40,7 @@ from sqlalchemy.dialects.sqlite import insert
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from simsearch.config import Manifest
+from simsearch.errors import IndexFormatError
 from simsearch.faults import crash_point
 from simsearch.names import from_column, to_column
 from simsearch.records import FailedFile, FileFacts, Label
@@ -212,6 +213,8 @@ class Store:
             raise FileNotFoundError(self.path)
         self.engine = create_engine(f"sqlite:///{self.path}")
         self._facts_columns: bool | None = None
+        # The manifest's dimension, once read: stored vectors are checked against it.
+        self.dim: int | None = None
         event.listen(self.engine, "connect", _on_connect)
         if create:
             Base.metadata.create_all(self.engine)
@@ -238,15 +241,36 @@ class Store:
 
     def manifest(self) -> Manifest | None:
         text = self._get_meta("manifest")
-        return None if text is None else Manifest.from_json(text)
+        if text is None:
+            return None
+        manifest = Manifest.from_json(text, f"the manifest in {self.path.name}")
+        self.dim = manifest.dim
+        return manifest
 
     def set_manifest(self, manifest: Manifest) -> None:
         with Session(self.engine) as session, session.begin():
             _put_meta(session, "manifest", manifest.to_json())
 
+    def repair_meta(self, manifest: Manifest | None = None) -> bool:
+        """Write `manifest` (when given) as the database's, and renew the generation numbers
+        if they are not numbers (the FAISS file is then stale and rebuilt); return whether
+        they were renewed."""
+        with Session(self.engine) as session, session.begin():
+            if manifest is not None:
+                _put_meta(session, "manifest", manifest.to_json())
+            current = session.scalar(select(MetaRow.value).where(MetaRow.key == "generation"))
+            try:
+                int(current or 0)
+            except ValueError:
+                # Above any count a reader may hold, so no cache in memory passes for current.
+                _put_meta(session, "generation", str(time.time_ns() // 1000))
+                _put_meta(session, "faiss_generation", "-1")
+                return True
+        return False
+
     def generation(self) -> int:
         """Return the number of committed changes to images and vectors."""
-        return int(self._get_meta("generation") or 0)
+        return _generation(self._get_meta("generation"), "generation", self.path.name)
 
     def set_faiss_generation(self, generation: int, info: str | None = None) -> None:
         """Record that the FAISS file holds `generation`; `info` (JSON) says what it is."""
@@ -259,7 +283,11 @@ class Store:
         """What the saved FAISS file is (kind, factory, ...); {} for files saved before
         simsearch recorded it, which are all exact (Flat)."""
         text = self._get_meta("faiss_info")
-        return {} if text is None else json.loads(text)
+        try:
+            info = {} if text is None else json.loads(text)
+        except ValueError:
+            return {"damaged": True}  # the file is then rebuilt: it is only a cache
+        return info if isinstance(info, dict) else {"damaged": True}
 
     def generations(self) -> tuple[int, int]:
         """Return (generation, faiss_generation), read together in one consistent snapshot."""
@@ -269,7 +297,12 @@ class Store:
                 "SELECT key, value FROM meta WHERE key IN ('generation', 'faiss_generation')"
             )
             values = dict(rows.all())
-        return int(values.get("generation", 0)), int(values.get("faiss_generation", -1))
+        generation = _generation(values.get("generation"), "generation", self.path.name)
+        try:  # which generation the FAISS file (a cache) holds: if unknown, it is stale
+            saved = int(values.get("faiss_generation", -1))
+        except (TypeError, ValueError):
+            saved = -1
+        return generation, saved
 
     def _get_meta(self, key: str) -> str | None:
         with Session(self.engine) as session:
@@ -342,20 +375,24 @@ class Store:
         )
         with Session(self.engine) as session:
             return {
-                i: (np.frombuffer(blob, dtype="<f4").copy(), w or 0, h or 0, sha)
+                i: (self._vector(i, blob).copy(), w or 0, h or 0, sha)
                 for i, blob, w, h, sha in session.execute(stmt)
             }
+
+    def _vector(self, image_id, blob: bytes) -> np.ndarray:
+        """A stored vector blob as float32, or IndexFormatError when it is damaged."""
+        return _vector_of(image_id, blob, self.dim, self.path.name)
 
     def vectors_by_id(self, ids: Sequence[int]) -> dict[int, np.ndarray]:
         """Return id -> stored vector for each of `ids` that has one."""
         rows = self._rows_by_id("SELECT image_id, vector FROM vectors", "image_id", ids)
-        return {int(i): np.frombuffer(blob, dtype="<f4") for i, blob in rows}
+        return {int(i): self._vector(i, blob) for i, blob in rows}
 
     def vector(self, image_id: int) -> np.ndarray | None:
         """Return the stored vector of an image, or None when it has none."""
         with Session(self.engine) as session:
             blob = session.scalar(select(VectorRow.vector).where(VectorRow.image_id == image_id))
-        return None if blob is None else np.frombuffer(blob, dtype="<f4").copy()
+        return None if blob is None else self._vector(image_id, blob).copy()
 
     def iter_vectors(
         self, dim: int, rows: int = FETCH_ROWS, skip: set[int] | None = None
@@ -382,7 +419,7 @@ class Store:
                     if not chunk:
                         continue
                 ids = np.fromiter((r[0] for r in chunk), dtype=np.int64, count=len(chunk))
-                vecs = np.frombuffer(b"".join(r[1] for r in chunk), dtype="<f4").reshape(-1, dim)
+                vecs = _stacked(chunk, 1, dim, self.path.name)
                 yield ids, vecs.astype(np.float32, copy=False)
 
     @contextlib.contextmanager
@@ -420,7 +457,7 @@ class Store:
                 return
             first, last = int(chunk[0][0]), int(chunk[-1][0])
             ids = np.fromiter((r[0] for r in chunk), dtype=np.int64, count=len(chunk))
-            vecs = np.frombuffer(b"".join(r[2] for r in chunk), dtype="<f4").reshape(-1, dim)
+            vecs = _stacked(chunk, 2, dim, "the database")
             values = {}
             if "labels" in extras:
                 labels: dict[int, list] = {}
@@ -1006,6 +1043,38 @@ def _put_meta(session: Session, key: str, value: str) -> None:
         .values(key=key, value=value)
         .on_conflict_do_update(index_elements=["key"], set_={"value": value})
     )
+
+
+def _vector_of(image_id, blob: bytes, dim: int | None, where: str) -> np.ndarray:
+    if len(blob) % 4 or (dim is not None and len(blob) != 4 * dim):
+        raise _damaged_vector(image_id, len(blob), dim, where)
+    return np.frombuffer(blob, dtype="<f4")
+
+
+def _generation(value: str | None, key: str, where: str) -> int:
+    """The generation number stored under `key`, or IndexFormatError if it is not one."""
+    try:
+        return int(value or 0)
+    except ValueError:
+        raise IndexFormatError(
+            f"{where} is damaged: its {key} is {value[:40]!r}, not a number; run `simsearch repair`"
+        ) from None
+
+
+def _damaged_vector(image_id, size: int, dim: int | None, where: str) -> IndexFormatError:
+    wanted = f", not {4 * dim}" if dim else ""
+    return IndexFormatError(
+        f"{where} is damaged: the stored vector of image {image_id} is {size} bytes{wanted}; "
+        "run `simsearch repair` (it marks the image to be embedded again)"
+    )
+
+
+def _stacked(chunk, column: int, dim: int, where: str) -> np.ndarray:
+    """The vectors in `column` of database rows (id first) as one (n, dim) array."""
+    for row in chunk:
+        if len(row[column]) != 4 * dim:
+            raise _damaged_vector(row[0], len(row[column]), dim, where)
+    return np.frombuffer(b"".join(r[column] for r in chunk), dtype="<f4").reshape(-1, dim)
 
 
 def _bump_generation(session: Session) -> None:
