@@ -120,6 +120,7 @@ class VectorCache:
         if file.is_file() and saved == generation:
             try:
                 built = self.store.faiss_info()
+                _check_same_file(file, built)
                 big = file.stat().st_size >= MMAP_MIN_BYTES
                 vectors = VectorIndex.load(
                     file, dim, factory=built.get("factory", "Flat"), mmap=mmap and big
@@ -247,7 +248,14 @@ class VectorCache:
         except Exception as exc:  # disk full, read-only: the database still has everything
             log.warning("cannot save %s (it will be rebuilt next time): %s", VECTORS_FILE, exc)
             return
-        info = {**self._built, "tombstones": self._vectors.tombstones}
+        st = self.file.stat()
+        info = {
+            **self._built,
+            "tombstones": self._vectors.tombstones,
+            # Which file this is: one copied in from elsewhere, or an older one put back,
+            # holds other vectors under the same ids, and is rebuilt rather than searched.
+            "file": [st.st_size, st.st_mtime_ns],
+        }
         self.store.set_faiss_generation(generation, json.dumps(info, sort_keys=True))
 
     def checkpoint(self) -> None:
@@ -327,8 +335,13 @@ class VectorCache:
                 f"{VECTORS_FILE} is stale: built at generation {saved}, the database is at "
                 f"{generation}"
             )
+        built = self.store.faiss_info()
+        if saved == generation:
+            try:
+                _check_same_file(file, built)
+            except ValueError as exc:
+                problems.append(f"{VECTORS_FILE}: {exc}")
         try:
-            built = self.store.faiss_info()
             vectors = VectorIndex.load(file, self.dim, factory=built.get("factory", "Flat"))
         except Exception as exc:
             return [*problems, f"{VECTORS_FILE} is unreadable: {exc}"]
@@ -353,3 +366,17 @@ class VectorCache:
             if differ:
                 problems.append(f"{differ} vectors in {VECTORS_FILE} differ from the database's")
         return problems
+
+
+def _check_same_file(file: Path, built: dict) -> None:
+    """Raise ValueError unless `file` has the size and modification time recorded when it
+    was saved (files saved before simsearch recorded them pass)."""
+    recorded = built.get("file")
+    if not recorded:
+        return
+    st = file.stat()
+    if [st.st_size, st.st_mtime_ns] != list(recorded):
+        raise ValueError(
+            "it is not the file this index saved: its size or modification time changed "
+            "(replaced, copied in or edited since)"
+        )

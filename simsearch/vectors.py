@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -493,6 +494,7 @@ class VectorIndex:
         a big index opens at once and shares the page cache (it is then read-only)."""
         import faiss
 
+        check_header(Path(path), dim)
         flags = faiss.IO_FLAG_MMAP_IFC if mmap else 0
         index = faiss.read_index(str(path), flags)
         if index.d != dim:
@@ -511,6 +513,39 @@ class VectorIndex:
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
             raise ValueError(f"expected vectors of shape (n, {self.dim}), got {vectors.shape}")
         return vectors
+
+
+# FAISS's index header after the four-byte type code: d (int32), ntotal (int64), two unused
+# int64s, is_trained (a byte), metric_type (int32), and a float metric_arg for metrics > 1.
+_HEADER = struct.Struct("<iqqqBi")
+_ID_MAPS = (b"IxMp", b"IxM2")
+_FLATS = (b"IxFI", b"IxF2", b"IxFl")
+
+
+def check_header(path: Path, dim: int) -> None:
+    """Raise ValueError unless the FAISS file at `path` is an id map over `dim`-dim vectors
+    whose header claims no more than the file holds. FAISS allocates what a header claims
+    before it reads it: a 498-byte file claiming 3e9 codes cost 3 GB before failing."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(4 + _HEADER.size + 4 + 4 + _HEADER.size + 4 + 8)
+    if len(head) < 4 + _HEADER.size or head[:4] not in _ID_MAPS:
+        raise ValueError(f"{path} is not an id-mapped FAISS index")
+    d, ntotal, _, _, _, metric = _HEADER.unpack_from(head, 4)
+    if d != dim:
+        raise ValueError(f"{path} holds {d}-dim vectors, expected {dim}")
+    if ntotal < 0 or 8 * ntotal > size:  # the id map alone takes 8 bytes a vector
+        raise ValueError(f"{path} claims {ntotal:,} vectors but is {size:,} bytes")
+    inner = 4 + _HEADER.size + (4 if metric > 1 else 0)
+    if head[inner : inner + 4] in _FLATS and len(head) >= inner + 4 + _HEADER.size + 8:
+        _, inner_total, _, _, _, inner_metric = _HEADER.unpack_from(head, inner + 4)
+        at = inner + 4 + _HEADER.size + (4 if inner_metric > 1 else 0)
+        (floats,) = struct.unpack_from("<Q", head + b"\0" * 8, at)  # written as floats
+        if floats != d * inner_total or 4 * floats > size:
+            raise ValueError(
+                f"{path} claims {floats:,} vector values for {inner_total:,} vectors of "
+                f"{d} dimensions, in a file of {size:,} bytes"
+            )
 
 
 def _faiss_message(exc: Exception) -> str:

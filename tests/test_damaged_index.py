@@ -88,3 +88,44 @@ def test_every_command_says_one_line_and_repair_mends_it(case, index_path, photo
         result = runner.invoke(cli, [*command, *where])
         assert result.exit_code == 0, (command, result.output)
     assert runner.invoke(cli, ["verify", *where]).exit_code == 0
+
+
+def test_a_vectors_file_claiming_more_than_it_holds_is_never_read(index_path):
+    """A 498-byte vectors.faiss whose header claims 3e9 vector values made `search`
+    allocate 12 GB before FAISS noticed the file was short."""
+    import struct
+
+    file = index_path / "vectors.faiss"
+    data = bytearray(file.read_bytes())
+    assert data[:4] == b"IxMp" and data[37:41] == b"IxFI"  # an id map over a flat index
+    data[74:82] = struct.pack("<Q", 3_000_000_000)  # the inner index's count of floats
+    file.write_bytes(bytes(data))
+    runner = CliRunner()
+    verify = runner.invoke(cli, ["verify", "--index", str(index_path)])
+    assert verify.exit_code == 1 and "vectors.faiss" in verify.output
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    found = runner.invoke(cli, ["search", "id:1", "-k", "1", "--index", str(index_path)])
+    assert found.exit_code == 0, found.output
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 * 1024  # KiB
+    assert runner.invoke(cli, ["verify", "--index", str(index_path)]).exit_code == 0
+
+
+def test_a_vectors_file_from_another_index_is_not_searched(tmp_path, tiny_vit, photo_dir):
+    """Same ids, other vectors (mean pooling): `search` used it until `verify` was run."""
+    from simsearch import Index
+
+    runner = CliRunner()
+    for name, pool in (("mine", "cls"), ("other", "mean")):
+        args = ["index", str(photo_dir), "--index", str(tmp_path / name), "--model", str(tiny_vit)]
+        assert runner.invoke(cli, [*args, "--pool", pool]).exit_code == 0
+    with Index.open(tmp_path / "mine") as index:
+        truth = [(h.id, h.score) for h in index.search("id:1", k=3)]
+    (tmp_path / "mine" / "vectors.faiss").write_bytes(
+        (tmp_path / "other" / "vectors.faiss").read_bytes()
+    )
+    verify = runner.invoke(cli, ["verify", "--index", str(tmp_path / "mine")])
+    assert verify.exit_code == 1 and "not the file this index saved" in verify.output
+    with Index.open(tmp_path / "mine") as index:
+        assert [(h.id, h.score) for h in index.search("id:1", k=3)] == truth
