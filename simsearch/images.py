@@ -201,6 +201,8 @@ def _open_regular(path: str | os.PathLike):
         raise ImageError(f"cannot open file: {exc.strerror or exc}") from None
     try:
         st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise ImageError("is a folder, not an image file")
         if not stat.S_ISREG(st.st_mode):
             raise ImageError("not a regular file (a FIFO, socket or device)")
         fh = os.fdopen(fd, "rb")
