@@ -245,6 +245,6 @@ def test_a_fifo_given_as_query_is_refused_not_waited_on(index, tmp_path):
 
 def test_a_folder_given_as_query_is_called_a_folder(index, tmp_path):
     """It was 'not a regular file (a FIFO, socket or device)'."""
-    (tmp_path / "photos").mkdir()
+    (tmp_path / "a-folder").mkdir()
     with pytest.raises(QueryError, match="is a folder, not an image file"):
-        index.search(tmp_path / "photos")
+        index.search(tmp_path / "a-folder")
