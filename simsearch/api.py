@@ -455,9 +455,15 @@ class Index:
                     stopwatch=stopwatch,
                 )
             except BaseException as exc:
-                # The in-memory FAISS index may be a batch behind the database (interrupted
-                # between a commit and its mirror), so it is dropped, not saved: the next
-                # open rebuilds it from the database.
+                if isinstance(exc, KeyboardInterrupt):
+                    # Ctrl-C waits for a batch's commit and its mirror (ingest), so the
+                    # index in memory is the database's: saved, `verify` passes, and the
+                    # next run continues without rebuilding it.
+                    with contextlib.suppress(Exception):
+                        self._cache.save()
+                # Otherwise it may be a batch behind the database (an error between a
+                # commit and its mirror), so it is dropped, not saved: the next open
+                # rebuilds it from the database.
                 self._cache.drop()
                 if isinstance(exc, OperationalError):
                     raise StorageError(

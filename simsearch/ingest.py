@@ -20,6 +20,8 @@ import errno
 import hashlib
 import logging
 import os
+import signal
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
@@ -372,14 +374,37 @@ def _commit(
     rows = [embedded[row_of[item.sha256]] for item in batch.embed]
     rows += [vec for _, (vec, *_) in copies]
     matrix = np.stack(rows) if rows else np.empty((0, vectors.dim), dtype=np.float32)
-    with timed("database"):
-        ids, dropped = store.write_batch(good, matrix, batch.bad, batch.moves)
-    crash_point("after-commit")
-    with timed("faiss"):
-        vectors.add(np.asarray(ids, dtype=np.int64), matrix)
-        vectors.remove(np.asarray(dropped, dtype=np.int64))
+    # Ctrl-C waits for the commit and its mirror in FAISS: the index in memory then always
+    # matches the database, and an interrupted run can save it (`verify` passes after).
+    with _interrupt_deferred():
+        with timed("database"):
+            ids, dropped = store.write_batch(good, matrix, batch.bad, batch.moves)
+        crash_point("after-commit")
+        with timed("faiss"):
+            vectors.add(np.asarray(ids, dtype=np.int64), matrix)
+            vectors.remove(np.asarray(dropped, dtype=np.int64))
     for img, image_id in zip(good, ids, strict=True):
         hashes[img.sha256] = image_id
+
+
+@contextlib.contextmanager
+def _interrupt_deferred():
+    """Hold a Ctrl-C (SIGINT) that arrives in the block until it ends, then raise it. Only
+    where Python's own handler is installed, in the main thread; elsewhere, no change."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    held = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        raise KeyboardInterrupt
 
 
 def _good(item: _Prepared) -> GoodImage:

@@ -10,6 +10,7 @@ import resource
 import signal
 import sqlite3
 import subprocess
+import sys
 import time
 
 import pytest
@@ -163,3 +164,39 @@ def test_full_disk_stops_with_a_clear_error_and_loses_nothing(photos, tiny_vit, 
     summary = json.loads(resumed.stdout)
     assert summary["unchanged"] == committed
     assert _committed(index) == len(list(photos.iterdir()))
+
+
+def test_ctrl_c_keeps_the_index_sound_and_says_how_to_go_on(photos, tiny_vit, tmp_path):
+    """After Ctrl-C, `verify` said "vectors.faiss is missing" (or stale) and exited 1
+    though nothing was wrong, and the message did not say how to continue. Now Ctrl-C waits
+    for the batch being committed, the index in memory is saved, and the rerun goes on."""
+    index = tmp_path / "idx"
+    for _ in range(2):  # on a new index, then on one that already holds vectors
+        proc = subprocess.Popen(
+            _index_cmd(photos, index, tiny_vit),
+            env=subprocess_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        before = _committed(index) if (index / "meta.sqlite").exists() else 0
+        while proc.poll() is None and not (index / "meta.sqlite").exists():
+            time.sleep(0.01)
+        _wait_for_commits(index / "meta.sqlite", before + BATCH, proc)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+        if proc.returncode == 0:
+            pytest.skip("the run finished before the interrupt reached it")
+        assert proc.returncode == 130, err
+        assert "run the same command again" in err.strip().splitlines()[-1]
+        assert "Traceback" not in err
+        verify = subprocess.run(
+            [sys.executable, "-m", "simsearch", "verify", "--index", str(index)],
+            env=subprocess_env(),
+            capture_output=True,
+            text=True,
+        )
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+        assert before < _committed(index) < N_IMAGES
+    assert _run(photos, index, tiny_vit).returncode == 0
+    assert _committed(index) == N_IMAGES

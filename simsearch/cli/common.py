@@ -53,7 +53,11 @@ class _Group(click.Group):
             )
             sys.exit(1)
         except click.Abort:
-            click.echo("Interrupted; everything committed before it is kept.", err=True)
+            click.echo(
+                "Interrupted; everything done before it is kept: run the same command again "
+                "to continue where it stopped.",
+                err=True,
+            )
             sys.exit(130)
         if not standalone_mode:
             return rv
