@@ -180,10 +180,14 @@ class Index:
         manifest = dataclasses.replace(embedder.manifest(), index_type=index_type.strip())
         try_index_type(manifest.index_type, manifest.dim)  # IndexTypeError if it is unusable
         path.mkdir(parents=True, exist_ok=True)
-        with WriteLock(path):
+        lock = WriteLock(path)
+        lock.acquire(wait=LOCK_WAIT_SECONDS)  # another process creating it: wait, as writers do
+        try:
             if (path / DATABASE_FILE).exists():
                 raise IndexExistsError(f"an index already exists at {path}; open it instead")
             _create_database(path, manifest)
+        finally:
+            lock.release()
         return cls(
             path,
             Store(path / DATABASE_FILE),
@@ -278,17 +282,23 @@ class Index:
                     raise
             return index
         log.info("creating index %s", path)
-        return cls.create(
-            path,
-            model=DEFAULT_MODEL if model is None else model,
-            layer=layer,
-            pool=pool,
-            device=device,
-            precision=precision,
-            batch_size=batch_size,
-            index_type=index_type or "auto",
-            backend=backend or "torch",
-        )
+        try:
+            return cls.create(
+                path,
+                model=DEFAULT_MODEL if model is None else model,
+                layer=layer,
+                pool=pool,
+                device=device,
+                precision=precision,
+                batch_size=batch_size,
+                index_type=index_type or "auto",
+                backend=backend or "torch",
+            )
+        except IndexExistsError:  # another process created it meanwhile: use it
+            return cls.open_or_create(
+                path, model, layer=layer, pool=pool, device=device, precision=precision,
+                batch_size=batch_size, index_type=index_type, backend=backend,
+            )  # fmt: skip
 
     def set_index_type(self, index_type: str) -> str | None:
         """Make the index use `index_type` from now on, and rebuild it if that changes it.

@@ -110,3 +110,20 @@ def test_searches_stay_consistent_while_a_writer_runs(tmp_path, tiny_vit):
     assert len(set(sizes)) > 2, f"no answer came while the writer was committing: {sizes}"
     with Index.open(index_path) as idx:
         assert idx.verify() == []
+
+
+def test_two_processes_creating_one_new_index_both_succeed(tmp_path, tiny_vit, photo_dir):
+    """The second failed at once ("locked") instead of waiting like other writers, or
+    raised IndexExistsError once the first had created it."""
+    index = tmp_path / "new"
+    command = index_command(photo_dir, index, "--model", tiny_vit)
+    runs = [
+        subprocess.Popen(
+            command, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for _ in range(2)
+    ]
+    results = [(p.wait(timeout=300), p.stderr.read().decode()) for p in runs]
+    assert all(code == 0 for code, _ in results), results
+    with Index.open(index) as idx:
+        assert len(idx) == len(list(photo_dir.iterdir())) and idx.verify() == []
