@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from simsearch import Index, SimsearchError
@@ -31,7 +32,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     if args.link_into is not None and args.link_into.exists():
-        print(f"error: {args.link_into} exists; name a new folder")
+        print(f"error: {args.link_into} exists; name a new folder", file=sys.stderr)
         return 1
 
     try:
@@ -45,7 +46,7 @@ def main() -> int:
                 else {}
             )
     except SimsearchError as exc:
-        print(f"error: {exc}")
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     for cluster in clusters:
         print(f"cluster {cluster.id}: {cluster.size} photos")

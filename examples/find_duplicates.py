@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from simsearch import Index, SimsearchError
 
@@ -44,7 +45,7 @@ def main() -> int:
                     print(f"left alone: {path}: {reason}")
                 print(moved.line())
     except SimsearchError as exc:
-        print(f"error: {exc}")
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
 

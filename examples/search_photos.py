@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from simsearch import Index, SimsearchError
 
@@ -34,7 +35,7 @@ def main() -> int:
             for rank, hit in enumerate(index.search(args.query, k=args.k), 1):
                 print(f"{rank:>2}. {hit.score:.3f}  {hit.path}")
     except SimsearchError as exc:
-        print(f"error: {exc}")
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
 

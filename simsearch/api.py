@@ -435,8 +435,8 @@ class Index:
         are removed (unless `prune=False`); files that cannot be decoded, or that have more
         than `max_pixels` pixels, are recorded with the reason (see `failed()`). Each batch
         is committed as it completes, so an interrupted run loses nothing it committed.
-        Takes the index's write lock (IndexLockedError when another process holds it).
-        `progress` is an optional tqdm-like object.
+        A leading ~ is the home folder. Takes the index's write lock (IndexLockedError when
+        another process holds it). `progress` is an optional tqdm-like object.
         """
         from sqlalchemy.exc import OperationalError
 
@@ -444,6 +444,9 @@ class Index:
 
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
+        # "~/Pictures" as a shell would read it: a path starting with ~ is never meant as a
+        # folder named "~" in the working directory.
+        paths = [Path(p).expanduser() for p in paths]
         with self._writing():
             # The model loads when the first file needs it: a run that finds nothing new
             # never pays for it (seconds for ViT-L).

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 from simsearch.errors import FinetuneError
-from simsearch.files import replaced_atomically
+from simsearch.files import FILE_MODE, replaced_atomically
 from simsearch.models import quiet_transformers
 
 CHECKPOINTS = "checkpoints"
@@ -88,6 +88,10 @@ def publish(model, base: Path, output: Path, training: dict) -> None:
         model.save_pretrained(staging)
     shutil.copy2(base / PREPROCESSOR_FILE, staging / PREPROCESSOR_FILE)
     for item in sorted(staging.iterdir()):
+        if item.is_file():
+            # As open() would make it: safetensors writes its file 0600, which another user
+            # of a shared model folder (or a server's account) then cannot read.
+            os.chmod(item, FILE_MODE)
         os.replace(item, output / item.name)
     with replaced_atomically(output / TRAINING_FILE) as tmp:
         tmp.write_text(json.dumps(training, indent=2) + "\n")

@@ -61,12 +61,12 @@ def refuse_code(folder: Path) -> None:
             )
 
 
-def resolve_model(name: str) -> tuple[Path, str | None]:
+def resolve_model(name: str, env: str = "SIMSEARCH_MODEL") -> tuple[Path, str | None]:
     """Return the local folder holding model `name`, and its hub revision when it has one.
 
     A folder is used as it is. A hub id is taken from the Hugging Face cache when it is there;
     otherwise it is downloaded, and if the hub cannot be reached a ModelLoadError says how to
-    pass a local folder instead.
+    pass a local folder instead (`env`: the variable that names it for this command).
     """
     path = Path(name).expanduser()
     if path.is_dir():
@@ -86,8 +86,8 @@ def resolve_model(name: str) -> tuple[Path, str | None]:
             raise ModelLoadError(
                 f"cannot load model {name!r}: it is not a local folder, not in the Hugging Face "
                 f"cache, and the hub ({constants.ENDPOINT}) cannot be reached. Pass a folder "
-                "written by save_pretrained instead: --model /path/to/model or "
-                "SIMSEARCH_MODEL=/path/to/model"
+                f"written by save_pretrained instead: --model /path/to/model or "
+                f"{env}=/path/to/model"
             )
         try:
             folder = Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors"]))

@@ -248,3 +248,20 @@ def test_a_folder_given_as_query_is_called_a_folder(index, tmp_path):
     (tmp_path / "a-folder").mkdir()
     with pytest.raises(QueryError, match="is a folder, not an image file"):
         index.search(tmp_path / "a-folder")
+
+
+def test_the_readme_snippet_runs_as_written_twice(tmp_path, tiny_vit, monkeypatch):
+    """`Index.add("~/Pictures")` looked for a folder named "~" (0 files), and the snippet's
+    Index.create raised IndexExistsError when run a second time."""
+    from conftest import draw_image
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home" / "Pictures").mkdir(parents=True)
+    for i in range(3):
+        draw_image(i).save(tmp_path / "home" / "Pictures" / f"p{i}.png")
+    monkeypatch.chdir(tmp_path)
+    for run in range(2):
+        with Index.open_or_create("indexes/photos", model=tiny_vit) as index:
+            summary = index.add(["~/Pictures"])
+            assert (summary.seen, summary.indexed) == (3, 3 if run == 0 else 0)
+            assert summary.line().startswith("3 files seen")

@@ -455,3 +455,14 @@ def test_a_diverging_run_stops_and_publishes_nothing(tmp_path, base, data):
     assert "training diverged" in last and "--lr" in last
     assert not (output / "model.safetensors").exists()
     assert not (output / "config.json").exists()
+
+
+def test_the_published_model_is_readable_like_any_file_it_writes(trained):
+    """model.safetensors came out 0600: another account (a server's) could not read it."""
+    import stat
+
+    _, output = trained
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("model.safetensors", "config.json", "preprocessor_config.json"):
+        assert stat.S_IMODE((output / name).stat().st_mode) == 0o666 & ~umask, name
