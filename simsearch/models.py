@@ -102,6 +102,18 @@ def resolve_model(name: str, env: str = "SIMSEARCH_MODEL") -> tuple[Path, str | 
     return folder, folder.name
 
 
+def can_load(name: str) -> bool:
+    """Whether hub id `name` loads here: in the Hugging Face cache, or the hub answers."""
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        if _weight_files(Path(snapshot_download(name, local_files_only=True))):
+            return True
+    except Exception:
+        pass
+    return not constants.HF_HUB_OFFLINE and _hub_reachable(constants.ENDPOINT)
+
+
 def _looks_like_path(name: str) -> bool:
     return (
         name.startswith((".", "/", "~"))
