@@ -8,6 +8,7 @@ is the preprocessing (the checkpoint's, recorded in the export) and running the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -146,6 +147,14 @@ class OnnxEmbedder:
                 f"{path} is {size:,} bytes, but the export wrote {recorded['bytes']:,}: it is "
                 "incomplete or was replaced; copy or export the model again"
             )
+        # The same size is not the same model: another export of the same architecture has
+        # it too. Its vectors would be mixed into the index as this model's.
+        if recorded.get("sha256") and _sha256(path) != recorded["sha256"]:
+            raise ModelLoadError(
+                f"{path} is not the file the export wrote (its SHA-256 differs from the one "
+                f"recorded in {ONNX_INFO_FILE}): it was replaced or changed; copy or export "
+                "the model again"
+            )
         self.session, self.device = _open_session(path, device)
 
     def manifest(self) -> Manifest:
@@ -174,6 +183,14 @@ class OnnxEmbedder:
         batch = np.ascontiguousarray(pixels, dtype=np.float32)
         (vectors,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})
         return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _open_session(path: Path, device: str):

@@ -358,3 +358,18 @@ def test_onnx_backend_needs_no_torch(tmp_path, exported):
     # The block is real: the torch backend in the same setting fails on the import.
     torch_run = simsearch("-q", "index", photos, "--index", tmp_path / "other", "--model", exported)
     assert torch_run.returncode != 0 and "blocked in this test" in torch_run.stderr
+
+
+def test_another_models_export_of_the_same_size_is_refused(tmp_path_factory, exported, other_vit):
+    """Same architecture, other weights: the same number of bytes. It was accepted, and its
+    vectors went into the index as the recorded model's."""
+    import shutil
+
+    other = _export(tmp_path_factory, other_vit, "other-onnx")
+    copy = tmp_path_factory.mktemp("swapped") / "export"
+    shutil.copytree(exported, copy)
+    swapped = (other / "model.onnx").read_bytes()
+    assert len(swapped) == (copy / "model.onnx").stat().st_size
+    (copy / "model.onnx").write_bytes(swapped)
+    with pytest.raises(ModelLoadError, match="SHA-256 differs"):
+        OnnxEmbedder(copy)
