@@ -210,6 +210,7 @@ def load_backbone(folder: Path):
             vision_config = getattr(config, "vision_config", None)
             # A two-tower model (CLIP, SigLIP): load only the vision tower's weights.
             model_cls = AutoModel if vision_config is None else MODEL_MAPPING[type(vision_config)]
+            check_size(model_cls, config if vision_config is None else vision_config, folder)
             model = load_pretrained(model_cls, folder, use_safetensors)
     except Exception as exc:
         raise ModelLoadError(f"cannot load model from {folder}: {_first_line(exc)}") from None
@@ -256,6 +257,7 @@ def load_classifier(folder: Path, name: str):
             f"{name} has no classification head (it is a {', '.join(architectures)}): {need}"
         )
     use_safetensors = True if any(folder.glob("*.safetensors")) else None
+    check_size(AutoModelForImageClassification, config, folder)
     try:
         with quiet_transformers():
             model, info = load_pretrained(
@@ -283,6 +285,72 @@ def load_classifier(folder: Path, name: str):
 def _names(keys) -> set[str]:
     """Return the parameter names of transformers' mismatched_keys (name, shapes) tuples."""
     return {k[0] if isinstance(k, tuple) else str(k) for k in keys or ()}
+
+
+# How many times the values in the weight files the model a config describes may hold: a
+# backbone without its pooler, or a classifier's new head, add a little; a config that
+# does not belong to the weights (hidden_size 32768 beside 32-dim weights grew to 24 GB
+# before the kernel stopped it) adds orders of magnitude.
+CONFIG_OVER_WEIGHTS = 2.0
+CONFIG_OVER_WEIGHTS_SLACK = 10_000_000  # parameters: a new head over many classes
+SAFETENSORS_HEADER_LIMIT = 100 << 20
+
+
+def check_size(model_cls, config, folder: Path) -> None:
+    """Raise ModelLoadError when the model `config` describes is far larger than the
+    weights in `folder` (safetensors, whose header says), before anything is allocated:
+    its parameters are counted on PyTorch's meta device, which holds no data."""
+    stored = safetensors_values(folder)
+    if stored is None:
+        return  # pickled weights: transformers reads them with weights_only
+    import torch
+
+    try:
+        with torch.device("meta"), quiet_transformers():
+            skeleton = (
+                model_cls.from_config(config)
+                if hasattr(model_cls, "from_config")
+                else model_cls._from_config(config)
+            )
+    except Exception as exc:
+        raise ModelLoadError(f"cannot build the model config.json in {folder} describes: "
+                             f"{_first_line(exc)}") from None  # fmt: skip
+    wanted = sum(p.numel() for p in skeleton.parameters())
+    if wanted > CONFIG_OVER_WEIGHTS * stored + CONFIG_OVER_WEIGHTS_SLACK:
+        raise ModelLoadError(
+            f"config.json in {folder} describes a model of {wanted:,} parameters, but its "
+            f"weights hold {stored:,} values: the config does not belong to these weights"
+        )
+
+
+def safetensors_values(folder: Path) -> int | None:
+    """The number of values the safetensors files in `folder` hold, from their headers
+    (never their data), or None when the weights are not safetensors."""
+    import json
+    import struct
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for file in files:
+        with open(file, "rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8).ljust(8, b"\0"))
+            if length > SAFETENSORS_HEADER_LIMIT:
+                raise ModelLoadError(
+                    f"{file} is not a safetensors file (header of {length:,} bytes)"
+                )
+            try:
+                header = json.loads(fh.read(length))
+            except ValueError:
+                raise ModelLoadError(f"{file} is not a safetensors file") from None
+        for name, entry in header.items():
+            if name != "__metadata__" and isinstance(entry, dict):
+                count = 1
+                for n in entry.get("shape", []):
+                    count *= int(n)
+                total += count
+    return total
 
 
 def load_pretrained(model_cls, folder: Path, use_safetensors: bool | None, **extra):

@@ -157,3 +157,29 @@ def test_output_that_is_not_unit_length_is_refused(tmp_path, tiny_vit, monkeypat
         assert len(index) == 0
         with pytest.raises(Exception, match="not of unit length"):
             index.search(pics / "p0.png")
+
+
+@pytest.mark.parametrize("command", ["index", "label"])
+def test_a_config_far_larger_than_its_weights_is_refused_before_allocating(command, tmp_path):
+    """hidden_size 32768 in config.json beside 32-dim weights grew to 24 GB before the
+    kernel killed the process. The model the config describes is counted on PyTorch's
+    meta device (no memory) against the safetensors header (no data read)."""
+    import resource
+
+    folder = _save_vit(tmp_path / "inflated", seed=0)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(hidden_size=32768, intermediate_size=65536)
+    if command == "label":
+        config.update(architectures=["ViTForImageClassification"], id2label={"0": "a", "1": "b"})
+    (folder / "config.json").write_text(json.dumps(config))
+    pics = photos(tmp_path / "pics", n=1)
+    args = {
+        "index": ["index", str(pics), "--index", str(tmp_path / "idx"), "--model", str(folder)],
+        "label": ["label", str(pics / "p0.png"), "--model", str(folder)],
+    }[command]
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result = CliRunner().invoke(cli, args)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500 * 1024  # KiB
+    assert result.exit_code == 1, result.output
+    last = result.stderr.strip().splitlines()[-1]
+    assert "does not belong to these weights" in last, last
