@@ -342,12 +342,22 @@ class Index:
 
             # The export records its source weights' hash: checked without loading anything.
             source = read_export_info(model)["source"]
-            wanted = replace(wanted, model=str(model), weights_sha256=source["weights_sha256"])
+            wanted = replace(
+                wanted,
+                model=str(model),
+                weights_sha256=source["weights_sha256"],
+                config_sha256=source.get("config_sha256"),
+            )
         elif model is not None and self._embedder is None:
-            from simsearch.models import hash_weights, resolve_model
+            from simsearch.models import hash_config, hash_weights, resolve_model
 
             folder, _ = resolve_model(str(model))
-            wanted = replace(wanted, model=str(model), weights_sha256=hash_weights(folder))
+            wanted = replace(
+                wanted,
+                model=str(model),
+                weights_sha256=hash_weights(folder),
+                config_sha256=hash_config(folder),
+            )
         self.manifest.check_compatible(wanted)
 
     def close(self) -> None:

@@ -119,6 +119,9 @@ class Manifest:
     index_type: str = "auto"  # what the user asked for: a name or a FAISS factory string
     dedup_calibration: dict | None = None  # records.Calibration as a dict, once calibrated
     format_version: int = FORMAT_VERSION
+    # What config.json says the model computes (models.hash_config); None in indexes made
+    # before it was recorded, which then compare by weights alone.
+    config_sha256: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -184,6 +187,11 @@ class Manifest:
                 f"model: index was built with {self.model!r} "
                 f"(weights {self.weights_sha256[:12]}), not {other.model!r} "
                 f"(weights {other.weights_sha256[:12]})"
+            )
+        if self.config_sha256 and other.config_sha256 and other.config_sha256 != self.config_sha256:
+            diffs.append(
+                f"model config: {other.model!r} has the same weights under another config.json "
+                "(activation, layer-norm epsilon, ...), which gives other vectors"
             )
         for name in ("layer", "pool", "dim", "preprocessing"):
             mine, theirs = getattr(self, name), getattr(other, name)

@@ -15,6 +15,7 @@ from simsearch.images import embed_in_batches
 from simsearch.models import (
     FINAL_NORM_NAMES,
     find_blocks,
+    hash_config,
     hash_weights,
     load_backbone,
     load_preprocessing,
@@ -114,6 +115,7 @@ class Embedder:
             dim=self.dim,
             preprocessing=self.preprocess.to_dict(),
             precision=self.precision,
+            config_sha256=hash_config(self.folder),
         )
 
     # -- embedding -----------------------------------------------------------------------

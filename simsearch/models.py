@@ -167,6 +167,51 @@ def hash_weights(folder: Path) -> str:
     return _HASHES[key]
 
 
+# config.json fields that do not change what the model computes: names, bookkeeping, the
+# class names of a head (the embedding path is the same), the dtype it was saved in.
+CONFIG_IDENTITY_IGNORED = frozenset(
+    {
+        "_name_or_path",
+        "_commit_hash",
+        "transformers_version",
+        "architectures",
+        "id2label",
+        "label2id",
+        "torch_dtype",
+        "dtype",
+        "problem_type",
+        "finetuning_task",
+        "use_cache",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+    }
+)
+
+
+def hash_config(folder: Path) -> str | None:
+    """Return the SHA-256 of what config.json in `folder` says the model computes (every
+    field but CONFIG_IDENTITY_IGNORED, canonically written), or None without a readable
+    config: the same weights under another activation or layer-norm epsilon give other
+    vectors, and are another model."""
+    import json
+
+    try:
+        config = json.loads((folder / "config.json").read_bytes())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+
+    def kept(value):
+        if isinstance(value, dict):
+            return {k: kept(v) for k, v in value.items() if k not in CONFIG_IDENTITY_IGNORED}
+        return value
+
+    text = json.dumps(kept(config), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _sha256_files(files: list[Path]) -> str:
     digest = hashlib.sha256()
     for file in files:

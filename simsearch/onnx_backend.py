@@ -94,6 +94,7 @@ def source_manifest(info: dict, folder: Path, precision: str) -> Manifest:
         dim=int(src["dim"]),
         preprocessing=src["preprocessing"],
         precision=f"onnx-{precision}",
+        config_sha256=src.get("config_sha256"),
     )
 
 

@@ -515,7 +515,15 @@ def _export_info(reference, result: OnnxExport, files: dict, head: dict | None) 
     from simsearch import __version__
 
     manifest = reference.manifest()
-    keys = ("model", "weights_sha256", "revision", "architecture", "layer", "num_layers")
+    keys = (
+        "model",
+        "weights_sha256",
+        "config_sha256",
+        "revision",
+        "architecture",
+        "layer",
+        "num_layers",
+    )
     source = {k: getattr(manifest, k) for k in keys}
     source.update(pool=manifest.pool, dim=manifest.dim, preprocessing=manifest.preprocessing)
     validation = {k: v for k, v in asdict(result).items() if k not in ("output", "seconds")}

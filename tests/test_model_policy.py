@@ -183,3 +183,32 @@ def test_a_config_far_larger_than_its_weights_is_refused_before_allocating(comma
     assert result.exit_code == 1, result.output
     last = result.stderr.strip().splitlines()[-1]
     assert "does not belong to these weights" in last, last
+
+
+def test_the_same_weights_under_another_config_are_another_model(tmp_path, tiny_vit):
+    """Another activation, another layer-norm epsilon: other vectors from the same weights.
+    They counted as the same model and were mixed into one index."""
+    import shutil
+
+    pics = photos(tmp_path / "pics")
+    runner = CliRunner()
+    where = ["--index", str(tmp_path / "idx")]
+    made = runner.invoke(cli, ["index", str(pics), *where, "--model", str(tiny_vit)])
+    assert made.exit_code == 0, made.output
+    for change in ({"hidden_act": "relu"}, {"layer_norm_eps": 1e-3}):
+        other = tmp_path / f"other-{next(iter(change))}"
+        shutil.copytree(tiny_vit, other)
+        config = json.loads((other / "config.json").read_text())
+        (other / "config.json").write_text(json.dumps({**config, **change}))
+        (pics / "new.png").unlink(missing_ok=True)
+        draw_image(9).save(pics / "new.png")
+        result = runner.invoke(cli, ["index", str(pics), *where, "--model", str(other)])
+        assert result.exit_code == 1, result.output
+        assert "model config" in result.stderr.strip().splitlines()[-1]
+    # Bookkeeping fields are not identity: the model saved again by another version is it.
+    same = tmp_path / "resaved"
+    shutil.copytree(tiny_vit, same)
+    config = json.loads((same / "config.json").read_text())
+    config.update(transformers_version="9.9.9", _name_or_path="elsewhere")
+    (same / "config.json").write_text(json.dumps(config))
+    assert runner.invoke(cli, ["index", str(pics), *where, "--model", str(same)]).exit_code == 0
