@@ -39,6 +39,11 @@ log = logging.getLogger(__name__)
 TRAIN_PER_LIST = 50
 TRAIN_MIN = 16 * 39 * 16
 
+# A reader during an index run adds at most this many vectors committed since the writer
+# last saved its FAISS file (an HNSW graph takes about 10,000 a second); past that it
+# searches the saved file as it is.
+STALE_ADDED_MAX = 20_000
+
 
 class VectorCache:
     """The FAISS index of one index folder, loaded or rebuilt on first use."""
@@ -141,6 +146,13 @@ class VectorCache:
                 log.warning("rebuilding %s: its ids differ from the database's", file)
             except Exception as exc:  # a damaged cache is rebuilt, never trusted
                 log.warning("rebuilding %s: %s", file, exc)
+        elif file.is_file() and saved >= 0 and not self.lock.held and self._writer_running():
+            # A writer is committing and saves its file every few minutes: rebuilding from
+            # the database here would cost every search the whole build (32 s at 200k
+            # HNSW vectors) and be stale again at once.
+            vectors = self._load_while_writing(file, saved, generation)
+            if vectors is not None:
+                return vectors
         elif generation > 0:
             log.info("rebuilding %s: it is older than the database", file)
         vectors = self.rebuild()
@@ -154,6 +166,45 @@ class VectorCache:
                         self.save()
                 finally:
                     self.lock.release()
+        return vectors
+
+    def _writer_running(self) -> bool:
+        if self.lock.try_acquire():
+            self.lock.release()
+            return False
+        return True
+
+    def _load_while_writing(self, file: Path, saved: int, generation: int) -> VectorIndex | None:
+        """The FAISS file as the running writer last saved it, less what it has removed
+        since, plus the images it has committed since (up to STALE_ADDED_MAX of them,
+        from the database); None if the file cannot be used."""
+        try:
+            built = self.store.faiss_info()
+            _check_same_file(file, built)
+            vectors = VectorIndex.load(file, self.dim, factory=built.get("factory", "Flat"))
+            live = self.store.vector_ids()
+            vectors.bury_superseded(live)
+            newest = vectors.id_summary()[2]
+            added = live if newest is None else live[live > newest]
+            if len(added) <= STALE_ADDED_MAX and vectors.is_trained:
+                stored = self.store.vectors_by_id(added.tolist())
+                if stored:
+                    ids = np.fromiter(stored, dtype=np.int64, count=len(stored))
+                    vectors.add(ids, np.stack([stored[i] for i in ids.tolist()]))
+                note = f"plus the {len(added):,} images committed since"
+            else:
+                note = f"without the {len(added):,} images committed since"
+        except Exception as exc:
+            log.warning("rebuilding %s: %s", file, exc)
+            return None
+        log.warning(
+            "an index run is writing to %s: searching %s as it was last saved, %s (images "
+            "replaced since keep their old vectors until it saves again)",
+            file.parent,
+            VECTORS_FILE,
+            note,
+        )
+        self._built, self._generation = built, saved
         return vectors
 
     def rebuild(self, plan: Plan | None = None) -> VectorIndex:

@@ -127,3 +127,39 @@ def test_two_processes_creating_one_new_index_both_succeed(tmp_path, tiny_vit, p
     assert all(code == 0 for code, _ in results), results
     with Index.open(index) as idx:
         assert len(idx) == len(list(photo_dir.iterdir())) and idx.verify() == []
+
+
+def test_a_search_during_an_index_run_uses_the_saved_file_not_a_rebuild(
+    tmp_path, tiny_vit, monkeypatch, caplog
+):
+    """Every reader rebuilt the FAISS index from the database while a writer ran (32 s a
+    search at 200k HNSW vectors). Now it takes the file the writer last saved, drops what
+    the writer removed since and adds what it committed since."""
+    from conftest import DIM, clustered, fill
+
+    from simsearch.cache import VectorCache
+    from simsearch.store import GoodImage
+
+    data = clustered(3000, DIM, seed=3)
+    with Index.create(tmp_path / "idx", tiny_vit, index_type="hnsw") as index:
+        ids = fill(index, data[:2000])
+        with index._writing():
+            index._cache.save()
+    writer = Index.open(tmp_path / "idx")
+    writer._lock.acquire()  # an index run, between two saves of its FAISS file
+    try:
+        good = [GoodImage(f"/new/{i}.jpg", 1, 1, f"{10**6 + i:064x}", 8, 8) for i in range(1000)]
+        new_ids, _ = writer.store.write_batch(good, data[2000:], [], [])
+        writer.store.delete_vectors(ids[:5].tolist())
+
+        def no_rebuild(self, plan=None):
+            raise AssertionError("a reader rebuilt the index while a writer ran")
+
+        monkeypatch.setattr(VectorCache, "rebuild", no_rebuild)
+        with Index.open(tmp_path / "idx") as reader:
+            found = reader.search_many([data[2500], data[0]], k=3)
+            assert found[0][0].id == new_ids[500] and found[0][0].score == 1.0
+            assert ids[0] not in {h.id for h in found[1]}
+        assert "an index run is writing" in caplog.text
+    finally:
+        writer.close()

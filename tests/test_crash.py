@@ -171,6 +171,7 @@ def test_ctrl_c_keeps_the_index_sound_and_says_how_to_go_on(photos, tiny_vit, tm
     though nothing was wrong, and the message did not say how to continue. Now Ctrl-C waits
     for the batch being committed, the index in memory is saved, and the rerun goes on."""
     index = tmp_path / "idx"
+    total = len(list(photos.iterdir()))  # the kill test above moves some away
     for _ in range(2):  # on a new index, then on one that already holds vectors
         proc = subprocess.Popen(
             _index_cmd(photos, index, tiny_vit),
@@ -197,6 +198,6 @@ def test_ctrl_c_keeps_the_index_sound_and_says_how_to_go_on(photos, tiny_vit, tm
             text=True,
         )
         assert verify.returncode == 0, verify.stdout + verify.stderr
-        assert before < _committed(index) < N_IMAGES
+        assert before < _committed(index) < total
     assert _run(photos, index, tiny_vit).returncode == 0
-    assert _committed(index) == N_IMAGES
+    assert _committed(index) == total
