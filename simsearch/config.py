@@ -161,7 +161,7 @@ class Manifest:
         checks = [
             (isinstance(self.model, str) and self.model != "", "model", "a name"),
             (isinstance(self.weights_sha256, str), "weights_sha256", "a hash"),
-            (is_int(self.num_layers) and self.num_layers >= 1, "num_layers", "at least 1"),
+            (is_int(self.num_layers) and self.num_layers >= 0, "num_layers", "a count"),
             (is_int(self.layer) and 0 <= self.layer <= self.num_layers, "layer", "a layer"),
             (self.pool in ("cls", "mean"), "pool", "cls or mean"),
             (is_int(self.dim) and 1 <= self.dim <= MAX_DIM, "dim", f"1 to {MAX_DIM}"),
