@@ -799,6 +799,11 @@ class Index:
 
         if sample < 1:
             raise QueryError("the calibration sample must be at least 1 image")
+        if self.store.read_only:
+            raise QueryError(
+                f"cannot calibrate the dedup threshold of {self.path}: it is on read-only "
+                "storage, where a calibration cannot be kept; pass --threshold"
+            )
         try:
             result = calibrate(
                 self.store,
@@ -1192,8 +1197,26 @@ def _as_image(image, preprocess):
         raise QueryError(f"{path}: {exc}") from None
 
 
+# What SQLite says when the storage, not the database, is at fault.
+_STORAGE_ERRORS = (
+    "unable to open",
+    "readonly",
+    "read-only",
+    "disk i/o error",
+    "database or disk is full",
+    "file is too large",
+    "permission",
+)
+
+
 def _damaged(path: Path, cause) -> str:
     reason = getattr(cause, "orig", None) or cause
+    if any(text in str(reason).lower() for text in _STORAGE_ERRORS):
+        return (
+            f"cannot use {path / DATABASE_FILE} ({reason}): the storage is read-only, full, "
+            "failing, or limits file sizes, or you lack permission; the index itself may be "
+            "intact (`simsearch verify` once that is fixed)"
+        )
     return (
         f"{path / DATABASE_FILE} is damaged ({reason}); it cannot be repaired: restore it "
         "from a backup, or index into a new --index"

@@ -169,6 +169,8 @@ class VectorCache:
         return vectors
 
     def _writer_running(self) -> bool:
+        if self.store.read_only:  # nothing writes to read-only storage
+            return False
         if self.lock.try_acquire():
             self.lock.release()
             return False

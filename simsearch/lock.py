@@ -7,11 +7,12 @@ over. The file also holds the holder's pid, for the "locked by pid N" message.
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from pathlib import Path
 
-from simsearch.errors import IndexLockedError
+from simsearch.errors import IndexLockedError, StorageError
 
 LOCK_FILE = "index.lock"
 
@@ -30,7 +31,18 @@ class WriteLock:
             import fcntl
         except ImportError:  # not POSIX: no cross-process lock, as SQLite's own locking
             return
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            why = (
+                "is on read-only storage" if exc.errno == errno.EROFS else "is not writable by you"
+            )
+            raise StorageError(
+                f"index {self.path.parent} {why}: it can be searched, not changed; copy it "
+                "somewhere writable to change it"
+            ) from None
         deadline = time.monotonic() + wait
         while True:
             try:
@@ -51,10 +63,10 @@ class WriteLock:
         self._fd = fd
 
     def try_acquire(self) -> bool:
-        """Take the lock if it is free; return whether we hold it."""
+        """Take the lock if it is free (and can be taken at all); return whether we hold it."""
         try:
             self.acquire()
-        except IndexLockedError:
+        except (IndexLockedError, StorageError):
             return False
         return True
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
 from typing import ClassVar
+from urllib.parse import quote
 
 import numpy as np
 from sqlalchemy import (
@@ -211,11 +213,24 @@ class Store:
         self.path = Path(path)
         if not create and not self.path.is_file():
             raise FileNotFoundError(self.path)
-        self.engine = create_engine(f"sqlite:///{self.path}")
+        # An index on read-only storage (a mounted backup, a shared disk) is searched as it
+        # is: SQLite then takes it as immutable, as it cannot make the WAL's shared-memory
+        # file beside it; simsearch's writers refuse it with one line (lock.py).
+        self.read_only = not create and not os.access(self.path.parent, os.W_OK)
+        if self.read_only:
+            uri = f"file:{quote(str(self.path))}?mode=ro&immutable=1"
+            self.engine = create_engine(
+                "sqlite://",
+                creator=lambda: sqlite3.connect(uri, uri=True, check_same_thread=False),
+            )
+        else:
+            self.engine = create_engine(f"sqlite:///{self.path}")
         self._facts_columns: bool | None = None
         # The manifest's dimension, once read: stored vectors are checked against it.
         self.dim: int | None = None
-        event.listen(self.engine, "connect", _on_connect)
+        event.listen(
+            self.engine, "connect", _on_connect_read_only if self.read_only else _on_connect
+        )
         if create:
             Base.metadata.create_all(self.engine)
 
@@ -1080,6 +1095,10 @@ def _stacked(chunk, column: int, dim: int, where: str) -> np.ndarray:
 def _bump_generation(session: Session) -> None:
     current = session.scalar(select(MetaRow.value).where(MetaRow.key == "generation"))
     _put_meta(session, "generation", str(int(current or 0) + 1))
+
+
+def _on_connect_read_only(dbapi_conn, _record) -> None:
+    dbapi_conn.execute("PRAGMA query_only=ON")
 
 
 def _on_connect(dbapi_conn, _record) -> None:

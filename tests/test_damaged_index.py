@@ -5,6 +5,7 @@ bad copy or a hand edit would, then runs every command on it."""
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from pathlib import Path
 
@@ -129,3 +130,76 @@ def test_a_vectors_file_from_another_index_is_not_searched(tmp_path, tiny_vit, p
     assert verify.exit_code == 1 and "not the file this index saved" in verify.output
     with Index.open(tmp_path / "mine") as index:
         assert [(h.id, h.score) for h in index.search("id:1", k=3)] == truth
+
+
+@pytest.fixture
+def read_only_copy(index_path, tmp_path):
+    """The index, intact, seen through a read-only bind mount (a mounted backup)."""
+    import shutil
+    import subprocess
+
+    view = tmp_path / "read-only"
+    view.mkdir()
+    done = subprocess.run(
+        ["mount", "--bind", "-o", "ro", str(index_path), str(view)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip("cannot bind-mount read-only here (needs root)")
+    if os.access(view, os.W_OK):
+        subprocess.run(["umount", str(view)])
+        pytest.skip("this kernel's bind mount is not read-only")
+    yield view
+    subprocess.run(["umount", str(view)], check=True)
+    shutil.rmtree(view, ignore_errors=True)
+
+
+def test_an_index_on_read_only_storage_is_searched_and_not_called_damaged(
+    read_only_copy, photo_dir
+):
+    """Every command said "meta.sqlite is damaged ... restore it from a backup" of an
+    intact index on a read-only mount (SQLite could not make its WAL files there)."""
+    runner = CliRunner()
+    where = ["--index", str(read_only_copy)]
+    for command in (
+        ["search", "id:1", "-k", "2"],
+        ["info"],
+        ["verify"],
+        ["dedup", "--threshold", "0.9"],
+    ):
+        result = runner.invoke(cli, [*command, *where])
+        assert result.exit_code == 0, (command, result.output)
+    never_calibrated = runner.invoke(cli, ["dedup", *where])
+    assert never_calibrated.exit_code == 1 and "pass --threshold" in never_calibrated.stderr
+    for command in (["index", str(photo_dir)], ["repair"]):
+        result = runner.invoke(cli, [*command, *where])
+        assert result.exit_code == 1, (command, result.output)
+        last = result.stderr.strip().splitlines()[-1]
+        assert "read-only storage: it can be searched, not changed" in last, last
+        assert "damaged" not in last
+
+
+def test_a_file_size_limit_is_not_called_damage(index_path):
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    def no_file_growth():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+
+    for stale in index_path.glob("meta.sqlite-*"):
+        stale.unlink()
+    result = subprocess.run(
+        [sys.executable, "-m", "simsearch", "search", "id:1", "--index", str(index_path)],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        preexec_fn=no_file_growth,
+    )
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert "limits file sizes" in last and "may be intact" in last and "damaged" not in last
+    assert CliRunner().invoke(cli, ["verify", "--index", str(index_path)]).exit_code == 0

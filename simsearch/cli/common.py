@@ -46,11 +46,21 @@ class _Group(click.Group):
             click.echo(f"Error: {exc}", err=True)
             sys.exit(1)
         except DatabaseError as exc:
-            click.echo(
-                f"Error: the index database is damaged or unreadable ({exc.orig}); restore it "
-                "from a backup, or index into a new --index",
-                err=True,
-            )
+            from simsearch.api import _STORAGE_ERRORS
+
+            if any(text in str(exc.orig).lower() for text in _STORAGE_ERRORS):
+                click.echo(
+                    f"Error: cannot use the index database ({exc.orig}): the storage is "
+                    "read-only, full, failing, or limits file sizes, or you lack permission; "
+                    "the index itself may be intact",
+                    err=True,
+                )
+            else:
+                click.echo(
+                    f"Error: the index database is damaged or unreadable ({exc.orig}); restore "
+                    "it from a backup, or index into a new --index",
+                    err=True,
+                )
             sys.exit(1)
         except click.Abort:
             click.echo(
