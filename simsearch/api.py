@@ -478,7 +478,7 @@ class Index:
                     stopwatch=stopwatch,
                 )
             except BaseException as exc:
-                if isinstance(exc, KeyboardInterrupt):
+                if isinstance(exc, KeyboardInterrupt) and not self._cache.mirror_pending:
                     # Ctrl-C waits for a batch's commit and its mirror (ingest), so the
                     # index in memory is the database's: saved, `verify` passes, and the
                     # next run continues without rebuilding it.
@@ -488,6 +488,7 @@ class Index:
                 # commit and its mirror), so it is dropped, not saved: the next open
                 # rebuilds it from the database.
                 self._cache.drop()
+                self._cache.mirror_pending = False
                 if isinstance(exc, OperationalError):
                     raise StorageError(
                         f"cannot write to {self.path / DATABASE_FILE}: {exc.orig}. Everything "

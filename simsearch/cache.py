@@ -60,6 +60,9 @@ class VectorCache:
         self._built: dict = {}  # what the loaded or built index is: kind, factory, ...
         self._generation = -1  # the database generation the in-memory index reflects
         self.last_rebuild: str | None = None  # why maintain() last rebuilt it
+        # Set by a writer between a commit and its mirror here: the index in memory is then
+        # behind the database and must not be saved as current.
+        self.mirror_pending = False
 
     @property
     def vectors(self) -> VectorIndex:

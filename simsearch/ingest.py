@@ -377,12 +377,14 @@ def _commit(
     # Ctrl-C waits for the commit and its mirror in FAISS: the index in memory then always
     # matches the database, and an interrupted run can save it (`verify` passes after).
     with _interrupt_deferred():
+        vectors.mirror_pending = True  # until FAISS has what the database has
         with timed("database"):
             ids, dropped = store.write_batch(good, matrix, batch.bad, batch.moves)
         crash_point("after-commit")
         with timed("faiss"):
             vectors.add(np.asarray(ids, dtype=np.int64), matrix)
             vectors.remove(np.asarray(dropped, dtype=np.int64))
+        vectors.mirror_pending = False
     for img, image_id in zip(good, ids, strict=True):
         hashes[img.sha256] = image_id
 
