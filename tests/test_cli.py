@@ -229,3 +229,26 @@ def test_the_skipped_notice_names_the_extra_for_heic_and_raw():
     assert ".heic (3), .nef (2)" in line
     assert "pip install 'simsearch[heic]'" in line and "pip install 'simsearch[raw]'" in line
     assert "FILE" not in line  # nothing else to name
+
+
+def test_the_onnx_only_install_lists_the_core_dependencies_but_torch():
+    """The README's ONNX-only line must follow pyproject.toml: a dependency added to the
+    core and not to that line would be missing from an ONNX-only install."""
+    import re
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    repo = Path(__file__).resolve().parent.parent
+    core = tomllib.loads((repo / "pyproject.toml").read_text())["project"]["dependencies"]
+    wanted = {d for d in core if not re.match(r"(torch|transformers)\b", d)}
+    wanted |= set(
+        tomllib.loads((repo / "pyproject.toml").read_text())["project"]["optional-dependencies"][
+            "onnx"
+        ]
+    )
+    readme = (repo / "README.md").read_text()
+    line = next(
+        ln for ln in readme.split("ONNX-only install", 1)[1].splitlines() if "pip install" in ln
+    )
+    assert set(re.findall(r'"([^"]+)"', line.split("&&")[0])) == wanted
+    assert line.strip().endswith("pip install --no-deps .")
