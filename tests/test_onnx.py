@@ -18,7 +18,13 @@ from simsearch import Index
 from simsearch.cli import cli
 from simsearch.config import INT8_MIN_COSINE, INT8_MIN_RECALL, ONNX_MIN_COSINE
 from simsearch.embed import Embedder
-from simsearch.errors import LayerError, ManifestMismatchError, ModelExportError, ModelLoadError
+from simsearch.errors import (
+    LayerError,
+    ManifestMismatchError,
+    ModelExportError,
+    ModelLoadError,
+    SimsearchError,
+)
 from simsearch.onnx_backend import OnnxEmbedder, read_export_info
 from simsearch.onnx_export import export_model
 
@@ -373,3 +379,23 @@ def test_another_models_export_of_the_same_size_is_refused(tmp_path_factory, exp
     (copy / "model.onnx").write_bytes(swapped)
     with pytest.raises(ModelLoadError, match="SHA-256 differs"):
         OnnxEmbedder(copy)
+
+
+@pytest.mark.parametrize("broken", ["wrong dimension", "not unit length"])
+def test_an_export_whose_output_is_not_what_it_says_commits_nothing(
+    tmp_path, exported, monkeypatch, broken
+):
+    """An export with the wrong output dimension committed its vectors, then a traceback;
+    non-unit output was stored as is."""
+    real = OnnxEmbedder.embed_pixels
+
+    def bad(self, pixels):
+        out = real(self, pixels)
+        return out[:, :16] if broken == "wrong dimension" else 3.0 * out
+
+    monkeypatch.setattr(OnnxEmbedder, "embed_pixels", bad)
+    photos = _photos(tmp_path / "photos", IMAGES[:4])
+    with Index.create(tmp_path / "idx", exported, backend="onnx") as index:
+        with pytest.raises(SimsearchError, match="nothing from this batch was stored"):
+            index.add(photos)
+        assert len(index) == 0 and index.verify() == []
