@@ -255,8 +255,9 @@ def decode_image(
                     f"image is {width}x{height} = {width * height:,} pixels, above the limit "
                     f"of {max_pixels:,} pixels"
                 )
-            if draft is not None:
-                draft.check_resize(width, height)
+            check_resize = getattr(draft, "check_resize", None)  # a model's preprocessing
+            if check_resize is not None:
+                check_resize(width, height)
             if draft is not None and img.format == "JPEG":
                 img.draft("RGB", draft.draft_size(width, height))
             cost = decoded_bytes(img.mode, *img.size)
