@@ -7,6 +7,7 @@ the same `from_pretrained` path that real checkpoints take.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -152,6 +153,17 @@ def subprocess_env(**extra) -> dict[str, str]:
     env.pop("SIMSEARCH_CRASH_AT", None)
     env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **extra)
     return env
+
+
+def run_simsearch(*args, **options) -> subprocess.CompletedProcess:
+    """Run `simsearch ARGS` in a subprocess (offline), capturing its text output."""
+    return subprocess.run(
+        [sys.executable, "-m", "simsearch", *(str(a) for a in args)],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        **options,
+    )
 
 
 DIM = 32  # the tiny ViT's hidden size

@@ -10,11 +10,10 @@ import resource
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 
 import pytest
-from conftest import draw_image, index_command, subprocess_env
+from conftest import draw_image, index_command, run_simsearch, subprocess_env
 
 from simsearch import Index
 
@@ -191,12 +190,7 @@ def test_ctrl_c_keeps_the_index_sound_and_says_how_to_go_on(photos, tiny_vit, tm
         assert proc.returncode == 130, err
         assert "run the same command again" in err.strip().splitlines()[-1]
         assert "Traceback" not in err
-        verify = subprocess.run(
-            [sys.executable, "-m", "simsearch", "verify", "--index", str(index)],
-            env=subprocess_env(),
-            capture_output=True,
-            text=True,
-        )
+        verify = run_simsearch("verify", "--index", index)
         assert verify.returncode == 0, verify.stdout + verify.stderr
         assert before < _committed(index) < total
     assert _run(photos, index, tiny_vit).returncode == 0

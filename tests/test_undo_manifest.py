@@ -302,7 +302,7 @@ def test_an_undo_killed_with_sigkill_then_run_again_loses_nothing(tmp_path, libr
     import subprocess
     import sys
 
-    from conftest import subprocess_env
+    from conftest import run_simsearch, subprocess_env
 
     from simsearch.records import Label
 
@@ -332,12 +332,7 @@ def test_an_undo_killed_with_sigkill_then_run_again_loses_nothing(tmp_path, libr
     assert again.returncode == 0, again.stderr
     assert snapshot(folder) == before
     assert labels_and_clusters(index) == entries
-    verify = subprocess.run(
-        [sys.executable, "-m", "simsearch", "verify", "--index", str(index)],
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-    )
+    verify = run_simsearch("verify", "--index", index)
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
