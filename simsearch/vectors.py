@@ -377,13 +377,18 @@ class VectorIndex:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         if len(ids) == 0 or len(self) == 0:
             return 0
+        gone = np.isin(self._labels(), ids)
         if self.removable:
-            removed = int(self._index.remove_ids(faiss.IDSelectorBatch(ids)))
-            self._dead = np.zeros(self._index.ntotal, dtype=bool)
+            # Every entry of these ids goes, tombstones of them included; the tombstones
+            # of other ids stay so (FAISS keeps the remaining entries in order).
+            removed = int((gone & ~self._dead).sum())
+            self._index.remove_ids(faiss.IDSelectorBatch(ids))
+            self._dead = self._dead[~gone]
+            self._n_dead = int(self._dead.sum())
             self._label_copy = None
+            self._selector = None
             return removed
-        hit = np.isin(self._labels(), ids) & ~self._dead
-        return self._bury(hit)
+        return self._bury(gone)
 
     def bury_superseded(self, live_ids: np.ndarray) -> int:
         """Mark as tombstones the entries whose id is not in `live_ids` (sorted) and all but

@@ -272,3 +272,18 @@ def test_a_factory_with_too_many_lists_to_try_is_kept_for_the_collection(empty_i
     millions: it is kept, and the index stays exact until it can be trained."""
     empty_index.set_index_type("IVF65536,Flat")
     assert empty_index.info().index_type == "IVF65536,Flat"
+
+
+def test_removing_from_a_flat_index_keeps_its_tombstones():
+    """On a Flat index, remove() after bury_superseded() forgot the tombstones: len() and
+    ids() disagreed, and search returned the buried id again."""
+    data = clustered(4, DIM, seed=5)
+    vectors = VectorIndex(DIM)
+    vectors.add(np.array([1, 2, 3, 4]), data)
+    assert vectors.bury_superseded(np.array([2, 3, 4])) == 1  # 1 is gone from the database
+    assert vectors.remove(np.array([3])) == 1
+    assert len(vectors) == 2 and vectors.ids().tolist() == [2, 4]
+    _, ids = vectors.search(data, 4)
+    assert set(ids[ids >= 0].tolist()) == {2, 4}
+    assert vectors.remove(np.array([1])) == 0  # a tombstone's id: nothing live removed
+    assert len(vectors) == 2 and vectors.entries == 2
