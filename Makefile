@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 DEMO_INDEX ?= indexes/demo
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test test-fast lint clean
 
 $(BIN)/simsearch: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ lint: setup
 
 test: lint
 	$(BIN)/python -m pytest
+
+# The unit tests only: everything but the end-to-end and slow ones (markers in pyproject).
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow and not e2e" -q
 
 clean:
 	rm -rf $(VENV) $(DEMO_INDEX) $(DEMO_INDEX)-dinov2-small .cache/models .pytest_cache .ruff_cache

@@ -228,6 +228,7 @@ def test_too_few_images_are_clear_errors(tmp_path, tiny_vit):
         assert index.cluster(2).clusters == 2  # K = n: every image its own cluster
 
 
+@pytest.mark.slow
 def test_clustering_a_million_vectors_stays_in_bounded_memory():
     """1M vectors read in chunks: they alone would take 128 MB at 32 dims (512 MB at 128);
     clustering reads at most CLUSTER_TRAIN_MAX of them at once and allocates under 80 MB

@@ -45,6 +45,7 @@ def test_a_writer_waits_for_a_lock_held_briefly(index_path, photo_dir):
         assert idx.add(photo_dir).unchanged == 8
 
 
+@pytest.mark.e2e
 def test_a_lock_left_by_a_killed_process_is_taken_over(index_path, photo_dir, short_wait):
     holder = subprocess.Popen(
         [
@@ -67,6 +68,7 @@ def test_a_lock_left_by_a_killed_process_is_taken_over(index_path, photo_dir, sh
         assert idx.add(photo_dir).unchanged == 8
 
 
+@pytest.mark.e2e
 def test_searches_stay_consistent_while_a_writer_runs(tmp_path, tiny_vit):
     photos = tmp_path / "many"
     photos.mkdir()
@@ -112,6 +114,7 @@ def test_searches_stay_consistent_while_a_writer_runs(tmp_path, tiny_vit):
         assert idx.verify() == []
 
 
+@pytest.mark.e2e
 def test_two_processes_creating_one_new_index_both_succeed(tmp_path, tiny_vit, photo_dir):
     """The second failed at once ("locked") instead of waiting like other writers, or
     raised IndexExistsError once the first had created it."""

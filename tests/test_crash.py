@@ -17,6 +17,8 @@ from conftest import draw_image, index_command, run_simsearch, subprocess_env
 
 from simsearch import Index
 
+pytestmark = pytest.mark.e2e
+
 N_IMAGES = 240
 BATCH = 16
 

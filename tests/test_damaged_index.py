@@ -178,6 +178,7 @@ def test_an_index_on_read_only_storage_is_searched_and_not_called_damaged(
         assert "damaged" not in last
 
 
+@pytest.mark.e2e
 def test_a_file_size_limit_is_not_called_damage(index_path):
     import resource
     import signal

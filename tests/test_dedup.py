@@ -146,6 +146,7 @@ def test_compressed_indexes_find_the_same_groups(planted):
     assert index.duplicates(0.98) == exact
 
 
+@pytest.mark.slow
 def test_dedup_of_200k_vectors_runs_in_bounded_memory():
     """200k vectors: an n x n similarity matrix would take 160 GB; dedup's own allocations
     (everything but the FAISS index, which is not its to count) stay under 100 MB."""

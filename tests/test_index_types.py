@@ -29,6 +29,7 @@ def empty_index(tmp_path, tiny_vit):
         yield index
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("index_type", "kind", "bound"),
     [
@@ -52,6 +53,7 @@ def test_every_type_finds_the_true_neighbours(empty_index, index_type, kind, bou
     assert hit.score == pytest.approx(float(data[ids == hit.id][0] @ queries[0]), abs=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("index_type", ["flat", "hnsw", "ivf", "ivfpq"])
 @pytest.mark.parametrize("share", [0.01, 0.5])
 def test_a_search_within_a_subset_finds_its_true_neighbours(
@@ -74,6 +76,7 @@ def test_a_search_within_a_subset_finds_its_true_neighbours(
         assert all(len(h) == 10 and {x.id for x in h} <= set(subset.tolist()) for h in hits)
 
 
+@pytest.mark.slow
 def test_reranking_recovers_what_compression_loses(empty_index):
     data = clustered(12_000)
     ids = fill(empty_index, data)
@@ -134,6 +137,7 @@ def test_deleted_files_vanish_from_an_hnsw_index_and_stay_gone(tmp_path, tiny_vi
         assert index.verify() == []
 
 
+@pytest.mark.slow
 def test_auto_says_what_it_chose_and_moves_on_as_the_collection_grows(empty_index, monkeypatch):
     monkeypatch.setattr("simsearch.vectors.AUTO_FLAT_MAX_VECTORS", 1_000)
     monkeypatch.setattr("simsearch.vectors.AUTO_HNSW_MAX_BYTES", 5_000 * DIM * 4)

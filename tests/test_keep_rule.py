@@ -60,6 +60,7 @@ def indexed(tmp_path: Path, model: Path, *folders: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_the_camera_original_is_kept_over_its_smaller_copies(tmp_path, vit224):
     photos = tmp_path / "photos"
     photos.mkdir()

@@ -23,6 +23,8 @@ from conftest import _save_vit, subprocess_env
 
 from simsearch import Index
 
+pytestmark = pytest.mark.e2e
+
 # Above the same command on one small image, at 2 workers.
 BOUND = 800 << 20
 

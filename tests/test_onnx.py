@@ -343,6 +343,7 @@ runpy.run_module("simsearch", run_name="__main__")
 """
 
 
+@pytest.mark.e2e
 def test_onnx_backend_needs_no_torch(tmp_path, exported):
     photos = _photos(tmp_path / "photos", IMAGES[:10])
     query = tmp_path / "query.png"

@@ -296,6 +296,7 @@ def test_an_interrupted_undo_run_again_restores_every_file_and_its_index_entry(
     assert indexed_paths(index) == set(entries)
 
 
+@pytest.mark.e2e
 def test_an_undo_killed_with_sigkill_then_run_again_loses_nothing(tmp_path, library):
     """A real kill (SIGKILL from the crash point after the second file is back, before the
     index knows it), then a second run: every file back, indexed, and `verify` passes."""
