@@ -76,3 +76,10 @@ class FinetuneError(SimsearchError):
 
 class TrainingInterrupted(SimsearchError):
     """Fine-tuning stopped on request (Ctrl-C); its progress is saved and can be resumed."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): what a
+    one-line error quotes of a library's own, often multi-line, message."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]

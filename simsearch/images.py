@@ -31,7 +31,7 @@ from simsearch.config import (
     SKIPPED_SUFFIXES_KEPT,
     UNINDEXED_FORMATS,
 )
-from simsearch.errors import ImageError, InputPathError
+from simsearch.errors import ImageError, InputPathError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +283,7 @@ def decode_image(
             "(a possible decompression bomb)"
         ) from None
     except Exception as exc:  # Pillow raises many types for bad data; all mean "cannot decode"
-        raise ImageError(f"cannot decode image: {_reason(exc)}") from None
+        raise ImageError(f"cannot decode image: {first_line(exc)}") from None
     if width < 1 or height < 1:
         raise ImageError(f"image has no pixels ({width}x{height})")
     turn = _EXIF_TURNS.get(orientation)
@@ -411,7 +411,7 @@ def header_facts(
     except Image.UnidentifiedImageError:
         raise ImageError("not an image, or a format Pillow cannot read") from None
     except Exception as exc:  # a damaged header: one line, never a traceback
-        raise ImageError(f"cannot read the image header: {_reason(exc)}") from None
+        raise ImageError(f"cannot read the image header: {first_line(exc)}") from None
 
 
 def _facts_of(fh) -> HeaderFacts:
@@ -495,9 +495,9 @@ def _decode_raw(rawpy, data: bytes, max_pixels: int, draft) -> Image.Image:
     except ImageError:
         raise
     except rawpy.LibRawError as exc:
-        raise ImageError(f"cannot decode camera RAW: {_reason(exc)}") from None
+        raise ImageError(f"cannot decode camera RAW: {first_line(exc)}") from None
     except Exception as exc:  # LibRaw raises plain errors too for truncated files
-        raise ImageError(f"cannot decode camera RAW: {_reason(exc)}") from None
+        raise ImageError(f"cannot decode camera RAW: {first_line(exc)}") from None
 
 
 # LibRaw's flip codes for the rotation a preview needs (0: none).
@@ -511,11 +511,6 @@ _FLIPS = {
 def _flipped(img: Image.Image, flip: int) -> Image.Image:
     turn = _FLIPS.get(flip)
     return img if turn is None else img.transpose(turn)
-
-
-def _reason(exc: Exception) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -15,7 +15,7 @@ import os
 import re
 from pathlib import Path
 
-from simsearch.errors import ModelLoadError
+from simsearch.errors import ModelLoadError, first_line
 from simsearch.images import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def resolve_model(name: str, env: str = "SIMSEARCH_MODEL") -> tuple[Path, str | 
                 folder = Path(snapshot_download(name, allow_patterns=["*.json", "*.bin"]))
         except Exception as exc:
             raise ModelLoadError(
-                f"cannot download model {name!r} from the hub: {_first_line(exc)} "
+                f"cannot download model {name!r} from the hub: {first_line(exc)} "
                 f"(if {name!r} was meant as a local folder: there is no such folder)"
             ) from None
     refuse_code(folder)
@@ -135,11 +135,6 @@ def _hub_reachable(endpoint: str, timeout: float = 5.0) -> bool:
     except (OSError, ValueError):
         return False
     return True
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -258,7 +253,7 @@ def load_backbone(folder: Path):
             check_size(model_cls, config if vision_config is None else vision_config, folder)
             model = load_pretrained(model_cls, folder, use_safetensors)
     except Exception as exc:
-        raise ModelLoadError(f"cannot load model from {folder}: {_first_line(exc)}") from None
+        raise ModelLoadError(f"cannot load model from {folder}: {first_line(exc)}") from None
     model.eval()
     backbone = getattr(model, "vision_model", model)
     config = getattr(model, "config", config)
@@ -295,7 +290,7 @@ def load_classifier(folder: Path, name: str):
         with quiet_transformers():
             config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     except Exception as exc:
-        raise ModelLoadError(f"cannot load model {name}: {_first_line(exc)}") from None
+        raise ModelLoadError(f"cannot load model {name}: {first_line(exc)}") from None
     architectures = list(getattr(config, "architectures", None) or [])
     if architectures and not any(HEAD_ARCHITECTURE in a for a in architectures):
         raise ModelLoadError(
@@ -310,7 +305,7 @@ def load_classifier(folder: Path, name: str):
             )
     except Exception as exc:
         raise ModelLoadError(
-            f"cannot load {name} as an image classifier ({_first_line(exc)}): {need}"
+            f"cannot load {name} as an image classifier ({first_line(exc)}): {need}"
         ) from None
     untrained = sorted(set(info.get("missing_keys", ())) | _names(info.get("mismatched_keys")))
     if untrained:
@@ -359,7 +354,7 @@ def check_size(model_cls, config, folder: Path) -> None:
             )
     except Exception as exc:
         raise ModelLoadError(f"cannot build the model config.json in {folder} describes: "
-                             f"{_first_line(exc)}") from None  # fmt: skip
+                             f"{first_line(exc)}") from None  # fmt: skip
     wanted = sum(p.numel() for p in skeleton.parameters())
     if wanted > CONFIG_OVER_WEIGHTS * stored + CONFIG_OVER_WEIGHTS_SLACK:
         raise ModelLoadError(

@@ -23,7 +23,7 @@ from simsearch.config import (
     ONNX_MODEL_FILE,
     Manifest,
 )
-from simsearch.errors import ModelLoadError
+from simsearch.errors import ModelLoadError, first_line
 from simsearch.images import Preprocessing, embed_in_batches
 
 log = logging.getLogger(__name__)
@@ -219,7 +219,7 @@ def _open_session(path: Path, device: str):
     try:
         session = ort.InferenceSession(str(path), options, providers=providers)
     except Exception as exc:
-        text = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+        text = first_line(exc)
         raise ModelLoadError(f"onnxruntime cannot load {path}: {text}") from None
     used = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
     log.debug("onnxruntime %s on %s (%s)", path.name, used, ", ".join(session.get_providers()))

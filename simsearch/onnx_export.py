@@ -36,7 +36,7 @@ from simsearch.config import (
     VALIDATION_MAX_IMAGES,
     VALIDATION_MIN_IMAGES,
 )
-from simsearch.errors import ImageError, ModelExportError, ModelLoadError
+from simsearch.errors import ImageError, ModelExportError, ModelLoadError, first_line
 from simsearch.images import decode_image, find_images, read_image_file
 from simsearch.onnx_backend import (
     INPUT_NAME,
@@ -296,7 +296,7 @@ def _torch_export(module, path: Path, sample: np.ndarray, output_name: str, opse
                 **legacy,
             )
     except Exception as exc:
-        text = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+        text = first_line(exc)
         raise ModelExportError(f"torch cannot export this model to opset {opset}: {text}") from None
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from simsearch.embed import cpu_has_native_bf16
-from simsearch.errors import FinetuneError, ModelLoadError
+from simsearch.errors import FinetuneError, ModelLoadError, first_line
 from simsearch.models import FINAL_NORM_NAMES, find_blocks, load_pretrained, quiet_transformers
 
 # Unless --freeze-layers says otherwise, the head and this many last blocks train. The lower
@@ -57,7 +57,7 @@ def load_for_training(folder: Path, name: str, classes: list[str]):
                 ignore_mismatched_sizes=True,  # another classifier's head: replaced
             )
     except Exception as exc:
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = first_line(exc)
         raise ModelLoadError(
             f"cannot load {name} for fine-tuning ({text}): it needs a backbone that "
             "transformers' AutoModelForImageClassification supports (ViT, DeiT, BEiT, DINOv2, ...)"
