@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import re
 import secrets
@@ -218,3 +219,12 @@ def _copy_across(source: int, name: str, folder: int, dest: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(partial, dir_fd=folder)  # by its exact name: ours
         raise
+
+
+def sha256_of(path: Path) -> str:
+    """The SHA-256 of a file's content, read 16 MiB at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()

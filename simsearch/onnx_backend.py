@@ -8,7 +8,6 @@ is the preprocessing (the checkpoint's, recorded in the export) and running the 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ from simsearch.config import (
     Manifest,
 )
 from simsearch.errors import ModelLoadError, first_line
+from simsearch.files import sha256_of
 from simsearch.images import Preprocessing, embed_in_batches
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ class OnnxEmbedder:
             )
         # The same size is not the same model: another export of the same architecture has
         # it too. Its vectors would be mixed into the index as this model's.
-        if recorded.get("sha256") and _sha256(path) != recorded["sha256"]:
+        if recorded.get("sha256") and sha256_of(path) != recorded["sha256"]:
             raise ModelLoadError(
                 f"{path} is not the file the export wrote (its SHA-256 differs from the one "
                 f"recorded in {ONNX_INFO_FILE}): it was replaced or changed; copy or export "
@@ -184,14 +184,6 @@ class OnnxEmbedder:
         batch = np.ascontiguousarray(pixels, dtype=np.float32)
         (vectors,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})
         return np.ascontiguousarray(vectors, dtype=np.float32)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _open_session(path: Path, device: str):

@@ -9,7 +9,6 @@ so a failed or interrupted export leaves nothing behind.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ from simsearch.config import (
     VALIDATION_MIN_IMAGES,
 )
 from simsearch.errors import ImageError, ModelExportError, ModelLoadError, first_line
+from simsearch.files import sha256_of
 from simsearch.images import decode_image, find_images, read_image_file
 from simsearch.onnx_backend import (
     INPUT_NAME,
@@ -498,11 +498,7 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 def _file_entry(path: Path, **extra) -> dict:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 24):
-            digest.update(chunk)
-    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest(), **extra}
+    return {"bytes": path.stat().st_size, "sha256": sha256_of(path), **extra}
 
 
 def _export_info(reference, result: OnnxExport, files: dict, head: dict | None) -> dict:
