@@ -24,7 +24,7 @@ setup: $(BIN)/simsearch
 # the hub cannot be reached, DINOv2-S, a real pretrained ViT built from a PyPI package
 # (examples/demo_model.py), with a line saying so. Each model gets its own index.
 DEMO_MODEL ?= .cache/models/dinov2-small
-DEMO_CAN_LOAD := from simsearch.config import DEFAULT_MODEL; from simsearch.models import can_load; raise SystemExit(0 if can_load(DEFAULT_MODEL) else 1)
+DEMO_CAN_LOAD := from simsearch.config import DEFAULT_MODEL; from simsearch.models.hub import can_load; raise SystemExit(0 if can_load(DEFAULT_MODEL) else 1)
 demo: setup
 	@model="$${SIMSEARCH_MODEL:-}"; index=$(DEMO_INDEX); \
 	if [ -z "$$model" ] && ! $(BIN)/python -c "$(DEMO_CAN_LOAD)"; then \
@@ -43,6 +43,7 @@ demo: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-cache
 
 test: lint
 	$(BIN)/python -m pytest

@@ -38,8 +38,8 @@ def main() -> None:
     parser.add_argument("--precisions", default="bf16,fp16,int8")
     args = parser.parse_args()
 
-    from simsearch.embed import Embedder
-    from simsearch.images import decode_image
+    from simsearch.media.images import decode_image
+    from simsearch.models.embed import Embedder
 
     files = sorted(args.data.glob("*.jpg"))[: args.images]
     fp32 = Embedder(args.model, precision="fp32")

@@ -43,7 +43,7 @@ SETTINGS = {
 LOAD_ONLY = """
 import resource, sys
 from pathlib import Path
-from simsearch.transfer import freeze, load_for_training
+from simsearch.train.transfer import freeze, load_for_training
 model = load_for_training(Path(sys.argv[1]), sys.argv[1], ["a", "b"])
 freeze(model, None)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)

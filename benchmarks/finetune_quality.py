@@ -46,7 +46,7 @@ def write_digits(folder: Path, per_class: int, val_per_class: int, seed: int) ->
 
 def vectors(model: str, folder: Path) -> tuple[np.ndarray, np.ndarray]:
     """Embed every image under folder/<class>/ with `model`; return (vectors, labels)."""
-    from simsearch.embed import Embedder
+    from simsearch.models.embed import Embedder
 
     embedder = Embedder(model, precision="fp32")
     paths = sorted(folder.glob("*/*.png"))
@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
 
-    from simsearch.finetune import FinetuneConfig, finetune
+    from simsearch.train.finetune import FinetuneConfig, finetune
 
     work = Path(tempfile.mkdtemp(prefix="simsearch-finetune-quality-"))
     try:

@@ -45,10 +45,10 @@ def main() -> None:
     import torch
 
     from simsearch import Index
-    from simsearch.embed import Embedder
-    from simsearch.images import decode_image
-    from simsearch.onnx_backend import OnnxEmbedder
-    from simsearch.onnx_export import export_model, recall_at_k
+    from simsearch.media.images import decode_image
+    from simsearch.models.embed import Embedder
+    from simsearch.models.onnx import OnnxEmbedder
+    from simsearch.models.onnx_export import export_model, recall_at_k
 
     work = Path(tempfile.mkdtemp(prefix="onnx-speed-"))
     try:

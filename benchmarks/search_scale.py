@@ -151,10 +151,10 @@ def phase_build(work: Path, index_type: str) -> dict:
 
 
 def phase_search(work: Path, rerank: int | None, single: int, nprobe, ef) -> dict:
-    import simsearch.cache
+    import simsearch.search.cache
     from simsearch import Index
 
-    simsearch.cache.MMAP_MIN_BYTES = 1 << 62  # read the whole index: measure its RAM
+    simsearch.search.cache.MMAP_MIN_BYTES = 1 << 62  # read the whole index: measure its RAM
     queries, truth = np.load(work / "queries.npy"), np.load(work / "truth.npy")
     base = rss_mb()
     with Index.open(work / "index") as index:

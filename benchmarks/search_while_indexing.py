@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, {bench!r})
 from search_scale import clustered
 from simsearch import Index
-from simsearch.store import GoodImage
+from simsearch.storage.store import GoodImage
 index = Index.open({folder!r})
 index._lock.acquire()
 n, added, dim = {n}, {added}, {dim}

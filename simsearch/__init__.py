@@ -1,19 +1,29 @@
-"""simsearch: index folders of images with a vision transformer and search them by example."""
+"""simsearch: index folders of images with a vision transformer and search them by example.
 
-from simsearch.api import Index
-from simsearch.errors import SimsearchError
-from simsearch.records import (
-    AddSummary,
-    Cluster,
-    ClusterRun,
-    Duplicate,
-    DuplicateGroup,
-    FailedFile,
-    Hit,
-    IndexInfo,
-)
+The names below load on first use (PEP 562), so `import simsearch` and the CLI's `--help`
+do not pay for SQLAlchemy, PIL, torch or FAISS, and `simsearch.models.onnx` runs with numpy
+and onnxruntime alone.
+"""
 
-__version__ = "0.1.0"
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from simsearch._version import __version__
+
+_HOMES = {
+    "Index": "simsearch.api",
+    "SimsearchError": "simsearch.errors",
+    "AddSummary": "simsearch.records",
+    "Cluster": "simsearch.records",
+    "ClusterRun": "simsearch.records",
+    "Duplicate": "simsearch.records",
+    "DuplicateGroup": "simsearch.records",
+    "FailedFile": "simsearch.records",
+    "Hit": "simsearch.records",
+    "IndexInfo": "simsearch.records",
+}
 
 __all__ = [
     "AddSummary",
@@ -28,3 +38,30 @@ __all__ = [
     "SimsearchError",
     "__version__",
 ]
+
+if TYPE_CHECKING:
+    from simsearch.api import Index
+    from simsearch.errors import SimsearchError
+    from simsearch.records import (
+        AddSummary,
+        Cluster,
+        ClusterRun,
+        Duplicate,
+        DuplicateGroup,
+        FailedFile,
+        Hit,
+        IndexInfo,
+    )
+
+
+def __getattr__(name: str):
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'simsearch' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOMES])

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 
-from simsearch.cache import VectorCache
 from simsearch.config import (
     CALIBRATION_METHOD,
     CALIBRATION_SAMPLE,
@@ -47,9 +46,9 @@ from simsearch.errors import (
     QueryError,
     StorageError,
 )
-from simsearch.files import remove_temp_leftovers, replaced_atomically
-from simsearch.images import Preprocessing, decode_image, read_image_file
-from simsearch.lock import WriteLock
+from simsearch.fs.files import remove_temp_leftovers, replaced_atomically
+from simsearch.fs.lock import WriteLock
+from simsearch.media.images import Preprocessing, decode_image, read_image_file
 from simsearch.records import (
     AddSummary,
     Calibration,
@@ -63,8 +62,10 @@ from simsearch.records import (
     LabelSummary,
     MoveReport,
 )
-from simsearch.store import Store
-from simsearch.vectors import VectorIndex, check_vectors, plan_index, try_index_type
+from simsearch.search.cache import VectorCache
+from simsearch.search.vectors import VectorIndex, plan_index, try_index_type
+from simsearch.storage.checks import check_vectors
+from simsearch.storage.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +168,7 @@ class Index:
         elif backend == "onnx":
             embedder = _onnx_embedder(model, layer, pool, device, precision, batch_size)
         else:
-            from simsearch.embed import Embedder
+            from simsearch.models.embed import Embedder
 
             embedder = Embedder(
                 model,
@@ -328,7 +329,7 @@ class Index:
     def _check_request(self, model, layer: int | None, pool: str | None) -> None:
         from dataclasses import replace
 
-        from simsearch.embed import resolve_layer
+        from simsearch.models.embed import resolve_layer
 
         if self._embedder is not None:
             self.manifest.check_compatible(self._embedder.manifest())
@@ -338,7 +339,7 @@ class Index:
         if pool is not None:
             wanted = replace(wanted, pool=pool)
         if model is not None and self._embedder is None and self.backend == "onnx":
-            from simsearch.onnx_backend import read_export_info
+            from simsearch.models.onnx import read_export_info
 
             # The export records its source weights' hash: checked without loading anything.
             source = read_export_info(model)["source"]
@@ -349,7 +350,7 @@ class Index:
                 config_sha256=source.get("config_sha256"),
             )
         elif model is not None and self._embedder is None:
-            from simsearch.models import hash_config, hash_weights, resolve_model
+            from simsearch.models.hub import hash_config, hash_weights, resolve_model
 
             folder, _ = resolve_model(str(model))
             wanted = replace(
@@ -389,7 +390,7 @@ class Index:
                 )
             try:
                 if self.backend == "onnx":
-                    from simsearch.onnx_backend import OnnxEmbedder
+                    from simsearch.models.onnx import OnnxEmbedder
 
                     embedder = OnnxEmbedder(
                         self._model,
@@ -398,7 +399,7 @@ class Index:
                         batch_size=self._batch_size,
                     )
                 else:
-                    from simsearch.embed import Embedder
+                    from simsearch.models.embed import Embedder
 
                     embedder = Embedder(
                         self._model,
@@ -450,7 +451,7 @@ class Index:
         """
         from sqlalchemy.exc import OperationalError
 
-        from simsearch.ingest import Stopwatch, ingest
+        from simsearch.ops.ingest import Stopwatch, ingest
 
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
@@ -525,7 +526,7 @@ class Index:
         default to the index's. `labeller`: a Labeller already loaded, used instead of
         `model`. Takes the write lock; changes no vector.
         """
-        from simsearch.label import Labeller, label_index
+        from simsearch.ops.label import Labeller, label_index
 
         def load():
             return labeller or Labeller(
@@ -558,7 +559,7 @@ class Index:
 
     def _label_ids(self, label: str) -> np.ndarray:
         """Return the ids of images having `label` among their stored labels (any synonym)."""
-        from simsearch.label import matching_labels, no_match_error
+        from simsearch.ops.label import matching_labels, no_match_error
 
         source = self.store.label_source()
         if source is None:
@@ -727,7 +728,7 @@ class Index:
         `threshold` None: the index's calibrated threshold (see `calibrate_dedup`;
         calibrated now, once, if it never was). `progress`: a tqdm-like object.
         """
-        from simsearch.dedup import describe, find_groups
+        from simsearch.ops.dedup import describe, find_groups
 
         if threshold is None:
             threshold = self.dedup_calibration(neighbours=neighbours).threshold
@@ -796,7 +797,7 @@ class Index:
         estimated to be copies already), with the precision and recall it had there. Needs
         the model and the indexed files.
         """
-        from simsearch.calibrate import calibrate
+        from simsearch.ops.calibrate import calibrate
 
         if sample < 1:
             raise QueryError("the calibration sample must be at least 1 image")
@@ -832,14 +833,14 @@ class Index:
         the index. Every move is logged first in a manifest in `target` (its path is in the
         report) that `undo_moves` reverses. Files changed since indexing, or whose kept
         image is gone, are left alone and listed in the report."""
-        from simsearch.moves import move
+        from simsearch.ops.moves import move
 
         return move(self, groups, Path(target))
 
     def delete_duplicates(self, groups: Sequence[DuplicateGroup]) -> MoveReport:
         """Delete each group's duplicates (not the kept images), for good, and remove them
         from the index; the same checks as `move_duplicates`."""
-        from simsearch.moves import delete
+        from simsearch.ops.moves import delete
 
         return delete(self, groups)
 
@@ -848,7 +849,7 @@ class Index:
         return them to the index with their stored vectors (no model needed). Safe to run
         again, and after a crash: files already in place are passed over; a file whose
         original path is taken again is left where it is and reported."""
-        from simsearch.moves import undo
+        from simsearch.ops.moves import undo
 
         return undo(self, Path(manifest))
 
@@ -867,7 +868,7 @@ class Index:
         `add` meanwhile gets IndexLockedError). Raises ClusterError for an unusable `k`.
         `progress`: a tqdm-like object, advanced per image assigned.
         """
-        from simsearch.cluster import check_k, cluster_vectors
+        from simsearch.ops.cluster import check_k, cluster_vectors
 
         dim = self.manifest.dim
         check_k(k, len(self))  # ClusterError before waiting for the lock
@@ -932,7 +933,7 @@ class Index:
         database (indexing may go on meanwhile), in chunks, and writes under a temporary
         name renamed into place when complete. `progress`: a tqdm-like object.
         """
-        from simsearch.export import export
+        from simsearch.ops.export import export
 
         with self.store.snapshot_items(self.manifest.dim) as (total, extras, chunks):
             if progress is not None:
@@ -1113,9 +1114,9 @@ def _backend_of(manifest: Manifest) -> str:
 def _onnx_embedder(model, layer, pool, device, precision, batch_size):
     """Return an OnnxEmbedder for the export `model`, checking `layer` and `pool` against
     what the export baked in."""
-    from simsearch.embed import resolve_layer
     from simsearch.errors import LayerError
-    from simsearch.onnx_backend import OnnxEmbedder
+    from simsearch.models.embed import resolve_layer
+    from simsearch.models.onnx import OnnxEmbedder
 
     embedder = OnnxEmbedder(model, device=device, precision=precision, batch_size=batch_size)
     if layer is not None and resolve_layer(layer, embedder.num_layers) != embedder.layer:
@@ -1185,7 +1186,7 @@ def _as_image(image, preprocess):
     from PIL import Image
 
     if isinstance(image, Image.Image):
-        from simsearch.images import to_rgb
+        from simsearch.media.images import to_rgb
 
         return to_rgb(image)
     path = Path(image)

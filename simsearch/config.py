@@ -278,7 +278,7 @@ TOMBSTONE_REBUILD_SHARE = 0.2
 DEDUP_NEIGHBOURS = 20
 
 # The calibrated dedup threshold maximises F-beta with this beta, over the copies the
-# collection is estimated to hold (simsearch.calibrate): 1 weighs a false duplicate (a
+# collection is estimated to hold (simsearch.ops.calibrate): 1 weighs a false duplicate (a
 # different photo offered for deletion) and a missed copy alike; precision is protected by
 # counting copies as few as the collection has, not seven per sampled image. Method 2's
 # 0.5 over seven copies an image set thresholds among near-distinct shots (precision
@@ -292,7 +292,7 @@ CALIBRATION_SAMPLE = 100
 
 # The calibration method a new calibration uses (records.Calibration.method): 3 weighs the
 # edited copies by the number of copies the collection is estimated to hold
-# (simsearch.calibrate); 2 counted each as a real copy and set thresholds among near-
+# (simsearch.ops.calibrate); 2 counted each as a real copy and set thresholds among near-
 # distinct shots; 1 counted the copies already in the collection as mistakes and set the
 # threshold too high where there are many (0.972 where 0.915 was best). A stored
 # calibration of an older method is still used, with a warning to recalibrate.

@@ -86,7 +86,7 @@ class Calibration:
     # on); from method 3 also what the edited copies stand for in the F1 (precision, recall)
     copies_among_others: float | None = None
     # 1: neighbours above the image's copies' median dropped, the rest counted as mistakes
-    # (stored calibrations from before method 2 read as 1); 2, 3: see simsearch.calibrate
+    # (stored calibrations from before method 2 read as 1); 2, 3: see simsearch.ops.calibrate
     method: int = 1
 
     def line(self) -> str:

@@ -22,7 +22,7 @@ def _isolated_env(monkeypatch, tmp_path):
     for var in ("SIMSEARCH_INDEX", "SIMSEARCH_MODEL", "SIMSEARCH_LABEL_MODEL"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr("simsearch.models._hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr("simsearch.models.hub._hub_reachable", lambda *a, **k: False)
     # fp32 everywhere unless a test asks for a precision: exact comparisons stay exact, and
     # results do not depend on whether this CPU has native bf16 (tests/test_precision.py).
     monkeypatch.setenv("SIMSEARCH_PRECISION", "fp32")
@@ -186,7 +186,7 @@ def clustered(n: int, dim: int = DIM, seed: int = 0, clusters: int = 50) -> np.n
 def fill(index, vectors: np.ndarray, start: int = 0, images=None) -> np.ndarray:
     """Store `vectors` as indexing images would (commit, then mirror); returns their ids.
     `images`: the GoodImage rows to store them under (default: made-up paths and hashes)."""
-    from simsearch.store import GoodImage
+    from simsearch.storage.store import GoodImage
 
     good = images or [
         GoodImage(f"/synthetic/{start + i}.jpg", 1, 1, f"{start + i:064x}", 8, 8)

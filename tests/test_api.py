@@ -173,7 +173,7 @@ def test_corrupt_or_stale_faiss_file_is_not_trusted(index, photo_dir, tmp_path):
     with Index.open(index.path) as idx:
         assert idx.search(photo_dir / "img3.png", k=4) == expected
     # A FAISS file from another index (other ids) is stale too.
-    from simsearch.vectors import VectorIndex
+    from simsearch.search.vectors import VectorIndex
 
     stale = VectorIndex(32)
     stale.add(np.array([999]), np.ones((1, 32), dtype=np.float32) / np.sqrt(32))
@@ -210,7 +210,7 @@ def test_bad_queries_are_clear_errors(index, tmp_path):
 
 
 def test_a_loaded_embedder_can_be_shared_and_is_checked(index, tiny_vit, other_vit, tmp_path):
-    from simsearch.embed import Embedder
+    from simsearch.models.embed import Embedder
 
     embedder = Embedder(tiny_vit)
     with Index.open(index.path, embedder=embedder) as idx:

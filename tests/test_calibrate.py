@@ -14,9 +14,9 @@ from click.testing import CliRunner
 from PIL import Image, ImageDraw
 
 from simsearch import Index
-from simsearch.calibrate import EDITS, choose_threshold, edit, mistake_weights
 from simsearch.cli import cli as main
 from simsearch.errors import QueryError
+from simsearch.ops.calibrate import EDITS, choose_threshold, edit, mistake_weights
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ from simsearch import Index
 from simsearch.cli import cli
 from simsearch.config import CLUSTER_TRAIN_MAX, DATABASE_FILE
 from simsearch.errors import ClusterError, QueryError
-from simsearch.store import BadImage, GoodImage
+from simsearch.storage.store import BadImage, GoodImage
 
 GROUPS = 20
 
@@ -235,7 +235,7 @@ def test_clustering_a_million_vectors_stays_in_bounded_memory():
     (16 bytes per image for the assignment, the sample, one chunk, the silhouette matrix)."""
     import tracemalloc
 
-    from simsearch.cluster import cluster_vectors
+    from simsearch.ops.cluster import cluster_vectors
 
     n, groups, chunk = 1_000_000, 20, 10_000
     centres = np.random.default_rng(0).standard_normal((groups, DIM))
@@ -298,7 +298,7 @@ def test_cli_cluster_table_json_show_info_and_search(run, grouped, monkeypatch):
     assert all(line["size"] == 100 and len(line["central"]) == 2 for line in lines)
 
     # --show prints the stored clusters and computes nothing.
-    monkeypatch.setattr("simsearch.cluster.cluster_vectors", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr("simsearch.ops.cluster.cluster_vectors", lambda *a, **k: 1 / 0)
     shown = run("cluster", "--index", path, "--show", "--top", 2)
     table = shown.stdout.splitlines()
     assert table[0].startswith("cluster 1: 100 images, mean similarity to centre 0.9")

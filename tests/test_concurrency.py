@@ -14,7 +14,7 @@ from conftest import draw_image, index_command, subprocess_env
 
 from simsearch import Index
 from simsearch.errors import IndexLockedError
-from simsearch.lock import WriteLock
+from simsearch.fs.lock import WriteLock
 
 
 @pytest.fixture
@@ -51,7 +51,7 @@ def test_a_lock_left_by_a_killed_process_is_taken_over(index_path, photo_dir, sh
         [
             sys.executable,
             "-c",
-            "import sys, time; from simsearch.lock import WriteLock; "
+            "import sys, time; from simsearch.fs.lock import WriteLock; "
             f"WriteLock({str(index_path)!r}).acquire(); "
             "print('locked', flush=True); time.sleep(60)",
         ],
@@ -140,8 +140,8 @@ def test_a_search_during_an_index_run_uses_the_saved_file_not_a_rebuild(
     the writer removed since and adds what it committed since."""
     from conftest import DIM, clustered, fill
 
-    from simsearch.cache import VectorCache
-    from simsearch.store import GoodImage
+    from simsearch.search.cache import VectorCache
+    from simsearch.storage.store import GoodImage
 
     data = clustered(3000, DIM, seed=3)
     with Index.create(tmp_path / "idx", tiny_vit, index_type="hnsw") as index:

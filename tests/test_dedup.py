@@ -12,9 +12,9 @@ from conftest import clustered, fill
 
 from simsearch import Index
 from simsearch.cli import cli
-from simsearch.dedup import UnionFind
 from simsearch.errors import QueryError
-from simsearch.store import GoodImage
+from simsearch.ops.dedup import UnionFind
+from simsearch.storage.store import GoodImage
 
 
 def _copy_of(vector: np.ndarray, rng, similarity: float) -> np.ndarray:
@@ -154,7 +154,7 @@ def test_dedup_of_200k_vectors_runs_in_bounded_memory():
 
     import faiss
 
-    from simsearch.dedup import Member, find_groups
+    from simsearch.ops.dedup import Member, find_groups
     from simsearch.records import FileFacts
 
     n, dim, chunk = 200_000, 32, 10_000

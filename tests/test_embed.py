@@ -8,8 +8,8 @@ import torch
 from conftest import draw_image
 from transformers import AutoImageProcessor, AutoModel
 
-from simsearch.embed import Embedder
 from simsearch.errors import LayerError, ModelLoadError
+from simsearch.models.embed import Embedder
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from simsearch import Index
 from simsearch.cli import cli
-from simsearch.export import ExportError
+from simsearch.ops.export import ExportError
 
 
 def stored(index: Index) -> tuple[np.ndarray, list[str], np.ndarray]:

@@ -18,7 +18,7 @@ from PIL import Image
 
 from simsearch import Index
 from simsearch.cli import cli
-from simsearch.embed import Embedder
+from simsearch.models.embed import Embedder
 
 
 def _png_claiming(width: int, height: int) -> bytes:
@@ -302,7 +302,7 @@ def test_exif_rotated_jpeg_embeds_like_the_upright_one(tmp_path, tiny_vit):
 
 def test_permission_denied_is_recorded(tmp_path, tiny_vit, monkeypatch):
     """The same as `unreadable`, made to happen for root too by failing the open call."""
-    import simsearch.ingest
+    import simsearch.ops.ingest
 
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -315,7 +315,7 @@ def test_permission_denied_is_recorded(tmp_path, tiny_vit, monkeypatch):
             raise PermissionError(13, "Permission denied", str(path))
         return real_open(path, flags, *args)
 
-    monkeypatch.setattr(simsearch.ingest.os, "open", guarded_open)
+    monkeypatch.setattr(simsearch.ops.ingest.os, "open", guarded_open)
     with Index.create(tmp_path / "index", model=tiny_vit) as index:
         summary = index.add(folder)
         failed = {Path(f.path).name: f.error for f in index.failed()}
@@ -323,20 +323,20 @@ def test_permission_denied_is_recorded(tmp_path, tiny_vit, monkeypatch):
 
 
 def test_file_deleted_between_listing_and_reading(tmp_path, tiny_vit, monkeypatch):
-    import simsearch.ingest
+    import simsearch.ops.ingest
 
     folder = tmp_path / "photos"
     folder.mkdir()
     for i in range(3):
         draw_image(i).save(folder / f"img{i}.png")
-    real_read = simsearch.ingest.read_image_file
+    real_read = simsearch.ops.ingest.read_image_file
 
     def read_after_delete(path):
         if path.endswith("img1.png"):
             os.unlink(path)
         return real_read(path)
 
-    monkeypatch.setattr(simsearch.ingest, "read_image_file", read_after_delete)
+    monkeypatch.setattr(simsearch.ops.ingest, "read_image_file", read_after_delete)
     with Index.create(tmp_path / "index", model=tiny_vit) as index:
         summary = index.add(folder)
         failed = {Path(f.path).name: f.error for f in index.failed()}

@@ -19,7 +19,7 @@ from transformers import (
 )
 
 from simsearch.errors import ImageError, InputPathError
-from simsearch.images import (
+from simsearch.media.images import (
     Preprocessing,
     decode_image,
     find_images,
@@ -348,7 +348,7 @@ def test_find_images_reports_folders_whose_files_were_all_skipped(tmp_path):
 
 
 def test_the_tally_of_skipped_suffixes_stays_bounded(tmp_path, monkeypatch):
-    import simsearch.images as images
+    import simsearch.media.images as images
 
     monkeypatch.setattr(images, "SKIPPED_SUFFIXES_KEPT", 3)
     for i in range(10):
@@ -364,7 +364,7 @@ def test_the_tally_of_skipped_suffixes_stays_bounded(tmp_path, monkeypatch):
 def test_without_the_extras_heic_and_raw_are_not_scanned_and_the_notice_says_why(
     tmp_path, monkeypatch
 ):
-    import simsearch.images as images
+    import simsearch.media.images as images
     from simsearch.cli.indexing import _skipped_line
 
     monkeypatch.setattr(images, "_optional", lambda module, extra: None)

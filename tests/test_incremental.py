@@ -10,7 +10,7 @@ import pytest
 from conftest import draw_image
 
 from simsearch import Index
-from simsearch.embed import Embedder
+from simsearch.models.embed import Embedder
 
 
 class CountingEmbedder(Embedder):
@@ -51,12 +51,12 @@ def _ids_by_path(index):
 
 def test_unchanged_files_are_not_read_or_embedded(counted, photo_dir, monkeypatch):
     index, embedder = counted
-    import simsearch.ingest
+    import simsearch.ops.ingest
 
     def no_reads(path):
         raise AssertionError(f"read {path}")
 
-    monkeypatch.setattr(simsearch.ingest, "read_image_file", no_reads)
+    monkeypatch.setattr(simsearch.ops.ingest, "read_image_file", no_reads)
     summary = index.add(photo_dir)
     assert _summary(summary) == dict(indexed=0, unchanged=8, failed=0, moved=0, removed=0, reused=0)
     assert embedder.calls == 0
@@ -160,7 +160,7 @@ def test_a_file_that_comes_back_is_indexed_again(counted, photo_dir, tmp_path):
 
 def test_long_runs_save_the_faiss_file_as_they_go(tmp_path, tiny_vit, photo_dir, monkeypatch):
     """So that a search started mid-run loads a recent file instead of rebuilding."""
-    monkeypatch.setattr("simsearch.ingest.FAISS_CHECKPOINT_SECONDS", 0.0)
+    monkeypatch.setattr("simsearch.ops.ingest.FAISS_CHECKPOINT_SECONDS", 0.0)
     saved = []
     with Index.create(tmp_path / "ix", model=tiny_vit, batch_size=4) as index:
         original = index._cache.save
@@ -179,7 +179,7 @@ def test_long_runs_save_the_faiss_file_as_they_go(tmp_path, tiny_vit, photo_dir,
 def test_interrupt_between_commit_and_faiss_update_leaves_no_stale_vectors(
     tmp_path, tiny_vit, photo_dir, monkeypatch
 ):
-    import simsearch.ingest
+    import simsearch.ops.ingest
 
     with Index.create(tmp_path / "ix", model=tiny_vit, batch_size=4) as index:
         index.add(photo_dir)
@@ -190,7 +190,7 @@ def test_interrupt_between_commit_and_faiss_update_leaves_no_stale_vectors(
         if name == "after-commit":
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(simsearch.ingest, "crash_point", interrupt)
+    monkeypatch.setattr(simsearch.ops.ingest, "crash_point", interrupt)
     with Index.open(tmp_path / "ix") as index, pytest.raises(KeyboardInterrupt):
         index.add(photo_dir)
     monkeypatch.undo()
@@ -205,7 +205,7 @@ def test_a_run_with_nothing_new_does_not_load_the_model(index_path, photo_dir, m
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr("simsearch.embed.Embedder.__init__", no_model)
+    monkeypatch.setattr("simsearch.models.embed.Embedder.__init__", no_model)
     with Index.open(index_path) as index:
         summary = index.add(photo_dir)
         assert summary.unchanged == 8

@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 
 from simsearch import Index
 from simsearch.cli import cli
-from simsearch.images import header_facts
+from simsearch.media.images import header_facts
 
 # Everything in these folders is one picture, so every copy joins one group at this cosine
 # (the tiny random ViT puts even unrelated drawings above 0.9; which images are copies is
@@ -122,7 +122,7 @@ def test_each_tie_break_in_order(tmp_path, vit224):
     assert why["drawing-q60.jpg"] == "lossless"
     # The order among the others is the rule's order too: rank them by the rule alone.
     with Index.open(index) as idx:
-        from simsearch.dedup import describe, keep_order
+        from simsearch.ops.dedup import describe, keep_order
 
         facts = idx.store.keep_facts(idx.store.vector_ids().tolist())
         ranked = sorted((describe(p, f) for p, _, f in facts.values()), key=keep_order)

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 from simsearch import Index
 from simsearch.cli import cli
 from simsearch.errors import ModelLoadError, QueryError
-from simsearch.label import Labeller, matching_labels
+from simsearch.ops.label import Labeller, matching_labels
 
 # The classes, deliberately not in alphabetical order, and one with a synonym as ImageNet's
 # "tabby, tabby cat" has.
@@ -277,7 +277,7 @@ def test_second_run_labels_nothing_and_loads_no_model(labelled, classifier, monk
     def no_loading(*args, **kwargs):
         raise AssertionError("the label model was loaded with nothing to label")
 
-    monkeypatch.setattr("simsearch.label.Labeller.__init__", no_loading)
+    monkeypatch.setattr("simsearch.ops.label.Labeller.__init__", no_loading)
     with Index.open(labelled) as idx:
         summary = idx.label_images(classifier)
     assert (summary.labelled, summary.already, summary.relabelled) == (0, 9, False)
@@ -302,7 +302,7 @@ def test_changed_file_is_relabelled_and_touched_file_is_not(run, labelled, shape
 def test_interrupted_labelling_continues_where_it_stopped(
     tmp_path, tiny_vit, classifier, shapes, monkeypatch
 ):
-    from simsearch.store import Store
+    from simsearch.storage.store import Store
 
     with Index.create(tmp_path / "ix", model=tiny_vit) as idx:
         idx.add(shapes[0][0].parent)

@@ -145,7 +145,7 @@ def test_a_model_with_broken_weights_stores_nothing(how, tmp_path, tiny_vit):
 def test_output_that_is_not_unit_length_is_refused(tmp_path, tiny_vit, monkeypatch):
     """An ONNX export without its final normalisation (or any backend that forgets it)
     stored its vectors as they came; cosine scores then meant nothing."""
-    from simsearch.embed import Embedder
+    from simsearch.models.embed import Embedder
 
     pics = photos(tmp_path / "pics", n=4)
     real = Embedder.embed_pixels

@@ -126,7 +126,7 @@ def test_undo_gives_back_labels_and_clusters(tmp_path, library):
 def test_a_crash_mid_move_is_undone_completely(tmp_path, library, monkeypatch):
     folder, index = library
     before, paths_before = snapshot(folder), indexed_paths(index)
-    import simsearch.moves as moves
+    import simsearch.ops.moves as moves
 
     real_move, calls = moves.move_entry, []
 
@@ -159,7 +159,7 @@ def test_moves_across_file_systems_copy_then_delete(tmp_path, library, monkeypat
             raise OSError(errno.EXDEV, "Invalid cross-device link")
         real_rename(source, dest, **kwargs)
 
-    monkeypatch.setattr("simsearch.moves.os.rename", rename)
+    monkeypatch.setattr("simsearch.ops.moves.os.rename", rename)
     with Index.open(index) as idx:
         report = idx.move_duplicates(idx.duplicates(0.9999), tmp_path / "dups")
         assert report.files == 3

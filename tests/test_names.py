@@ -17,7 +17,7 @@ from conftest import draw_image
 
 from simsearch import Index
 from simsearch.cli import cli
-from simsearch.names import shown
+from simsearch.fs.names import shown
 
 LATIN1 = b"caf\xe9.jpg"  # Latin-1 bytes, as old archives and Windows-1252 disks hold them
 ESCAPED = "caf\\xe9.jpg"  # a valid UTF-8 name that spells the escape of the one above
@@ -140,7 +140,7 @@ def test_a_row_left_by_the_old_escaping_is_replaced_by_the_real_name(tmp_path, t
     run indexes the real name and drops that row."""
     shutil.move(folder / ESCAPED, tmp_path / "aside.jpg")  # only the Latin-1 file remains
     with Index.create(tmp_path / "index", model=tiny_vit) as idx:
-        from simsearch.store import BadImage
+        from simsearch.storage.store import BadImage
 
         old = str(folder / ESCAPED)
         idx.store.write_batch([], np.empty((0, idx.manifest.dim)), [BadImage(old, 1, 1, "x")])

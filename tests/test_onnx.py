@@ -17,7 +17,6 @@ from PIL import ImageEnhance
 from simsearch import Index
 from simsearch.cli import cli
 from simsearch.config import INT8_MIN_COSINE, INT8_MIN_RECALL, ONNX_MIN_COSINE
-from simsearch.embed import Embedder
 from simsearch.errors import (
     LayerError,
     ManifestMismatchError,
@@ -25,8 +24,9 @@ from simsearch.errors import (
     ModelLoadError,
     SimsearchError,
 )
-from simsearch.onnx_backend import OnnxEmbedder, read_export_info
-from simsearch.onnx_export import export_model
+from simsearch.models.embed import Embedder
+from simsearch.models.onnx import OnnxEmbedder, read_export_info
+from simsearch.models.onnx_export import export_model
 
 pytest.importorskip("onnxruntime")
 
@@ -184,7 +184,7 @@ def test_classifier_onnx_gives_the_torch_top_label(tmp_path_factory, tiny_classi
     import onnxruntime as ort
     import torch
 
-    from simsearch.models import load_classifier
+    from simsearch.models.hub import load_classifier
 
     out = _export(tmp_path_factory, tiny_classifier, "classifier-onnx")
     info = read_export_info(out)
@@ -206,7 +206,7 @@ def test_classifier_onnx_gives_the_torch_top_label(tmp_path_factory, tiny_classi
 
 
 def test_failed_validation_leaves_no_output(tmp_path, tiny_vit, monkeypatch):
-    monkeypatch.setattr("simsearch.onnx_export.ONNX_MIN_COSINE", 1.01)  # unreachable
+    monkeypatch.setattr("simsearch.models.onnx_export.ONNX_MIN_COSINE", 1.01)  # unreachable
     out = tmp_path / "exports" / "model"
     with pytest.raises(ModelExportError, match="differ from PyTorch's"):
         export_model(tiny_vit, out)
@@ -215,7 +215,7 @@ def test_failed_validation_leaves_no_output(tmp_path, tiny_vit, monkeypatch):
 
 
 def test_int8_that_loses_too_much_fails_the_export(tmp_path, tiny_vit, monkeypatch):
-    monkeypatch.setattr("simsearch.onnx_export.INT8_MIN_RECALL", 1.01)  # unreachable
+    monkeypatch.setattr("simsearch.models.onnx_export.INT8_MIN_RECALL", 1.01)  # unreachable
     out = tmp_path / "model"
     wanted = r"every linear layer: .*attention projections: .*export without --int8"
     with pytest.raises(ModelExportError, match=wanted):

@@ -7,8 +7,8 @@ import pytest
 from conftest import _save_vit, draw_image
 
 from simsearch import Index
-from simsearch.embed import Embedder, pick_precision
 from simsearch.errors import ModelLoadError
+from simsearch.models.embed import Embedder, pick_precision
 
 
 @pytest.fixture(scope="module")
@@ -64,11 +64,11 @@ def test_each_precision_stays_close_to_fp32(small_vit, images, precision):
 
 def test_auto_picks_by_hardware(monkeypatch):
     monkeypatch.delenv("SIMSEARCH_PRECISION")
-    monkeypatch.setattr("simsearch.embed.cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr("simsearch.models.embed.cpu_has_native_bf16", lambda: True)
     assert pick_precision("auto", "cpu") == "bf16"
     assert pick_precision(None, "cpu") == "bf16"
     assert pick_precision("auto", "cuda") == "fp16"
-    monkeypatch.setattr("simsearch.embed.cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr("simsearch.models.embed.cpu_has_native_bf16", lambda: False)
     assert pick_precision("auto", "cpu") == "fp32"
     monkeypatch.setenv("SIMSEARCH_PRECISION", "int8")
     assert pick_precision(None, "cpu") == "int8"

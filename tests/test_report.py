@@ -24,10 +24,10 @@ from click.testing import CliRunner
 from conftest import draw_image
 from PIL import Image
 
-from simsearch import report
 from simsearch.cli import cli
 from simsearch.errors import ReportError
-from simsearch.images import header_facts
+from simsearch.media.images import header_facts
+from simsearch.ops import report
 from simsearch.records import Duplicate, DuplicateGroup, FileFacts, Hit
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")

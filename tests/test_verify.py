@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from simsearch import Index
 from simsearch.cli import cli
 from simsearch.errors import IndexFormatError
-from simsearch.vectors import VectorIndex
+from simsearch.search.vectors import VectorIndex
 
 
 def _sql(index_path, statement, *args):
@@ -144,7 +144,7 @@ def test_cli_verify_and_repair(index_path):
 
 
 def test_cli_strict_and_lock_errors(index_path, photo_dir, monkeypatch):
-    from simsearch.lock import WriteLock
+    from simsearch.fs.lock import WriteLock
 
     monkeypatch.setattr("simsearch.api.LOCK_WAIT_SECONDS", 0.2)
     runner = CliRunner()

@@ -137,7 +137,7 @@ def cluster(obj, index_path, k, top, seed, show, as_json, html_path):
                 "run `simsearch cluster -k K` again to include them"
             )
     if html_path is not None:
-        from simsearch.report import cluster_page
+        from simsearch.ops.report import cluster_page
 
         shown = cluster_page(clusters, html_path)
         _report_written(obj, html_path, shown)

@@ -12,13 +12,13 @@ from pathlib import Path
 import click
 from sqlalchemy.exc import DatabaseError
 
-from simsearch import __version__
+from simsearch._version import __version__
 from simsearch.config import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_INDEX,
 )
 from simsearch.errors import SimsearchError
-from simsearch.names import ESCAPE
+from simsearch.fs.names import ESCAPE
 
 log = logging.getLogger("simsearch")
 

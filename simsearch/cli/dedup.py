@@ -181,7 +181,7 @@ def dedup(
             groups = idx.duplicates(threshold, neighbours=neighbours, progress=bar)
         _print_groups(groups, threshold, as_csv, as_json)
         if html_path is not None:  # before any move: the page shows the files in place
-            from simsearch.report import dedup_page
+            from simsearch.ops.report import dedup_page
 
             shown = dedup_page(groups, html_path, threshold=threshold)
             _report_written(obj, html_path, shown)
@@ -200,7 +200,7 @@ def _undo_moves(ctx, manifest: Path, index_path: Path, as_json: bool) -> None:
     from click.core import ParameterSource
 
     from simsearch.api import Index
-    from simsearch.movelog import read_header
+    from simsearch.ops.movelog import read_header
 
     header = read_header(manifest)
     if ctx.get_parameter_source("index_path") in (ParameterSource.DEFAULT, None):

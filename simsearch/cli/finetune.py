@@ -12,8 +12,8 @@ import click
 from click.core import ParameterSource
 
 from simsearch.cli.common import cli, device_option, json_option
-from simsearch.finetune import FinetuneConfig
-from simsearch.transfer import DEFAULT_TRAINABLE_BLOCKS
+from simsearch.train.finetune import FinetuneConfig
+from simsearch.train.transfer import DEFAULT_TRAINABLE_BLOCKS
 
 log = logging.getLogger("simsearch")
 
@@ -164,7 +164,7 @@ def finetune(ctx, data_dir, output, resume, device, as_json, **options):
     from tqdm import tqdm
 
     from simsearch.errors import TrainingInterrupted
-    from simsearch.finetune import finetune, read_checkpoint_config
+    from simsearch.train.finetune import finetune, read_checkpoint_config
 
     if options["val_dir"] is not None and options["val_split"] is not None:
         raise click.UsageError("give --val-split or --val-dir, not both")

@@ -89,7 +89,7 @@ def export_model(obj, model, output, layer, pool, int8, opset, validate_dir, bat
     """
     from tqdm import tqdm
 
-    from simsearch.onnx_export import export_model as export
+    from simsearch.models.onnx_export import export_model as export
 
     no_bar = True if obj["quiet"] else None
     with tqdm(desc="validating", unit="img", file=sys.stderr, disable=no_bar) as bar:

@@ -145,7 +145,7 @@ def search(
         for rank, hit in enumerate(hits, 1):
             click.echo(f"{rank:>4}  {hit.score:6.4f}  {hit.path}")
     if html_path is not None:
-        from simsearch.report import search_page
+        from simsearch.ops.report import search_page
 
         shown = search_page(list(zip(queries, results, strict=True)), html_path)
         _report_written(obj, html_path, shown)

@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 
 from simsearch.errors import QueryError, StorageError
-from simsearch.faults import crash_point
-from simsearch.files import LINK_ERRNOS, entry_id, link_below, move_entry, open_folder
-from simsearch.movelog import (
+from simsearch.fs.faults import crash_point
+from simsearch.fs.files import LINK_ERRNOS, entry_id, link_below, move_entry, open_folder
+from simsearch.ops.movelog import (
     MANIFEST_KIND,
     MANIFEST_VERSION,
     Manifest,
@@ -43,7 +43,7 @@ from simsearch.movelog import (
     entries,
 )
 from simsearch.records import DuplicateGroup, MoveReport
-from simsearch.store import GoodImage
+from simsearch.storage.store import GoodImage
 
 log = logging.getLogger(__name__)
 

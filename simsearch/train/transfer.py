@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from simsearch.embed import cpu_has_native_bf16
 from simsearch.errors import FinetuneError, ModelLoadError, first_line
-from simsearch.models import FINAL_NORM_NAMES, find_blocks, load_pretrained, quiet_transformers
+from simsearch.models.embed import cpu_has_native_bf16
+from simsearch.models.hub import FINAL_NORM_NAMES, find_blocks, load_pretrained, quiet_transformers
 
 # Unless --freeze-layers says otherwise, the head and this many last blocks train. The lower
 # blocks hold generic features (edges, textures, parts) that a few hundred images per class

@@ -9,8 +9,8 @@ import shutil
 from pathlib import Path
 
 from simsearch.errors import FinetuneError
-from simsearch.files import FILE_MODE, replaced_atomically
-from simsearch.models import quiet_transformers
+from simsearch.fs.files import FILE_MODE, replaced_atomically
+from simsearch.models.hub import quiet_transformers
 
 CHECKPOINTS = "checkpoints"
 LAST = "last.pt"

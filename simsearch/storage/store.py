@@ -43,10 +43,10 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from simsearch.config import Manifest
 from simsearch.errors import IndexFormatError
-from simsearch.faults import crash_point
-from simsearch.names import from_column, to_column
+from simsearch.fs.faults import crash_point
+from simsearch.fs.names import from_column, to_column
 from simsearch.records import FailedFile, FileFacts, Label
-from simsearch.vectors import check_vectors
+from simsearch.storage.checks import check_vectors
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"

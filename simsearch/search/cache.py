@@ -28,9 +28,9 @@ from simsearch.config import (
     VECTORS_FILE,
 )
 from simsearch.errors import IndexTypeError
-from simsearch.lock import WriteLock
-from simsearch.store import Store
-from simsearch.vectors import Plan, VectorIndex, ivf_lists, plan_index
+from simsearch.fs.lock import WriteLock
+from simsearch.search.vectors import Plan, VectorIndex, ivf_lists, plan_index
+from simsearch.storage.store import Store
 
 log = logging.getLogger(__name__)
 

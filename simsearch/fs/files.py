@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from simsearch.faults import crash_point
+from simsearch.fs.faults import crash_point
 
 
 def _file_mode() -> int:

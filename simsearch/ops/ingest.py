@@ -31,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 
-from simsearch.cache import VectorCache
 from simsearch.config import (
     DEFAULT_WORKERS,
     FAISS_CHECKPOINT_SECONDS,
@@ -39,8 +38,8 @@ from simsearch.config import (
     PREFETCH_BATCHES,
 )
 from simsearch.errors import ImageError
-from simsearch.faults import crash_point
-from simsearch.images import (
+from simsearch.fs.faults import crash_point
+from simsearch.media.images import (
     Preprocessing,
     decode_image,
     find_images,
@@ -48,7 +47,8 @@ from simsearch.images import (
     read_image_file,
 )
 from simsearch.records import AddSummary, stages_line
-from simsearch.store import STATUS_OK, BadImage, GoodImage, Known, Moved, Store
+from simsearch.search.cache import VectorCache
+from simsearch.storage.store import STATUS_OK, BadImage, GoodImage, Known, Moved, Store
 
 log = logging.getLogger(__name__)
 

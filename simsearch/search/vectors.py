@@ -32,42 +32,12 @@ from simsearch.config import (
     IVF_TRAIN_PER_LIST,
     PQ_DIMS_PER_CODE,
 )
-from simsearch.errors import IndexTypeError, ModelOutputError
-from simsearch.files import replaced_atomically
+from simsearch.errors import IndexTypeError
+from simsearch.fs.files import replaced_atomically
 
 INDEX_TYPES = ("auto", "flat", "hnsw", "ivf", "ivfpq")
 
-# How far from 1 a stored vector's length may be: float32 normalisation is exact to ~1e-7,
-# fp16 or bf16 models normalise in float32 too; anything further was not normalised.
-UNIT_TOLERANCE = 1e-3
-
 log = logging.getLogger(__name__)
-
-
-def check_vectors(vectors: np.ndarray, dim: int, source: str) -> np.ndarray:
-    """Return `vectors` as a (n, dim) float32 array, or raise ModelOutputError naming
-    `source` (the model, a file) when they are not all finite unit vectors of `dim`."""
-    vectors = np.asarray(vectors)
-    if vectors.ndim != 2 or vectors.shape[1] != dim:
-        raise ModelOutputError(
-            f"{source} produced vectors of shape {tuple(vectors.shape)}, not (n, {dim}): "
-            "it is not the model this index was built with; nothing from this batch was stored"
-        )
-    vectors = np.asarray(vectors, dtype=np.float32)
-    bad = ~np.isfinite(vectors).all(axis=1)
-    if bad.any():
-        raise ModelOutputError(
-            f"{source} produced {int(bad.sum())} of {len(vectors)} vectors with NaN or "
-            "infinite values (broken weights?); nothing from this batch was stored"
-        )
-    norms = np.linalg.norm(vectors.astype(np.float64), axis=1)
-    off = np.abs(norms - 1.0) > UNIT_TOLERANCE
-    if off.any():
-        raise ModelOutputError(
-            f"{source} produced {int(off.sum())} of {len(vectors)} vectors that are not of "
-            f"unit length (one has length {norms[off][0]:.4g}); nothing from this batch was stored"
-        )
-    return vectors
 
 
 @dataclass(frozen=True)
@@ -172,7 +142,10 @@ def try_index_type(requested: str, dim: int, timeout: float = 300.0) -> None:
     if requested.strip().lower() in INDEX_TYPES:
         return
     check_factory(requested, dim)
-    code = "import sys; from simsearch.vectors import _trial; _trial(sys.argv[1], int(sys.argv[2]))"
+    code = (
+        "import sys; from simsearch.search.vectors import _trial; "
+        "_trial(sys.argv[1], int(sys.argv[2]))"
+    )
     try:
         done = subprocess.run(
             [sys.executable, "-c", code, requested, str(dim)],

@@ -40,8 +40,8 @@ from pathlib import Path
 import numpy as np
 
 from simsearch.errors import SimsearchError
-from simsearch.files import TEMP_PREFIX, replaced_atomically
-from simsearch.names import shown
+from simsearch.fs.files import TEMP_PREFIX, replaced_atomically
+from simsearch.fs.names import shown
 
 FORMATS = ("npy", "csv", "parquet")
 

@@ -24,7 +24,7 @@ from PIL import Image
 
 from simsearch.config import DEFAULT_WORKERS, MAX_IMAGE_PIXELS
 from simsearch.errors import FinetuneError, ImageError
-from simsearch.images import Preprocessing, decode_image, find_images, read_image_file
+from simsearch.media.images import Preprocessing, decode_image, find_images, read_image_file
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Filesystem primitives: atomic writes, the write lock, file names, fault points."""

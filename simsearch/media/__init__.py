@@ -1,0 +1,1 @@
+"""Images from disk: finding them, decoding them within bounds, preprocessing."""

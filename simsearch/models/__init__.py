@@ -1,0 +1,1 @@
+"""Models: loading a backbone safely, the torch and ONNX embedders, export."""

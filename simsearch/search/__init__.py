@@ -1,0 +1,1 @@
+"""Vector search: FAISS planning, the vector index and its on-disk cache."""

@@ -1,0 +1,1 @@
+"""The index folder's durable state: the SQLite store and its schema."""

@@ -1,0 +1,1 @@
+"""Fine-tuning a backbone on labelled folders."""
