@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import os
+import sqlite3
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -65,6 +66,7 @@ from simsearch.records import (
 from simsearch.search.cache import VectorCache
 from simsearch.search.vectors import VectorIndex, plan_index, try_index_type
 from simsearch.storage.checks import check_vectors
+from simsearch.storage.schema import SCHEMA_VERSION
 from simsearch.storage.store import Store
 
 log = logging.getLogger(__name__)
@@ -118,6 +120,7 @@ class Index:
         if manifest is None:
             store.close()
             raise IndexFormatError(f"{path} has a database but no manifest: it is not an index")
+        _bring_up_to_date(store, path)
         self.manifest = manifest
         self._model = model or manifest.model
         # An index built with ONNX Runtime keeps using it unless told otherwise: its
@@ -588,7 +591,7 @@ class Index:
         self._lock.acquire(wait=LOCK_WAIT_SECONDS)
         try:
             remove_temp_leftovers(self.path)  # only names simsearch makes, never a user's
-            self.store.upgrade()
+            self.store.migrate()
             if not self._repairing:  # a damaged generation is what repair renews
                 self._cache.begin_write()
             yield
@@ -1144,6 +1147,29 @@ class _ModelOnDemand:
     def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
         vectors = self._index.embedder.embed_pixels(pixels)
         return check_vectors(vectors, self._index.manifest.dim, f"the model {self._index._model}")
+
+
+def _bring_up_to_date(store: Store, path: Path) -> None:
+    """Refuse a database made by a newer simsearch; migrate an older one where it may be
+    written. A migration that cannot run now (a read-only file, a writer holding the
+    database past the busy timeout) is left to the next write, which runs it or fails."""
+    from sqlalchemy.exc import DatabaseError, OperationalError
+
+    try:
+        store.check_schema()
+        if not store.read_only and store.schema_version < SCHEMA_VERSION:
+            done = store.migrate()
+            if done:
+                log.info("%s: schema migrated to version %d", path, done[-1])
+    except (sqlite3.OperationalError, OperationalError) as exc:
+        reason = getattr(exc, "orig", None) or exc
+        log.warning("%s: schema migration deferred to the next write: %s", path, reason)
+    except (sqlite3.DatabaseError, DatabaseError) as exc:
+        store.close()
+        raise IndexFormatError(_damaged(path, exc)) from None
+    except BaseException:
+        store.close()
+        raise
 
 
 def _manifest_file(path: Path) -> Manifest | None:

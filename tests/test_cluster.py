@@ -195,6 +195,7 @@ def test_an_index_from_before_clusters_reads_as_unclustered(grouped):
     index.close()
     with sqlite3.connect(path / DATABASE_FILE) as db:  # as simsearch made indexes before
         db.execute("DROP TABLE clusters")
+        db.execute("PRAGMA user_version = 0")  # before schema versions
     with Index.open(path) as old:
         assert old.info().clustering is None and old.clusters() == []
         with pytest.raises(QueryError, match="no clusters yet"):

@@ -15,17 +15,10 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
-from typing import ClassVar
 from urllib.parse import quote
 
 import numpy as np
 from sqlalchemy import (
-    ForeignKey,
-    Integer,
-    LargeBinary,
-    String,
-    Text,
-    TypeDecorator,
     create_engine,
     delete,
     event,
@@ -35,122 +28,23 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy import (
-    Index as SqlIndex,
-)
 from sqlalchemy.dialects.sqlite import insert
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import Session
 
 from simsearch.config import Manifest
 from simsearch.errors import IndexFormatError
 from simsearch.fs.faults import crash_point
-from simsearch.fs.names import from_column, to_column
+from simsearch.fs.names import from_column
 from simsearch.records import FailedFile, FileFacts, Label
+from simsearch.storage import schema
 from simsearch.storage.checks import check_vectors
+from simsearch.storage.schema import ClusterRow, ImageRow, LabelRow, MetaRow, VectorRow
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
 
 # Rows fetched per round trip when streaming vectors out, to keep memory flat on big indexes.
 FETCH_ROWS = 10_000
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class FsPath(TypeDecorator):
-    """A file path, kept losslessly: TEXT when the name is UTF-8, else a BLOB of its bytes.
-
-    SQLite is dynamically typed, so the one UNIQUE column holds both, and a BLOB never
-    equals a TEXT: b"caf\\xe9.jpg" and a file literally named "caf\\xe9.jpg" are two rows.
-    In Python the path is always the os.fsdecode str. ORM statements convert through this
-    type; the plain-SQL readers call `from_column` on the path they select.
-    """
-
-    impl = Text
-    cache_ok = True
-
-    def process_bind_param(self, value, dialect):
-        return None if value is None else to_column(value)
-
-    def process_result_value(self, value, dialect):
-        return from_column(value)
-
-
-class ImageRow(Base):
-    __tablename__ = "images"
-    # AUTOINCREMENT: an id is never reused, so a stale FAISS id can never name a new image.
-    __table_args__: ClassVar[dict] = {"sqlite_autoincrement": True}
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    path: Mapped[str] = mapped_column(FsPath, unique=True)
-    size: Mapped[int] = mapped_column(Integer)
-    mtime_ns: Mapped[int] = mapped_column(Integer)
-    sha256: Mapped[str | None] = mapped_column(String(64), index=True)
-    # The true pixel size from the file's header, as displayed (not the draft-mode decode).
-    width: Mapped[int | None] = mapped_column(Integer)
-    height: Mapped[int | None] = mapped_column(Integer)
-    # Pillow's format name and whether the encoding is lossless: dedup's keep rule. NULL in
-    # rows of indexes made before they were recorded (their width and height were the draft
-    # decode's): the next `index` run reads them from the headers, and dedup until then.
-    format: Mapped[str | None] = mapped_column(String(16))
-    lossless: Mapped[int | None] = mapped_column(Integer)
-    # st_dev of the file when indexed: a file gone with its whole file system (an unmounted
-    # disk) is not pruned.
-    device: Mapped[int | None] = mapped_column(Integer)
-    status: Mapped[str] = mapped_column(String(16))
-    error: Mapped[str | None] = mapped_column(Text)
-    indexed_at: Mapped[float] = mapped_column()
-
-
-class VectorRow(Base):
-    __tablename__ = "vectors"
-    # The rows are 3-4 KB blobs, so walking the table for its ids (on every load of the FAISS
-    # file) or counting it reads every vector; this index of ids alone is ~100x smaller.
-    __table_args__: ClassVar[tuple] = (SqlIndex("ix_vectors_image_id", "image_id"),)
-
-    image_id: Mapped[int] = mapped_column(
-        ForeignKey("images.id", ondelete="CASCADE"), primary_key=True
-    )
-    vector: Mapped[bytes] = mapped_column(LargeBinary)  # float32, little-endian, dim values
-
-
-class LabelRow(Base):
-    """An image's top labels from the classification head named in meta["labels"]; rank 1
-    is the best guess. Label writes leave the generation alone: they change no vector."""
-
-    __tablename__ = "labels"
-    # By label: `search --label` looks up the images having one.
-    __table_args__: ClassVar[tuple] = (SqlIndex("ix_labels_label", "label"),)
-
-    image_id: Mapped[int] = mapped_column(
-        ForeignKey("images.id", ondelete="CASCADE"), primary_key=True
-    )
-    rank: Mapped[int] = mapped_column(Integer, primary_key=True)
-    label: Mapped[str] = mapped_column(Text)
-    score: Mapped[float] = mapped_column()
-
-
-class ClusterRow(Base):
-    """An image's cluster in the last `cluster` run (images added since have none)."""
-
-    __tablename__ = "clusters"
-    # (cluster, score): a cluster's members and its most central images without a scan.
-    __table_args__: ClassVar[tuple] = (SqlIndex("ix_clusters_cluster_score", "cluster", "score"),)
-
-    image_id: Mapped[int] = mapped_column(
-        ForeignKey("images.id", ondelete="CASCADE"), primary_key=True
-    )
-    cluster: Mapped[int] = mapped_column(Integer)
-    score: Mapped[float] = mapped_column()  # cosine similarity to the cluster's centre
-
-
-class MetaRow(Base):
-    __tablename__ = "meta"
-
-    key: Mapped[str] = mapped_column(String(64), primary_key=True)
-    value: Mapped[str] = mapped_column(Text)
 
 
 @dataclass(frozen=True)
@@ -231,23 +125,28 @@ class Store:
         event.listen(
             self.engine, "connect", _on_connect_read_only if self.read_only else _on_connect
         )
+        self._version: int | None = None
         if create:
-            Base.metadata.create_all(self.engine)
+            schema.create(self.engine)
 
-    def upgrade(self) -> None:
-        """Add what indexes made by earlier versions lack (a writer calls this; seconds on a
-        million images, once)."""
-        with self.engine.begin() as conn:
-            # New tables and indexes of the schema (create_all skips what exists).
-            Base.metadata.create_all(conn)
-            conn.exec_driver_sql(
-                "CREATE INDEX IF NOT EXISTS ix_vectors_image_id ON vectors (image_id)"
-            )
-            have = _columns(conn, "images")
-            for column in ("format", "lossless", "device"):
-                if column not in have:
-                    kind = ImageRow.__table__.c[column].type.compile(self.engine.dialect)
-                    conn.exec_driver_sql(f"ALTER TABLE images ADD COLUMN {column} {kind}")
+    def migrate(self) -> list[int]:
+        """Bring an index made by an earlier version to the current schema (the first open
+        that may write does it, once: seconds on a million images); return the versions it
+        stepped through."""
+        done = schema.migrate(self.engine, str(self.path))
+        self._version = schema.SCHEMA_VERSION
+        return done
+
+    @property
+    def schema_version(self) -> int:
+        """The schema version of the database (0: made before versions)."""
+        if self._version is None:
+            self._version = schema.version(self.engine)
+        return self._version
+
+    def check_schema(self) -> None:
+        """Raise IndexFormatError for a database made by a newer simsearch."""
+        schema.check_version(self.schema_version, str(self.path))
 
     def close(self) -> None:
         self.engine.dispose()
@@ -327,7 +226,7 @@ class Store:
 
     def known_files(self) -> dict[str, Known]:
         """Return every stored path with its size, mtime, status and device (a writer's
-        call: it reads the columns `upgrade` adds)."""
+        call: it reads the columns migration 1 adds)."""
         stmt = select(
             ImageRow.path,
             ImageRow.id,
@@ -549,7 +448,9 @@ class Store:
 
     def _has_facts_columns(self) -> bool:
         """Whether the images table has the format column (a reader may open an index made
-        before it, which no writer has upgraded yet)."""
+        before it, on storage it cannot migrate)."""
+        if self._facts_columns is None and self.schema_version >= 1:
+            self._facts_columns = True
         if self._facts_columns is None:
             with self.engine.connect() as conn:
                 self._facts_columns = "format" in _columns(conn, "images")
@@ -788,13 +689,15 @@ class Store:
 
     def _has_labels(self) -> bool:
         """Return True when the labels table exists: an index made before labels lacks it
-        until its next write (`upgrade`), and readers treat that as no labels."""
+        until it is migrated (read-only storage), and readers treat that as no labels."""
+        if self.schema_version >= 1:
+            return True
         with self.engine.connect() as conn:
             return _table_exists(conn, "labels")
 
     # -- clusters ------------------------------------------------------------------------
     # Readers call these only when the meta row "clustering" exists: an index made before
-    # clusters existed has no clusters table until its next write (`upgrade`).
+    # clusters existed has no clusters table until it is migrated (storage/schema.py).
 
     def replace_clusters(
         self, ids: np.ndarray, labels: np.ndarray, scores: np.ndarray, run: str
