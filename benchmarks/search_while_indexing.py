@@ -33,7 +33,7 @@ from search_scale import clustered
 from simsearch import Index
 from simsearch.storage.store import GoodImage
 index = Index.open({folder!r})
-index._lock.acquire()
+index.parts.folder.lock.acquire()
 n, added, dim = {n}, {added}, {dim}
 vectors = clustered(n, added, dim, max(50, n // 2000), seed=7)
 good = [GoodImage(f"/added/{{i}}.jpg", 1, 1, f"{{10**9 + i:064x}}", 8, 8) for i in range(added)]
@@ -77,7 +77,7 @@ def main() -> None:
             times.append(time.perf_counter() - started)
         rebuild_started = time.perf_counter()
         with Index.open(folder) as index:
-            index._cache.rebuild()  # what every search paid before
+            index.parts.cache.rebuild()  # what every search paid before
         rebuild = time.perf_counter() - rebuild_started
     finally:
         writer.kill()

@@ -386,3 +386,8 @@ class FinetuneResult:
             f"training, {self.val_images} validation images, {self.skipped} skipped; "
             f"{self.steps} steps, {self.seconds:.1f} s)"
         )
+
+
+def hit_score(s) -> float:
+    """A cosine as shown: float32 rounding can put a unit vector's own score at 1.0000001."""
+    return round(min(1.0, max(-1.0, float(s))), 6)

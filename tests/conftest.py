@@ -192,8 +192,8 @@ def fill(index, vectors: np.ndarray, start: int = 0, images=None) -> np.ndarray:
         GoodImage(f"/synthetic/{start + i}.jpg", 1, 1, f"{start + i:064x}", 8, 8)
         for i in range(len(vectors))
     ]
-    with index._writing():
+    with index.parts.writing():
         ids, _ = index.store.write_batch(good, vectors, [], [])
         ids = np.asarray(ids, dtype=np.int64)
-        index._cache.add(ids, vectors)
+        index.parts.cache.add(ids, vectors)
     return ids

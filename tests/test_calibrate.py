@@ -120,7 +120,7 @@ def test_dedup_finds_the_planted_copies_and_nothing_else_at_the_calibrated_thres
     with Index.open(tmp_path / "idx") as index:
         assert index.info().dedup_calibration["threshold"] == calibration.threshold
         assert found(index.duplicates()) == truth
-        assert index._embedder is None
+        assert index.parts.models.loaded is None
     on_disk = json.loads((tmp_path / "idx" / "manifest.json").read_text())
     assert on_disk["dedup_calibration"]["threshold"] == calibration.threshold
 
@@ -277,10 +277,10 @@ def test_a_calibration_stored_by_the_older_method_is_kept_with_a_warning(
         stored = dataclasses.asdict(index.calibrate_dedup(sample=12))
         for added in ("method", "copies_among_others"):  # what an index of method 1 holds
             del stored[added]
-        with index._writing():
-            index._set_manifest(dataclasses.replace(index.manifest, dedup_calibration=stored))
+        with index.parts.writing():
+            index.parts.set_manifest(dataclasses.replace(index.manifest, dedup_calibration=stored))
     with Index.open(tmp_path / "idx") as index:
         assert index.dedup_calibration().threshold == stored["threshold"]
         assert index.dedup_calibration().method == 1
         assert "older method" in caplog.text and "dedup --calibrate" in caplog.text
-        assert index._embedder is None
+        assert index.parts.models.loaded is None

@@ -173,11 +173,11 @@ def test_changed_failed_and_removed_images_lose_their_cluster(grouped):
     assert fill(index, data[5:6], images=[changed]).tolist() == [ids[0]]
     touched = GoodImage(paths[int(ids[4])], 1, 99, f"{4:064x}", 8, 8)
     assert fill(index, data[4:5], images=[touched]).tolist() == [ids[4]]
-    with index._writing():
+    with index.parts.writing():
         turned_bad = BadImage(paths[int(ids[1])], 1, 3, "cannot decode")
         index.store.write_batch([], np.empty((0, DIM), np.float32), [turned_bad])
         index.store.remove_images(ids[2:4])  # deleted files
-        index._cache.remove(ids[1:4])
+        index.parts.cache.remove(ids[1:4])
     fill(index, data[:3], start=10_000)  # new images, after the run
     after = labels_of(index, ids)
     assert after[:4].tolist() == [0, 0, 0, 0]

@@ -19,7 +19,7 @@ from simsearch.fs.lock import WriteLock
 
 @pytest.fixture
 def short_wait(monkeypatch):
-    monkeypatch.setattr("simsearch.api.LOCK_WAIT_SECONDS", 0.2)
+    monkeypatch.setattr("simsearch.storage.folder.LOCK_WAIT_SECONDS", 0.2)
 
 
 def test_a_second_writer_is_told_who_holds_the_lock(index_path, photo_dir, short_wait):
@@ -146,10 +146,10 @@ def test_a_search_during_an_index_run_uses_the_saved_file_not_a_rebuild(
     data = clustered(3000, DIM, seed=3)
     with Index.create(tmp_path / "idx", tiny_vit, index_type="hnsw") as index:
         ids = fill(index, data[:2000])
-        with index._writing():
-            index._cache.save()
+        with index.parts.writing():
+            index.parts.cache.save()
     writer = Index.open(tmp_path / "idx")
-    writer._lock.acquire()  # an index run, between two saves of its FAISS file
+    writer.parts.folder.lock.acquire()  # an index run, between two saves of its FAISS file
     try:
         good = [GoodImage(f"/new/{i}.jpg", 1, 1, f"{10**6 + i:064x}", 8, 8) for i in range(1000)]
         new_ids, _ = writer.store.write_batch(good, data[2000:], [], [])

@@ -163,13 +163,13 @@ def test_long_runs_save_the_faiss_file_as_they_go(tmp_path, tiny_vit, photo_dir,
     monkeypatch.setattr("simsearch.ops.ingest.FAISS_CHECKPOINT_SECONDS", 0.0)
     saved = []
     with Index.create(tmp_path / "ix", model=tiny_vit, batch_size=4) as index:
-        original = index._cache.save
+        original = index.parts.cache.save
 
         def save():
             original()
             saved.append(index.store.generations())
 
-        monkeypatch.setattr(index._cache, "save", save)
+        monkeypatch.setattr(index.parts.cache, "save", save)
         index.add(photo_dir)
     assert len(saved) == 3  # after each of the two batches, and at the end
     assert all(generation == faiss for generation, faiss in saved)

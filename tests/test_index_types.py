@@ -156,7 +156,7 @@ def test_auto_says_what_it_chose_and_moves_on_as_the_collection_grows(empty_inde
 def test_ivf_is_retrained_when_the_collection_outgrows_its_training(tmp_path, empty_index):
     fill(empty_index, clustered(1_000))
     empty_index.set_index_type("ivf")
-    cache = empty_index._cache
+    cache = empty_index.parts.cache
     assert cache.built["trained_on"] == 1_000 and cache.due() is None
     fill(empty_index, clustered(4_500, seed=2), start=1_000)
     assert "5.5x the 1,000 it was trained on" in cache.due()
@@ -168,7 +168,7 @@ def test_tombstones_are_swept_when_they_pile_up(empty_index):
     ids = fill(empty_index, clustered(3_000))
     empty_index.set_index_type("hnsw")
     empty_index.store.remove_images(ids[:1_000].tolist())
-    cache = empty_index._cache
+    cache = empty_index.parts.cache
     cache.remove(ids[:1_000])
     assert "tombstones" in cache.due()
     cache.maintain()
@@ -233,7 +233,7 @@ def test_a_factory_string_too_big_to_train_yet_searches_exactly_meanwhile(empty_
     assert info.index_built == "flat" and "flat for now" in info.index_reason
     assert empty_index.search(data[7], k=1)[0].id == ids[7]
     fill(empty_index, clustered(100, seed=5), start=500)  # not yet twice as many: no retry
-    assert empty_index._cache.due() is None
+    assert empty_index.parts.cache.due() is None
 
 
 @pytest.mark.parametrize(

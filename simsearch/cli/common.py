@@ -46,7 +46,7 @@ class _Group(click.Group):
             click.echo(f"Error: {exc}", err=True)
             sys.exit(1)
         except DatabaseError as exc:
-            from simsearch.api import _STORAGE_ERRORS
+            from simsearch.storage.folder import STORAGE_ERRORS as _STORAGE_ERRORS
 
             if any(text in str(exc.orig).lower() for text in _STORAGE_ERRORS):
                 click.echo(

@@ -42,6 +42,7 @@ from simsearch.ops.movelog import (
     check,
     entries,
 )
+from simsearch.ops.parts import IndexParts
 from simsearch.records import DuplicateGroup, MoveReport
 from simsearch.storage.store import GoodImage
 
@@ -71,7 +72,7 @@ class _Found:
     link: str | None  # the link's target text, for a symbolic link
 
 
-def move(index, groups: Sequence[DuplicateGroup], target: Path) -> MoveReport:
+def move(index: IndexParts, groups: Sequence[DuplicateGroup], target: Path) -> MoveReport:
     """Move every group's duplicates under `target`, keeping their paths relative to the
     folder that holds all the groups' files; log each move in a manifest there first."""
     target = Path(os.path.abspath(target))
@@ -146,7 +147,7 @@ def move(index, groups: Sequence[DuplicateGroup], target: Path) -> MoveReport:
     return MoveReport("move", done, size, skipped, str(manifest))
 
 
-def delete(index, groups: Sequence[DuplicateGroup]) -> MoveReport:
+def delete(index: IndexParts, groups: Sequence[DuplicateGroup]) -> MoveReport:
     """Delete every group's duplicates, for good, and remove them from the index."""
     root = _root(groups)
     if root is None:
@@ -187,7 +188,9 @@ class _Stopped(Exception):
         self.exc, self.done, self.size = exc, done, size
 
 
-def _act(index, groups, root: Path, act, verb: str) -> tuple[int, int, list[tuple[str, str]]]:
+def _act(
+    index: IndexParts, groups, root: Path, act, verb: str
+) -> tuple[int, int, list[tuple[str, str]]]:
     """Apply `act(group, duplicate, facts, found)` (None when done, else why not) to every
     duplicate safe to act on, and remove the ones done from the index as it goes; return
     (files done, their bytes, [(path, why left alone)]). A full disk (_Stop) ends it with
@@ -279,7 +282,7 @@ def _unchanged(facts: dict) -> bool:
     return (st.st_size, st.st_mtime_ns) == (facts["size"], facts["mtime_ns"])
 
 
-def undo(index, manifest_path: Path) -> MoveReport:
+def undo(index: IndexParts, manifest_path: Path) -> MoveReport:
     """Put back every file a manifest moved, and return them to the index."""
     dim = index.manifest.dim
     manifest = check(manifest_path, dim)
@@ -413,21 +416,21 @@ def _entry(index, dup, dest: Path, group, facts: dict) -> dict:
 def _updating(index):
     """Hold the index's write lock; save the FAISS file at the end, or drop it from memory
     on an error (the database is the truth: the next open rebuilds from it)."""
-    with index._writing():
-        index._cache.writable()
+    with index.writing():
+        index.cache.writable()
         try:
             yield
         except BaseException:
-            index._cache.drop()
+            index.cache.drop()
             raise
-        index._cache.checkpoint()
+        index.cache.checkpoint()
 
 
 def _forget(index, ids: list[int]) -> None:
     """Remove moved or deleted files from the index (database, then FAISS)."""
     if ids:
         index.store.remove_images(ids)
-        index._cache.remove(np.asarray(ids, dtype=np.int64))
+        index.cache.remove(np.asarray(ids, dtype=np.int64))
     ids.clear()
 
 
@@ -449,7 +452,7 @@ def _restore(index, entries: list[dict]) -> None:
                 )
             )
         ids, _ = index.store.write_batch(good, vectors)
-        index._cache.add(np.asarray(ids, dtype=np.int64), vectors)
+        index.cache.add(np.asarray(ids, dtype=np.int64), vectors)
         _restore_labels_and_clusters(index.store, dict(zip(ids, usable, strict=True)))
     entries.clear()
 

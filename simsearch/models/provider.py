@@ -1,0 +1,226 @@
+"""ModelProvider: an index's model, chosen by backend, loaded on first use, checked against
+the index's manifest.
+
+The backend (torch or ONNX Runtime) is a setting of its own; an index built with one keeps
+using it unless told otherwise. The embedders are imported only here and only when needed,
+so opening an index to search by id never loads torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from simsearch.config import Manifest
+from simsearch.errors import ImageError, LayerError, ModelLoadError, QueryError
+from simsearch.media.images import Preprocessing, decode_image, read_image_file, to_rgb
+from simsearch.storage.checks import check_vectors
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("torch", "onnx")
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ModelLoadError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    return backend
+
+
+def backend_of(manifest: Manifest) -> str:
+    """Return the backend an index was built with: its precision says (onnx-fp32, ...)."""
+    return "onnx" if manifest.precision.startswith("onnx-") else "torch"
+
+
+def new_embedder(model, layer, pool, device, precision, batch_size, backend: str):
+    """Load an embedder for a new index: `layer` None is the last, `pool` None "cls"."""
+    if backend == "onnx":
+        return onnx_embedder(model, layer, pool, device, precision, batch_size)
+    from simsearch.models.embed import Embedder
+
+    return Embedder(
+        model,
+        layer=-1 if layer is None else layer,
+        pool=pool or "cls",
+        device=device,
+        precision=precision,
+        batch_size=batch_size,
+    )
+
+
+def onnx_embedder(model, layer, pool, device, precision, batch_size):
+    """Return an OnnxEmbedder for the export `model`, checking `layer` and `pool` against
+    what the export baked in."""
+    from simsearch.models.embed import resolve_layer
+    from simsearch.models.onnx import OnnxEmbedder
+
+    embedder = OnnxEmbedder(model, device=device, precision=precision, batch_size=batch_size)
+    if layer is not None and resolve_layer(layer, embedder.num_layers) != embedder.layer:
+        raise LayerError(
+            f"the ONNX export {model} has layer {embedder.layer} baked in, not {layer}; "
+            "export the model again with --layer"
+        )
+    if pool is not None and pool != embedder.pool:
+        raise LayerError(
+            f"the ONNX export {model} has {embedder.pool} pooling baked in, not {pool}; "
+            "export the model again with --pool"
+        )
+    return embedder
+
+
+class ModelProvider:
+    """The model of one index: `embedder` loads it on first use. `manifest` is a callable
+    returning the index's current manifest (it changes when settings are written)."""
+
+    def __init__(
+        self,
+        manifest: Callable[[], Manifest],
+        *,
+        model: str | None = None,
+        device: str = "auto",
+        precision: str | None = None,
+        batch_size: int,
+        embedder=None,
+        backend: str | None = None,
+    ) -> None:
+        self._manifest = manifest
+        self.model = model or manifest().model
+        # An index built with ONNX Runtime keeps using it unless told otherwise: its
+        # manifest's model is then the export's folder, which torch cannot load.
+        self.backend = check_backend(backend or backend_of(manifest()))
+        self.device = device
+        self.precision = precision
+        self.batch_size = batch_size
+        self.loaded = embedder
+
+    def check_request(self, model, layer: int | None, pool: str | None) -> None:
+        """Raise ManifestMismatchError when `model`, `layer` or `pool` (those given) are not
+        the index's; `model` is compared by its weights, without loading it."""
+        from simsearch.models.embed import resolve_layer
+
+        manifest = self._manifest()
+        if self.loaded is not None:
+            manifest.check_compatible(self.loaded.manifest())
+        wanted = manifest
+        if layer is not None:
+            wanted = dataclasses.replace(wanted, layer=resolve_layer(layer, manifest.num_layers))
+        if pool is not None:
+            wanted = dataclasses.replace(wanted, pool=pool)
+        if model is not None and self.loaded is None and self.backend == "onnx":
+            from simsearch.models.onnx import read_export_info
+
+            # The export records its source weights' hash: checked without loading anything.
+            source = read_export_info(model)["source"]
+            wanted = dataclasses.replace(
+                wanted,
+                model=str(model),
+                weights_sha256=source["weights_sha256"],
+                config_sha256=source.get("config_sha256"),
+            )
+        elif model is not None and self.loaded is None:
+            from simsearch.models.hub import hash_config, hash_weights, resolve_model
+
+            folder, _ = resolve_model(str(model))
+            wanted = dataclasses.replace(
+                wanted,
+                model=str(model),
+                weights_sha256=hash_weights(folder),
+                config_sha256=hash_config(folder),
+            )
+        manifest.check_compatible(wanted)
+
+    @property
+    def embedder(self):
+        """The Embedder for this index's model, loaded on first use and checked against it."""
+        if self.loaded is None:
+            manifest = self._manifest()
+            built_with = backend_of(manifest)
+            if self.backend != built_with and self.model == manifest.model:
+                raise ModelLoadError(
+                    f"this index was built with {built_with} from {manifest.model}; "
+                    f"--backend {self.backend} needs --model: "
+                    + (
+                        "a folder that `simsearch export-model` made from that model"
+                        if self.backend == "onnx"
+                        else "the model that folder was exported from"
+                    )
+                )
+            try:
+                if self.backend == "onnx":
+                    from simsearch.models.onnx import OnnxEmbedder
+
+                    embedder = OnnxEmbedder(
+                        self.model,
+                        device=self.device,
+                        precision=self.precision,
+                        batch_size=self.batch_size,
+                    )
+                else:
+                    from simsearch.models.embed import Embedder
+
+                    embedder = Embedder(
+                        self.model,
+                        layer=manifest.layer,
+                        pool=manifest.pool,
+                        device=self.device,
+                        precision=self.precision,
+                        batch_size=self.batch_size,
+                    )
+            except ModelLoadError as exc:
+                if self.model != manifest.model:
+                    raise
+                raise ModelLoadError(
+                    f"{exc}. This index was built with that model; if it has moved, say where "
+                    "it is now with --model (or SIMSEARCH_MODEL)"
+                ) from None
+            manifest.check_compatible(embedder.manifest())
+            log.info("loaded %s: %s on %s", self.model, embedder.precision, embedder.device)
+            self.loaded = embedder
+        return self.loaded
+
+    def embed(self, images: Sequence) -> np.ndarray:
+        """Return one unit-norm float32 row per image (file paths or PIL images); a model
+        whose output is not that raises ModelOutputError."""
+        embedder = self.embedder
+        vectors = embedder.embed_images([as_image(img, embedder.preprocess) for img in images])
+        return check_vectors(vectors, self._manifest().dim, f"the model {self.model}")
+
+    def on_demand(self):
+        """The loaded embedder, or a stand-in that loads it when it first embeds (an index
+        run that finds nothing new never pays for the model)."""
+        return self.loaded or _ModelOnDemand(self)
+
+
+class _ModelOnDemand:
+    """What ingest needs of an Embedder, loading the index's model only when it is used."""
+
+    def __init__(self, provider: ModelProvider) -> None:
+        self._provider = provider
+        self.batch_size = provider.batch_size
+        # The manifest's preprocessing is the model's: the check on loading guarantees it.
+        self.preprocess = Preprocessing.from_dict(provider._manifest().preprocessing)
+
+    def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        vectors = self._provider.embedder.embed_pixels(pixels)
+        dim = self._provider._manifest().dim
+        return check_vectors(vectors, dim, f"the model {self._provider.model}")
+
+
+def as_image(image, preprocess):
+    """Return a PIL RGB image for a path (decoded as indexing decodes it) or a PIL image."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return to_rgb(image)
+    path = Path(image)
+    if not path.exists():
+        hint = f" (to search with indexed image {image}, write id:{image})"
+        raise QueryError(f"no such image file: {path}{hint if str(image).isdigit() else ''}")
+    try:
+        return decode_image(read_image_file(path), draft=preprocess, name=path)
+    except ImageError as exc:
+        raise QueryError(f"{path}: {exc}") from None
