@@ -248,7 +248,7 @@ def decode_image(
         with warnings.catch_warnings():
             # We enforce our own pixel limit below; Pillow's warning would only repeat it.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=_registry().names)
+            img: Image.Image = Image.open(io.BytesIO(data), formats=_registry().names)
             width, height = img.size
             if width * height > max_pixels:
                 raise ImageError(
@@ -286,7 +286,7 @@ def decode_image(
         raise ImageError(f"cannot decode image: {first_line(exc)}") from None
     if width < 1 or height < 1:
         raise ImageError(f"image has no pixels ({width}x{height})")
-    turn = _EXIF_TURNS.get(orientation)
+    turn = None if orientation is None else _EXIF_TURNS.get(orientation)
     if turn is not None:
         img = img.transpose(turn)
     return to_rgb(img)
@@ -557,13 +557,14 @@ class Preprocessing:
     resample: int  # a PIL.Image.Resampling value, as the configs store it
     crop: tuple[int, int] | None  # (height, width) of the centre crop, or None
     rescale_factor: float | None  # None: no rescaling
-    mean: tuple[float, float, float] | None  # None: no normalisation
-    std: tuple[float, float, float] | None
+    mean: tuple[float, ...] | None  # None: no normalisation
+    std: tuple[float, ...] | None
 
     @classmethod
     def from_processor(cls, proc) -> Preprocessing:
         """Read the settings of a transformers image processor."""
         size = dict(getattr(proc, "size", None) or {})
+        dims: tuple[int, ...]
         if not getattr(proc, "do_resize", True):
             resize, dims = "none", ()
         elif "height" in size and "width" in size:
