@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from PIL import ExifTags, Image, ImageFile
@@ -216,10 +217,18 @@ def _open_regular(path: str | os.PathLike):
         yield fh, st
 
 
+class Draft(Protocol):
+    """What decode_image asks of its `draft` argument (a Preprocessing, or the report's
+    thumbnail size): the smallest size to decode an image at. A `check_resize(width,
+    height)` method, where the object has one, is called too."""
+
+    def draft_size(self, width: int, height: int) -> tuple[int, int]: ...
+
+
 def decode_image(
     data: bytes,
     max_pixels: int = MAX_IMAGE_PIXELS,
-    draft: Preprocessing | None = None,
+    draft: Draft | None = None,
     *,
     name: str | os.PathLike | None = None,
     max_bytes: int = MAX_DECODE_BYTES,
@@ -332,7 +341,7 @@ def _orientation(img: Image.Image) -> int | None:
 _REDUCE_BAND_BYTES = 16 << 20
 
 
-def _reduced(img: Image.Image, draft: Preprocessing) -> Image.Image:
+def _reduced(img: Image.Image, draft: Draft) -> Image.Image:
     """Return `img` box-reduced by the largest integer factor that keeps it at least the
     size `draft` decodes JPEGs at (what Pillow's JPEG draft does in the DCT domain), a band
     of rows at a time, or `img` itself when it is not twice that size. Modes that Pillow
