@@ -18,6 +18,7 @@ import os
 import sqlite3
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -554,7 +555,7 @@ class Index:
         [] when it has none. QueryError when it is not indexed."""
         image_id = _parse_id(image)
         if image_id is None:
-            known = self.store.lookup(os.path.abspath(image))
+            known = self.store.lookup(os.path.abspath(cast("str | os.PathLike", image)))
             if known is None:
                 raise QueryError(f"not an indexed image: {image}")
             image_id = known.id
