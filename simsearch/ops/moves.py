@@ -212,6 +212,7 @@ def _act(index, groups, root: Path, act, verb: str) -> tuple[int, int, list[tupl
                 if reason is not None:
                     skipped.append((dup.path, reason))
                     continue
+                assert found is not None  # _refusal gives a reason or what it found
                 acted[found.identity] = dup.path
                 done, size = done + 1, size + facts["size"]
                 pending.append(dup.id)
@@ -226,7 +227,7 @@ def _act(index, groups, root: Path, act, verb: str) -> tuple[int, int, list[tupl
 
 def _kept_files(groups: Sequence[DuplicateGroup]) -> dict[tuple[int, int], str]:
     """(device, inode) -> path of every kept image of the run that is there."""
-    kept = {}
+    kept: dict[tuple[int, int], str] = {}
     for group in groups:
         try:
             st = os.stat(group.keep_path)
@@ -289,7 +290,8 @@ def undo(index, manifest_path: Path) -> MoveReport:
             f"{index.path}; give --index {manifest.header['index']}"
         )
     _check_root(index, manifest)
-    done, size, skipped, restored = 0, 0, [], []
+    done, size, skipped = 0, 0, []
+    restored: list[dict] = []
     with _updating(index):
         try:
             for entry in entries(manifest, dim):
