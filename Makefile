@@ -44,6 +44,7 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports --no-cache
+	$(BIN)/mypy
 
 test: lint
 	$(BIN)/python -m pytest
@@ -53,4 +54,4 @@ test-fast: setup
 	$(BIN)/python -m pytest -m "not slow and not e2e" -q
 
 clean:
-	rm -rf $(VENV) $(DEMO_INDEX) $(DEMO_INDEX)-dinov2-small .cache/models .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(DEMO_INDEX) $(DEMO_INDEX)-dinov2-small .cache/models .pytest_cache .ruff_cache .mypy_cache

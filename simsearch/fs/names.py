@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import codecs
 import os
+from typing import overload
 
 
 def is_utf8(path: str) -> bool:
@@ -33,6 +34,10 @@ def to_column(path: str) -> str | bytes:
     return path if is_utf8(path) else os.fsencode(path)
 
 
+@overload
+def from_column(value: str | bytes) -> str: ...
+@overload
+def from_column(value: None) -> None: ...
 def from_column(value: str | bytes | None) -> str | None:
     """Return the path a stored value names (bytes back to the os.fsdecode str)."""
     return os.fsdecode(value) if isinstance(value, bytes) else value

@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from PIL import ExifTags, Image, ImageFile
@@ -216,10 +217,18 @@ def _open_regular(path: str | os.PathLike):
         yield fh, st
 
 
+class Draft(Protocol):
+    """What decode_image asks of its `draft` argument (a Preprocessing, or the report's
+    thumbnail size): the smallest size to decode an image at. A `check_resize(width,
+    height)` method, where the object has one, is called too."""
+
+    def draft_size(self, width: int, height: int) -> tuple[int, int]: ...
+
+
 def decode_image(
     data: bytes,
     max_pixels: int = MAX_IMAGE_PIXELS,
-    draft: Preprocessing | None = None,
+    draft: Draft | None = None,
     *,
     name: str | os.PathLike | None = None,
     max_bytes: int = MAX_DECODE_BYTES,
@@ -248,7 +257,7 @@ def decode_image(
         with warnings.catch_warnings():
             # We enforce our own pixel limit below; Pillow's warning would only repeat it.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=_registry().names)
+            img: Image.Image = Image.open(io.BytesIO(data), formats=_registry().names)
             width, height = img.size
             if width * height > max_pixels:
                 raise ImageError(
@@ -286,7 +295,7 @@ def decode_image(
         raise ImageError(f"cannot decode image: {first_line(exc)}") from None
     if width < 1 or height < 1:
         raise ImageError(f"image has no pixels ({width}x{height})")
-    turn = _EXIF_TURNS.get(orientation)
+    turn = None if orientation is None else _EXIF_TURNS.get(orientation)
     if turn is not None:
         img = img.transpose(turn)
     return to_rgb(img)
@@ -332,7 +341,7 @@ def _orientation(img: Image.Image) -> int | None:
 _REDUCE_BAND_BYTES = 16 << 20
 
 
-def _reduced(img: Image.Image, draft: Preprocessing) -> Image.Image:
+def _reduced(img: Image.Image, draft: Draft) -> Image.Image:
     """Return `img` box-reduced by the largest integer factor that keeps it at least the
     size `draft` decodes JPEGs at (what Pillow's JPEG draft does in the DCT domain), a band
     of rows at a time, or `img` itself when it is not twice that size. Modes that Pillow
@@ -557,13 +566,14 @@ class Preprocessing:
     resample: int  # a PIL.Image.Resampling value, as the configs store it
     crop: tuple[int, int] | None  # (height, width) of the centre crop, or None
     rescale_factor: float | None  # None: no rescaling
-    mean: tuple[float, float, float] | None  # None: no normalisation
-    std: tuple[float, float, float] | None
+    mean: tuple[float, ...] | None  # None: no normalisation
+    std: tuple[float, ...] | None
 
     @classmethod
     def from_processor(cls, proc) -> Preprocessing:
         """Read the settings of a transformers image processor."""
         size = dict(getattr(proc, "size", None) or {})
+        dims: tuple[int, ...]
         if not getattr(proc, "do_resize", True):
             resize, dims = "none", ()
         elif "height" in size and "width" in size:

@@ -17,6 +17,7 @@ import shutil
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -279,7 +280,7 @@ def _torch_export(module, path: Path, sample: np.ndarray, output_name: str, opse
 
     # torch before 2.5 has only the TorchScript exporter, and no `dynamo` argument.
     has_dynamo = "dynamo" in inspect.signature(torch.onnx.export).parameters
-    legacy = {"dynamo": False} if has_dynamo else {}
+    legacy: dict[str, Any] = {"dynamo": False} if has_dynamo else {}
     try:
         with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
             # Tracer notices about Python conditions fixed at trace time: the image size is
@@ -310,7 +311,8 @@ def _quantise(work: Path, expected, pixels, batch_size: int, source: str, progre
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     weighted = _weight_matmuls(onnx.load(str(work / ONNX_MODEL_FILE), load_external_data=False))
-    tried, seen = [], set()
+    tried: list[str] = []
+    seen: set[frozenset] = set()
     for scope in INT8_SCOPES:
         nodes = _scope_nodes(scope, weighted)
         if not nodes or frozenset(nodes) in seen:

@@ -70,7 +70,7 @@ def edit(image: Image.Image, name: str, rng: np.random.Generator) -> Image.Image
         return image.crop((left, top, left + cw, top + ch))
     if name == "rescale":  # a thumbnail or a downsized upload: a third to two thirds
         f = rng.uniform(0.33, 0.66)
-        return image.resize((max(1, round(w * f)), max(1, round(h * f))), Image.BILINEAR)
+        return image.resize((max(1, round(w * f)), max(1, round(h * f))), Image.Resampling.BILINEAR)
     if name == "jpeg":  # re-saved by a phone or a messenger
         from io import BytesIO
 
@@ -85,7 +85,7 @@ def edit(image: Image.Image, name: str, rng: np.random.Generator) -> Image.Image
         return ImageOps.mirror(image)
     if name == "rotate":  # a straightened horizon: a few degrees, corners filled
         angle = float(rng.uniform(3, 8) * rng.choice([-1, 1]))
-        return image.rotate(angle, resample=Image.BILINEAR, fillcolor=(0, 0, 0))
+        return image.rotate(angle, resample=Image.Resampling.BILINEAR, fillcolor=(0, 0, 0))
     if name == "border":  # a frame or letterbox of 5-12 % of the short side
         pad = max(1, round(min(w, h) * rng.uniform(0.05, 0.12)))
         colour = (255, 255, 255) if rng.random() < 0.5 else (0, 0, 0)
@@ -187,7 +187,8 @@ def calibrate(
     if progress is not None:
         progress.total = min(sample, len(candidates))
         progress.refresh()
-    originals, copy_scores, copy_edits, skipped = [], [], [], 0
+    originals, copy_scores, skipped = [], [], 0
+    copy_edits: list[str] = []
     own_copies: dict[int, np.ndarray] = {}
     own_siblings: dict[int, np.ndarray] = {}
     batch: list[tuple[int, list[Image.Image]]] = []
@@ -226,15 +227,15 @@ def calibrate(
             "(moved or changed since?); run `simsearch index` first"
         )
     nearest = _nearest_others(store, search, originals, neighbours)
-    others, weights, expected, clear = [], [], 0.0, []
+    other_parts, weight_parts, expected, clear = [], [], 0.0, []
     for image_id in originals:
         mine, between = nearest[image_id]
         w, n = mistake_weights(mine, own_copies[image_id], between, own_siblings[image_id])
-        others.append(mine)
-        weights.append(w)
+        other_parts.append(mine)
+        weight_parts.append(w)
         expected += n
         clear += mine[mine <= np.median(own_copies[image_id])].tolist()
-    others, weights = np.concatenate(others), np.concatenate(weights)
+    others, weights = np.concatenate(other_parts), np.concatenate(weight_parts)
     copies = np.asarray(copy_scores)
     # However few copies the sample's neighbours seem to hold, one is assumed: with none,
     # any cut above the highest other image would do, and the widest gap is taken.

@@ -17,6 +17,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Final, Literal
 
 import numpy as np
 
@@ -39,7 +40,7 @@ from simsearch.records import ClusterRun
 
 log = logging.getLogger(__name__)
 
-AUTO = "auto"
+AUTO: Final = "auto"
 AUTO_CRITERION = "auto: best mean silhouette (cosine) of a sample"
 
 # Rows of stored vectors fetched per query when drawing the training sample.
@@ -56,7 +57,7 @@ class Assignment:
     run: ClusterRun
 
 
-def check_k(k: int | str, n: int) -> int | str:
+def check_k(k: int | str, n: int) -> int | Literal["auto"]:
     """Return `k` (an int, or AUTO) if `n` images can be split into that many clusters;
     raise ClusterError saying why not."""
     if n == 0:
@@ -191,17 +192,20 @@ def train(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
         max_points_per_centroid=max(1, len(x) // k + 1),
     )
     kmeans.train(x, init_centroids=seed_centroids(x, k, rng))
+    assert kmeans.centroids is not None  # train sets them
     centroids = kmeans.centroids.astype(np.float32)
     return centroids / np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
 
 
-def seed_centroids(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+def seed_centroids(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray | None:
     """Return `k` rows of `x` to start k-means from: the best (lowest potential) of
     CLUSTER_SEEDINGS greedy k-means++ seedings (one past CLUSTER_SEEDINGS_MAX_K) on a
-    subsample of CLUSTER_SEED_PER_CENTROID x k rows."""
+    subsample of CLUSTER_SEED_PER_CENTROID x k rows. None only where no potential is below
+    infinity (NaN rows, which the store refuses): FAISS then seeds k-means itself."""
     m = min(len(x), CLUSTER_SEED_PER_CENTROID * k)
     subset = x[rng.choice(len(x), m, replace=False)] if m < len(x) else x
-    best, best_potential = None, math.inf
+    best: np.ndarray | None = None
+    best_potential = math.inf
     for _ in range(CLUSTER_SEEDINGS if k <= CLUSTER_SEEDINGS_MAX_K else 1):
         seeds, potential = _greedy_kmeans_pp(subset, k, rng)
         if potential < best_potential:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -124,7 +124,7 @@ def why_kept(kept: Member, other: Member) -> str:
 def find_groups(
     chunks: Iterable[tuple[np.ndarray, np.ndarray]],
     search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]],
-    same_content: Iterable[list[int]],
+    same_content: Sequence[list[int]],
     facts: Callable[[list[int]], dict[int, Member]],
     vectors: Callable[[list[int]], dict[int, np.ndarray]],
     threshold: float,
@@ -160,13 +160,13 @@ def find_groups(
             sets.union(a, b)
         if progress is not None:
             progress.update(len(ids))
-    for ids in same_content:
-        for other in ids[1:]:
-            sets.union(ids[0], other)
+    for same in same_content:
+        for other in same[1:]:
+            sets.union(same[0], other)
     identical = {}
-    for ids in same_content:
-        for member in ids:
-            identical[member] = ids[0]
+    for same in same_content:
+        for member in same:
+            identical[member] = same[0]
     result = []
     for members in sets.groups():
         info = facts(members)
@@ -174,8 +174,8 @@ def find_groups(
         members, aliases = _one_path_per_file(members, info, key)
         stored = vectors(members)
         for group in _split(members, info, stored, identical, threshold, key):
-            ids = [group.keep_id, *(d.id for d in group.duplicates)]
-            named = tuple(sorted(p for i in ids for p in aliases.get(i, ())))
+            in_group = [group.keep_id, *(d.id for d in group.duplicates)]
+            named = tuple(sorted(p for i in in_group for p in aliases.get(i, ())))
             result.append(dataclasses.replace(group, aliases=named) if named else group)
     result.sort(key=lambda g: g.keep_path)
     return result

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -237,7 +238,9 @@ class _Stale:
     devices: list[tuple[int, int]] = field(default_factory=list)  # id, st_dev now
 
 
-def _scan(files: list[Path], known: dict[str, Known]) -> tuple[list[tuple], set[str], int, _Stale]:
+def _scan(
+    files: list[Path], known: dict[str, Known]
+) -> tuple[list[tuple[str, str, int, int, int | None, str | None]], set[str], int, _Stale]:
     """Return (files to read, every listed path as stored, how many are unchanged, the
     unchanged ones whose rows need the header's facts or their device)."""
     todo: list[tuple[str, str, int, int, int | None, str | None]] = []
@@ -310,7 +313,9 @@ def _route(
         batch.bad.append(
             BadImage(prepared.key, size, prepared.mtime_ns, prepared.error, prepared.sha256)
         )
-    elif prepared.known_id is None and prepared.sha256 not in hashes:
+        return
+    assert prepared.sha256 is not None  # read without an error: hashed
+    if prepared.known_id is None and prepared.sha256 not in hashes:
         batch.embed.append(prepared)
     elif prepared.key not in known and gone_by_hash.get(prepared.sha256):
         # A new path with the content of a file that has gone: a rename; the row follows.
@@ -333,10 +338,11 @@ def _commit(
     timed: Stopwatch,
 ) -> None:
     """Embed what is new in `batch`, write it all in one transaction, then mirror to FAISS."""
-    sources = store.copy_sources({item.known_id for item in batch.copy})
+    # _route gave every copy the id of its source; everything embedded has its pixels.
+    sources = store.copy_sources({cast(int, item.known_id) for item in batch.copy})
     copies = []
     for item in batch.copy:
-        source = sources.get(item.known_id)
+        source = sources.get(cast(int, item.known_id))
         if source is not None and source[3] == item.sha256:
             copies.append((item, source))
             continue
@@ -361,17 +367,17 @@ def _commit(
     # Byte-identical files within the batch go through the model once.
     firsts: dict[str, _Prepared] = {}
     for item in batch.embed:
-        firsts.setdefault(item.sha256, item)
+        firsts.setdefault(cast(str, item.sha256), item)
     row_of = {sha: i for i, sha in enumerate(firsts)}
     with timed("model"):
         embedded = (
-            embedder.embed_pixels(np.stack([item.pixels for item in firsts.values()]))
+            embedder.embed_pixels(np.stack([cast(np.ndarray, it.pixels) for it in firsts.values()]))
             if firsts
             else np.empty((0, vectors.dim), dtype=np.float32)
         )
     crash_point("model")
     good = [_good(item) for item in (*batch.embed, *batch.copy)]
-    rows = [embedded[row_of[item.sha256]] for item in batch.embed]
+    rows = [embedded[row_of[cast(str, item.sha256)]] for item in batch.embed]
     rows += [vec for _, (vec, *_) in copies]
     matrix = np.stack(rows) if rows else np.empty((0, vectors.dim), dtype=np.float32)
     # Ctrl-C waits for the commit and its mirror in FAISS: the index in memory then always
@@ -414,7 +420,7 @@ def _good(item: _Prepared) -> GoodImage:
         item.key,
         item.size,
         item.mtime_ns,
-        item.sha256,
+        cast(str, item.sha256),  # read without an error: hashed
         item.width,
         item.height,
         item.format,
@@ -458,12 +464,12 @@ def _disappeared(
             gone[key] = row
         else:
             lost[out_of_reach] = lost.get(out_of_reach, 0) + 1
-    for root, count in held.items():
+    for held_root, count in held.items():
         if count:
             log.warning(
                 "not removing %d indexed files under %s: it holds no images now (unmounted?)",
                 count,
-                root,
+                held_root,
             )
     for (folder, why), count in sorted(lost.items()):
         log.warning(

@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import cast
 
 import numpy as np
 
@@ -118,7 +119,7 @@ class Labeller:
         file that cannot be read or decoded is yielded with `error` set, not raised."""
         items = [(str(p), None) for p in paths]
         for batch in _prepared_batches(items, self.preprocess, self.batch_size, workers):
-            good = [(n, pixels) for n, pixels, error in batch if error is None]
+            good = [(n, cast(np.ndarray, pixels)) for n, pixels, error in batch if error is None]
             found = iter(self.label_pixels(np.stack([p for _, p in good]), top) if good else [])
             for n, _, error in batch:
                 path = items[n][0]
@@ -163,12 +164,13 @@ def label_index(
     stored = store.label_source()
     same_model = stored is not None and stored.get("weights_sha256") == wanted["weights_sha256"]
     if top is None:
-        top = int(stored["top"]) if same_model else DEFAULT_LABEL_TOP
+        top = int(stored["top"]) if same_model and stored is not None else DEFAULT_LABEL_TOP
     if top < 1:
         raise ValueError("top must be at least 1")
     source = {**wanted, "top": int(top)}
     relabel = stored is not None and (not same_model or int(stored.get("top", 0)) != top)
     if relabel:
+        assert stored is not None  # relabel implies it
         # Load first: a model that cannot label must not cost the labels already stored.
         labeller = load()
         log.warning(
@@ -191,7 +193,7 @@ def label_index(
         labeller = labeller or load()
         items = [(path, sha) for _, path, sha in todo]
         for batch in _prepared_batches(items, labeller.preprocess, labeller.batch_size, workers):
-            good = [(n, pixels) for n, pixels, error in batch if error is None]
+            good = [(n, cast(np.ndarray, pixels)) for n, pixels, error in batch if error is None]
             found = labeller.label_pixels(np.stack([p for _, p in good]), top) if good else []
             ids = [todo[n][0] for n, _ in good]
             store.write_labels(dict(zip(ids, found, strict=True)), source)

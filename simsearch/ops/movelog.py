@@ -21,6 +21,7 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn, TypeGuard
 
 import numpy as np
 
@@ -111,6 +112,7 @@ def check(path: Path, dim: int) -> Manifest:
         else:
             record = _json(path, number, line)
             if record is not None:
+                assert root is not None and target is not None  # set from the header
                 entry = _entry(path, number, record, root, target, dim)
                 if entry is not None:
                     count += 1
@@ -119,6 +121,7 @@ def check(path: Path, dim: int) -> Manifest:
         length = end
     if header is None:
         raise QueryError(f"{path} is not a manifest of moved duplicates: it is empty")
+    assert root is not None and target is not None  # set from the header
     return Manifest(path, header, root, target, folder, length, count, span)
 
 
@@ -161,7 +164,7 @@ def _lines(path: Path) -> Iterator[tuple[int, bytes, int]]:
             yield number, line, offset
 
 
-def _bad(path: Path, number: int, what: str):
+def _bad(path: Path, number: int, what: str) -> NoReturn:
     raise QueryError(
         f"{path} is not a manifest of moved duplicates as simsearch writes them (line "
         f"{number}: {what}); nothing was moved"
@@ -205,7 +208,7 @@ def _path(path: Path, number: int, record: dict, key: str) -> str:
     return value
 
 
-def _is_int(value) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 

@@ -215,6 +215,7 @@ def _act(
                 if reason is not None:
                     skipped.append((dup.path, reason))
                     continue
+                assert found is not None  # _refusal gives a reason or what it found
                 acted[found.identity] = dup.path
                 done, size = done + 1, size + facts["size"]
                 pending.append(dup.id)
@@ -229,7 +230,7 @@ def _act(
 
 def _kept_files(groups: Sequence[DuplicateGroup]) -> dict[tuple[int, int], str]:
     """(device, inode) -> path of every kept image of the run that is there."""
-    kept = {}
+    kept: dict[tuple[int, int], str] = {}
     for group in groups:
         try:
             st = os.stat(group.keep_path)
@@ -292,7 +293,8 @@ def undo(index: IndexParts, manifest_path: Path) -> MoveReport:
             f"{index.path}; give --index {manifest.header['index']}"
         )
     _check_root(index, manifest)
-    done, size, skipped, restored = 0, 0, [], []
+    done, size, skipped = 0, 0, []
+    restored: list[dict] = []
     with _updating(index):
         try:
             for entry in entries(manifest, dim):

@@ -16,6 +16,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -416,10 +417,12 @@ class VectorIndex:
             share = max(int(allowed.sum()), 1) / max(len(allowed), 1)
             # The nearest allowed entries lie further out the smaller their share: widen
             # the graph walk or the lists visited in proportion.
-            if isinstance(params, faiss.SearchParametersHNSW):
+            if isinstance(params, faiss.SearchParametersHNSW):  # type: ignore[attr-defined]
                 params.efSearch = int(min(params.efSearch / share, FILTER_MAX_EF))
             elif isinstance(params, faiss.SearchParametersIVF):
-                nlist = faiss.try_extract_index_ivf(self._inner).nlist
+                ivf = faiss.try_extract_index_ivf(self._inner)
+                assert ivf is not None  # _params makes IVF parameters for an IVF index only
+                nlist = ivf.nlist
                 params.nprobe = int(min(math.ceil(params.nprobe / share), nlist))
             params = _with_selector(params, allowed)
         scores, positions = self._inner.search(queries, k, params=params)
@@ -433,9 +436,9 @@ class VectorIndex:
         selector = self._live_selector()
         hnsw, ivf = _hnsw(self._inner), faiss.try_extract_index_ivf(self._inner)
         if hnsw is not None:
-            params = faiss.SearchParametersHNSW(efSearch=max(ef or DEFAULT_EF, k))
+            params = faiss.SearchParametersHNSW(efSearch=max(ef or DEFAULT_EF, k))  # type: ignore[attr-defined]
         elif ivf is not None:
-            params = faiss.SearchParametersIVF(nprobe=min(nprobe or DEFAULT_NPROBE, ivf.nlist))
+            params = faiss.SearchParametersIVF(nprobe=min(nprobe or DEFAULT_NPROBE, ivf.nlist))  # type: ignore[call-arg]
         elif selector is None:
             return None
         else:
@@ -481,7 +484,8 @@ class VectorIndex:
             raise ValueError(f"{path} is not an id-mapped index")
         ivf = faiss.try_extract_index_ivf(index.index)
         if ivf is not None and isinstance(
-            faiss.downcast_InvertedLists(ivf.invlists), faiss.BlockInvertedLists
+            faiss.downcast_InvertedLists(cast("faiss.InvertedLists", ivf.invlists)),
+            faiss.BlockInvertedLists,  # type: ignore[attr-defined]
         ):
             mmap = False  # fast-scan lists are always read into RAM (they are small)
         return cls(dim, index, factory=factory, mmapped=mmap)
@@ -538,7 +542,7 @@ def _with_selector(params, allowed: np.ndarray):
 
     bits = np.packbits(allowed, bitorder="little")
     selector = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(bits))
-    selector.bits_ref = bits  # the selector points into this array: keep it alive
+    selector.bits_ref = bits  # type: ignore[attr-defined]  # it points into bits: keep them alive
     params = params if params is not None else faiss.SearchParameters()
     params.sel = selector
     params.sel_ref = selector

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable
-from typing import ClassVar
 
 from sqlalchemy import ForeignKey, Integer, LargeBinary, String, Text, TypeDecorator
 from sqlalchemy import Index as SqlIndex
@@ -53,7 +52,7 @@ class FsPath(TypeDecorator):
 class ImageRow(Base):
     __tablename__ = "images"
     # AUTOINCREMENT: an id is never reused, so a stale FAISS id can never name a new image.
-    __table_args__: ClassVar[dict] = {"sqlite_autoincrement": True}
+    __table_args__ = {"sqlite_autoincrement": True}  # noqa: RUF012 (SQLAlchemy reads it)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     path: Mapped[str] = mapped_column(FsPath, unique=True)
@@ -80,7 +79,7 @@ class VectorRow(Base):
     __tablename__ = "vectors"
     # The rows are 3-4 KB blobs, so walking the table for its ids (on every load of the FAISS
     # file) or counting it reads every vector; this index of ids alone is ~100x smaller.
-    __table_args__: ClassVar[tuple] = (SqlIndex("ix_vectors_image_id", "image_id"),)
+    __table_args__ = (SqlIndex("ix_vectors_image_id", "image_id"),)
 
     image_id: Mapped[int] = mapped_column(
         ForeignKey("images.id", ondelete="CASCADE"), primary_key=True
@@ -94,7 +93,7 @@ class LabelRow(Base):
 
     __tablename__ = "labels"
     # By label: `search --label` looks up the images having one.
-    __table_args__: ClassVar[tuple] = (SqlIndex("ix_labels_label", "label"),)
+    __table_args__ = (SqlIndex("ix_labels_label", "label"),)
 
     image_id: Mapped[int] = mapped_column(
         ForeignKey("images.id", ondelete="CASCADE"), primary_key=True
@@ -109,7 +108,7 @@ class ClusterRow(Base):
 
     __tablename__ = "clusters"
     # (cluster, score): a cluster's members and its most central images without a scan.
-    __table_args__: ClassVar[tuple] = (SqlIndex("ix_clusters_cluster_score", "cluster", "score"),)
+    __table_args__ = (SqlIndex("ix_clusters_cluster_score", "cluster", "score"),)
 
     image_id: Mapped[int] = mapped_column(
         ForeignKey("images.id", ondelete="CASCADE"), primary_key=True

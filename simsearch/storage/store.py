@@ -15,10 +15,12 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
+from typing import cast
 from urllib.parse import quote
 
 import numpy as np
 from sqlalchemy import (
+    Connection,
     create_engine,
     delete,
     event,
@@ -210,7 +212,7 @@ class Store:
             rows = conn.exec_driver_sql(
                 "SELECT key, value FROM meta WHERE key IN ('generation', 'faiss_generation')"
             )
-            values = dict(rows.all())
+            values: dict[str, str] = dict(rows.all())
         generation = _generation(values.get("generation"), "generation", self.path.name)
         try:  # which generation the FAISS file (a cache) holds: if unknown, it is stale
             saved = int(values.get("faiss_generation", -1))
@@ -247,14 +249,15 @@ class Store:
             .join(VectorRow, VectorRow.image_id == ImageRow.id)
             .where(ImageRow.sha256.is_not(None))
         )
-        with Session(self.engine) as session:
-            return {sha: i for sha, i in session.execute(stmt)}
+        with Session(self.engine) as session:  # (sha256 IS NOT NULL: a str)
+            return {cast(str, sha): i for sha, i in session.execute(stmt)}
 
     def counts(self) -> tuple[int, int]:
         """Return (images with a vector, failed images)."""
         with Session(self.engine) as session:
             indexed = session.scalar(select(func.count()).select_from(VectorRow))
             failed = session.scalar(select(func.count()).where(ImageRow.status == STATUS_ERROR))
+        assert indexed is not None and failed is not None  # a count always has its row
         return int(indexed), int(failed)
 
     def failed(self) -> list[FailedFile]:
@@ -266,7 +269,7 @@ class Store:
         with Session(self.engine) as session:
             return [FailedFile(p, e or "") for p, e in session.execute(stmt)]
 
-    def paths(self, ids: Sequence[int]) -> dict[int, str]:
+    def paths(self, ids: Sequence[int] | np.ndarray) -> dict[int, str]:
         """Return the stored path of each id that exists."""
         rows = self._rows_by_id("SELECT id, path FROM images", "id", ids)
         return {int(i): from_column(p) for i, p in rows}
@@ -280,7 +283,9 @@ class Store:
             row = session.execute(stmt).first()
         return None if row is None else Known(*row)
 
-    def copy_sources(self, ids: Iterable[int]) -> dict[int, tuple[np.ndarray, int, int, str]]:
+    def copy_sources(
+        self, ids: Iterable[int]
+    ) -> dict[int, tuple[np.ndarray, int, int, str | None]]:
         """Return id -> (vector, width, height, sha256) for images whose vector is reused."""
         stmt = (
             select(ImageRow.id, VectorRow.vector, ImageRow.width, ImageRow.height, ImageRow.sha256)
@@ -297,7 +302,7 @@ class Store:
         """A stored vector blob as float32, or IndexFormatError when it is damaged."""
         return _vector_of(image_id, blob, self.dim, self.path.name)
 
-    def vectors_by_id(self, ids: Sequence[int]) -> dict[int, np.ndarray]:
+    def vectors_by_id(self, ids: Sequence[int] | np.ndarray) -> dict[int, np.ndarray]:
         """Return id -> stored vector for each of `ids` that has one."""
         rows = self._rows_by_id("SELECT image_id, vector FROM vectors", "image_id", ids)
         return {int(i): self._vector(i, blob) for i, blob in rows}
@@ -476,10 +481,10 @@ class Store:
             ).all()
         return [from_column(p) for row in rows for p in row]
 
-    def _rows_by_id(self, select: str, column: str, ids: Sequence[int]) -> list[tuple]:
+    def _rows_by_id(self, select: str, column: str, ids: Sequence[int] | np.ndarray) -> list[tuple]:
         """Run `select ... WHERE column IN (ids)` in chunks under SQLite's variable limit,
         as plain SQL (these run on every search, where the ORM costs more than SQLite)."""
-        rows = []
+        rows: list[tuple] = []
         with self.engine.connect() as conn:
             for chunk in _chunks([int(i) for i in ids]):
                 marks = ",".join("?" * len(chunk))
@@ -500,6 +505,7 @@ class Store:
         the driver's cursor in blocks (10M ids in ~5 s, no Python list of ten million)."""
         raw = self.engine.raw_connection()
         try:
+            assert raw.driver_connection is not None  # the sqlite3 connection, open
             cursor = raw.driver_connection.execute("SELECT image_id FROM vectors ORDER BY image_id")
             blocks = []
             while rows := cursor.fetchmany(100_000):
@@ -587,7 +593,7 @@ class Store:
         with Session(self.engine) as session, session.begin():
             removed = 0
             for chunk in _chunks(ids):
-                removed += session.execute(delete(ImageRow).where(ImageRow.id.in_(chunk))).rowcount
+                removed += session.execute(delete(ImageRow).where(ImageRow.id.in_(chunk))).rowcount  # type: ignore[attr-defined]
             _bump_generation(session)
             crash_point("prune")
         return removed
@@ -639,7 +645,7 @@ class Store:
         transaction. Images deleted meanwhile are skipped."""
         with Session(self.engine) as session, session.begin():
             ids = list(labels)
-            live = set()
+            live: set[int] = set()
             for chunk in _chunks(ids):
                 live.update(session.scalars(select(ImageRow.id).where(ImageRow.id.in_(chunk))))
             _delete_labels(session, ids)
@@ -758,8 +764,8 @@ class Store:
                         "ORDER BY c.score DESC, c.image_id LIMIT ?",
                         (cluster, top),
                     ).all()
-                    best = [(i, from_column(p), score) for i, p, score in best]
-                    result.append((int(cluster), int(size), float(mean), best))
+                    hits = [(i, from_column(p), score) for i, p, score in best]
+                    result.append((int(cluster), int(size), float(mean), hits))
                 return result
             finally:
                 conn.exec_driver_sql("ROLLBACK")
@@ -913,11 +919,11 @@ def _upsert_images(session: Session, rows: list[dict]) -> dict[str, int]:
     ids: dict[str, int] = {}
     for chunk in _chunks(rows, ROWS_PER_STATEMENT):
         stmt = insert(ImageRow).values(chunk)
-        stmt = stmt.on_conflict_do_update(
+        upsert = stmt.on_conflict_do_update(
             index_elements=["path"],
             set_={c: stmt.excluded[c] for c in rows[0] if c != "path"},
         ).returning(ImageRow.id, ImageRow.path)
-        ids.update({path: int(i) for i, path in session.execute(stmt)})
+        ids.update({path: int(i) for i, path in session.execute(upsert)})
     return ids
 
 
@@ -955,7 +961,7 @@ def _drop_clusters(session: Session, ids: list[int]) -> None:
         session.execute(delete(ClusterRow).where(ClusterRow.image_id.in_(chunk)))
 
 
-def _put_meta(session: Session, key: str, value: str) -> None:
+def _put_meta(session: Session | Connection, key: str, value: str) -> None:
     session.execute(
         insert(MetaRow)
         .values(key=key, value=value)
@@ -974,6 +980,7 @@ def _generation(value: str | None, key: str, where: str) -> int:
     try:
         return int(value or 0)
     except ValueError:
+        assert value is not None  # int(None or 0) is 0: only a value fails
         raise IndexFormatError(
             f"{where} is damaged: its {key} is {value[:40]!r}, not a number; run `simsearch repair`"
         ) from None

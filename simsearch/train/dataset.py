@@ -222,6 +222,7 @@ class TrainingData:
                 if error is not None:
                     log.warning("skipping %s: %s", path, error)
                     continue
+                assert img is not None  # _load returns an image or the reason it has none
                 readable.add(path)
                 size = img.width * img.height * 3
                 if cached_bytes + size <= CACHE_MAX_BYTES:
@@ -238,6 +239,7 @@ class TrainingData:
             img, error = _load(path, self._preprocess, self._edge)
             if error is not None:
                 raise FinetuneError(f"{path} can no longer be read: {error}")
+            assert img is not None  # _load returns an image or the reason it has none
         return img
 
     # -- batches -------------------------------------------------------------------------

@@ -30,6 +30,8 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 from simsearch._version import __version__
 from simsearch.config import DEFAULT_MODEL, DEFAULT_WORKERS
@@ -495,7 +497,7 @@ class _StopOnCtrlC:
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = None
+        self._previous: Callable[[int, FrameType | None], Any] | int | None = None
         self._installed = False
 
     def __enter__(self) -> _StopOnCtrlC:
