@@ -215,7 +215,7 @@ def _act(
                 if reason is not None:
                     skipped.append((dup.path, reason))
                     continue
-                assert found is not None  # _refusal gives a reason or what it found
+                assert found is not None and facts is not None  # a reason, or what it found
                 acted[found.identity] = dup.path
                 done, size = done + 1, size + facts["size"]
                 pending.append(dup.id)
