@@ -259,3 +259,45 @@ def test_one_file_is_one_file_in_the_summary():
 
     assert AddSummary(1, 1, 0, 0).line().startswith("1 file seen,")
     assert AddSummary(2, 2, 0, 0).line().startswith("2 files seen,")
+
+
+def test_every_command_that_prints_rows_prints_them_as_csv_with_a_header(run, built, photo_dir):
+    import csv
+    import io
+
+    def table(*args):
+        result = run(*args, "--index", built, "--csv")
+        assert result.exit_code == 0, result.output
+        return list(csv.reader(io.StringIO(result.stdout)))
+
+    rows = table("search", photo_dir / "img1.png", "id:3", "-k", "3")
+    assert rows[0] == ["query", "rank", "id", "score", "path"]
+    assert [(r[0], r[1]) for r in rows[1:]] == [
+        (q, str(rank)) for q in (str(photo_dir / "img1.png"), "id:3") for rank in (1, 2, 3)
+    ]
+    assert rows[1][4] == str(photo_dir / "img1.png") and float(rows[1][3]) == 1.0
+    rows = table("cluster", "-k", "2", "--top", "2")
+    assert rows[0] == ["cluster", "size", "cohesion", "rank", "id", "score", "path"]
+    assert {r[0] for r in rows[1:]} == {"1", "2"} and all(r[6] for r in rows[1:])
+    rows = table("dedup", "--threshold", "0.5")
+    assert rows[0][:4] == ["group", "role", "path", "score"]
+    (photo_dir / "broken.png").write_bytes(b"\x89PNG broken")
+    assert run("index", photo_dir, "--index", built).exit_code == 0
+    rows = table("info", "--errors")
+    assert rows[0] == ["path", "error"]
+    assert [r[0] for r in rows[1:]] == [str(photo_dir / "broken.png")] and rows[1][1]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["search", "id:1"], ["dedup", "--threshold", "0.9"], ["cluster", "--show"], ["info"]],
+)
+def test_json_and_csv_together_is_a_usage_error(run, built, command):
+    result = run(*command, "--index", built, "--json", "--csv")
+    assert result.exit_code == 2
+    assert "--json and --csv" in result.output
+
+
+def test_info_csv_says_it_prints_the_errors_rows(run, built):
+    result = run("info", "--index", built, "--csv")
+    assert result.exit_code == 2 and "add --errors" in result.output

@@ -230,6 +230,24 @@ def test_cli_label_json_lines(run, classifier, shapes):
     assert set(lines[0]["labels"][0]) == {"label", "score"}
 
 
+def test_cli_label_csv_rows_match_the_json(run, classifier, shapes):
+    import csv
+    import io
+
+    paths = [shapes[2][0], shapes[0][0]]
+    as_json = run("label", *paths, "--model", classifier, "--top", "2", "--json")
+    as_csv = run("label", *paths, "--model", classifier, "--top", "2", "--csv")
+    assert as_csv.exit_code == 0, as_csv.output
+    rows = list(csv.reader(io.StringIO(as_csv.stdout)))
+    assert rows[0] == ["path", "rank", "label", "score"]
+    expected = [
+        [line["path"], str(rank), found["label"], f"{found['score']:.4f}"]
+        for line in map(json.loads, as_json.stdout.splitlines())
+        for rank, found in enumerate(line["labels"], 1)
+    ]
+    assert rows[1:] == expected and len(expected) == 4
+
+
 def test_cli_label_table_and_model_from_the_environment(run, classifier, shapes):
     result = run("label", shapes[1][0], env={"SIMSEARCH_LABEL_MODEL": str(classifier)})
     assert result.exit_code == 0, result.output

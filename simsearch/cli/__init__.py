@@ -9,6 +9,7 @@ from simsearch.cli import (  # noqa: F401
     exporting,
     finetune,
     indexing,
+    inspecting,
     labels,
     models,
     searching,

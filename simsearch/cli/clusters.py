@@ -11,7 +11,10 @@ import click
 
 from simsearch.cli.common import (
     _report_written,
+    check_output,
     cli,
+    csv_option,
+    csv_rows,
     html_option,
     index_option,
     json_option,
@@ -71,9 +74,10 @@ class _KType(click.ParamType):
     "--show", is_flag=True, help="Print the stored clusters of the last run; compute nothing."
 )
 @json_option
+@csv_option
 @html_option
 @click.pass_obj
-def cluster(obj, index_path, k, top, seed, show, as_json, html_path):
+def cluster(obj, index_path, k, top, seed, show, as_json, as_csv, html_path):
     """Group the indexed images into K clusters of similar images, and store them.
 
     Spherical k-means (FAISS) trains on a random sample of the stored vectors (at most
@@ -100,6 +104,7 @@ def cluster(obj, index_path, k, top, seed, show, as_json, html_path):
 
     from simsearch.api import Index
 
+    check_output(as_json, as_csv)
     if show and k is not None:
         raise click.UsageError("--show prints the stored clusters; leave out -k")
     if not show and k is None:
@@ -117,7 +122,24 @@ def cluster(obj, index_path, k, top, seed, show, as_json, html_path):
                 run = idx.cluster(k, seed=seed, progress=bar)
         clusters = idx.clusters(top)
         unassigned = len(idx) - sum(c.size for c in clusters)
+    if as_csv:
+        rows = (
+            [
+                group.id,
+                group.size,
+                f"{group.cohesion:.4f}",
+                rank,
+                hit.id,
+                f"{hit.score:.4f}",
+                hit.path,
+            ]
+            for group in clusters
+            for rank, hit in enumerate(group.central, 1)
+        )
+        csv_rows(["cluster", "size", "cohesion", "rank", "id", "score", "path"], rows)
     for group in clusters:
+        if as_csv:
+            break
         if as_json:
             central = [asdict(hit) for hit in group.central]
             line = {"cluster": group.id, "size": group.size, "cohesion": group.cohesion}
@@ -129,7 +151,7 @@ def cluster(obj, index_path, k, top, seed, show, as_json, html_path):
         )
         for hit in group.central:
             click.echo(f"  {hit.score:6.4f}  {hit.path}")
-    if not as_json:
+    if not as_json and not as_csv:
         click.echo(run.line())
         if unassigned:
             click.echo(

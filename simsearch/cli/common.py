@@ -19,6 +19,8 @@ from simsearch.config import (
 )
 from simsearch.errors import SimsearchError
 from simsearch.fs.names import ESCAPE
+from simsearch.models.embed import DEVICES, PRECISIONS
+from simsearch.models.provider import BACKENDS
 
 log = logging.getLogger("simsearch")
 
@@ -112,7 +114,32 @@ index_option = click.option(
     show_envvar=True,
     help="Index folder.",
 )
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+# The output contract, the same for every command: --json prints JSON Lines (one object
+# per line: per row where a command prints rows, else one summary object); --csv, where a
+# command prints rows, prints them as CSV with a header line. Notices go to stderr.
+json_option = click.option(
+    "--json", "as_json", is_flag=True, help="Print JSON Lines for scripts (one object a line)."
+)
+csv_option = click.option(
+    "--csv", "as_csv", is_flag=True, help="Print the rows as CSV with a header line."
+)
+
+
+def check_output(as_json: bool, as_csv: bool) -> None:
+    """Refuse --json and --csv together (a UsageError, exit 2)."""
+    if as_json and as_csv:
+        raise click.UsageError("--json and --csv are two formats of one output: give one")
+
+
+def csv_rows(header: list[str], rows) -> None:
+    """Print `rows` (sequences of cells) under `header` as CSV on stdout."""
+    import csv
+
+    out = csv.writer(sys.stdout, lineterminator="\n")
+    out.writerow(header)
+    out.writerows(rows)
+
+
 html_option = click.option(
     "--html",
     "html_path",
@@ -123,14 +150,14 @@ html_option = click.option(
 )
 device_option = click.option(
     "--device",
-    type=click.Choice(["auto", "cpu", "cuda"]),
+    type=click.Choice(DEVICES),
     default="auto",
     show_default=True,
     help="Where the model runs; auto uses CUDA when there is one.",
 )
 precision_option = click.option(
     "--precision",
-    type=click.Choice(["auto", "fp32", "bf16", "fp16", "int8"]),
+    type=click.Choice(PRECISIONS),
     default="auto",
     envvar="SIMSEARCH_PRECISION",
     show_default=True,
@@ -140,7 +167,7 @@ precision_option = click.option(
 )
 backend_option = click.option(
     "--backend",
-    type=click.Choice(["torch", "onnx"]),
+    type=click.Choice(BACKENDS),
     default=None,
     help="Runtime of the model: torch, or onnx (ONNX Runtime, no PyTorch needed) with --model "
     "a folder that `simsearch export-model` made.  [default: the index's, or torch]",

@@ -13,7 +13,10 @@ import click
 
 from simsearch.cli.common import (
     _report_written,
+    check_output,
     cli,
+    csv_option,
+    csv_rows,
     html_option,
     index_option,
     json_option,
@@ -82,7 +85,7 @@ log = logging.getLogger("simsearch")
     help="Delete the duplicates (never the kept images) for good; needs --yes.",
 )
 @click.option("--yes", is_flag=True, help="Confirm --delete.")
-@click.option("--csv", "as_csv", is_flag=True, help="CSV: group,role,path,score.")
+@csv_option
 @json_option
 @html_option
 @click.pass_context
@@ -149,6 +152,7 @@ def dedup(
     from simsearch.api import Index
 
     obj = ctx.obj
+    check_output(as_json, as_csv)
     if undo_manifest is not None:
         if move_to or delete or calibrate:
             raise click.UsageError(
@@ -218,17 +222,7 @@ def _undo_moves(ctx, manifest: Path, index_path: Path, as_json: bool) -> None:
 def _print_groups(groups, threshold: float, as_csv: bool, as_json: bool) -> None:
     """Print the groups with the facts the keep rule compared, and why each duplicate lost."""
     if as_csv:
-        import csv
-
-        out = csv.writer(sys.stdout, lineterminator="\n")
-        out.writerow(["group", "role", "path", "score", *FACT_COLUMNS, "why"])
-        for n, group in enumerate(groups, 1):
-            out.writerow([n, "keep", group.keep_path, "", *_fact_cells(group.keep_facts), ""])
-            for dup in group.duplicates:
-                cells = _fact_cells(dup.facts)
-                out.writerow([n, "duplicate", dup.path, f"{dup.score:.4f}", *cells, dup.why])
-            for alias in group.aliases:
-                out.writerow([n, "alias", alias, "", *_fact_cells(None), "same file"])
+        csv_rows(["group", "role", "path", "score", *FACT_COLUMNS, "why"], _csv_cells(groups))
         return
     for group in groups:
         if as_json:
@@ -250,6 +244,15 @@ def _print_groups(groups, threshold: float, as_csv: bool, as_json: bool) -> None
     if not as_json:
         count = sum(len(g.duplicates) for g in groups)
         click.echo(f"{len(groups)} groups, {count} duplicates (threshold {threshold})")
+
+
+def _csv_cells(groups):
+    for n, group in enumerate(groups, 1):
+        yield [n, "keep", group.keep_path, "", *_fact_cells(group.keep_facts), ""]
+        for dup in group.duplicates:
+            yield [n, "duplicate", dup.path, f"{dup.score:.4f}", *_fact_cells(dup.facts), dup.why]
+        for alias in group.aliases:
+            yield [n, "alias", alias, "", *_fact_cells(None), "same file"]
 
 
 # The keep rule's facts, as --csv columns and --json fields.

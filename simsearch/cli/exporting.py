@@ -14,6 +14,7 @@ from simsearch.cli.common import (
     index_option,
     json_option,
 )
+from simsearch.ops.export import FORMATS
 
 log = logging.getLogger("simsearch")
 
@@ -23,7 +24,7 @@ log = logging.getLogger("simsearch")
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["npy", "csv", "parquet"]),
+    type=click.Choice(FORMATS),
     default="npy",
     show_default=True,
     help="npy: a folder with vectors.npy, ids.npy, paths.txt; csv: id,path,vector (JSON "

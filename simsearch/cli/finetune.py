@@ -14,6 +14,7 @@ from click.core import ParameterSource
 from simsearch.cli.common import cli, device_option, json_option
 from simsearch.train.finetune import FinetuneConfig
 from simsearch.train.transfer import DEFAULT_TRAINABLE_BLOCKS
+from simsearch.train.transfer import PRECISIONS as TRAINING_PRECISIONS
 
 log = logging.getLogger("simsearch")
 
@@ -78,7 +79,7 @@ CONFIG_OPTIONS = (
 )
 @click.option(
     "--precision",
-    type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+    type=click.Choice(TRAINING_PRECISIONS),
     default=FinetuneConfig.precision,
     show_default=True,
     help="Arithmetic: auto = bf16 where the hardware has it, fp16 (with loss scaling) on "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import sys
@@ -12,7 +13,9 @@ import click
 
 from simsearch.cli.common import (
     batch_option,
+    check_output,
     cli,
+    csv_option,
     device_option,
     json_option,
     precision_option,
@@ -47,7 +50,8 @@ log = logging.getLogger("simsearch")
 @device_option
 @precision_option
 @json_option
-def label(images, model, top, batch_size, device, precision, as_json):
+@csv_option
+def label(images, model, top, batch_size, device, precision, as_json, as_csv):
     """Name what each IMAGE shows: its top labels from a classification model.
 
     An IMAGE is a file or a folder (searched recursively for images). No index is needed.
@@ -62,7 +66,9 @@ def label(images, model, top, batch_size, device, precision, as_json):
 
     --json prints one line per image:
     {"path": "cat.jpg", "labels": [{"label": "tabby, tabby cat", "score": 0.91}, ...]}
+    --csv prints one row per label: path,rank,label,score.
     """
+    check_output(as_json, as_csv)
     from simsearch.media.images import find_images
     from simsearch.ops.label import Labeller
 
@@ -79,10 +85,17 @@ def label(images, model, top, batch_size, device, precision, as_json):
     if paths:  # only missing files or empty folders: no need to load the model
         labeller = Labeller(model, device=device, precision=precision, batch_size=batch_size)
         results = labeller.label_files(paths, top)
+    table = csv.writer(sys.stdout, lineterminator="\n") if as_csv else None
+    if table is not None:
+        table.writerow(["path", "rank", "label", "score"])
     for result in results:
         if result.error is not None:
             failed += 1
             click.echo(f"skipping {result.path}: {result.error}", err=True)
+            continue
+        if table is not None:  # row by row: a folder of thousands shows as it goes
+            for rank, found in enumerate(result.labels, 1):
+                table.writerow([result.path, rank, found.label, f"{found.score:.4f}"])
             continue
         if as_json:
             data = {"path": result.path, "labels": [asdict(x) for x in result.labels]}

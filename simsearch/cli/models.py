@@ -12,6 +12,7 @@ import click
 
 from simsearch.cli.common import batch_option, cli, json_option
 from simsearch.config import DEFAULT_MODEL, DEFAULT_OPSET, MIN_OPSET
+from simsearch.models.embed import POOLS
 
 log = logging.getLogger("simsearch")
 
@@ -42,7 +43,7 @@ log = logging.getLogger("simsearch")
 )
 @click.option(
     "--pool",
-    type=click.Choice(["cls", "mean"]),
+    type=click.Choice(POOLS),
     default="cls",
     show_default=True,
     help="Pooling baked into the export: [CLS] token or mean of the patch tokens.",

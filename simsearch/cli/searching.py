@@ -11,7 +11,10 @@ import click
 from simsearch.cli.common import (
     _report_written,
     backend_option,
+    check_output,
     cli,
+    csv_option,
+    csv_rows,
     device_option,
     html_option,
     index_option,
@@ -85,6 +88,7 @@ log = logging.getLogger("simsearch")
 @device_option
 @precision_option
 @json_option
+@csv_option
 @html_option
 @click.pass_obj
 def search(
@@ -102,6 +106,7 @@ def search(
     device,
     precision,
     as_json,
+    as_csv,
     html_path,
 ):
     """Find the indexed images most similar to each QUERY.
@@ -121,8 +126,11 @@ def search(
 
     --json prints one line per query:
     {"query": "a.jpg", "hits": [{"id": 7, "path": "/photos/x.jpg", "score": 0.93}, ...]}
+    --csv prints one row per hit: query,rank,id,score,path.
     """
     from simsearch.api import Index
+
+    check_output(as_json, as_csv)
 
     with Index.open(
         index_path, model=model, device=device, precision=precision, backend=backend
@@ -136,7 +144,16 @@ def search(
             label=label,
             cluster=cluster,
         )
+    if as_csv:
+        rows = (
+            [query, rank, hit.id, f"{hit.score:.4f}", hit.path]
+            for query, hits in zip(queries, results, strict=True)
+            for rank, hit in enumerate(hits, 1)
+        )
+        csv_rows(["query", "rank", "id", "score", "path"], rows)
     for query, hits in zip(queries, results, strict=True):
+        if as_csv:
+            break
         if as_json:
             click.echo(json.dumps({"query": query, "hits": [asdict(h) for h in hits]}))
             continue
