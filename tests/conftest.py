@@ -197,3 +197,19 @@ def fill(index, vectors: np.ndarray, start: int = 0, images=None) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)
         index.parts.cache.add(ids, vectors)
     return ids
+
+
+@pytest.fixture
+def run():
+    """`run("search", "id:1", "--index", path)`: the simsearch command in this process
+    (click's CliRunner), arguments made str, exceptions not caught (a traceback fails)."""
+    from click.testing import CliRunner
+
+    from simsearch.cli import cli
+
+    runner = CliRunner()
+
+    def invoke(*args, env=None):
+        return runner.invoke(cli, [str(a) for a in args], env=env, catch_exceptions=False)
+
+    return invoke

@@ -5,21 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from click.testing import CliRunner
 from conftest import draw_image
 
 from simsearch import __version__
-from simsearch.cli import cli
-
-
-@pytest.fixture
-def run():
-    runner = CliRunner()
-
-    def invoke(*args, env=None):
-        return runner.invoke(cli, [str(a) for a in args], env=env, catch_exceptions=False)
-
-    return invoke
 
 
 @pytest.fixture

@@ -276,16 +276,6 @@ def test_clustering_a_million_vectors_stays_in_bounded_memory():
 # -- the command line ---------------------------------------------------------------------
 
 
-@pytest.fixture
-def run():
-    runner = CliRunner()
-
-    def invoke(*args):
-        return runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-    return invoke
-
-
 def test_cli_cluster_table_json_show_info_and_search(run, grouped, monkeypatch):
     index = grouped[0]
     path = index.path

@@ -15,11 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image, ImageDraw
 
 from simsearch import Index
-from simsearch.cli import cli
 from simsearch.errors import ModelLoadError, QueryError
 from simsearch.ops.label import Labeller, matching_labels
 
@@ -104,16 +102,6 @@ def shapes(tmp_path) -> dict[int, list[Path]]:
             draw_shape(cls, FIT_SEEDS + 10 + n).save(path)
             out.setdefault(cls, []).append(path)
     return out
-
-
-@pytest.fixture
-def run():
-    runner = CliRunner()
-
-    def invoke(*args, env=None):
-        return runner.invoke(cli, [str(a) for a in args], env=env, catch_exceptions=False)
-
-    return invoke
 
 
 @pytest.fixture

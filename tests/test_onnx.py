@@ -10,12 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from conftest import _save_vit, draw_image, subprocess_env
 from PIL import ImageEnhance
 
 from simsearch import Index
-from simsearch.cli import cli
 from simsearch.config import INT8_MIN_COSINE, INT8_MIN_RECALL, ONNX_MIN_COSINE
 from simsearch.errors import (
     LayerError,
@@ -59,16 +57,6 @@ def small_vit(tmp_path_factory) -> Path:
         image_size=64,
         patch_size=8,
     )
-
-
-@pytest.fixture
-def run():
-    runner = CliRunner()
-
-    def invoke(*args):
-        return runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-    return invoke
 
 
 def _photos(folder: Path, images) -> Path:

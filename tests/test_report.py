@@ -20,11 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 from conftest import draw_image
 from PIL import Image
 
-from simsearch.cli import cli
 from simsearch.errors import ReportError
 from simsearch.media.images import header_facts
 from simsearch.ops import report
@@ -309,16 +307,6 @@ def test_pages_are_replaced_atomically(tmp_path, pictures, monkeypatch):
 def test_an_unwritable_report_is_a_clear_error(tmp_path, pictures):
     with pytest.raises(ReportError, match=r"cannot write the report .*missing.*: No such file"):
         report.search_page([(pictures[0], [])], tmp_path / "missing" / "r.html")
-
-
-@pytest.fixture
-def run():
-    runner = CliRunner()
-
-    def invoke(*args):
-        return runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-    return invoke
 
 
 def test_search_html_from_the_command_line(run, tmp_path, index_path, photo_dir):
