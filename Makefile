@@ -49,9 +49,10 @@ lint: setup
 test: lint
 	$(BIN)/python -m pytest
 
-# The unit tests only: everything but the end-to-end and slow ones (markers in pyproject).
+# The unit tests only: everything but the end-to-end and slow ones (markers in pyproject),
+# spread over every core (pytest-xdist).
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow and not e2e" -q
+	$(BIN)/python -m pytest -m "not slow and not e2e" -q -n auto
 
 clean:
 	rm -rf $(VENV) $(DEMO_INDEX) $(DEMO_INDEX)-dinov2-small .cache/models .pytest_cache .ruff_cache .mypy_cache
