@@ -26,7 +26,7 @@ from PIL import Image
 
 from simsearch.cli import cli
 from simsearch.errors import ReportError
-from simsearch.media.images import header_facts
+from simsearch.media.header import header_facts
 from simsearch.ops import report
 from simsearch.records import Duplicate, DuplicateGroup, FileFacts, Hit
 

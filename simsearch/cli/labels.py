@@ -63,7 +63,7 @@ def label(images, model, top, batch_size, device, precision, as_json):
     --json prints one line per image:
     {"path": "cat.jpg", "labels": [{"label": "tabby, tabby cat", "score": 0.91}, ...]}
     """
-    from simsearch.media.images import find_images
+    from simsearch.media.discover import find_images
     from simsearch.ops.label import Labeller
 
     paths, missing = [], 0

@@ -40,13 +40,10 @@ from simsearch.config import (
 )
 from simsearch.errors import ImageError
 from simsearch.fs.faults import crash_point
-from simsearch.media.images import (
-    Preprocessing,
-    decode_image,
-    find_images,
-    header_facts,
-    read_image_file,
-)
+from simsearch.media.decode import decode_image, read_image_file
+from simsearch.media.discover import find_images
+from simsearch.media.header import header_facts
+from simsearch.media.preprocess import Preprocessing
 from simsearch.records import AddSummary, stages_line
 from simsearch.search.cache import VectorCache
 from simsearch.storage.store import STATUS_OK, BadImage, GoodImage, Known, Moved, Store

@@ -29,7 +29,8 @@ from simsearch.config import (
     PREFETCH_BATCHES,
 )
 from simsearch.errors import ImageError, QueryError
-from simsearch.media.images import Preprocessing, decode_image, read_image_file
+from simsearch.media.decode import decode_image, read_image_file
+from simsearch.media.preprocess import Preprocessing
 from simsearch.models.embed import pick_device, pick_precision, quantize_linear_layers
 from simsearch.models.hub import (
     hash_weights,

@@ -26,7 +26,7 @@ from simsearch._version import __version__
 from simsearch.errors import ImageError, ReportError
 from simsearch.fs.files import replaced_atomically
 from simsearch.fs.names import shown
-from simsearch.media.images import decode_image, read_image_file
+from simsearch.media.decode import decode_image, read_image_file
 from simsearch.records import DuplicateGroup, FileFacts, Hit
 
 # Longest side of a thumbnail in pixels: twice the ~128-200 CSS px a grid cell shows, so
@@ -79,7 +79,7 @@ class _ThumbnailDraft:
 def make_thumbnail(path: str | os.PathLike, size: int = THUMBNAIL_PX) -> Thumbnail:
     """Return the thumbnail of the image at `path`, or one that carries the reason it failed.
 
-    Reading and decoding go through simsearch.media.images: non-regular files, files above
+    Reading and decoding go through simsearch.media.decode: non-regular files, files above
     MAX_FILE_BYTES and images above MAX_IMAGE_PIXELS are refused before they cost memory.
     """
     try:

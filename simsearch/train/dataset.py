@@ -24,7 +24,9 @@ from PIL import Image
 
 from simsearch.config import DEFAULT_WORKERS, MAX_IMAGE_PIXELS
 from simsearch.errors import FinetuneError, ImageError
-from simsearch.media.images import Preprocessing, decode_image, find_images, read_image_file
+from simsearch.media.decode import decode_image, read_image_file
+from simsearch.media.discover import find_images
+from simsearch.media.preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
 
