@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--precisions", default="bf16,fp16,int8")
     args = parser.parse_args()
 
-    from simsearch.media.images import decode_image
+    from simsearch.media.decode import decode_image
     from simsearch.models.embed import Embedder
 
     files = sorted(args.data.glob("*.jpg"))[: args.images]

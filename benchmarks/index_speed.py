@@ -104,7 +104,7 @@ def measure(
 ) -> dict:
     """Model-only and end-to-end images/s for one precision."""
     from simsearch import Index
-    from simsearch.media.images import decode_image
+    from simsearch.media.decode import decode_image
 
     index_dir = work / f"index-{precision}"
     t0 = time.perf_counter()

@@ -45,7 +45,7 @@ def main() -> None:
     import torch
 
     from simsearch import Index
-    from simsearch.media.images import decode_image
+    from simsearch.media.decode import decode_image
     from simsearch.models.embed import Embedder
     from simsearch.models.onnx import OnnxEmbedder
     from simsearch.models.onnx_export import export_model, recall_at_k

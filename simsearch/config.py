@@ -58,9 +58,9 @@ MAX_RESIZED_BYTES = 64 << 20
 DRAFT_OVERSAMPLE = 2
 
 # Folder scans take every suffix the installed Pillow registers for a format it can open
-# (images.image_suffixes), except the formats below, which are also never decoded whatever
-# a file is named (Pillow's stub formats, BUFR, GRIB, HDF5 and WMF/EMF, are left out too:
-# they open only through a handler an application registers):
+# (media.formats.image_suffixes), except the formats below, which are also never decoded
+# whatever a file is named (Pillow's stub formats, BUFR, GRIB, HDF5 and WMF/EMF, are left
+# out too: they open only through a handler an application registers):
 UNINDEXED_FORMATS = frozenset(
     {
         "EPS",  # decoding runs Ghostscript, an outside interpreter, on the file: too much

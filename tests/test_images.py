@@ -19,13 +19,11 @@ from transformers import (
 )
 
 from simsearch.errors import ImageError, InputPathError
-from simsearch.media.images import (
-    Preprocessing,
-    decode_image,
-    find_images,
-    header_facts,
-    image_suffixes,
-)
+from simsearch.media.decode import decode_image
+from simsearch.media.discover import find_images
+from simsearch.media.formats import image_suffixes
+from simsearch.media.header import header_facts
+from simsearch.media.preprocess import Preprocessing
 
 
 def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -348,9 +346,9 @@ def test_find_images_reports_folders_whose_files_were_all_skipped(tmp_path):
 
 
 def test_the_tally_of_skipped_suffixes_stays_bounded(tmp_path, monkeypatch):
-    import simsearch.media.images as images
+    import simsearch.media.discover as discover
 
-    monkeypatch.setattr(images, "SKIPPED_SUFFIXES_KEPT", 3)
+    monkeypatch.setattr(discover, "SKIPPED_SUFFIXES_KEPT", 3)
     for i in range(10):
         (tmp_path / f"file.x{i}").write_bytes(b"x")
     skipped: dict = {}
@@ -364,11 +362,11 @@ def test_the_tally_of_skipped_suffixes_stays_bounded(tmp_path, monkeypatch):
 def test_without_the_extras_heic_and_raw_are_not_scanned_and_the_notice_says_why(
     tmp_path, monkeypatch
 ):
-    import simsearch.media.images as images
+    import simsearch.media.formats as formats
     from simsearch.cli.indexing import _skipped_line
 
-    monkeypatch.setattr(images, "_optional", lambda module, extra: None)
-    monkeypatch.setattr(images, "_formats", None)  # worked out again, without them
+    monkeypatch.setattr(formats, "optional_module", lambda module, extra: None)
+    monkeypatch.setattr(formats, "_formats", None)  # worked out again, without them
     # pillow-heif, if installed, has already registered its opener: take it out again.
     Image.init()
     monkeypatch.setattr(Image, "OPEN", {k: v for k, v in Image.OPEN.items() if k != "HEIF"})
@@ -384,7 +382,7 @@ def test_without_the_extras_heic_and_raw_are_not_scanned_and_the_notice_says_why
     line = _skipped_line(counts)
     assert "simsearch[heic]" in line and "simsearch[raw]" in line
     monkeypatch.undo()
-    assert images._registry() is not None
+    assert formats._registry() is not None
 
 
 def test_heic_photos_are_scanned_and_decoded_with_pillow_heif(tmp_path):

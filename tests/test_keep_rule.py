@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 
 from simsearch import Index
 from simsearch.cli import cli
-from simsearch.media.images import header_facts
+from simsearch.media.header import header_facts
 
 # Everything in these folders is one picture, so every copy joins one group at this cosine
 # (the tiny random ViT puts even unrelated drawings above 0.9; which images are copies is

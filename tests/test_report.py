@@ -24,7 +24,7 @@ from conftest import draw_image
 from PIL import Image
 
 from simsearch.errors import ReportError
-from simsearch.media.images import header_facts
+from simsearch.media.header import header_facts
 from simsearch.ops import report
 from simsearch.records import Duplicate, DuplicateGroup, FileFacts, Hit
 

@@ -68,9 +68,10 @@ def label(images, model, top, batch_size, device, precision, as_json, as_csv):
     {"path": "cat.jpg", "labels": [{"label": "tabby, tabby cat", "score": 0.91}, ...]}
     --csv prints one row per label: path,rank,label,score.
     """
-    check_output(as_json, as_csv)
-    from simsearch.media.images import find_images
+    from simsearch.media.discover import find_images
     from simsearch.ops.label import Labeller
+
+    check_output(as_json, as_csv)
 
     paths, missing = [], 0
     for image in images:

@@ -11,7 +11,7 @@ import numpy as np
 
 from simsearch.config import DEFAULT_BATCH_SIZE, DEFAULT_MODEL, Manifest
 from simsearch.errors import LayerError, ModelLoadError
-from simsearch.media.images import embed_in_batches
+from simsearch.media.preprocess import embed_in_batches
 from simsearch.models.hub import (
     FINAL_NORM_NAMES,
     find_blocks,

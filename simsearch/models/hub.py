@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 from simsearch.errors import ModelLoadError, first_line
-from simsearch.media.images import Preprocessing
+from simsearch.media.preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from simsearch.config import (
 )
 from simsearch.errors import ModelLoadError, first_line
 from simsearch.fs.files import sha256_of
-from simsearch.media.images import Preprocessing, embed_in_batches
+from simsearch.media.preprocess import Preprocessing, embed_in_batches
 
 log = logging.getLogger(__name__)
 

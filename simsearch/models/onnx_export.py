@@ -38,7 +38,8 @@ from simsearch.config import (
 )
 from simsearch.errors import ImageError, ModelExportError, ModelLoadError, first_line
 from simsearch.fs.files import sha256_of
-from simsearch.media.images import decode_image, find_images, read_image_file
+from simsearch.media.decode import decode_image, read_image_file
+from simsearch.media.discover import find_images
 from simsearch.models.onnx import (
     INPUT_NAME,
     ONNX_EXPORT_FORMAT,

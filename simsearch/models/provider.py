@@ -17,7 +17,8 @@ import numpy as np
 
 from simsearch.config import Manifest
 from simsearch.errors import ImageError, LayerError, ModelLoadError, QueryError
-from simsearch.media.images import Preprocessing, decode_image, read_image_file, to_rgb
+from simsearch.media.decode import decode_image, read_image_file, to_rgb
+from simsearch.media.preprocess import Preprocessing
 from simsearch.storage.checks import check_vectors
 
 log = logging.getLogger(__name__)

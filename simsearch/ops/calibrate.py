@@ -51,7 +51,7 @@ from PIL import Image, ImageEnhance, ImageOps
 
 from simsearch.config import CALIBRATION_METHOD, DEDUP_F_BETA
 from simsearch.errors import ImageError
-from simsearch.media.images import decode_image, read_image_file
+from simsearch.media.decode import decode_image, read_image_file
 from simsearch.records import Calibration
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from simsearch.errors import ImageError
-from simsearch.media.images import header_facts
+from simsearch.media.header import header_facts
 from simsearch.records import Duplicate, DuplicateGroup, FileFacts
 
 

@@ -8,7 +8,7 @@ import logging
 
 from simsearch.config import CALIBRATION_METHOD, CALIBRATION_SAMPLE, DEDUP_NEIGHBOURS
 from simsearch.errors import QueryError
-from simsearch.media.images import Preprocessing
+from simsearch.media.preprocess import Preprocessing
 from simsearch.ops.calibrate import calibrate
 from simsearch.ops.dedup import describe, find_groups
 from simsearch.ops.parts import IndexParts

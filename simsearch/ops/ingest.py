@@ -23,7 +23,7 @@ import os
 import signal
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -40,13 +40,11 @@ from simsearch.config import (
 )
 from simsearch.errors import ImageError
 from simsearch.fs.faults import crash_point
-from simsearch.media.images import (
-    Preprocessing,
-    decode_image,
-    find_images,
-    header_facts,
-    read_image_file,
-)
+from simsearch.media.decode import decode_image, read_image_file
+from simsearch.media.discover import find_images
+from simsearch.media.header import header_facts
+from simsearch.media.prefetch import read_ahead
+from simsearch.media.preprocess import Preprocessing
 from simsearch.records import AddSummary, stages_line
 from simsearch.search.cache import VectorCache
 from simsearch.storage.store import STATUS_OK, BadImage, GoodImage, Known, Moved, Store
@@ -182,25 +180,19 @@ def ingest(
 
     window = embedder.batch_size * (PREFETCH_BATCHES + 1)
     with ThreadPoolExecutor(max(1, workers), thread_name_prefix="simsearch-decode") as pool:
-        items = iter(todo)
-        pending: deque = deque()
-
-        def fill() -> None:
-            while len(pending) < window:
-                item = next(items, None)
-                if item is None:
-                    return
-                pending.append(
-                    pool.submit(_prepare, *item, embedder.preprocess, hashes, max_pixels)
-                )
-
-        try:
-            fill()
-            while pending:
+        ready = read_ahead(
+            pool,
+            lambda item: _prepare(*item, embedder.preprocess, hashes, max_pixels),
+            todo,
+            window,
+        )
+        with contextlib.closing(ready):  # on Ctrl-C or an error, what is queued is not decoded
+            while True:
                 with timed("waiting"):
-                    prepared = pending.popleft().result()
+                    prepared = next(ready, None)
+                if prepared is None:
+                    break
                 timed.seconds["decoding"] += prepared.seconds
-                fill()
                 _route(prepared, batch, known, gone, gone_by_hash, hashes)
                 if len(batch.embed) >= embedder.batch_size or len(batch) >= 4 * embedder.batch_size:
                     flush()
@@ -209,10 +201,6 @@ def ingest(
             if stale.facts or stale.devices:
                 with timed("decoding"):
                     _refresh(stale, store, pool)
-        except BaseException:
-            for future in pending:  # on Ctrl-C or an error, do not decode what is queued
-                future.cancel()
-            raise
 
     with timed("database"):
         removed = _prune(gone, store, vectors) if gone else 0

@@ -14,9 +14,9 @@ import hashlib
 import logging
 import os
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from typing import cast
 
 import numpy as np
@@ -29,7 +29,9 @@ from simsearch.config import (
     PREFETCH_BATCHES,
 )
 from simsearch.errors import ImageError, QueryError
-from simsearch.media.images import Preprocessing, decode_image, read_image_file
+from simsearch.media.decode import decode_image, read_image_file
+from simsearch.media.prefetch import read_ahead
+from simsearch.media.preprocess import Preprocessing
 from simsearch.models.embed import pick_device, pick_precision, quantize_linear_layers
 from simsearch.models.hub import (
     hash_weights,
@@ -272,32 +274,19 @@ def _prepared_batches(
     if not items:
         return
     window = batch_size * (PREFETCH_BATCHES + 1)
-    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="simsearch-label") as pool:
-        pending: deque = deque()
-        position = 0
-
-        def fill() -> None:
-            nonlocal position
-            while len(pending) < window and position < len(items):
-                path, sha = items[position]
-                pending.append((position, pool.submit(_prepare, path, sha, preprocess)))
-                position += 1
-
-        try:
-            fill()
-            batch = []
-            while pending:
-                n, future = pending.popleft()
-                fill()
-                batch.append((n, *future.result()))
-                if len(batch) == batch_size:
-                    yield batch
-                    batch = []
-            if batch:
+    with (
+        ThreadPoolExecutor(max(1, workers), thread_name_prefix="simsearch-label") as pool,
+        # Closed first, on Ctrl-C or an error: what is queued is not decoded.
+        closing(read_ahead(pool, lambda item: _prepare(*item, preprocess), items, window)) as ready,
+    ):
+        batch = []
+        for n, (pixels, error) in enumerate(ready):
+            batch.append((n, pixels, error))
+            if len(batch) == batch_size:
                 yield batch
-        finally:
-            for _, future in pending:  # on Ctrl-C or an error, do not decode what is queued
-                future.cancel()
+                batch = []
+        if batch:
+            yield batch
 
 
 def _autocast(precision: str, device: str):

@@ -8,34 +8,20 @@ page, and the file is renamed into place only when complete.
 
 from __future__ import annotations
 
-import base64
 import html
-import io
-import os
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Protocol, TextIO, TypeVar
 
-from PIL import Image
-
 from simsearch._version import __version__
-from simsearch.errors import ImageError, ReportError
+from simsearch.errors import ReportError
 from simsearch.fs.files import replaced_atomically
 from simsearch.fs.names import shown
-from simsearch.media.images import decode_image, read_image_file
+from simsearch.media.thumbnail import Thumbnail, make_thumbnail
 from simsearch.records import DuplicateGroup, FileFacts, Hit
-
-# Longest side of a thumbnail in pixels: twice the ~128-200 CSS px a grid cell shows, so
-# thumbnails stay sharp on high-density screens.
-THUMBNAIL_PX = 256
-
-# JPEG quality of thumbnails: 80 is where artefacts stop being visible at thumbnail size;
-# a 256 px photo then takes 10-25 KB (13-33 KB as base64).
-THUMBNAIL_QUALITY = 80
 
 # Most thumbnails one page embeds: 1,000 make a page of roughly 15-30 MB, about the most a
 # browser opens without stalling and a person scrolls through; beyond that, a note points to
@@ -51,49 +37,6 @@ class Cluster(Protocol):
     id: int
     size: int  # number of images in the cluster
     central: Sequence[Hit]  # its most central images, best first; score: similarity to centre
-
-
-@dataclass(frozen=True)
-class Thumbnail:
-    """One image as a page shows it: a data: URI, or the reason there is none."""
-
-    uri: str | None  # data:image/jpeg;base64,...; None when the image could not be read
-    width: int = 0  # of the thumbnail
-    height: int = 0
-    error: str | None = None
-
-
-@dataclass(frozen=True)
-class _ThumbnailDraft:
-    """What decode_image asks of its `draft` argument: the smallest size to decode a JPEG at.
-
-    Pillow's draft mode then decodes a large JPEG at 1/2, 1/4 or 1/8 scale, so a 24 Mpx
-    photo costs a fraction of a full decode."""
-
-    longest: int
-
-    def draft_size(self, width: int, height: int) -> tuple[int, int]:
-        return self.longest, self.longest
-
-
-def make_thumbnail(path: str | os.PathLike, size: int = THUMBNAIL_PX) -> Thumbnail:
-    """Return the thumbnail of the image at `path`, or one that carries the reason it failed.
-
-    Reading and decoding go through simsearch.media.images: non-regular files, files above
-    MAX_FILE_BYTES and images above MAX_IMAGE_PIXELS are refused before they cost memory.
-    """
-    try:
-        data = read_image_file(path)
-        img = decode_image(data, draft=_ThumbnailDraft(size), name=path)
-        img.thumbnail((size, size), Image.Resampling.LANCZOS)
-        buf = io.BytesIO()
-        img.save(buf, "JPEG", quality=THUMBNAIL_QUALITY, optimize=True)
-    except ImageError as exc:
-        return Thumbnail(None, error=str(exc))
-    except (OSError, ValueError) as exc:  # e.g. the disk went away mid-read
-        return Thumbnail(None, error=f"cannot make a thumbnail: {exc}")
-    uri = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-    return Thumbnail(uri, img.width, img.height)
 
 
 class _Thumbnails:

@@ -16,6 +16,7 @@ import math
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -24,7 +25,10 @@ from PIL import Image
 
 from simsearch.config import DEFAULT_WORKERS, MAX_IMAGE_PIXELS
 from simsearch.errors import FinetuneError, ImageError
-from simsearch.media.images import Preprocessing, decode_image, find_images, read_image_file
+from simsearch.media.decode import decode_image, read_image_file
+from simsearch.media.discover import find_images
+from simsearch.media.prefetch import read_ahead
+from simsearch.media.preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -212,11 +216,15 @@ class TrainingData:
         if progress is not None:
             progress.total = len(examples)
             progress.refresh()
-        with ThreadPoolExecutor(max(1, workers), thread_name_prefix="simsearch-data") as pool:
-            paths = [e.path for e in examples]
-            for path, (img, error) in zip(
-                paths, pool.map(lambda p: _load(p, preprocess, edge), paths), strict=True
-            ):
+        paths = [e.path for e in examples]
+        # Two files a thread: each has the next while the main thread files the last away.
+        ahead = 2 * max(1, workers)
+        with (
+            ThreadPoolExecutor(max(1, workers), thread_name_prefix="simsearch-data") as pool,
+            # Closed first, on Ctrl-C or an error: what is queued is not decoded.
+            closing(read_ahead(pool, lambda p: _load(p, preprocess, edge), paths, ahead)) as ready,
+        ):
+            for path, (img, error) in zip(paths, ready, strict=True):
                 if progress is not None:
                     progress.update(1)
                 if error is not None:
