@@ -119,7 +119,7 @@ class Manifest:
     index_type: str = "auto"  # what the user asked for: a name or a FAISS factory string
     dedup_calibration: dict | None = None  # records.Calibration as a dict, once calibrated
     format_version: int = FORMAT_VERSION
-    # What config.json says the model computes (models.hash_config); None in indexes made
+    # What config.json says the model computes (models.weights.hash_config); None in indexes made
     # before it was recorded, which then compare by weights alone.
     config_sha256: str | None = None
 

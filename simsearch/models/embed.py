@@ -15,12 +15,11 @@ from simsearch.media.images import embed_in_batches
 from simsearch.models.hub import (
     FINAL_NORM_NAMES,
     find_blocks,
-    hash_config,
-    hash_weights,
     load_backbone,
     load_preprocessing,
     resolve_model,
 )
+from simsearch.models.weights import hash_config, hash_weights
 
 log = logging.getLogger(__name__)
 

@@ -122,7 +122,8 @@ class ModelProvider:
                 config_sha256=source.get("config_sha256"),
             )
         elif model is not None and self.loaded is None:
-            from simsearch.models.hub import hash_config, hash_weights, resolve_model
+            from simsearch.models.hub import resolve_model
+            from simsearch.models.weights import hash_config, hash_weights
 
             folder, _ = resolve_model(str(model))
             wanted = dataclasses.replace(

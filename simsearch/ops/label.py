@@ -32,11 +32,11 @@ from simsearch.errors import ImageError, QueryError
 from simsearch.media.images import Preprocessing, decode_image, read_image_file
 from simsearch.models.embed import pick_device, pick_precision, quantize_linear_layers
 from simsearch.models.hub import (
-    hash_weights,
     load_classifier,
     load_preprocessing,
     resolve_model,
 )
+from simsearch.models.weights import hash_weights
 from simsearch.records import ImageLabels, Label, LabelSummary
 from simsearch.storage.store import Store
 

@@ -37,7 +37,8 @@ from simsearch._version import __version__
 from simsearch.config import DEFAULT_MODEL, DEFAULT_WORKERS
 from simsearch.errors import FinetuneError, TrainingInterrupted
 from simsearch.models.embed import pick_device
-from simsearch.models.hub import hash_weights, load_preprocessing, resolve_model
+from simsearch.models.hub import load_preprocessing, resolve_model
+from simsearch.models.weights import hash_weights
 from simsearch.records import EpochRecord, FinetuneResult
 from simsearch.train.checkpoints import (
     BEST,
