@@ -9,7 +9,7 @@ import warnings
 
 import numpy as np
 
-from simsearch.config import DEFAULT_BATCH_SIZE, DEFAULT_MODEL, Manifest
+from simsearch.config import DEFAULT_BATCH_SIZE, DEFAULT_MODEL
 from simsearch.errors import LayerError, ModelLoadError
 from simsearch.media.images import embed_in_batches
 from simsearch.models.hub import (
@@ -20,6 +20,7 @@ from simsearch.models.hub import (
     resolve_model,
 )
 from simsearch.models.weights import hash_config, hash_weights
+from simsearch.storage.manifest import Manifest
 
 log = logging.getLogger(__name__)
 

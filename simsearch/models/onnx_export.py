@@ -21,21 +21,16 @@ from pathlib import Path
 
 import numpy as np
 
-from simsearch.config import (
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_OPSET,
-    MIN_OPSET,
-    ONNX_CLASSIFIER_FILE,
-    ONNX_INFO_FILE,
-    ONNX_INT8_FILE,
-    ONNX_MIN_COSINE,
-    ONNX_MODEL_FILE,
-)
+from simsearch.config import DEFAULT_BATCH_SIZE, DEFAULT_OPSET, MIN_OPSET, ONNX_MIN_COSINE
 from simsearch.errors import ModelExportError
 from simsearch.fs.files import sha256_of
 from simsearch.models.onnx import (
     INPUT_NAME,
+    ONNX_CLASSIFIER_FILE,
     ONNX_EXPORT_FORMAT,
+    ONNX_INFO_FILE,
+    ONNX_INT8_FILE,
+    ONNX_MODEL_FILE,
     OUTPUT_NAME,
     _open_session,
     import_onnxruntime,

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from simsearch.config import INT8_MIN_COSINE, INT8_MIN_RECALL, ONNX_INT8_FILE, ONNX_MODEL_FILE
+from simsearch.config import INT8_MIN_COSINE, INT8_MIN_RECALL
 from simsearch.errors import ModelExportError
-from simsearch.models.onnx import OUTPUT_NAME, _open_session
+from simsearch.models.onnx import ONNX_INT8_FILE, ONNX_MODEL_FILE, OUTPUT_NAME, _open_session
 from simsearch.models.onnx_validation import recall_at_k, run_batches, session_runner
 
 log = logging.getLogger(__name__)

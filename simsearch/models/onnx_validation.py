@@ -12,7 +12,7 @@ import logging
 
 import numpy as np
 
-from simsearch.config import SAMPLE_PHOTOS, VALIDATION_MAX_IMAGES, VALIDATION_MIN_IMAGES
+from simsearch.config import VALIDATION_MAX_IMAGES, VALIDATION_MIN_IMAGES
 from simsearch.errors import ImageError, ModelExportError
 from simsearch.media.images import decode_image, find_images, read_image_file
 from simsearch.models.onnx import INPUT_NAME
@@ -20,6 +20,30 @@ from simsearch.models.onnx import INPUT_NAME
 log = logging.getLogger(__name__)
 
 EXPORT_HINT = "pip install 'simsearch[onnx-export]'"
+
+# scikit-image's sample photographs (shipped inside the package, no download): people,
+# animals, objects, space, microscopy, text and textures, so validation (export-model) and
+# the benchmarks (copy_retrieval) see the range of inputs a collection holds.
+SAMPLE_PHOTOS = (
+    "astronaut",
+    "camera",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "hubble_deep_field",
+    "retina",
+    "coins",
+    "immunohistochemistry",
+    "moon",
+    "brick",
+    "grass",
+    "gravel",
+    "horse",
+    "page",
+    "text",
+    "clock",
+    "motorcycle",
+)
 
 
 def validation_images(folder) -> tuple[list, str]:

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from simsearch.config import Manifest
 from simsearch.errors import ImageError, LayerError, ModelLoadError, QueryError
 from simsearch.media.images import Preprocessing, decode_image, read_image_file, to_rgb
 from simsearch.storage.checks import check_vectors
+from simsearch.storage.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
