@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simsearch.config import SAMPLE_PHOTOS
+from simsearch.models.onnx_validation import SAMPLE_PHOTOS
 
 PHOTOS = SAMPLE_PHOTOS
 

@@ -68,8 +68,8 @@ def peak_mb() -> float:
 
 def prepare(work: Path, n: int, dim: int, queries: int) -> None:
     """Write the index folder, the queries and the exact top-10 of each (once)."""
-    from simsearch.config import DATABASE_FILE, Manifest
     from simsearch.storage.folder import create_database as _create_database
+    from simsearch.storage.manifest import DATABASE_FILE, Manifest
 
     groups = max(50, n // 2_000)
     folder, done = work / "index", work / "stored.ok"

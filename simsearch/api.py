@@ -22,13 +22,13 @@ from typing import Any
 import numpy as np
 
 from simsearch import config, records
-from simsearch.config import Manifest
 from simsearch.errors import IndexExistsError
 from simsearch.ops import clustering, duplicates, maintenance, moves, update
 from simsearch.ops import query as searching
 from simsearch.ops.parts import IndexParts, create_parts, open_parts
 from simsearch.ops.query import Query
 from simsearch.search.vectors import VectorIndex
+from simsearch.storage.manifest import DATABASE_FILE, Manifest
 from simsearch.storage.store import Store
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ class Index:
         """
         common: dict[str, Any] = dict(layer=layer, pool=pool, device=device)
         common.update(precision=precision, batch_size=batch_size)
-        if not (Path(path) / config.DATABASE_FILE).exists():
+        if not (Path(path) / DATABASE_FILE).exists():
             log.info("creating index %s", path)
             try:
                 return cls.create(

@@ -1,13 +1,13 @@
-"""Defaults in one place, each with the reason it has the value it has, and the index manifest."""
+"""Defaults in one place, each with the reason it has the value it has.
+
+The index folder's format (its files, FORMAT_VERSION, the manifest) is in storage/manifest.py;
+the ONNX export's file names are in models/onnx.py.
+"""
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-
-from simsearch.errors import IndexFormatError, ManifestMismatchError
 
 # The mission's default backbone: ViT-L/16 pre-trained on ImageNet-21k gives general-purpose,
 # 1024-dim [CLS] vectors that work for "looks like" search without fine-tuning.
@@ -69,9 +69,6 @@ UNINDEXED_FORMATS = frozenset(
     }
 )
 
-# HEIC/HEIF (iPhone photos) open through pillow-heif, the `heic` extra, when installed.
-HEIF_SUFFIXES = frozenset({".heic", ".heics", ".heif", ".heifs", ".hif"})
-
 # Camera RAW files open through rawpy (LibRaw), the `raw` extra, when installed. LibRaw has
 # no registry of suffixes to ask, so these are the common ones.
 RAW_SUFFIXES = frozenset(
@@ -87,123 +84,6 @@ RAW_SUFFIXES = frozenset(
 # so no real suffix equals it. A tree of odd names cannot grow the tally without bound.
 SKIPPED_SUFFIXES_KEPT = 100
 OTHER_SUFFIXES = "other"
-
-# Version of the on-disk layout (manifest.json, meta.sqlite, vectors.faiss). Bumped on any
-# incompatible change; an index with a newer version is refused rather than misread.
-FORMAT_VERSION = 1
-
-# The largest vector dimension an index may have: above any vision model's (ViT-G: 1664),
-# and small enough that a damaged manifest cannot size allocations from it.
-MAX_DIM = 1 << 16
-
-MANIFEST_FILE = "manifest.json"
-DATABASE_FILE = "meta.sqlite"
-VECTORS_FILE = "vectors.faiss"
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """What produced an index's vectors: everything that must match for vectors to compare."""
-
-    model: str  # the model as the user named it (hub id or folder)
-    weights_sha256: str  # identity of the weights: the check that matters
-    architecture: str  # config.model_type, e.g. "vit", "dinov2"
-    layer: int  # absolute hidden-state index: 0 = patch embeddings, num_layers = last block
-    num_layers: int
-    pool: str  # "cls" or "mean"
-    dim: int
-    preprocessing: dict = field(default_factory=dict)
-    revision: str | None = None  # hub commit, when the model came from the hub
-    precision: str = "fp32"
-    metric: str = "cosine"
-    index_type: str = "auto"  # what the user asked for: a name or a FAISS factory string
-    dedup_calibration: dict | None = None  # records.Calibration as a dict, once calibrated
-    format_version: int = FORMAT_VERSION
-    # What config.json says the model computes (models.hash_config); None in indexes made
-    # before it was recorded, which then compare by weights alone.
-    config_sha256: str | None = None
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str, source: str = "the manifest") -> Manifest:
-        """Read a manifest, or raise IndexFormatError naming `source` and what is wrong
-        with it (not JSON, a field of the wrong type or out of range)."""
-        try:
-            data = json.loads(text)
-        except ValueError as exc:
-            raise IndexFormatError(f"{source} is damaged: not JSON ({exc})") from None
-        if not isinstance(data, dict):
-            raise IndexFormatError(f"{source} is damaged: not a JSON object")
-        version = data.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise IndexFormatError(
-                f"index format version {version!r} is not supported by this simsearch "
-                f"(it reads versions up to {FORMAT_VERSION}); upgrade simsearch"
-            )
-        known = {f.name for f in fields(cls)}
-        try:
-            manifest = cls(**{k: v for k, v in data.items() if k in known})
-        except TypeError as exc:  # a required field missing
-            raise IndexFormatError(f"{source} is damaged: {exc}") from None
-        problem = manifest._problem()
-        if problem:
-            raise IndexFormatError(f"{source} is damaged: {problem}")
-        return manifest
-
-    def _problem(self) -> str | None:
-        """What makes this manifest unusable, or None."""
-
-        def is_int(v) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        checks = [
-            (isinstance(self.model, str) and self.model != "", "model", "a name"),
-            (isinstance(self.weights_sha256, str), "weights_sha256", "a hash"),
-            (is_int(self.num_layers) and self.num_layers >= 0, "num_layers", "a count"),
-            (is_int(self.layer) and 0 <= self.layer <= self.num_layers, "layer", "a layer"),
-            (self.pool in ("cls", "mean"), "pool", "cls or mean"),
-            (is_int(self.dim) and 1 <= self.dim <= MAX_DIM, "dim", f"1 to {MAX_DIM}"),
-            (isinstance(self.preprocessing, dict), "preprocessing", "an object"),
-            (isinstance(self.index_type, str), "index_type", "a string"),
-            (self.metric == "cosine", "metric", "cosine"),
-            (
-                self.dedup_calibration is None or isinstance(self.dedup_calibration, dict),
-                "dedup_calibration",
-                "an object",
-            ),
-        ]
-        for ok, name, wanted in checks:
-            if not ok:
-                return f"its {name} is {getattr(self, name)!r}, not {wanted}"
-        return None
-
-    def check_compatible(self, other: Manifest) -> None:
-        """Raise ManifestMismatchError naming each setting where `other` differs from this index."""
-        diffs = []
-        if other.weights_sha256 != self.weights_sha256:
-            diffs.append(
-                f"model: index was built with {self.model!r} "
-                f"(weights {self.weights_sha256[:12]}), not {other.model!r} "
-                f"(weights {other.weights_sha256[:12]})"
-            )
-        if self.config_sha256 and other.config_sha256 and other.config_sha256 != self.config_sha256:
-            diffs.append(
-                f"model config: {other.model!r} has the same weights under another config.json "
-                "(activation, layer-norm epsilon, ...), which gives other vectors"
-            )
-        for name in ("layer", "pool", "dim", "preprocessing"):
-            mine, theirs = getattr(self, name), getattr(other, name)
-            if mine != theirs:
-                diffs.append(f"{name}: index has {mine!r}, requested {theirs!r}")
-        if diffs:
-            raise ManifestMismatchError(
-                "this index was built with different settings; "
-                + "; ".join(diffs)
-                + ". Use a new --index for a different model, layer or pooling."
-            )
-
 
 # Files larger than this are refused unread: no photo is this big, and reading one whole
 # would cost that much memory.
@@ -362,7 +242,7 @@ CLUSTER_SILHOUETTE_SAMPLE = 2_000
 # Images shown per cluster: the ones nearest its centre, enough to tell what it holds.
 CLUSTER_TOP = 5
 
-# -- ONNX export (see onnx_export.py and onnx_backend.py) -----------------------------------
+# -- ONNX export (see models/onnx_export.py and models/onnx.py) -----------------------------
 
 # ONNX opset of `simsearch export-model`: 17 is the first with a LayerNormalization op (one
 # fused kernel instead of seven), and every onnxruntime since 1.14 runs it. Below 14,
@@ -387,33 +267,3 @@ VALIDATION_MIN_IMAGES = 20
 # the built-in set has 108): ViT-L embeds ~1.2 images/s in fp32 on two cores, so each of the
 # passes (PyTorch, ONNX fp32, each int8 try) takes up to ~100 s at this cap.
 VALIDATION_MAX_IMAGES = 120
-
-# What `export-model` writes into its output folder.
-ONNX_MODEL_FILE = "model.onnx"
-ONNX_INT8_FILE = "model.int8.onnx"
-ONNX_CLASSIFIER_FILE = "classifier.onnx"
-ONNX_INFO_FILE = "simsearch_onnx.json"
-
-# scikit-image's sample photographs (shipped inside the package, no download): people,
-# animals, objects, space, microscopy, text and textures, so validation (export-model) and
-# the benchmarks see the range of inputs a collection holds.
-SAMPLE_PHOTOS = (
-    "astronaut",
-    "camera",
-    "chelsea",
-    "coffee",
-    "rocket",
-    "hubble_deep_field",
-    "retina",
-    "coins",
-    "immunohistochemistry",
-    "moon",
-    "brick",
-    "grass",
-    "gravel",
-    "horse",
-    "page",
-    "text",
-    "clock",
-    "motorcycle",
-)

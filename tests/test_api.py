@@ -13,13 +13,13 @@ from conftest import draw_image
 from PIL import Image
 
 from simsearch import Hit, Index
-from simsearch.config import DATABASE_FILE, MANIFEST_FILE, VECTORS_FILE
 from simsearch.errors import (
     IndexExistsError,
     IndexNotFoundError,
     ManifestMismatchError,
     QueryError,
 )
+from simsearch.storage.manifest import DATABASE_FILE, MANIFEST_FILE, VECTORS_FILE
 
 
 @pytest.fixture

@@ -16,8 +16,9 @@ from conftest import DIM, fill, subprocess_env
 
 from simsearch import Index
 from simsearch.cli import cli
-from simsearch.config import CLUSTER_TRAIN_MAX, DATABASE_FILE
+from simsearch.config import CLUSTER_TRAIN_MAX
 from simsearch.errors import ClusterError, QueryError
+from simsearch.storage.manifest import DATABASE_FILE
 from simsearch.storage.store import BadImage, GoodImage
 
 GROUPS = 20

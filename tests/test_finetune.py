@@ -26,7 +26,8 @@ from PIL import Image, ImageDraw
 
 from simsearch.cli import cli
 from simsearch.errors import FinetuneError, TrainingInterrupted
-from simsearch.train.finetune import FinetuneConfig, finetune, learning_rate
+from simsearch.train.finetune import FinetuneConfig, finetune
+from simsearch.train.loop import learning_rate
 
 COLOURS = {"circle": (210, 40, 40), "square": (40, 60, 210)}
 PER_CLASS = 20
@@ -116,10 +117,10 @@ def test_keeps_the_best_epoch_and_stops_early(tmp_path, base, data, monkeypatch)
     import torch
     from transformers import AutoModelForImageClassification
 
-    import simsearch.train.finetune
+    import simsearch.train.loop
 
     scores = iter([(0.7, 0.5), (0.3, 0.9), (0.2, 0.9), (0.6, 0.6), (0.5, 0.8), (0.1, 1.0)])
-    monkeypatch.setattr(simsearch.train.finetune, "evaluate", lambda *a: next(scores))
+    monkeypatch.setattr(simsearch.train.loop, "evaluate", lambda *a: next(scores))
     output, best, last = tmp_path / "out", {}, {}
 
     def snapshot(record):

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from simsearch import Index
-from simsearch.config import DATABASE_FILE
 from simsearch.errors import IndexFormatError
 from simsearch.storage import schema
+from simsearch.storage.manifest import DATABASE_FILE
 from simsearch.storage.store import Store
 
 # Made by simsearch at fb510ab (the last commit before schema versions) with

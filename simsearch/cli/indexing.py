@@ -25,7 +25,6 @@ from simsearch.config import (
     DEFAULT_LABEL_MODEL,
     DEFAULT_LABEL_TOP,
     DEFAULT_MODEL,
-    HEIF_SUFFIXES,
     MAX_IMAGE_PIXELS,
     OTHER_SUFFIXES,
     RAW_SUFFIXES,
@@ -266,6 +265,9 @@ def index(
 
 # Suffixes named in the notice about folders with no image files; the rest are counted.
 SKIPPED_SHOWN = 8
+
+# What pillow-heif (the `heic` extra) opens: iPhone photos. The notice names the extra.
+HEIF_SUFFIXES = frozenset({".heic", ".heics", ".heif", ".heifs", ".hif"})
 
 
 def _skipped_line(counts: dict[str, int]) -> str:

@@ -9,18 +9,18 @@ import warnings
 
 import numpy as np
 
-from simsearch.config import DEFAULT_BATCH_SIZE, DEFAULT_MODEL, Manifest
+from simsearch.config import DEFAULT_BATCH_SIZE, DEFAULT_MODEL
 from simsearch.errors import LayerError, ModelLoadError
 from simsearch.media.preprocess import embed_in_batches
 from simsearch.models.hub import (
     FINAL_NORM_NAMES,
     find_blocks,
-    hash_config,
-    hash_weights,
     load_backbone,
     load_preprocessing,
     resolve_model,
 )
+from simsearch.models.weights import hash_config, hash_weights
+from simsearch.storage.manifest import Manifest
 
 log = logging.getLogger(__name__)
 

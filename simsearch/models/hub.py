@@ -3,13 +3,14 @@
 Nothing here runs code from a model repository: a folder whose configs ask for it
 (`auto_map`) is refused before transformers sees it, and every loader passes
 trust_remote_code=False (without it, transformers asks on the terminal and runs the
-folder's Python on "y"). Safetensors weights are preferred over pickles.
+folder's Python on "y"). Safetensors weights are preferred over pickles, and a config that
+describes a far larger model than its weights hold is refused before anything is allocated
+(check_size). Which files are the weights, and their hashes, are in models/weights.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import re
@@ -17,16 +18,13 @@ from pathlib import Path
 
 from simsearch.errors import ModelLoadError, first_line
 from simsearch.media.preprocess import Preprocessing
+from simsearch.models.weights import safetensors_values, weight_files
 
 log = logging.getLogger(__name__)
 
 # Attribute names under which transformers' vision backbones keep the norm that follows the
 # last block (ViT, DeiT, DINOv2, BEiT: `layernorm`; CLIP, SigLIP: `post_layernorm`).
 FINAL_NORM_NAMES = ("layernorm", "post_layernorm", "norm", "final_layernorm", "ln_post")
-
-# Weight files, in the order we prefer them: safetensors cannot run code when loaded.
-WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
-
 
 # Configs are small; a larger "config" is not read to look for auto_map, it is refused.
 CONFIG_READ_LIMIT = 16 << 20
@@ -81,7 +79,7 @@ def resolve_model(name: str, env: str = "SIMSEARCH_MODEL") -> tuple[Path, str | 
         folder = Path(snapshot_download(name, local_files_only=True))
     except Exception:
         folder = None
-    if folder is None or not _weight_files(folder):
+    if folder is None or not weight_files(folder):
         if constants.HF_HUB_OFFLINE or not _hub_reachable(constants.ENDPOINT):
             raise ModelLoadError(
                 f"cannot load model {name!r}: it is not a local folder, not in the Hugging Face "
@@ -91,7 +89,7 @@ def resolve_model(name: str, env: str = "SIMSEARCH_MODEL") -> tuple[Path, str | 
             )
         try:
             folder = Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors"]))
-            if not _weight_files(folder):
+            if not weight_files(folder):
                 folder = Path(snapshot_download(name, allow_patterns=["*.json", "*.bin"]))
         except Exception as exc:
             raise ModelLoadError(
@@ -107,7 +105,7 @@ def can_load(name: str) -> bool:
     from huggingface_hub import constants, snapshot_download
 
     try:
-        if _weight_files(Path(snapshot_download(name, local_files_only=True))):
+        if weight_files(Path(snapshot_download(name, local_files_only=True))):
             return True
     except Exception:
         pass
@@ -137,86 +135,6 @@ def _hub_reachable(endpoint: str, timeout: float = 5.0) -> bool:
     return True
 
 
-def _weight_files(folder: Path) -> list[Path]:
-    for pattern in WEIGHT_PATTERNS:
-        files = sorted(folder.glob(pattern))
-        if files:
-            return files
-    return []
-
-
-# Weight hashes already computed in this process, keyed by the files' paths, sizes and mtimes:
-# hashing ViT-L's 1.2 GB takes about a second, and opening an index with --model and then
-# loading that model would otherwise do it twice.
-_HASHES: dict[tuple, str] = {}
-
-
-def hash_weights(folder: Path) -> str:
-    """Return the SHA-256 over the model's weight files (name and content, in name order)."""
-    files = _weight_files(folder)
-    if not files:
-        raise ModelLoadError(f"no weight files (*.safetensors or pytorch_model.bin) in {folder}")
-    key = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
-    if key not in _HASHES:
-        _HASHES[key] = _sha256_files(files)
-    return _HASHES[key]
-
-
-# config.json fields that do not change what the model computes: names, bookkeeping, the
-# class names of a head (the embedding path is the same), the dtype it was saved in.
-CONFIG_IDENTITY_IGNORED = frozenset(
-    {
-        "_name_or_path",
-        "_commit_hash",
-        "transformers_version",
-        "architectures",
-        "id2label",
-        "label2id",
-        "torch_dtype",
-        "dtype",
-        "problem_type",
-        "finetuning_task",
-        "use_cache",
-        "output_attentions",
-        "output_hidden_states",
-        "return_dict",
-    }
-)
-
-
-def hash_config(folder: Path) -> str | None:
-    """Return the SHA-256 of what config.json in `folder` says the model computes (every
-    field but CONFIG_IDENTITY_IGNORED, canonically written), or None without a readable
-    config: the same weights under another activation or layer-norm epsilon give other
-    vectors, and are another model."""
-    import json
-
-    try:
-        config = json.loads((folder / "config.json").read_bytes())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(config, dict):
-        return None
-
-    def kept(value):
-        if isinstance(value, dict):
-            return {k: kept(v) for k, v in value.items() if k not in CONFIG_IDENTITY_IGNORED}
-        return value
-
-    text = json.dumps(kept(config), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _sha256_files(files: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(file.name.encode())
-        with open(file, "rb") as fh:
-            while chunk := fh.read(1 << 24):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
 @contextlib.contextmanager
 def quiet_transformers():
     """Silence transformers' notices ("torchvision not installed") and bars while loading."""
@@ -239,7 +157,7 @@ def load_backbone(folder: Path):
     from transformers import AutoConfig, AutoModel
 
     refuse_code(folder)
-    if not _weight_files(folder):
+    if not weight_files(folder):
         raise ModelLoadError(f"no weight files (*.safetensors or pytorch_model.bin) in {folder}")
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
@@ -284,7 +202,7 @@ def load_classifier(folder: Path, name: str):
         "with id2label class names), e.g. google/vit-large-patch16-384"
     )
     refuse_code(folder)
-    if not _weight_files(folder):
+    if not weight_files(folder):
         raise ModelLoadError(f"no weight files (*.safetensors or pytorch_model.bin) in {folder}")
     try:
         with quiet_transformers():
@@ -333,7 +251,6 @@ def _names(keys) -> set[str]:
 # before the kernel stopped it) adds orders of magnitude.
 CONFIG_OVER_WEIGHTS = 2.0
 CONFIG_OVER_WEIGHTS_SLACK = 10_000_000  # parameters: a new head over many classes
-SAFETENSORS_HEADER_LIMIT = 100 << 20
 
 
 def check_size(model_cls, config, folder: Path) -> None:
@@ -361,36 +278,6 @@ def check_size(model_cls, config, folder: Path) -> None:
             f"config.json in {folder} describes a model of {wanted:,} parameters, but its "
             f"weights hold {stored:,} values: the config does not belong to these weights"
         )
-
-
-def safetensors_values(folder: Path) -> int | None:
-    """The number of values the safetensors files in `folder` hold, from their headers
-    (never their data), or None when the weights are not safetensors."""
-    import json
-    import struct
-
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        return None
-    total = 0
-    for file in files:
-        with open(file, "rb") as fh:
-            (length,) = struct.unpack("<Q", fh.read(8).ljust(8, b"\0"))
-            if length > SAFETENSORS_HEADER_LIMIT:
-                raise ModelLoadError(
-                    f"{file} is not a safetensors file (header of {length:,} bytes)"
-                )
-            try:
-                header = json.loads(fh.read(length))
-            except ValueError:
-                raise ModelLoadError(f"{file} is not a safetensors file") from None
-        for name, entry in header.items():
-            if name != "__metadata__" and isinstance(entry, dict):
-                count = 1
-                for n in entry.get("shape", []):
-                    count *= int(n)
-                total += count
-    return total
 
 
 def load_pretrained(model_cls, folder: Path, use_safetensors: bool | None, **extra):

@@ -15,22 +15,23 @@ from pathlib import Path
 
 import numpy as np
 
-from simsearch.config import (
-    DEFAULT_BATCH_SIZE,
-    ONNX_INFO_FILE,
-    ONNX_INT8_FILE,
-    ONNX_MODEL_FILE,
-    Manifest,
-)
+from simsearch.config import DEFAULT_BATCH_SIZE
 from simsearch.errors import ModelLoadError, first_line
 from simsearch.fs.files import sha256_of
 from simsearch.media.preprocess import Preprocessing, embed_in_batches
+from simsearch.storage.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
 # Version of simsearch_onnx.json; bumped on an incompatible change, so an older simsearch
 # refuses a newer export instead of misreading it.
 ONNX_EXPORT_FORMAT = 1
+
+# What `export-model` writes into its output folder.
+ONNX_MODEL_FILE = "model.onnx"
+ONNX_INT8_FILE = "model.int8.onnx"
+ONNX_CLASSIFIER_FILE = "classifier.onnx"
+ONNX_INFO_FILE = "simsearch_onnx.json"
 
 # What the backend can run: the fp32 export, or the int8 one that `--int8` adds.
 ONNX_PRECISIONS = ("fp32", "int8")

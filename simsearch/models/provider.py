@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from simsearch.config import Manifest
 from simsearch.errors import ImageError, LayerError, ModelLoadError, QueryError
 from simsearch.media.decode import decode_image, read_image_file, to_rgb
 from simsearch.media.preprocess import Preprocessing
 from simsearch.storage.checks import check_vectors
+from simsearch.storage.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,8 @@ class ModelProvider:
                 config_sha256=source.get("config_sha256"),
             )
         elif model is not None and self.loaded is None:
-            from simsearch.models.hub import hash_config, hash_weights, resolve_model
+            from simsearch.models.hub import resolve_model
+            from simsearch.models.weights import hash_config, hash_weights
 
             folder, _ = resolve_model(str(model))
             wanted = dataclasses.replace(

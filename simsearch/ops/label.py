@@ -34,11 +34,11 @@ from simsearch.media.prefetch import read_ahead
 from simsearch.media.preprocess import Preprocessing
 from simsearch.models.embed import pick_device, pick_precision, quantize_linear_layers
 from simsearch.models.hub import (
-    hash_weights,
     load_classifier,
     load_preprocessing,
     resolve_model,
 )
+from simsearch.models.weights import hash_weights
 from simsearch.records import ImageLabels, Label, LabelSummary
 from simsearch.storage.store import Store
 

@@ -6,13 +6,13 @@ import dataclasses
 
 from sqlalchemy.exc import DatabaseError
 
-from simsearch.config import DATABASE_FILE, MANIFEST_FILE, VECTORS_FILE, Manifest
 from simsearch.errors import IndexFormatError
 from simsearch.ops.clustering import clustering
 from simsearch.ops.parts import IndexParts
 from simsearch.records import IndexInfo
 from simsearch.search.vectors import plan_index, try_index_type
 from simsearch.storage.folder import write_atomic
+from simsearch.storage.manifest import DATABASE_FILE, MANIFEST_FILE, VECTORS_FILE, Manifest
 
 
 def set_index_type(parts: IndexParts, index_type: str) -> str | None:

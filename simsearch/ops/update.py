@@ -11,13 +11,14 @@ from pathlib import Path
 
 from sqlalchemy.exc import OperationalError
 
-from simsearch.config import DATABASE_FILE, DEFAULT_LABEL_MODEL, DEFAULT_WORKERS, MAX_IMAGE_PIXELS
+from simsearch.config import DEFAULT_LABEL_MODEL, DEFAULT_WORKERS, MAX_IMAGE_PIXELS
 from simsearch.errors import StorageError
 from simsearch.ops.export import export as export_items
 from simsearch.ops.ingest import Stopwatch, ingest
 from simsearch.ops.label import Labeller, label_index
 from simsearch.ops.parts import IndexParts
 from simsearch.records import AddSummary, LabelSummary
+from simsearch.storage.manifest import DATABASE_FILE
 
 
 def add(

@@ -25,11 +25,11 @@ from simsearch.config import (
     MMAP_MIN_BYTES,
     RETRAIN_GROWTH,
     TOMBSTONE_REBUILD_SHARE,
-    VECTORS_FILE,
 )
 from simsearch.errors import IndexTypeError
 from simsearch.fs.lock import WriteLock
 from simsearch.search.vectors import Plan, VectorIndex, ivf_lists, plan_index
+from simsearch.storage.manifest import VECTORS_FILE
 from simsearch.storage.store import Store
 
 log = logging.getLogger(__name__)

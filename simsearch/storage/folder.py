@@ -16,10 +16,11 @@ from pathlib import Path
 
 from sqlalchemy.exc import DatabaseError, OperationalError
 
-from simsearch.config import DATABASE_FILE, LOCK_WAIT_SECONDS, MANIFEST_FILE, Manifest
+from simsearch.config import LOCK_WAIT_SECONDS
 from simsearch.errors import IndexExistsError, IndexFormatError, IndexNotFoundError
 from simsearch.fs.files import remove_temp_leftovers, replaced_atomically
 from simsearch.fs.lock import WriteLock
+from simsearch.storage.manifest import DATABASE_FILE, MANIFEST_FILE, Manifest
 from simsearch.storage.schema import SCHEMA_VERSION
 from simsearch.storage.store import Store
 

@@ -33,13 +33,13 @@ from sqlalchemy import (
 from sqlalchemy.dialects.sqlite import insert
 from sqlalchemy.orm import Session
 
-from simsearch.config import Manifest
 from simsearch.errors import IndexFormatError
 from simsearch.fs.faults import crash_point
 from simsearch.fs.names import from_column
 from simsearch.records import FailedFile, FileFacts, Label
 from simsearch.storage import schema
 from simsearch.storage.checks import check_vectors
+from simsearch.storage.manifest import Manifest
 from simsearch.storage.schema import ClusterRow, ImageRow, LabelRow, MetaRow, VectorRow
 
 STATUS_OK = "ok"

@@ -1,5 +1,5 @@
 """The files of a fine-tuning run: its checkpoints while it trains, and the model folder it
-leaves (see simsearch/finetune.py for the layout)."""
+leaves (see simsearch/train/finetune.py for the layout)."""
 
 from __future__ import annotations
 
