@@ -11,7 +11,7 @@ from simsearch.errors import IndexFormatError
 from simsearch.ops.clustering import clustering
 from simsearch.ops.parts import IndexParts
 from simsearch.records import IndexInfo
-from simsearch.search.vectors import plan_index, try_index_type
+from simsearch.search.plan import plan_index, try_index_type
 from simsearch.storage.folder import write_atomic
 
 

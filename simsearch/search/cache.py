@@ -29,7 +29,8 @@ from simsearch.config import (
 )
 from simsearch.errors import IndexTypeError
 from simsearch.fs.lock import WriteLock
-from simsearch.search.vectors import Plan, VectorIndex, ivf_lists, plan_index
+from simsearch.search.plan import Plan, ivf_lists, plan_index
+from simsearch.search.vectors import VectorIndex
 from simsearch.storage.store import Store
 
 log = logging.getLogger(__name__)
