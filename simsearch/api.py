@@ -23,7 +23,7 @@ import numpy as np
 
 from simsearch import config, records
 from simsearch.errors import IndexExistsError
-from simsearch.ops import clustering, duplicates, maintenance, moves, update
+from simsearch.ops import clustering, duplicates, maintenance, moves, undo, update
 from simsearch.ops import query as searching
 from simsearch.ops.parts import IndexParts, create_parts, open_parts
 from simsearch.ops.query import Query
@@ -336,7 +336,7 @@ class Index:
         return them to the index with their stored vectors (no model needed). Safe to run
         again, and after a crash: files already in place are passed over; a file whose
         original path is taken again is left where it is and reported."""
-        return moves.undo(self.parts, Path(manifest))
+        return undo.undo(self.parts, Path(manifest))
 
     def cluster(self, k: int | str, *, seed: int = 0, progress=None) -> records.ClusterRun:
         """Cluster every indexed image by spherical k-means into `k` clusters (2 up to the

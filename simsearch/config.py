@@ -103,7 +103,7 @@ FAISS_CHECKPOINT_SECONDS = 300.0
 # big index; another writer gets its error at once after this.
 LOCK_WAIT_SECONDS = 5.0
 
-# -- vector index types (see vectors.plan_index) --------------------------------------------
+# -- vector index types (see search.plan.plan_index) ----------------------------------------
 
 # `--index-type auto` searches exactly up to this many vectors: a flat scan of 50,000
 # 1024-dim vectors reads 200 MB and answers in ~15 ms on two cores, and is always right.

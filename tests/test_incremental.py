@@ -179,7 +179,7 @@ def test_long_runs_save_the_faiss_file_as_they_go(tmp_path, tiny_vit, photo_dir,
 def test_interrupt_between_commit_and_faiss_update_leaves_no_stale_vectors(
     tmp_path, tiny_vit, photo_dir, monkeypatch
 ):
-    import simsearch.ops.ingest
+    import simsearch.ops.writer
 
     with Index.create(tmp_path / "ix", model=tiny_vit, batch_size=4) as index:
         index.add(photo_dir)
@@ -190,7 +190,7 @@ def test_interrupt_between_commit_and_faiss_update_leaves_no_stale_vectors(
         if name == "after-commit":
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(simsearch.ops.ingest, "crash_point", interrupt)
+    monkeypatch.setattr(simsearch.ops.writer, "crash_point", interrupt)
     with Index.open(tmp_path / "ix") as index, pytest.raises(KeyboardInterrupt):
         index.add(photo_dir)
     monkeypatch.undo()

@@ -13,7 +13,8 @@ from conftest import DIM, clustered, fill
 from simsearch import Index
 from simsearch.cli import cli as main
 from simsearch.errors import IndexTypeError
-from simsearch.search.vectors import VectorIndex, plan_index
+from simsearch.search.plan import plan_index
+from simsearch.search.vectors import VectorIndex
 
 
 def recall_at_10(index: Index, data: np.ndarray, ids: np.ndarray, queries, **params) -> float:
@@ -139,8 +140,8 @@ def test_deleted_files_vanish_from_an_hnsw_index_and_stay_gone(tmp_path, tiny_vi
 
 @pytest.mark.slow
 def test_auto_says_what_it_chose_and_moves_on_as_the_collection_grows(empty_index, monkeypatch):
-    monkeypatch.setattr("simsearch.search.vectors.AUTO_FLAT_MAX_VECTORS", 1_000)
-    monkeypatch.setattr("simsearch.search.vectors.AUTO_HNSW_MAX_BYTES", 5_000 * DIM * 4)
+    monkeypatch.setattr("simsearch.search.plan.AUTO_FLAT_MAX_VECTORS", 1_000)
+    monkeypatch.setattr("simsearch.search.plan.AUTO_HNSW_MAX_BYTES", 5_000 * DIM * 4)
     assert empty_index.info().index_built == "flat"
     fill(empty_index, clustered(800))
     assert empty_index.set_index_type("auto") is None  # already right: nothing rebuilt

@@ -159,7 +159,7 @@ def test_moves_across_file_systems_copy_then_delete(tmp_path, library, monkeypat
             raise OSError(errno.EXDEV, "Invalid cross-device link")
         real_rename(source, dest, **kwargs)
 
-    monkeypatch.setattr("simsearch.ops.moves.os.rename", rename)
+    monkeypatch.setattr("simsearch.fs.files.os.rename", rename)
     with Index.open(index) as idx:
         report = idx.move_duplicates(idx.duplicates(0.9999), tmp_path / "dups")
         assert report.files == 3

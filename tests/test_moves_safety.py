@@ -172,7 +172,7 @@ def test_a_moved_relative_symlink_is_moved_as_a_link_and_put_back(
                 raise OSError(errno.EXDEV, "Invalid cross-device link")
             real_rename(source, dest, **kw)
 
-        monkeypatch.setattr("simsearch.ops.moves.os.rename", rename)
+        monkeypatch.setattr("simsearch.fs.files.os.rename", rename)
     dups = tmp_path / "aside" / "dups"  # where the moved relative link points at nothing
     with Index.open(index) as idx:
         report = idx.move_duplicates(
@@ -203,7 +203,7 @@ def test_a_users_partial_file_beside_a_cross_device_move_is_not_touched(
             raise OSError(errno.EXDEV, "Invalid cross-device link")
         real_rename(source, dest, **kw)
 
-    monkeypatch.setattr("simsearch.ops.moves.os.rename", rename)
+    monkeypatch.setattr("simsearch.fs.files.os.rename", rename)
     shutil.copy2(folder / "img2.jpg", folder / "img2-copy.jpg")
     with Index.open(index) as idx:
         idx.add(folder)

@@ -10,7 +10,7 @@ from simsearch.errors import IndexFormatError
 from simsearch.ops.clustering import clustering
 from simsearch.ops.parts import IndexParts
 from simsearch.records import IndexInfo
-from simsearch.search.vectors import plan_index, try_index_type
+from simsearch.search.plan import plan_index, try_index_type
 from simsearch.storage.folder import write_atomic
 from simsearch.storage.manifest import DATABASE_FILE, MANIFEST_FILE, VECTORS_FILE, Manifest
 

@@ -4,7 +4,8 @@ them.
 A move is logged before it is made: each line of the manifest (JSON lines in the target
 folder, see `movelog`) records where a file came from and went, with what the index knew of
 it (its vector included), and is on disk before the file moves. So after a crash at any
-point, `undo` can put every file back and return it to the index without the model.
+point, `undo` (ops.undo) can put every file back and return it to the index without the
+model.
 
 The user's files come first. Before anything happens to a duplicate it is checked against
 the index (unchanged since indexing) and against the files kept: a duplicate that is the
@@ -31,20 +32,10 @@ from pathlib import Path
 import numpy as np
 
 from simsearch.errors import QueryError, StorageError
-from simsearch.fs.faults import crash_point
 from simsearch.fs.files import LINK_ERRNOS, entry_id, link_below, move_entry, open_folder
-from simsearch.ops.movelog import (
-    MANIFEST_KIND,
-    MANIFEST_VERSION,
-    Manifest,
-    ManifestWriter,
-    append_undone,
-    check,
-    entries,
-)
+from simsearch.ops.movelog import MANIFEST_KIND, MANIFEST_VERSION, ManifestWriter
 from simsearch.ops.parts import IndexParts
 from simsearch.records import DuplicateGroup, MoveReport
-from simsearch.storage.store import GoodImage
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +96,7 @@ def move(index: IndexParts, groups: Sequence[DuplicateGroup], target: Path) -> M
     except OSError as exc:
         raise StorageError(f"cannot write to {target}: {exc.strerror or exc}") from None
     try:
-        with _updating(index):
+        with updating(index):
             try:
                 writer.append(header)
             except OSError as exc:
@@ -130,7 +121,7 @@ def move(index: IndexParts, groups: Sequence[DuplicateGroup], target: Path) -> M
                 except OSError as exc:
                     if exc.errno in DISK_FULL:
                         raise _Stop(exc) from None
-                    return _why(exc, "cannot move it")
+                    return why(exc, "cannot move it")
                 return None
 
             try:
@@ -158,19 +149,19 @@ def delete(index: IndexParts, groups: Sequence[DuplicateGroup]) -> MoveReport:
         try:
             folder = open_folder(root, rel.parent.parts)
         except OSError as exc:
-            return _why(exc, "cannot delete it")
+            return why(exc, "cannot delete it")
         try:
             if entry_id(rel.name, folder) != found.entry:
                 return "replaced since it was checked"
             os.unlink(rel.name, dir_fd=folder)  # the entry itself: a link, not its target
             os.fsync(folder)
         except OSError as exc:
-            return _why(exc, "cannot delete it")
+            return why(exc, "cannot delete it")
         finally:
             os.close(folder)
         return None
 
-    with _updating(index):
+    with updating(index):
         done, size, skipped = _act(index, groups, root, delete_one, "deleted")
     return MoveReport("delete", done, size, skipped, None)
 
@@ -220,11 +211,11 @@ def _act(
                 done, size = done + 1, size + facts["size"]
                 pending.append(dup.id)
                 if len(pending) >= INDEX_UPDATE_EVERY:
-                    _forget(index, pending)
+                    forget(index, pending)
     except _Stop as stop:
-        _forget(index, pending)
+        forget(index, pending)
         raise _Stopped(stop.exc, done, size) from None
-    _forget(index, pending)
+    forget(index, pending)
     return done, size, skipped
 
 
@@ -253,7 +244,7 @@ def _refusal(dup, facts, keep_ok, root, kept, acted, verb) -> tuple[str | None, 
     try:
         st, lst = os.stat(dup.path), os.lstat(dup.path)
     except OSError as exc:
-        return _why(exc, "cannot look at it"), None
+        return why(exc, "cannot look at it"), None
     identity = (st.st_dev, st.st_ino)
     if identity in kept:
         return f"the same file as the kept image {kept[identity]} (a link or alias of it)", None
@@ -269,7 +260,8 @@ def _refusal(dup, facts, keep_ok, root, kept, acted, verb) -> tuple[str | None, 
     return None, _Found(identity, (lst.st_dev, lst.st_ino), target)
 
 
-def _why(exc: OSError, doing: str) -> str:
+def why(exc: OSError, doing: str) -> str:
+    """Why a file is left alone when `doing` it failed with `exc` (ops.undo uses it too)."""
     if exc.errno in LINK_ERRNOS:
         return f"a folder on its path is a symbolic link now; {doing} through it"
     return f"{doing}: {exc.strerror or exc}"
@@ -281,104 +273,6 @@ def _unchanged(facts: dict) -> bool:
     except OSError:
         return False
     return (st.st_size, st.st_mtime_ns) == (facts["size"], facts["mtime_ns"])
-
-
-def undo(index: IndexParts, manifest_path: Path) -> MoveReport:
-    """Put back every file a manifest moved, and return them to the index."""
-    dim = index.manifest.dim
-    manifest = check(manifest_path, dim)
-    if Path(manifest.header["index"]) != index.path.resolve():
-        raise QueryError(
-            f"{manifest.path} records moves from the index {manifest.header['index']}, not "
-            f"{index.path}; give --index {manifest.header['index']}"
-        )
-    _check_root(index, manifest)
-    done, size, skipped = 0, 0, []
-    restored: list[dict] = []
-    with _updating(index):
-        try:
-            for entry in entries(manifest, dim):
-                reason = _put_back(index, manifest, entry, restored)
-                if reason == "":
-                    continue
-                if reason is not None:
-                    skipped.append((entry["from"], reason))
-                    continue
-                done, size = done + 1, size + entry["size"]
-                crash_point("undo-moved")
-                if len(restored) >= INDEX_UPDATE_EVERY:
-                    _restore(index, restored)
-        finally:
-            _restore(index, restored)  # what is back is indexed, even on the way out
-    try:
-        append_undone(manifest, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    except OSError as exc:  # only a note: every file is back and indexed already
-        log.warning("cannot note in %s that it was undone: %s", manifest.path, exc)
-    return MoveReport("undo", done, size, skipped, str(manifest.path))
-
-
-def _check_root(index, manifest: Manifest) -> None:
-    """The root the manifest names must be where this index's files are: no higher than
-    the folder that holds every indexed file and every file the manifest names (an edited
-    root of `/` would let it put files anywhere)."""
-    if manifest.span is None:
-        return
-    folders = [str(manifest.span)]
-    folders += [os.path.dirname(p) for p in index.store.path_bounds()]
-    span = Path(os.path.commonpath(folders))
-    if manifest.root != span and span not in manifest.root.parents:
-        raise QueryError(
-            f"{manifest.path} is not a manifest of moved duplicates as simsearch writes them "
-            f"(line 1: its root {manifest.root} is above {span}, which holds every indexed "
-            "file); nothing was moved"
-        )
-
-
-def _put_back(index, manifest: Manifest, entry: dict, restored: list) -> str | None:
-    """Move one file back; None when done (and queued in `restored`), "" when there is
-    nothing to do, else why it was left alone."""
-    rel = Path(entry["from"]).relative_to(manifest.root)
-    dest = manifest.target / rel
-    link = link_below(manifest.root, Path(entry["from"]))
-    if link is not None:
-        return f"the symbolic link {link} is in the way; {dest} was left there"
-    here = os.path.lexists(entry["from"])
-    link = link_below(manifest.folder, manifest.folder / rel)
-    there = link is None and os.path.lexists(manifest.folder / rel)
-    if here and not there:  # put back already (or never moved: a crash between log and move)
-        if index.store.lookup(entry["from"]) is None and _is_moved_file(entry["from"], entry):
-            restored.append(entry)  # an undo killed after the move, before the index update
-        return ""
-    if link is not None:
-        return f"the symbolic link {link} is in the way; {dest} was left there"
-    if here:
-        return f"a file is there again; {dest} was left there"
-    if not there:
-        return f"{dest} is gone"
-    if not _is_moved_file(manifest.folder / rel, entry):
-        return f"{dest} is not the file moved there (changed or replaced since); left there"
-    try:
-        entry_id = os.lstat(manifest.folder / rel)
-        move_entry(manifest.folder, rel, manifest.root, rel, (entry_id.st_dev, entry_id.st_ino))
-    except OSError as exc:
-        return _why(exc, "cannot move it back")
-    restored.append(entry)
-    return None
-
-
-def _is_moved_file(path, entry: dict) -> bool:
-    """Whether `path` (not followed) is what the entry moved: the same link, or a regular
-    file of the same size and modification time."""
-    try:
-        st = os.lstat(path)
-        if "link" in entry:
-            return stat.S_ISLNK(st.st_mode) and os.readlink(path) == entry["link"]
-    except OSError:
-        return False
-    return stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == (
-        entry["size"],
-        entry["mtime_ns"],
-    )
 
 
 def _entry(index, dup, dest: Path, group, facts: dict) -> dict:
@@ -415,7 +309,7 @@ def _entry(index, dup, dest: Path, group, facts: dict) -> dict:
 
 
 @contextlib.contextmanager
-def _updating(index):
+def updating(index):
     """Hold the index's write lock; save the FAISS file at the end, or drop it from memory
     on an error (the database is the truth: the next open rebuilds from it)."""
     with index.writing():
@@ -428,56 +322,9 @@ def _updating(index):
         index.cache.checkpoint()
 
 
-def _forget(index, ids: list[int]) -> None:
+def forget(index, ids: list[int]) -> None:
     """Remove moved or deleted files from the index (database, then FAISS)."""
     if ids:
         index.store.remove_images(ids)
         index.cache.remove(np.asarray(ids, dtype=np.int64))
     ids.clear()
-
-
-def _restore(index, entries: list[dict]) -> None:
-    """Return put-back files to the index with the vectors the manifest kept for them, and
-    forget the paths they had been moved to (indexed there when the target folder lies
-    inside an indexed folder and `index` ran before the undo)."""
-    away = [known.id for e in entries if (known := index.store.lookup(e["to"])) is not None]
-    _forget(index, away)
-    usable = [e for e in entries if "vector" in e]
-    if usable:
-        vectors = np.stack([e["vector"] for e in usable])  # checked by movelog
-        good = []
-        for e in usable:
-            st = os.stat(e["from"])
-            good.append(
-                GoodImage(
-                    e["from"], st.st_size, st.st_mtime_ns, e["sha256"], e["width"], e["height"]
-                )
-            )
-        ids, _ = index.store.write_batch(good, vectors)
-        index.cache.add(np.asarray(ids, dtype=np.int64), vectors)
-        _restore_labels_and_clusters(index.store, dict(zip(ids, usable, strict=True)))
-    entries.clear()
-
-
-def _restore_labels_and_clusters(store, restored: dict[int, dict]) -> None:
-    """Give put-back images the labels and cluster they had, where the labels still come
-    from the same model and the clustering is still the same run (else the next labelling
-    pass or `cluster` run deals with them, as with any new image)."""
-    from simsearch.records import Label
-
-    source = store.label_source()
-    labels = {
-        image_id: [Label(name, float(score)) for name, score in e["labels"]["labels"]]
-        for image_id, e in restored.items()
-        if "labels" in e and source is not None and e["labels"]["source"] == source
-    }
-    if labels:
-        store.write_labels(labels, source)
-    run = (store.clustering() or {}).get("created_at")
-    clusters = [
-        (image_id, e["cluster"]["cluster"], e["cluster"]["score"])
-        for image_id, e in restored.items()
-        if "cluster" in e and run is not None and e["cluster"]["run"] == run
-    ]
-    if clusters:
-        store.restore_clusters(clusters)

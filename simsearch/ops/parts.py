@@ -15,7 +15,7 @@ from pathlib import Path
 from simsearch.errors import IndexExistsError
 from simsearch.models.provider import ModelProvider, backend_of, check_backend, new_embedder
 from simsearch.search.cache import VectorCache
-from simsearch.search.vectors import try_index_type
+from simsearch.search.plan import try_index_type
 from simsearch.storage.folder import IndexFolder
 from simsearch.storage.manifest import DATABASE_FILE, Manifest
 from simsearch.storage.store import Store

@@ -59,7 +59,7 @@ def add(
             )
         except BaseException as exc:
             if isinstance(exc, KeyboardInterrupt) and not cache.mirror_pending:
-                # Ctrl-C waits for a batch's commit and its mirror (ingest), so the
+                # Ctrl-C waits for a batch's commit and its mirror (ops.writer), so the
                 # index in memory is the database's: saved, `verify` passes, and the
                 # next run continues without rebuilding it.
                 with contextlib.suppress(Exception):

@@ -7,7 +7,8 @@ which needs no model, and saved again by whoever holds the write lock.
 
 The cache also owns the index's life as the collection changes (`maintain`: retrain IVF
 lists that the collection outgrew, switch type when `auto` would now choose another, drop
-tombstones when they pile up) and search with exact re-ranking of approximate scores.
+tombstones when they pile up) and search with exact re-ranking of approximate scores (the
+ranking: search.rerank). How the file is checked against the database: search.verify.
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ from simsearch.config import (
 )
 from simsearch.errors import IndexTypeError
 from simsearch.fs.lock import WriteLock
-from simsearch.search.vectors import Plan, VectorIndex, ivf_lists, plan_index
+from simsearch.search.plan import Plan, ivf_lists, plan_index
+from simsearch.search.rerank import rank_candidates, rank_subset
+from simsearch.search.vectors import VectorIndex
+from simsearch.search.verify import check_same_file, file_problems
 from simsearch.storage.manifest import VECTORS_FILE
 from simsearch.storage.store import Store
 
@@ -123,41 +127,20 @@ class VectorCache:
         self._vectors = None
 
     def _load_or_rebuild(self, *, mmap: bool) -> VectorIndex:
-        dim, file = self.dim, self.file
+        file = self.file
         generation, saved = self.store.generations()
+        vectors = None
         if file.is_file() and saved == generation:
-            try:
-                built = self.store.faiss_info()
-                _check_same_file(file, built)
-                big = file.stat().st_size >= MMAP_MIN_BYTES
-                vectors = VectorIndex.load(
-                    file, dim, factory=built.get("factory", "Flat"), mmap=mmap and big
-                )
-                if built.get("tombstones") == 0 and vectors.tombstones == 0:
-                    # Saved without tombstones: count and id range from the id index
-                    # (milliseconds) stand in for reading every id (seconds at 10M);
-                    # `verify` still compares them all.
-                    if vectors.id_summary() == self.store.id_summary():
-                        self._built, self._generation = built, generation
-                        return vectors
-                else:
-                    live = self.store.vector_ids()
-                    vectors.bury_superseded(live)
-                    if np.array_equal(vectors.ids(), live):
-                        self._built, self._generation = built, generation
-                        return vectors
-                log.warning("rebuilding %s: its ids differ from the database's", file)
-            except Exception as exc:  # a damaged cache is rebuilt, never trusted
-                log.warning("rebuilding %s: %s", file, exc)
+            vectors = self._load_saved(generation, mmap=mmap)
         elif file.is_file() and saved >= 0 and not self.lock.held and self._writer_running():
             # A writer is committing and saves its file every few minutes: rebuilding from
             # the database here would cost every search the whole build (32 s at 200k
             # HNSW vectors) and be stale again at once.
-            vectors = self._load_while_writing(file, saved, generation)
-            if vectors is not None:
-                return vectors
+            vectors = self._load_saved(saved, catch_up=True)
         elif generation > 0:
             log.info("rebuilding %s: it is older than the database", file)
+        if vectors is not None:
+            return vectors
         vectors = self.rebuild()
         # Save the rebuilt file, unless another process is writing (it saves its own).
         if generation > 0:
@@ -179,38 +162,64 @@ class VectorCache:
             return False
         return True
 
-    def _load_while_writing(self, file: Path, saved: int, generation: int) -> VectorIndex | None:
-        """The FAISS file as the running writer last saved it, less what it has removed
-        since, plus the images it has committed since (up to STALE_ADDED_MAX of them,
-        from the database); None if the file cannot be used."""
+    def _load_saved(
+        self, generation: int, *, mmap: bool = False, catch_up: bool = False
+    ) -> VectorIndex | None:
+        """The FAISS file, saved at `generation`, if it is the file this index saved and its
+        ids are the database's; None if it cannot be used (the caller rebuilds). With
+        `catch_up` (a writer is running and has committed since it saved the file): the
+        file less what the writer has removed since, plus the images it has committed since
+        (up to STALE_ADDED_MAX of them, from the database)."""
+        file = self.file
         try:
             built = self.store.faiss_info()
-            _check_same_file(file, built)
-            vectors = VectorIndex.load(file, self.dim, factory=built.get("factory", "Flat"))
-            live = self.store.vector_ids()
-            vectors.bury_superseded(live)
-            newest = vectors.id_summary()[2]
-            added = live if newest is None else live[live > newest]
-            if len(added) <= STALE_ADDED_MAX and vectors.is_trained:
-                stored = self.store.vectors_by_id(added.tolist())
-                if stored:
-                    ids = np.fromiter(stored, dtype=np.int64, count=len(stored))
-                    vectors.add(ids, np.stack([stored[i] for i in ids.tolist()]))
-                note = f"plus the {len(added):,} images committed since"
-            else:
-                note = f"without the {len(added):,} images committed since"
-        except Exception as exc:
+            check_same_file(file, built)
+            mmap = mmap and file.stat().st_size >= MMAP_MIN_BYTES
+            factory = built.get("factory", "Flat")
+            vectors = VectorIndex.load(file, self.dim, factory=factory, mmap=mmap)
+            if catch_up:
+                note = self._catch_up(vectors)
+            elif not self._same_ids(vectors, built):
+                log.warning("rebuilding %s: its ids differ from the database's", file)
+                return None
+        except Exception as exc:  # a damaged cache is rebuilt, never trusted
             log.warning("rebuilding %s: %s", file, exc)
             return None
-        log.warning(
-            "an index run is writing to %s: searching %s as it was last saved, %s (images "
-            "replaced since keep their old vectors until it saves again)",
-            file.parent,
-            VECTORS_FILE,
-            note,
-        )
-        self._built, self._generation = built, saved
+        if catch_up:
+            log.warning(
+                "an index run is writing to %s: searching %s as it was last saved, %s (images "
+                "replaced since keep their old vectors until it saves again)",
+                file.parent,
+                VECTORS_FILE,
+                note,
+            )
+        self._built, self._generation = built, generation
         return vectors
+
+    def _same_ids(self, vectors: VectorIndex, built: dict) -> bool:
+        """Whether the loaded file holds the database's ids (its superseded entries buried)."""
+        if built.get("tombstones") == 0 and vectors.tombstones == 0:
+            # Saved without tombstones: count and id range from the id index
+            # (milliseconds) stand in for reading every id (seconds at 10M);
+            # `verify` still compares them all.
+            return vectors.id_summary() == self.store.id_summary()
+        live = self.store.vector_ids()
+        vectors.bury_superseded(live)
+        return np.array_equal(vectors.ids(), live)
+
+    def _catch_up(self, vectors: VectorIndex) -> str:
+        """Bring a file saved by a running writer up to the database; say how far."""
+        live = self.store.vector_ids()
+        vectors.bury_superseded(live)
+        newest = vectors.id_summary()[2]
+        added = live if newest is None else live[live > newest]
+        if len(added) > STALE_ADDED_MAX or not vectors.is_trained:
+            return f"without the {len(added):,} images committed since"
+        stored = self.store.vectors_by_id(added.tolist())
+        if stored:
+            ids = np.fromiter(stored, dtype=np.int64, count=len(stored))
+            vectors.add(ids, np.stack([stored[i] for i in ids.tolist()]))
+        return f"plus the {len(added):,} images committed since"
 
     def rebuild(self, plan: Plan | None = None) -> VectorIndex:
         """Build the FAISS index anew from the stored vectors, and use it from now on."""
@@ -337,102 +346,18 @@ class VectorCache:
         may be returned; a subset of up to FILTER_EXACT_MAX is ranked exactly."""
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         if within is not None and len(within) <= FILTER_EXACT_MAX:
-            return self._rank_subset(queries, within, k)
+            return rank_subset(self.store, queries, within, k)
         vectors = self.vectors
         rerank = DEFAULT_RERANK if rerank is None else rerank
         if vectors.exact_scores or rerank <= 1:
             return vectors.search(queries, k, nprobe=nprobe, ef=ef, within=within)
         _, candidates = vectors.search(queries, k * rerank, nprobe=nprobe, ef=ef, within=within)
-        return self._rank(queries, [row[row >= 0].tolist() for row in candidates], k)
-
-    def _rank_subset(
-        self, queries: np.ndarray, within: np.ndarray, k: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Exact search over the stored vectors of a small subset of ids."""
-        stored = self.store.vectors_by_id(within)
-        k = min(k, len(stored))
-        if k == 0:
-            empty = np.empty((len(queries), 0))
-            return empty.astype(np.float32), empty.astype(np.int64)
-        ids = np.fromiter(stored, dtype=np.int64, count=len(stored))
-        scores = queries @ np.stack(list(stored.values())).T
-        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(scores, order, axis=1), ids[order]
-
-    def _rank(
-        self, queries: np.ndarray, candidates: list[list[int]], k: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Rank each query's candidate ids by exact scores on their stored vectors."""
-        stored = self.store.vectors_by_id(sorted(set().union(*candidates)))
-        k = min(k, max((len(c) for c in candidates), default=0))
-        scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
-        ids = np.full((len(queries), k), -1, dtype=np.int64)
-        for row, (query, found) in enumerate(zip(queries, candidates, strict=True)):
-            found = [i for i in found if i in stored]
-            if not found:
-                continue
-            exact = np.stack([stored[i] for i in found]) @ query
-            best = np.argsort(-exact, kind="stable")[:k]
-            scores[row, : len(best)] = exact[best]
-            ids[row, : len(best)] = np.asarray(found)[best]
-        return scores, ids
+        return rank_candidates(
+            self.store, queries, [row[row >= 0].tolist() for row in candidates], k
+        )
 
     # -- checking ------------------------------------------------------------------------
 
     def problems(self) -> list[str]:
         """Return how the FAISS file disagrees with the database (empty: it is current)."""
-        file = self.file
-        generation, saved = self.store.generations()
-        if not file.is_file():
-            return [f"{VECTORS_FILE} is missing"] if generation > 0 else []
-        problems = []
-        if saved != generation:
-            problems.append(
-                f"{VECTORS_FILE} is stale: built at generation {saved}, the database is at "
-                f"{generation}"
-            )
-        built = self.store.faiss_info()
-        if saved == generation:
-            try:
-                _check_same_file(file, built)
-            except ValueError as exc:
-                problems.append(f"{VECTORS_FILE}: {exc}")
-        try:
-            vectors = VectorIndex.load(file, self.dim, factory=built.get("factory", "Flat"))
-        except Exception as exc:
-            return [*problems, f"{VECTORS_FILE} is unreadable: {exc}"]
-        db_ids = self.store.vector_ids()
-        vectors.bury_superseded(db_ids)
-        file_ids = vectors.ids()
-        if len(db_ids) != len(file_ids):
-            problems.append(
-                f"{VECTORS_FILE} holds {len(file_ids)} vectors, the database {len(db_ids)}"
-            )
-        elif not np.array_equal(db_ids, file_ids):
-            problems.append(f"the ids in {VECTORS_FILE} differ from the database's")
-        elif vectors.exact_scores:  # compressed codes cannot be compared bit for bit
-            differ = 0
-            for ids, vecs in vectors.items():
-                stored = self.store.vectors_by_id(ids)
-                differ += sum(
-                    1
-                    for i, v in zip(ids.tolist(), vecs, strict=True)
-                    if i not in stored or not np.allclose(stored[i], v, atol=1e-6)
-                )
-            if differ:
-                problems.append(f"{differ} vectors in {VECTORS_FILE} differ from the database's")
-        return problems
-
-
-def _check_same_file(file: Path, built: dict) -> None:
-    """Raise ValueError unless `file` has the size and modification time recorded when it
-    was saved (files saved before simsearch recorded them pass)."""
-    recorded = built.get("file")
-    if not recorded:
-        return
-    st = file.stat()
-    if [st.st_size, st.st_mtime_ns] != list(recorded):
-        raise ValueError(
-            "it is not the file this index saved: its size or modification time changed "
-            "(replaced, copied in or edited since)"
-        )
+        return file_problems(self.file, self.store, self.dim)
