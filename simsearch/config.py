@@ -1,7 +1,10 @@
 """Defaults in one place, each with the reason it has the value it has.
 
 The index folder's format (its files, FORMAT_VERSION, the manifest) is in storage/manifest.py;
-the ONNX export's file names are in models/onnx.py.
+the ONNX export's file names are in models/onnx.py. A limit that tests or tools change (a
+wait, a cut-off, a bound of a check) is read as `config.NAME` where it is used, not copied in
+with `from simsearch.config import NAME`, so setting `simsearch.config.NAME` reaches every
+module that uses it, wherever the code moves.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from simsearch.fs.lock import WriteLock
 
 @pytest.fixture
 def short_wait(monkeypatch):
-    monkeypatch.setattr("simsearch.storage.folder.LOCK_WAIT_SECONDS", 0.2)
+    monkeypatch.setattr("simsearch.config.LOCK_WAIT_SECONDS", 0.2)
 
 
 def test_a_second_writer_is_told_who_holds_the_lock(index_path, photo_dir, short_wait):

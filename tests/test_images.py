@@ -346,9 +346,8 @@ def test_find_images_reports_folders_whose_files_were_all_skipped(tmp_path):
 
 
 def test_the_tally_of_skipped_suffixes_stays_bounded(tmp_path, monkeypatch):
-    import simsearch.media.discover as discover
 
-    monkeypatch.setattr(discover, "SKIPPED_SUFFIXES_KEPT", 3)
+    monkeypatch.setattr("simsearch.config.SKIPPED_SUFFIXES_KEPT", 3)
     for i in range(10):
         (tmp_path / f"file.x{i}").write_bytes(b"x")
     skipped: dict = {}

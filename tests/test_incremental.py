@@ -160,7 +160,7 @@ def test_a_file_that_comes_back_is_indexed_again(counted, photo_dir, tmp_path):
 
 def test_long_runs_save_the_faiss_file_as_they_go(tmp_path, tiny_vit, photo_dir, monkeypatch):
     """So that a search started mid-run loads a recent file instead of rebuilding."""
-    monkeypatch.setattr("simsearch.ops.ingest.FAISS_CHECKPOINT_SECONDS", 0.0)
+    monkeypatch.setattr("simsearch.config.FAISS_CHECKPOINT_SECONDS", 0.0)
     saved = []
     with Index.create(tmp_path / "ix", model=tiny_vit, batch_size=4) as index:
         original = index.parts.cache.save

@@ -68,7 +68,7 @@ def test_a_search_within_a_subset_finds_its_true_neighbours(
     inside = np.isin(ids, subset)
     # Small subsets are ranked on their stored vectors; force the FAISS filter too.
     for exact_max in (20_000, 0):
-        monkeypatch.setattr("simsearch.search.cache.FILTER_EXACT_MAX", exact_max)
+        monkeypatch.setattr("simsearch.config.FILTER_EXACT_MAX", exact_max)
         recall = recall_at_10(
             empty_index, data[inside], ids[inside], queries, within=subset.tolist()
         )
@@ -140,8 +140,8 @@ def test_deleted_files_vanish_from_an_hnsw_index_and_stay_gone(tmp_path, tiny_vi
 
 @pytest.mark.slow
 def test_auto_says_what_it_chose_and_moves_on_as_the_collection_grows(empty_index, monkeypatch):
-    monkeypatch.setattr("simsearch.search.plan.AUTO_FLAT_MAX_VECTORS", 1_000)
-    monkeypatch.setattr("simsearch.search.plan.AUTO_HNSW_MAX_BYTES", 5_000 * DIM * 4)
+    monkeypatch.setattr("simsearch.config.AUTO_FLAT_MAX_VECTORS", 1_000)
+    monkeypatch.setattr("simsearch.config.AUTO_HNSW_MAX_BYTES", 5_000 * DIM * 4)
     assert empty_index.info().index_built == "flat"
     fill(empty_index, clustered(800))
     assert empty_index.set_index_type("auto") is None  # already right: nothing rebuilt
@@ -181,7 +181,7 @@ def test_tombstones_are_swept_when_they_pile_up(empty_index):
 def test_big_files_are_memory_mapped_for_readers_and_reloaded_for_writers(
     tmp_path, tiny_vit, photo_dir, monkeypatch
 ):
-    monkeypatch.setattr("simsearch.search.cache.MMAP_MIN_BYTES", 0)
+    monkeypatch.setattr("simsearch.config.MMAP_MIN_BYTES", 0)
     index_dir = tmp_path / "idx"
     with Index.create(index_dir, tiny_vit, index_type="hnsw") as index:
         index.add(photo_dir)

@@ -194,7 +194,7 @@ def test_classifier_onnx_gives_the_torch_top_label(tmp_path_factory, tiny_classi
 
 
 def test_failed_validation_leaves_no_output(tmp_path, tiny_vit, monkeypatch):
-    monkeypatch.setattr("simsearch.models.onnx_export.ONNX_MIN_COSINE", 1.01)  # unreachable
+    monkeypatch.setattr("simsearch.config.ONNX_MIN_COSINE", 1.01)  # unreachable
     out = tmp_path / "exports" / "model"
     with pytest.raises(ModelExportError, match="differ from PyTorch's"):
         export_model(tiny_vit, out)
@@ -203,7 +203,7 @@ def test_failed_validation_leaves_no_output(tmp_path, tiny_vit, monkeypatch):
 
 
 def test_int8_that_loses_too_much_fails_the_export(tmp_path, tiny_vit, monkeypatch):
-    monkeypatch.setattr("simsearch.models.onnx_int8.INT8_MIN_RECALL", 1.01)  # unreachable
+    monkeypatch.setattr("simsearch.config.INT8_MIN_RECALL", 1.01)  # unreachable
     out = tmp_path / "model"
     wanted = r"every linear layer: .*attention projections: .*export without --int8"
     with pytest.raises(ModelExportError, match=wanted):

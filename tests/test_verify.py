@@ -146,7 +146,7 @@ def test_cli_verify_and_repair(index_path):
 def test_cli_strict_and_lock_errors(index_path, photo_dir, monkeypatch):
     from simsearch.fs.lock import WriteLock
 
-    monkeypatch.setattr("simsearch.storage.folder.LOCK_WAIT_SECONDS", 0.2)
+    monkeypatch.setattr("simsearch.config.LOCK_WAIT_SECONDS", 0.2)
     runner = CliRunner()
     (photo_dir / "bad.png").write_bytes(b"nope")
     strict = runner.invoke(cli, ["index", str(photo_dir), "--index", str(index_path), "--strict"])

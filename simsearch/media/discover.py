@@ -8,7 +8,8 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from simsearch.config import OTHER_SUFFIXES, SKIPPED_SUFFIXES_KEPT
+from simsearch import config
+from simsearch.config import OTHER_SUFFIXES
 from simsearch.errors import InputPathError
 from simsearch.media.formats import is_image_name
 
@@ -64,7 +65,7 @@ def _walk(root: Path, unlisted: list[Path] | None, skipped: Counter) -> Iterator
                 yield path
             else:
                 suffix = path.suffix.lower()
-                if suffix in skipped or len(skipped) < SKIPPED_SUFFIXES_KEPT:
+                if suffix in skipped or len(skipped) < config.SKIPPED_SUFFIXES_KEPT:
                     skipped[suffix] += 1
                 else:
                     skipped[OTHER_SUFFIXES] += 1

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from simsearch.config import DEFAULT_BATCH_SIZE, DEFAULT_OPSET, MIN_OPSET, ONNX_MIN_COSINE
+from simsearch import config
+from simsearch.config import DEFAULT_BATCH_SIZE, DEFAULT_OPSET, MIN_OPSET
 from simsearch.errors import ModelExportError
 from simsearch.fs.files import sha256_of
 from simsearch.models.onnx import (
@@ -112,10 +113,10 @@ def export_model(
         session, _ = _open_session(work / ONNX_MODEL_FILE, "cpu")
         got = run_batches(session_runner(session, OUTPUT_NAME), pixels, batch_size, progress)
         cosine = np.sum(got * expected, axis=1)
-        if cosine.min() < ONNX_MIN_COSINE:
+        if cosine.min() < config.ONNX_MIN_COSINE:
             raise ModelExportError(
                 f"the ONNX model's vectors differ from PyTorch's (lowest cosine "
-                f"{cosine.min():.6f} on {source}, need >= {ONNX_MIN_COSINE}); this model's "
+                f"{cosine.min():.6f} on {source}, need >= {config.ONNX_MIN_COSINE}); this model's "
                 "architecture does not export faithfully, try another --opset"
             )
         files[ONNX_MODEL_FILE] = _file_entry(work / ONNX_MODEL_FILE, output=OUTPUT_NAME)

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from simsearch.config import ONNX_MIN_COSINE
+from simsearch import config
 from simsearch.errors import ModelExportError, ModelLoadError, first_line
 from simsearch.models.onnx import INPUT_NAME, OUTPUT_NAME, _open_session
 from simsearch.models.onnx_validation import run_batches, session_runner
@@ -72,7 +72,7 @@ def export_classifier(
     from simsearch.models.hub import load_classifier
 
     try:
-        classifier, config = load_classifier(reference.folder, reference.name)
+        classifier, model_config = load_classifier(reference.folder, reference.name)
     except ModelLoadError as exc:
         log.info("no classification head exported: %s", exc)
         return None
@@ -93,13 +93,13 @@ def export_classifier(
         expected = run_batches(lambda b: module(torch.from_numpy(b)).numpy(), pixels, batch_size)
     got = run_batches(run, pixels, batch_size)
     cosine = np.sum(_unit(got) * _unit(expected), axis=1)
-    if cosine.min() < ONNX_MIN_COSINE:
+    if cosine.min() < config.ONNX_MIN_COSINE:
         raise ModelExportError(
             f"the ONNX classifier's logits differ from PyTorch's (lowest cosine "
-            f"{cosine.min():.6f}, need >= {ONNX_MIN_COSINE})"
+            f"{cosine.min():.6f}, need >= {config.ONNX_MIN_COSINE})"
         )
     return {
-        "id2label": {str(k): v for k, v in config.id2label.items()},
+        "id2label": {str(k): v for k, v in model_config.id2label.items()},
         "min_cosine": round(float(cosine.min()), 7),
         "top1_agreement": float(np.mean(got.argmax(1) == expected.argmax(1))),
     }

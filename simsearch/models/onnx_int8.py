@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simsearch.config import INT8_MIN_COSINE, INT8_MIN_RECALL
+from simsearch import config
 from simsearch.errors import ModelExportError
 from simsearch.models.onnx import ONNX_INT8_FILE, ONNX_MODEL_FILE, OUTPUT_NAME, _open_session
 from simsearch.models.onnx_validation import recall_at_k, run_batches, session_runner
@@ -68,7 +68,7 @@ def quantise_int8(work: Path, expected, pixels, batch_size: int, source: str, pr
             "int8_mean_cosine": round(float(cosine.mean()), 5),
             "int8_recall_at_10": round(recall, 3),
         }
-        if cosine.min() >= INT8_MIN_COSINE and recall >= INT8_MIN_RECALL:
+        if cosine.min() >= config.INT8_MIN_COSINE and recall >= config.INT8_MIN_RECALL:
             return figures
         log.info(
             "int8 with %s quantised is not faithful enough (lowest cosine %.4f, recall@10 "
@@ -83,7 +83,7 @@ def quantise_int8(work: Path, expected, pixels, batch_size: int, source: str, pr
         target.unlink()
     raise ModelExportError(
         f"int8 quantisation changes this model's vectors too much on {source} (need lowest "
-        f"cosine >= {INT8_MIN_COSINE} and recall@10 >= {INT8_MIN_RECALL}; "
+        f"cosine >= {config.INT8_MIN_COSINE} and recall@10 >= {config.INT8_MIN_RECALL}; "
         + "; ".join(tried or ["no linear layers to quantise"])
         + "): export without --int8"
     )

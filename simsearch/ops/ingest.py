@@ -31,12 +31,8 @@ from typing import Any, cast
 
 import numpy as np
 
-from simsearch.config import (
-    DEFAULT_WORKERS,
-    FAISS_CHECKPOINT_SECONDS,
-    MAX_IMAGE_PIXELS,
-    PREFETCH_BATCHES,
-)
+from simsearch import config
+from simsearch.config import DEFAULT_WORKERS, MAX_IMAGE_PIXELS, PREFETCH_BATCHES
 from simsearch.errors import ImageError
 from simsearch.fs.faults import crash_point
 from simsearch.media.decode import decode_image, read_image_file
@@ -218,7 +214,7 @@ class _Run:
             self.progress.update(len(batch))
         self.batch = _Batch()
         since_checkpoint = time.monotonic() - self.last_checkpoint
-        if self.checkpoint is not None and since_checkpoint > FAISS_CHECKPOINT_SECONDS:
+        if self.checkpoint is not None and since_checkpoint > config.FAISS_CHECKPOINT_SECONDS:
             with self.timed("faiss"):
                 self.checkpoint()
             self.last_checkpoint = time.monotonic()

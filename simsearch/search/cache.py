@@ -20,13 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from simsearch.config import (
-    DEFAULT_RERANK,
-    FILTER_EXACT_MAX,
-    MMAP_MIN_BYTES,
-    RETRAIN_GROWTH,
-    TOMBSTONE_REBUILD_SHARE,
-)
+from simsearch import config
+from simsearch.config import DEFAULT_RERANK, RETRAIN_GROWTH, TOMBSTONE_REBUILD_SHARE
 from simsearch.errors import IndexTypeError
 from simsearch.fs.lock import WriteLock
 from simsearch.search.plan import Plan, ivf_lists, plan_index
@@ -174,7 +169,7 @@ class VectorCache:
         try:
             built = self.store.faiss_info()
             check_same_file(file, built)
-            mmap = mmap and file.stat().st_size >= MMAP_MIN_BYTES
+            mmap = mmap and file.stat().st_size >= config.MMAP_MIN_BYTES
             factory = built.get("factory", "Flat")
             vectors = VectorIndex.load(file, self.dim, factory=factory, mmap=mmap)
             if catch_up:
@@ -343,9 +338,9 @@ class VectorCache:
         """Return (scores, ids), best first. Approximate scores are replaced by exact inner
         products with the stored vectors over a shortlist of k x `rerank` candidates
         (default DEFAULT_RERANK; 0 or 1: no re-ranking). `within`: only these ids (sorted)
-        may be returned; a subset of up to FILTER_EXACT_MAX is ranked exactly."""
+        may be returned; a subset of up to config.FILTER_EXACT_MAX is ranked exactly."""
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
-        if within is not None and len(within) <= FILTER_EXACT_MAX:
+        if within is not None and len(within) <= config.FILTER_EXACT_MAX:
             return rank_subset(self.store, queries, within, k)
         vectors = self.vectors
         rerank = DEFAULT_RERANK if rerank is None else rerank

@@ -18,14 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from simsearch.config import (
-    AUTO_FLAT_MAX_VECTORS,
-    AUTO_HNSW_MAX_BYTES,
-    HNSW_M,
-    IVF_MAX_LISTS,
-    IVF_TRAIN_PER_LIST,
-    PQ_DIMS_PER_CODE,
-)
+from simsearch import config
+from simsearch.config import HNSW_M, IVF_MAX_LISTS, IVF_TRAIN_PER_LIST, PQ_DIMS_PER_CODE
 from simsearch.errors import IndexTypeError
 from simsearch.search.vectors import VectorIndex, faiss_message
 
@@ -62,11 +56,13 @@ def plan_index(requested: str, n: int, dim: int) -> Plan:
     requested = requested.strip()
     name = requested.lower()
     if name == "auto":
-        if n <= AUTO_FLAT_MAX_VECTORS:
-            reason = f"auto: exact search, fast enough up to {AUTO_FLAT_MAX_VECTORS:,} vectors"
+        if n <= config.AUTO_FLAT_MAX_VECTORS:
+            reason = (
+                f"auto: exact search, fast enough up to {config.AUTO_FLAT_MAX_VECTORS:,} vectors"
+            )
             return _plan("flat", n, dim, reason)
         # The count is the one the choice was made at: the reason is kept with the build.
-        if n * dim * 4 <= AUTO_HNSW_MAX_BYTES:
+        if n * dim * 4 <= config.AUTO_HNSW_MAX_BYTES:
             reason = f"auto: chosen at {n:,} vectors, a graph answers in ~2 ms"
             return _plan("hnsw", n, dim, reason)
         return _plan(

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from sqlalchemy.exc import DatabaseError, OperationalError
 
-from simsearch.config import LOCK_WAIT_SECONDS
+from simsearch import config
 from simsearch.errors import IndexExistsError, IndexFormatError, IndexNotFoundError
 from simsearch.fs.files import remove_temp_leftovers, replaced_atomically
 from simsearch.fs.lock import WriteLock
@@ -90,7 +90,7 @@ class IndexFolder:
         Another process creating it at the same time is waited for, as writers wait."""
         path.mkdir(parents=True, exist_ok=True)
         lock = WriteLock(path)
-        lock.acquire(wait=LOCK_WAIT_SECONDS)
+        lock.acquire(wait=config.LOCK_WAIT_SECONDS)
         try:
             if (path / DATABASE_FILE).exists():
                 raise IndexExistsError(f"an index already exists at {path}; open it instead")
@@ -116,7 +116,7 @@ class IndexFolder:
                 f"the manifest in {self.path / DATABASE_FILE} is damaged; run `simsearch "
                 f"repair` (it restores it from {MANIFEST_FILE}) before changing the index"
             )
-        self.lock.acquire(wait=LOCK_WAIT_SECONDS)
+        self.lock.acquire(wait=config.LOCK_WAIT_SECONDS)
         try:
             remove_temp_leftovers(self.path)  # only names simsearch makes, never a user's
             self.store.migrate()
