@@ -27,6 +27,7 @@ from simsearch.ops import clustering, duplicates, maintenance, moves, undo, upda
 from simsearch.ops import query as searching
 from simsearch.ops.parts import IndexParts, create_parts, open_parts
 from simsearch.ops.query import Query
+from simsearch.progress import Progress
 from simsearch.search.vectors import VectorIndex
 from simsearch.storage.manifest import DATABASE_FILE, Manifest
 from simsearch.storage.store import Store
@@ -200,7 +201,7 @@ class Index:
         workers: int = config.DEFAULT_WORKERS,
         prune: bool = True,
         max_pixels: int = config.MAX_IMAGE_PIXELS,
-        progress=None,
+        progress: Progress | None = None,
     ) -> records.AddSummary:
         """Bring the index up to date with the images under `paths` (files or folders).
 
@@ -223,7 +224,7 @@ class Index:
         precision: str | None = None,
         batch_size: int | None = None,
         workers: int = config.DEFAULT_WORKERS,
-        progress=None,
+        progress: Progress | None = None,
         labeller=None,
     ) -> records.LabelSummary:
         """Store the top labels of every indexed image that has none, from classifier `model`
@@ -280,7 +281,7 @@ class Index:
         threshold: float | None = None,
         *,
         neighbours: int = config.DEDUP_NEIGHBOURS,
-        progress=None,
+        progress: Progress | None = None,
     ) -> list[records.DuplicateGroup]:
         """Return the groups of near-duplicate images: pairs at cosine >= `threshold` among
         each image's `neighbours` nearest, joined transitively, and byte-identical files.
@@ -306,7 +307,7 @@ class Index:
         sample: int = config.CALIBRATION_SAMPLE,
         neighbours: int = config.DEDUP_NEIGHBOURS,
         seed: int = 0,
-        progress=None,
+        progress: Progress | None = None,
     ) -> records.Calibration:
         """Pick the dedup threshold for this index's model and keep it in the manifest:
         the one that best separates edited copies of `sample` indexed images from their
@@ -320,10 +321,9 @@ class Index:
         self, groups: Sequence[records.DuplicateGroup], target: str | os.PathLike
     ) -> records.MoveReport:
         """Move each group's duplicates (not the kept images) under `target`, keeping their
-        paths relative to the folder that holds all the groups' files, and remove them from
-        the index. Every move is logged first in a manifest in `target` (its path is in the
-        report) that `undo_moves` reverses. Files changed since indexing, or whose kept
-        image is gone, are left alone and listed in the report."""
+        relative paths, and remove them from the index; each move is logged first in a
+        manifest that `undo_moves` reverses. Changed files, or those whose kept image is
+        gone, are left alone and listed in the report."""
         return moves.move(self.parts, groups, Path(target))
 
     def delete_duplicates(self, groups: Sequence[records.DuplicateGroup]) -> records.MoveReport:
@@ -332,13 +332,14 @@ class Index:
         return moves.delete(self.parts, groups)
 
     def undo_moves(self, manifest: str | os.PathLike) -> records.MoveReport:
-        """Put back every file that `move_duplicates` moved and logged in `manifest`, and
-        return them to the index with their stored vectors (no model needed). Safe to run
-        again, and after a crash: files already in place are passed over; a file whose
-        original path is taken again is left where it is and reported."""
+        """Put back every file `move_duplicates` logged in `manifest`, into the index with its
+        vector (no model needed). Safe to run again, after a crash too; a file whose path is
+        taken again is left where it is and reported."""
         return undo.undo(self.parts, Path(manifest))
 
-    def cluster(self, k: int | str, *, seed: int = 0, progress=None) -> records.ClusterRun:
+    def cluster(
+        self, k: int | str, *, seed: int = 0, progress: Progress | None = None
+    ) -> records.ClusterRun:
         """Cluster every indexed image by spherical k-means into `k` clusters (2 up to the
         number of images, or "auto": by silhouette), store each image's cluster, and return
         how the run went.
@@ -365,19 +366,17 @@ class Index:
         first; score: cosine similarity to the centre. QueryError for no such cluster."""
         return clustering.cluster_members(self.parts, cluster)
 
-    def export(self, output: str | os.PathLike, format: str = "npy", progress=None) -> int:
-        """Write every indexed image's id, path and vector (and labels and cluster where
-        there are some) to `output`; returns how many. `format`: "npy" (a folder), "csv" or
-        "parquet" (pyarrow). Reads one snapshot; writes under a temporary name, renamed
-        into place when complete.
-        """
+    def export(
+        self, output: str | os.PathLike, format: str = "npy", progress: Progress | None = None
+    ) -> int:
+        """Write every indexed image's id, path, vector, labels and cluster to `output`
+        ("npy": a folder, "csv", "parquet"), from one snapshot, renamed into place when
+        complete; return how many."""
         return update.export(self.parts, output, format, progress)
 
     def verify(self) -> list[str]:
-        """Return a description of every broken invariant; an empty list: the index is sound.
-        Checks the database (integrity, one finite unit vector per image, no strays),
-        manifest.json, and vectors.faiss (generation, count, ids, every vector).
-        """
+        """Return a description of every broken invariant (none: the index is sound) of
+        the database, manifest.json and vectors.faiss."""
         return maintenance.verify(self.parts)
 
     def repair(self) -> list[str]:

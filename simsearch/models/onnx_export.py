@@ -47,6 +47,7 @@ from simsearch.models.onnx_validation import (
     stack_pixels,
     validation_images,
 )
+from simsearch.progress import Progress, set_total
 from simsearch.records import OnnxExport
 
 __all__ = ["export_model", "recall_at_k", "sample_photos"]
@@ -64,7 +65,7 @@ def export_model(
     opset: int = DEFAULT_OPSET,
     validate_dir: str | os.PathLike | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
-    progress=None,
+    progress: Progress | None = None,
 ) -> OnnxExport:
     """Export `model`'s embedding path (and head, when it has one) to the new folder `output`.
 
@@ -98,9 +99,7 @@ def export_model(
     )
     images, source = validation_images(validate_dir)
     pixels = stack_pixels(images, reference.preprocess)
-    if progress is not None:
-        progress.total = len(pixels) * (3 if int8 else 2)
-        progress.refresh()
+    set_total(progress, len(pixels) * (3 if int8 else 2))
     expected = run_batches(reference.embed_pixels, pixels, batch_size, progress)
 
     output.parent.mkdir(parents=True, exist_ok=True)

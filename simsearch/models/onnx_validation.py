@@ -17,6 +17,7 @@ from simsearch.errors import ImageError, ModelExportError
 from simsearch.media.decode import decode_image, read_image_file
 from simsearch.media.discover import find_images
 from simsearch.models.onnx import INPUT_NAME
+from simsearch.progress import Progress, advance
 
 log = logging.getLogger(__name__)
 
@@ -124,13 +125,14 @@ def session_runner(session, output_name: str):
     return run
 
 
-def run_batches(run, pixels: np.ndarray, batch_size: int, progress=None) -> np.ndarray:
+def run_batches(
+    run, pixels: np.ndarray, batch_size: int, progress: Progress | None = None
+) -> np.ndarray:
     """Return `run`'s outputs over `pixels`, `batch_size` images at a time, as float32."""
     out = []
     for start in range(0, len(pixels), batch_size):
         out.append(np.asarray(run(pixels[start : start + batch_size]), dtype=np.float32))
-        if progress is not None:
-            progress.update(len(out[-1]))
+        advance(progress, len(out[-1]))
     return np.concatenate(out)
 
 

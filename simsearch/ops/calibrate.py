@@ -52,6 +52,7 @@ from PIL import Image, ImageEnhance, ImageOps
 from simsearch.config import CALIBRATION_METHOD, DEDUP_F_BETA
 from simsearch.errors import ImageError
 from simsearch.media.decode import decode_image, read_image_file
+from simsearch.progress import Progress, advance, set_total
 from simsearch.records import Calibration
 
 log = logging.getLogger(__name__)
@@ -172,7 +173,7 @@ def calibrate(
     sample: int,
     neighbours: int,
     seed: int = 0,
-    progress=None,
+    progress: Progress | None = None,
 ) -> Calibration:
     """Calibrate on up to `sample` indexed images (files unchanged since indexing); each
     original's `neighbours` nearest other images are the negatives. Raises ValueError when
@@ -184,9 +185,7 @@ def calibrate(
     # Draw twice the sample: files that moved or changed since indexing are passed over.
     candidates = rng.permutation(ids)[: 2 * sample].tolist()
     facts = store.image_facts(candidates)
-    if progress is not None:
-        progress.total = min(sample, len(candidates))
-        progress.refresh()
+    set_total(progress, min(sample, len(candidates)))
     originals, copy_scores, skipped = [], [], 0
     copy_edits: list[str] = []
     own_copies: dict[int, np.ndarray] = {}
@@ -205,8 +204,7 @@ def calibrate(
             copy_edits.extend(EDITS)
             own_copies[image_id] = np.asarray(mine)
             originals.append(image_id)
-        if progress is not None:
-            progress.update(len(batch))
+        advance(progress, len(batch))
         batch.clear()
 
     for image_id in candidates:

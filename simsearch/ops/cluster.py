@@ -36,6 +36,7 @@ from simsearch.config import (
     CLUSTER_TRAIN_PER_CENTROID,
 )
 from simsearch.errors import ClusterError
+from simsearch.progress import Progress, advance, describe, set_total
 from simsearch.records import ClusterRun
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ def cluster_vectors(
     k: int | str,
     *,
     seed: int = 0,
-    progress=None,
+    progress: Progress | None = None,
 ) -> Assignment:
     """Cluster every stored vector into `k` clusters (or AUTO: chosen by silhouette).
 
@@ -130,9 +131,7 @@ def cluster_vectors(
     trained_on = len(sample)
     del sample
     _describe(progress, "assigning")
-    if progress is not None:
-        progress.total = len(ids)
-        progress.refresh()
+    set_total(progress, len(ids))
     got_ids, labels, scores = assign(chunks(), centroids, progress)
     labels, clusters = number_by_size(labels, k)
     run = ClusterRun(
@@ -300,7 +299,9 @@ def choose_k(
 
 
 def assign(
-    chunks: Iterable[tuple[np.ndarray, np.ndarray]], centroids: np.ndarray, progress=None
+    chunks: Iterable[tuple[np.ndarray, np.ndarray]],
+    centroids: np.ndarray,
+    progress: Progress | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Return (ids, nearest centroid, cosine to it) for every vector in `chunks`."""
     import faiss
@@ -313,8 +314,7 @@ def assign(
         all_ids.append(np.asarray(ids, dtype=np.int64))
         all_labels.append(labels[:, 0].astype(np.int32))
         all_scores.append(np.clip(scores[:, 0], -1.0, 1.0).astype(np.float32))
-        if progress is not None:
-            progress.update(len(ids))
+        advance(progress, len(ids))
     if not all_ids:
         return np.empty(0, np.int64), np.empty(0, np.int32), np.empty(0, np.float32)
     return np.concatenate(all_ids), np.concatenate(all_labels), np.concatenate(all_scores)
@@ -332,5 +332,4 @@ def number_by_size(labels: np.ndarray, k: int) -> tuple[np.ndarray, int]:
 
 def _describe(progress, text: str) -> None:
     """Name the stage on a tqdm bar (other progress objects may not have descriptions)."""
-    if progress is not None and hasattr(progress, "set_description"):
-        progress.set_description(text)
+    describe(progress, text)

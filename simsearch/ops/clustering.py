@@ -10,10 +10,13 @@ from simsearch.config import CLUSTER_TOP
 from simsearch.errors import QueryError
 from simsearch.ops.cluster import check_k, cluster_vectors
 from simsearch.ops.parts import IndexParts
+from simsearch.progress import Progress
 from simsearch.records import Cluster, ClusterRun, Hit, hit_score
 
 
-def cluster(parts: IndexParts, k: int | str, *, seed: int = 0, progress=None) -> ClusterRun:
+def cluster(
+    parts: IndexParts, k: int | str, *, seed: int = 0, progress: Progress | None = None
+) -> ClusterRun:
     """Cluster every indexed image and store each one's cluster (see `Index.cluster`)."""
     store, dim = parts.store, parts.manifest.dim
     check_k(k, store.counts()[0])  # ClusterError before waiting for the lock

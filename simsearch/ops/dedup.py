@@ -23,6 +23,7 @@ import numpy as np
 
 from simsearch.errors import ImageError
 from simsearch.media.header import header_facts
+from simsearch.progress import Progress, advance
 from simsearch.records import Duplicate, DuplicateGroup, FileFacts
 
 
@@ -131,7 +132,7 @@ def find_groups(
     neighbours: int,
     margin: float = 0.0,
     key: Callable[[Member], tuple] = keep_order,
-    progress=None,
+    progress: Progress | None = None,
 ) -> list[DuplicateGroup]:
     """Group the stored vectors (`chunks` of (ids, vectors)) whose cosine reaches
     `threshold`, plus the ids in each `same_content` list; name the one to keep by `key`.
@@ -158,8 +159,7 @@ def find_groups(
                 rows, others = rows[exact >= threshold], others[exact >= threshold]
         for a, b in zip(ids[rows].tolist(), others.tolist(), strict=True):
             sets.union(a, b)
-        if progress is not None:
-            progress.update(len(ids))
+        advance(progress, len(ids))
     for same in same_content:
         for other in same[1:]:
             sets.union(same[0], other)

@@ -12,6 +12,7 @@ from simsearch.media.preprocess import Preprocessing
 from simsearch.ops.calibrate import calibrate
 from simsearch.ops.dedup import describe, find_groups
 from simsearch.ops.parts import IndexParts
+from simsearch.progress import Progress, set_total
 from simsearch.records import Calibration, DuplicateGroup
 
 log = logging.getLogger(__name__)
@@ -22,7 +23,7 @@ def duplicates(
     threshold: float | None = None,
     *,
     neighbours: int = DEDUP_NEIGHBOURS,
-    progress=None,
+    progress: Progress | None = None,
 ) -> list[DuplicateGroup]:
     """Return the groups of near-duplicate images (see `Index.duplicates`)."""
     store, cache = parts.store, parts.cache
@@ -32,9 +33,7 @@ def duplicates(
         raise QueryError(f"a similarity threshold is between -1 and 1, not {threshold}")
     if neighbours < 1:
         raise QueryError("neighbours must be at least 1")
-    if progress is not None:
-        progress.total = store.counts()[0]
-        progress.refresh()
+    set_total(progress, store.counts()[0])
     # Compressed indexes are searched without re-ranking (it would fetch k x 10 stored
     # vectors per image); every neighbour they return is checked on its stored vector
     # instead, since 4-bit PQ scores of a 0.99 copy can read as low as 0.77.
@@ -84,7 +83,7 @@ def calibrate_dedup(
     sample: int = CALIBRATION_SAMPLE,
     neighbours: int = DEDUP_NEIGHBOURS,
     seed: int = 0,
-    progress=None,
+    progress: Progress | None = None,
 ) -> Calibration:
     """Pick the dedup threshold for the index's model and keep it in the manifest."""
     if sample < 1:

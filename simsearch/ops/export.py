@@ -42,6 +42,7 @@ import numpy as np
 from simsearch.errors import SimsearchError
 from simsearch.fs.files import TEMP_PREFIX, replaced_atomically
 from simsearch.fs.names import shown
+from simsearch.progress import Progress, advance
 
 FORMATS = ("npy", "csv", "parquet")
 
@@ -58,7 +59,7 @@ def export(
     dim: int,
     output: Path,
     fmt: str,
-    progress=None,
+    progress: Progress | None = None,
     *,
     extras: Sequence[str] = (),
 ) -> int:
@@ -77,8 +78,7 @@ def export(
     def counted():
         for chunk in chunks:
             yield chunk
-            if progress is not None:
-                progress.update(len(chunk[0]))
+            advance(progress, len(chunk[0]))
 
     try:
         return writer(counted(), total, dim, output, list(extras))

@@ -41,6 +41,7 @@ from simsearch.media.prefetch import read_ahead
 from simsearch.media.preprocess import Preprocessing
 from simsearch.ops.scan import Scan, by_content, disappeared, refresh, scan
 from simsearch.ops.writer import remove_gone, write_batch
+from simsearch.progress import Progress, advance, set_total
 from simsearch.records import AddSummary, stages_line
 from simsearch.search.cache import VectorCache
 from simsearch.storage.store import BadImage, GoodImage, Known, Moved, Store
@@ -84,7 +85,7 @@ def ingest(
     workers: int = DEFAULT_WORKERS,
     prune: bool = True,
     max_pixels: int = MAX_IMAGE_PIXELS,
-    progress=None,
+    progress: Progress | None = None,
     checkpoint: Callable[[], None] | None = None,
     stopwatch: Stopwatch | None = None,
 ) -> AddSummary:
@@ -101,9 +102,7 @@ def ingest(
         found = scan(paths, store)
     gone = disappeared(found) if prune else {}
 
-    if progress is not None:
-        progress.total = len(found.todo)
-        progress.refresh()
+    set_total(progress, len(found.todo))
 
     run = _Run(store, vectors, embedder, max_pixels, timed, progress, checkpoint, found, gone)
     with ThreadPoolExecutor(max(1, workers), thread_name_prefix="simsearch-decode") as pool:
@@ -210,8 +209,7 @@ class _Run:
         self.counts["failed"] += len(batch.bad)
         for bad in batch.bad:
             log.warning("skipping %s: %s", bad.path, bad.error)
-        if self.progress is not None:
-            self.progress.update(len(batch))
+        advance(self.progress, len(batch))
         self.batch = _Batch()
         since_checkpoint = time.monotonic() - self.last_checkpoint
         if self.checkpoint is not None and since_checkpoint > config.FAISS_CHECKPOINT_SECONDS:

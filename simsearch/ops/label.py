@@ -39,6 +39,7 @@ from simsearch.models.hub import (
     resolve_model,
 )
 from simsearch.models.weights import hash_weights
+from simsearch.progress import Progress, advance, set_total
 from simsearch.records import ImageLabels, Label, LabelSummary
 from simsearch.storage.store import Store
 
@@ -147,7 +148,7 @@ def label_index(
     *,
     top: int | None = None,
     workers: int = DEFAULT_WORKERS,
-    progress=None,
+    progress: Progress | None = None,
 ) -> LabelSummary:
     """Give every indexed image without labels its `top` labels from `model`.
 
@@ -185,9 +186,7 @@ def label_index(
         store.clear_labels()
     already = store.labelled_count()
     todo = store.unlabelled()
-    if progress is not None:
-        progress.total = len(todo)
-        progress.refresh()
+    set_total(progress, len(todo))
     if not todo and stored != source:
         store.write_labels({}, source)  # record the model (new, or its folder moved)
     labelled = failed = 0
@@ -204,8 +203,7 @@ def label_index(
                 if error is not None:
                     failed += 1
                     log.warning("cannot label %s: %s", todo[n][1], error)
-            if progress is not None:
-                progress.update(len(batch))
+            advance(progress, len(batch))
     return LabelSummary(
         model=source["model"],
         top=top,

@@ -17,6 +17,7 @@ from simsearch.ops.export import export as export_items
 from simsearch.ops.ingest import Stopwatch, ingest
 from simsearch.ops.label import Labeller, label_index
 from simsearch.ops.parts import IndexParts
+from simsearch.progress import Progress, set_total
 from simsearch.records import AddSummary, LabelSummary
 from simsearch.storage.manifest import DATABASE_FILE
 
@@ -28,7 +29,7 @@ def add(
     workers: int = DEFAULT_WORKERS,
     prune: bool = True,
     max_pixels: int = MAX_IMAGE_PIXELS,
-    progress=None,
+    progress: Progress | None = None,
 ) -> AddSummary:
     """Bring the index up to date with the images under `paths` (see `Index.add`)."""
     if isinstance(paths, (str, os.PathLike)):
@@ -92,7 +93,7 @@ def label_images(
     precision: str | None = None,
     batch_size: int | None = None,
     workers: int = DEFAULT_WORKERS,
-    progress=None,
+    progress: Progress | None = None,
     labeller=None,
 ) -> LabelSummary:
     """Store the top labels of every indexed image that has none (see `Index.label_images`)."""
@@ -117,11 +118,14 @@ def label_images(
         )
 
 
-def export(parts: IndexParts, output: str | os.PathLike, format: str = "npy", progress=None) -> int:
+def export(
+    parts: IndexParts,
+    output: str | os.PathLike,
+    format: str = "npy",
+    progress: Progress | None = None,
+) -> int:
     """Write every indexed image's id, path and vector to `output` (see `Index.export`)."""
     dim = parts.manifest.dim
     with parts.store.snapshot_items(dim) as (total, extras, chunks):
-        if progress is not None:
-            progress.total = total
-            progress.refresh()
+        set_total(progress, total)
         return export_items(chunks, total, dim, Path(output), format, progress, extras=extras)

@@ -29,6 +29,7 @@ from simsearch.media.decode import decode_image, read_image_file
 from simsearch.media.discover import find_images
 from simsearch.media.prefetch import read_ahead
 from simsearch.media.preprocess import Preprocessing
+from simsearch.progress import Progress, advance, set_total
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ class TrainingData:
         val_split: float = 0.2,
         seed: int = 0,
         workers: int = DEFAULT_WORKERS,
-        progress=None,
+        progress: Progress | None = None,
     ) -> None:
         data_dir = Path(data_dir)
         self.classes = list_classes(data_dir)
@@ -213,9 +214,7 @@ class TrainingData:
         """Decode every image once, keep what fits in the cache; return the readable paths."""
         edge = CACHE_EDGE_FACTOR * max(self.height, self.width)
         readable, cached_bytes = set(), 0
-        if progress is not None:
-            progress.total = len(examples)
-            progress.refresh()
+        set_total(progress, len(examples))
         paths = [e.path for e in examples]
         # Two files a thread: each has the next while the main thread files the last away.
         ahead = 2 * max(1, workers)
@@ -225,8 +224,7 @@ class TrainingData:
             closing(read_ahead(pool, lambda p: _load(p, preprocess, edge), paths, ahead)) as ready,
         ):
             for path, (img, error) in zip(paths, ready, strict=True):
-                if progress is not None:
-                    progress.update(1)
+                advance(progress, 1)
                 if error is not None:
                     log.warning("skipping %s: %s", path, error)
                     continue

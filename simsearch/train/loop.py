@@ -20,6 +20,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from simsearch.errors import FinetuneError, TrainingInterrupted
+from simsearch.progress import NullProgress
 from simsearch.records import EpochRecord
 from simsearch.train.checkpoints import (
     BEST,
@@ -294,16 +295,8 @@ def evaluate(
     return loss / len(data.val), correct / len(data.val)
 
 
-class NoBar:
+class NoBar(NullProgress):
     """Stands in for a progress bar when the caller wants none."""
-
-    total = 0
-
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def refresh(self) -> None:
-        pass
 
     def set_postfix(self, **values) -> None:
         pass
