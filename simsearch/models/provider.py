@@ -18,6 +18,7 @@ import numpy as np
 from simsearch.errors import ImageError, LayerError, ModelLoadError, QueryError
 from simsearch.media.decode import decode_image, read_image_file, to_rgb
 from simsearch.media.preprocess import Preprocessing
+from simsearch.models.protocol import ImageEmbedder, PixelEmbedder
 from simsearch.storage.checks import check_vectors
 from simsearch.storage.manifest import Manifest
 
@@ -136,7 +137,7 @@ class ModelProvider:
         manifest.check_compatible(wanted)
 
     @property
-    def embedder(self):
+    def embedder(self) -> ImageEmbedder:
         """The Embedder for this index's model, loaded on first use and checked against it."""
         if self.loaded is None:
             manifest = self._manifest()
@@ -151,6 +152,7 @@ class ModelProvider:
                         else "the model that folder was exported from"
                     )
                 )
+            embedder: ImageEmbedder
             try:
                 if self.backend == "onnx":
                     from simsearch.models.onnx import OnnxEmbedder
@@ -191,7 +193,7 @@ class ModelProvider:
         vectors = embedder.embed_images([as_image(img, embedder.preprocess) for img in images])
         return check_vectors(vectors, self._manifest().dim, f"the model {self.model}")
 
-    def on_demand(self):
+    def on_demand(self) -> PixelEmbedder:
         """The loaded embedder, or a stand-in that loads it when it first embeds (an index
         run that finds nothing new never pays for the model)."""
         return self.loaded or _ModelOnDemand(self)

@@ -39,6 +39,7 @@ from simsearch.media.decode import decode_image, read_image_file
 from simsearch.media.header import header_facts
 from simsearch.media.prefetch import read_ahead
 from simsearch.media.preprocess import Preprocessing
+from simsearch.models.protocol import PixelEmbedder
 from simsearch.ops.scan import Scan, by_content, disappeared, refresh, scan
 from simsearch.ops.writer import remove_gone, write_batch
 from simsearch.progress import Progress, advance, set_total
@@ -80,7 +81,7 @@ def ingest(
     paths: Iterable[str | os.PathLike],
     store: Store,
     vectors: VectorCache,
-    embedder,
+    embedder: PixelEmbedder,
     *,
     workers: int = DEFAULT_WORKERS,
     prune: bool = True,
@@ -166,7 +167,7 @@ class _Run:
 
     store: Store
     vectors: VectorCache
-    embedder: Any  # preprocess, embed_pixels(pixels), batch_size
+    embedder: PixelEmbedder
     max_pixels: int
     timed: Stopwatch
     progress: Any
