@@ -7,13 +7,20 @@ import json
 from collections.abc import Sequence
 
 import numpy as np
-from sqlalchemy import delete
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, Select, delete, func, insert, select
 
 from simsearch.fs.faults import crash_point
-from simsearch.fs.names import from_column
-from simsearch.storage.base import FETCH_ROWS, StoreBase, chunks, put_meta
-from simsearch.storage.schema import ClusterRow
+from simsearch.storage.base import CLUSTERS, FETCH_ROWS, IMAGES, StoreBase, by_ids, chunks, put_meta
+
+_CLUSTERS_OF = by_ids(
+    select(CLUSTERS.c.image_id, CLUSTERS.c.cluster, CLUSTERS.c.score), CLUSTERS.c.image_id
+)
+# (id, path, score) of a cluster's images, nearest its centre first.
+_HITS: Select = (
+    select(CLUSTERS.c.image_id, IMAGES.c.path, CLUSTERS.c.score)
+    .join_from(CLUSTERS, IMAGES, IMAGES.c.id == CLUSTERS.c.image_id)
+    .order_by(CLUSTERS.c.score.desc(), CLUSTERS.c.image_id)
+)
 
 
 class ClustersPart(StoreBase):
@@ -29,7 +36,7 @@ class ClustersPart(StoreBase):
         """Replace every image's cluster, and the run's description (JSON), in one
         transaction. Vectors are unchanged, so the generation (and the FAISS file) stays."""
         with self.engine.begin() as conn:
-            conn.exec_driver_sql("DELETE FROM clusters")
+            conn.execute(delete(CLUSTERS))
             for start in range(0, len(ids), FETCH_ROWS):
                 end = start + FETCH_ROWS
                 rows = zip(
@@ -38,8 +45,9 @@ class ClustersPart(StoreBase):
                     np.round(scores[start:end].astype(np.float64), 6).tolist(),
                     strict=True,
                 )
-                conn.exec_driver_sql(
-                    "INSERT INTO clusters (image_id, cluster, score) VALUES (?, ?, ?)", list(rows)
+                conn.execute(
+                    insert(CLUSTERS),
+                    [dict(image_id=i, cluster=c, score=s) for i, c, s in rows],
                 )
             put_meta(conn, "clustering", run)
             crash_point("clusters")
@@ -48,15 +56,15 @@ class ClustersPart(StoreBase):
         """Return id -> (cluster, score) for each of `ids` that has one."""
         if self.clustering() is None:
             return {}
-        rows = self._rows_by_id("SELECT image_id, cluster, score FROM clusters", "image_id", ids)
+        rows = self._rows_by_id(_CLUSTERS_OF, ids)
         return {int(i): (int(c), float(sc)) for i, c, sc in rows}
 
     def restore_clusters(self, rows: Sequence[tuple[int, int, float]]) -> None:
         """Give images back the (image id, cluster, score) they had in the current run."""
         with self.engine.begin() as conn:
-            conn.exec_driver_sql(
-                "INSERT OR REPLACE INTO clusters (image_id, cluster, score) VALUES (?, ?, ?)",
-                [tuple(r) for r in rows],
+            conn.execute(
+                insert(CLUSTERS).prefix_with("OR REPLACE"),
+                [dict(image_id=i, cluster=c, score=s) for i, c, s in rows],
             )
 
     def clustering(self) -> dict | None:
@@ -68,21 +76,19 @@ class ClustersPart(StoreBase):
         """Return (cluster, size, mean score, [(id, path, score)] of its `top` best) for
         each cluster with images, in cluster order, from one snapshot of the database."""
         with self.engine.connect() as conn:
-            conn.exec_driver_sql("BEGIN")  # one snapshot, even while a new run commits
+            # One snapshot, even while a new run commits: pysqlite runs SELECTs outside
+            # transactions, and transaction control has no Core statement (driver SQL).
+            conn.exec_driver_sql("BEGIN")
             try:
-                sizes = conn.exec_driver_sql(
-                    "SELECT cluster, count(*), avg(score) FROM clusters "
-                    "GROUP BY cluster ORDER BY cluster"
+                sizes = conn.execute(
+                    select(CLUSTERS.c.cluster, func.count(), func.avg(CLUSTERS.c.score))
+                    .group_by(CLUSTERS.c.cluster)
+                    .order_by(CLUSTERS.c.cluster)
                 ).all()
                 result = []
                 for cluster, size, mean in sizes:
-                    best = conn.exec_driver_sql(
-                        "SELECT c.image_id, i.path, c.score FROM clusters c "
-                        "JOIN images i ON i.id = c.image_id WHERE c.cluster = ? "
-                        "ORDER BY c.score DESC, c.image_id LIMIT ?",
-                        (cluster, top),
-                    ).all()
-                    hits = [(i, from_column(p), score) for i, p, score in best]
+                    best = conn.execute(_HITS.where(CLUSTERS.c.cluster == cluster).limit(top)).all()
+                    hits = [(i, p, score) for i, p, score in best]
                     result.append((int(cluster), int(size), float(mean), hits))
                 return result
             finally:
@@ -91,8 +97,10 @@ class ClustersPart(StoreBase):
     def cluster_members(self, cluster: int) -> np.ndarray:
         """Return the ids of the images in `cluster`, sorted."""
         with self.engine.connect() as conn:
-            rows = conn.exec_driver_sql(
-                "SELECT image_id FROM clusters WHERE cluster = ? ORDER BY image_id", (cluster,)
+            rows = conn.execute(
+                select(CLUSTERS.c.image_id)
+                .where(CLUSTERS.c.cluster == cluster)
+                .order_by(CLUSTERS.c.image_id)
             ).all()
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
 
@@ -100,22 +108,17 @@ class ClustersPart(StoreBase):
         """Return (id, path, score) of every image in `cluster`, nearest its centre first."""
         with self.engine.connect() as conn:
             return [
-                (i, from_column(path), score)
-                for i, path, score in conn.exec_driver_sql(
-                    "SELECT c.image_id, i.path, c.score FROM clusters c "
-                    "JOIN images i ON i.id = c.image_id WHERE c.cluster = ? "
-                    "ORDER BY c.score DESC, c.image_id",
-                    (cluster,),
-                )
+                (i, path, score)
+                for i, path, score in conn.execute(_HITS.where(CLUSTERS.c.cluster == cluster))
             ]
 
     def clustered_count(self) -> int:
         """Return how many images have a cluster."""
         with self.engine.connect() as conn:
-            return int(conn.exec_driver_sql("SELECT count(*) FROM clusters").scalar_one())
+            return int(conn.execute(select(func.count()).select_from(CLUSTERS)).scalar_one())
 
 
-def drop_clusters(session: Session, ids: list[int]) -> None:
+def drop_clusters(conn: Connection, ids: list[int]) -> None:
     """Forget the cluster of `ids` (their vectors are replaced or gone)."""
     for chunk in chunks(ids):
-        session.execute(delete(ClusterRow).where(ClusterRow.image_id.in_(chunk)))
+        conn.execute(delete(CLUSTERS).where(CLUSTERS.c.image_id.in_(chunk)))

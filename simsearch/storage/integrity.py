@@ -7,13 +7,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from sqlalchemy import delete, func, or_, select, text, update
-from sqlalchemy.orm import Session
+from sqlalchemy import delete, func, or_, select, update
 
-from simsearch.storage.base import FETCH_ROWS, StoreBase, bump_generation, chunks
+from simsearch.storage.base import FETCH_ROWS, IMAGES, VECTORS, StoreBase, bump_generation, chunks
 from simsearch.storage.clusters import drop_clusters
 from simsearch.storage.images import STATUS_ERROR, STATUS_OK
-from simsearch.storage.schema import ImageRow, VectorRow
 from simsearch.storage.vectors import iter_vector_chunks
 
 
@@ -34,29 +32,30 @@ class IntegrityPart(StoreBase):
     def check(self, dim: int) -> StoreReport:
         """Check every invariant the database must keep; return what is wrong and where."""
         report = StoreReport()
-        with Session(self.engine) as session:
-            result = list(session.execute(text("PRAGMA integrity_check")).scalars())
+        with self.engine.connect() as conn:
+            # A PRAGMA has no Core form: driver SQL.
+            result = list(conn.exec_driver_sql("PRAGMA integrity_check").scalars())
             if result != ["ok"]:
                 report.problems.append("SQLite integrity check failed: " + "; ".join(result[:5]))
                 report.corrupt = True
                 return report
             report.unvectored = list(
-                session.scalars(
-                    select(ImageRow.id)
-                    .outerjoin(VectorRow, VectorRow.image_id == ImageRow.id)
-                    .where(ImageRow.status == STATUS_OK, VectorRow.image_id.is_(None))
+                conn.scalars(
+                    select(IMAGES.c.id)
+                    .select_from(IMAGES.outerjoin(VECTORS, VECTORS.c.image_id == IMAGES.c.id))
+                    .where(IMAGES.c.status == STATUS_OK, VECTORS.c.image_id.is_(None))
                 )
             )
             report.stray = list(
-                session.scalars(
-                    select(VectorRow.image_id)
-                    .outerjoin(ImageRow, VectorRow.image_id == ImageRow.id)
-                    .where(or_(ImageRow.id.is_(None), ImageRow.status != STATUS_OK))
+                conn.scalars(
+                    select(VECTORS.c.image_id)
+                    .select_from(VECTORS.outerjoin(IMAGES, VECTORS.c.image_id == IMAGES.c.id))
+                    .where(or_(IMAGES.c.id.is_(None), IMAGES.c.status != STATUS_OK))
                 )
             )
             report.damaged = list(
-                session.scalars(
-                    select(VectorRow.image_id).where(func.length(VectorRow.vector) != 4 * dim)
+                conn.scalars(
+                    select(VECTORS.c.image_id).where(func.length(VECTORS.c.vector) != 4 * dim)
                 )
             )
         skip = set(report.damaged) | set(report.stray)
@@ -77,21 +76,21 @@ class IntegrityPart(StoreBase):
 
     def delete_vectors(self, ids: Sequence[int]) -> None:
         """Delete the vectors of `ids` (stray vectors of failed or missing images)."""
-        with Session(self.engine) as session, session.begin():
-            drop_clusters(session, [int(i) for i in ids])
+        with self.engine.begin() as conn:
+            drop_clusters(conn, [int(i) for i in ids])
             for chunk in chunks([int(i) for i in ids]):
-                session.execute(delete(VectorRow).where(VectorRow.image_id.in_(chunk)))
-            bump_generation(session)
+                conn.execute(delete(VECTORS).where(VECTORS.c.image_id.in_(chunk)))
+            bump_generation(conn)
 
     def reset_vectors(self, ids: Sequence[int], reason: str) -> None:
         """Drop damaged vectors and mark their images to be embedded again by the next run."""
-        with Session(self.engine) as session, session.begin():
-            drop_clusters(session, [int(i) for i in ids])
+        with self.engine.begin() as conn:
+            drop_clusters(conn, [int(i) for i in ids])
             for image_id in ids:
-                session.execute(delete(VectorRow).where(VectorRow.image_id == int(image_id)))
-                session.execute(
-                    update(ImageRow)
-                    .where(ImageRow.id == int(image_id))
+                conn.execute(delete(VECTORS).where(VECTORS.c.image_id == int(image_id)))
+                conn.execute(
+                    update(IMAGES)
+                    .where(IMAGES.c.id == int(image_id))
                     .values(status=STATUS_ERROR, error=reason, size=-1)
                 )
-            bump_generation(session)
+            bump_generation(conn)

@@ -7,15 +7,27 @@ import json
 from collections.abc import Sequence
 
 import numpy as np
-from sqlalchemy import delete, select
-from sqlalchemy.dialects.sqlite import insert
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, delete, exists, func, insert, select
 
 from simsearch.fs.faults import crash_point
-from simsearch.fs.names import from_column
 from simsearch.records import Label
-from simsearch.storage.base import ROWS_PER_STATEMENT, StoreBase, chunks, put_meta, table_exists
-from simsearch.storage.schema import ImageRow, LabelRow, MetaRow
+from simsearch.storage.base import (
+    IMAGES,
+    LABELS,
+    META,
+    ROWS_PER_STATEMENT,
+    VECTORS,
+    StoreBase,
+    by_ids,
+    chunks,
+    put_meta,
+    table_exists,
+)
+
+# Every search that shows labels reads them by id: built once.
+_LABELS_OF = by_ids(
+    select(LABELS.c.image_id, LABELS.c.rank, LABELS.c.label, LABELS.c.score), LABELS.c.image_id
+)
 
 
 class LabelsPart(StoreBase):
@@ -30,14 +42,13 @@ class LabelsPart(StoreBase):
     def unlabelled(self) -> list[tuple[int, str, str | None]]:
         """Return (id, path, sha256) of every image with a vector and no labels, by id."""
         with self.engine.connect() as conn:
-            return [
-                (i, from_column(path), sha)
-                for i, path, sha in conn.exec_driver_sql(
-                    "SELECT i.id, i.path, i.sha256 FROM images i JOIN vectors v "
-                    "ON v.image_id = i.id WHERE NOT EXISTS (SELECT 1 FROM labels l "
-                    "WHERE l.image_id = i.id) ORDER BY i.id"
-                )
-            ]
+            stmt = (
+                select(IMAGES.c.id, IMAGES.c.path, IMAGES.c.sha256)
+                .join_from(IMAGES, VECTORS, VECTORS.c.image_id == IMAGES.c.id)
+                .where(~exists().where(LABELS.c.image_id == IMAGES.c.id))
+                .order_by(IMAGES.c.id)
+            )
+            return [(i, path, sha) for i, path, sha in conn.execute(stmt)]
 
     def labelled_count(self) -> int:
         """Return the number of images with stored labels (0 for indexes made before them)."""
@@ -45,18 +56,20 @@ class LabelsPart(StoreBase):
             return 0
         with self.engine.connect() as conn:
             return int(
-                conn.exec_driver_sql("SELECT count(*) FROM labels WHERE rank = 1").scalar_one()
+                conn.execute(
+                    select(func.count()).select_from(LABELS).where(LABELS.c.rank == 1)
+                ).scalar_one()
             )
 
     def write_labels(self, labels: dict[int, Sequence[Label]], source: dict) -> None:
         """Store the labels of some images, replacing theirs, and what made them, in one
         transaction. Images deleted meanwhile are skipped."""
-        with Session(self.engine) as session, session.begin():
+        with self.engine.begin() as conn:
             ids = list(labels)
             live: set[int] = set()
             for chunk in chunks(ids):
-                live.update(session.scalars(select(ImageRow.id).where(ImageRow.id.in_(chunk))))
-            delete_labels(session, ids)
+                live.update(conn.scalars(select(IMAGES.c.id).where(IMAGES.c.id.in_(chunk))))
+            delete_labels(conn, ids)
             rows = [
                 dict(image_id=i, rank=rank, label=lab.label, score=float(lab.score))
                 for i, found in labels.items()
@@ -64,31 +77,31 @@ class LabelsPart(StoreBase):
                 for rank, lab in enumerate(found, 1)
             ]
             for chunk in chunks(rows, ROWS_PER_STATEMENT):
-                session.execute(insert(LabelRow).values(chunk))
-            put_meta(session, "labels", json.dumps(source, sort_keys=True))
+                conn.execute(insert(LABELS).values(chunk))
+            put_meta(conn, "labels", json.dumps(source, sort_keys=True))
             crash_point("labels")
 
     def clear_labels(self) -> None:
         """Delete every stored label and the record of what made them."""
-        with Session(self.engine) as session, session.begin():
-            session.execute(delete(LabelRow))
-            session.execute(delete(MetaRow).where(MetaRow.key == "labels"))
+        with self.engine.begin() as conn:
+            conn.execute(delete(LABELS))
+            conn.execute(delete(META).where(META.c.key == "labels"))
 
     def label_names(self) -> list[str]:
         """Return every distinct stored label (from the label index, not the table)."""
         if not self._has_labels():
             return []
         with self.engine.connect() as conn:
-            return [r[0] for r in conn.exec_driver_sql("SELECT DISTINCT label FROM labels")]
+            return list(conn.scalars(select(LABELS.c.label).distinct()))
 
     def ids_with_labels(self, names: Sequence[str]) -> np.ndarray:
         """Return the sorted ids of the images having any of `names` among their labels."""
         found: list[int] = []
         with self.engine.connect() as conn:
             for chunk in chunks(list(names)):
-                marks = ",".join("?" * len(chunk))
-                sql = f"SELECT image_id FROM labels WHERE label IN ({marks})"
-                found += [r[0] for r in conn.exec_driver_sql(sql, tuple(chunk))]
+                found += conn.scalars(
+                    select(LABELS.c.image_id).where(LABELS.c.label.in_(chunk))
+                ).all()
         return np.unique(np.asarray(found, dtype=np.int64))
 
     def labels_of(self, ids: Sequence[int]) -> dict[int, list[Label]]:
@@ -96,7 +109,7 @@ class LabelsPart(StoreBase):
         if not self._has_labels():
             return {}
         out: dict[int, list[Label]] = {}
-        rows = self._rows_by_id("SELECT image_id, rank, label, score FROM labels", "image_id", ids)
+        rows = self._rows_by_id(_LABELS_OF, ids)
         for image_id, _, label, score in sorted(rows):
             out.setdefault(int(image_id), []).append(Label(label, float(score)))
         return out
@@ -110,6 +123,6 @@ class LabelsPart(StoreBase):
             return table_exists(conn, "labels")
 
 
-def delete_labels(session: Session, ids: Sequence[int]) -> None:
+def delete_labels(conn: Connection, ids: Sequence[int]) -> None:
     for chunk in chunks([int(i) for i in ids]):
-        session.execute(delete(LabelRow).where(LabelRow.image_id.in_(chunk)))
+        conn.execute(delete(LABELS).where(LABELS.c.image_id.in_(chunk)))

@@ -4,9 +4,10 @@ SQLite is the source of truth for an index. Every change is one transaction that
 a generation number, so the FAISS file (a derived cache) can tell whether it is current.
 
 This module opens the database and keeps the meta table (manifest, generations); the rest
-of the Store's methods live with the table they work on, one part each: images.py (image
-rows, the index run's writes), vectors.py, labels.py, clusters.py, and integrity.py (what
-`verify` checks and `repair` fixes). `Store` is all of them in one class.
+of the Store's methods live with the table or concern they work on, one part each:
+images.py (reading image rows), writes.py (the index run's writes), vectors.py, labels.py,
+clusters.py, and integrity.py (what `verify` checks and `repair` fixes). `Store` is all of
+them in one class.
 """
 
 from __future__ import annotations
@@ -18,13 +19,18 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
-from sqlalchemy import create_engine, event, select
-from sqlalchemy.orm import Session
+from sqlalchemy import create_engine, event, or_, select
 
 from simsearch.config import Manifest
 from simsearch.errors import IndexFormatError
 from simsearch.storage import schema
-from simsearch.storage.base import FETCH_ROWS, IDS_PER_STATEMENT, ROWS_PER_STATEMENT, put_meta
+from simsearch.storage.base import (
+    FETCH_ROWS,
+    IDS_PER_STATEMENT,
+    META,
+    ROWS_PER_STATEMENT,
+    put_meta,
+)
 from simsearch.storage.clusters import ClustersPart
 from simsearch.storage.images import (
     STATUS_ERROR,
@@ -37,8 +43,8 @@ from simsearch.storage.images import (
 )
 from simsearch.storage.integrity import IntegrityPart, StoreReport
 from simsearch.storage.labels import LabelsPart
-from simsearch.storage.schema import MetaRow
 from simsearch.storage.vectors import VectorsPart
+from simsearch.storage.writes import WritesPart
 
 # The records the Store takes and returns, importable from here as before the split.
 __all__ = [
@@ -55,8 +61,14 @@ __all__ = [
     "StoreReport",
 ]
 
+# Both generation numbers, read together (Store.generations). OR, not IN: an IN list is
+# rendered anew on each execution, and this runs on every search.
+_GENERATIONS = select(META.c.key, META.c.value).where(
+    or_(META.c.key == "generation", META.c.key == "faiss_generation")
+)
 
-class Store(ImagesPart, VectorsPart, LabelsPart, ClustersPart, IntegrityPart):
+
+class Store(ImagesPart, WritesPart, VectorsPart, LabelsPart, ClustersPart, IntegrityPart):
     """SQLite database of one index. Open with `Store(path)`; `create=True` makes a new one.
 
     One class made of its parts (base.StoreBase subclasses, one per table or concern), so
@@ -116,23 +128,23 @@ class Store(ImagesPart, VectorsPart, LabelsPart, ClustersPart, IntegrityPart):
         return manifest
 
     def set_manifest(self, manifest: Manifest) -> None:
-        with Session(self.engine) as session, session.begin():
-            put_meta(session, "manifest", manifest.to_json())
+        with self.engine.begin() as conn:
+            put_meta(conn, "manifest", manifest.to_json())
 
     def repair_meta(self, manifest: Manifest | None = None) -> bool:
         """Write `manifest` (when given) as the database's, and renew the generation numbers
         if they are not numbers (the FAISS file is then stale and rebuilt); return whether
         they were renewed."""
-        with Session(self.engine) as session, session.begin():
+        with self.engine.begin() as conn:
             if manifest is not None:
-                put_meta(session, "manifest", manifest.to_json())
-            current = session.scalar(select(MetaRow.value).where(MetaRow.key == "generation"))
+                put_meta(conn, "manifest", manifest.to_json())
+            current = conn.scalar(select(META.c.value).where(META.c.key == "generation"))
             try:
                 int(current or 0)
             except ValueError:
                 # Above any count a reader may hold, so no cache in memory passes for current.
-                put_meta(session, "generation", str(time.time_ns() // 1000))
-                put_meta(session, "faiss_generation", "-1")
+                put_meta(conn, "generation", str(time.time_ns() // 1000))
+                put_meta(conn, "faiss_generation", "-1")
                 return True
         return False
 
@@ -142,10 +154,10 @@ class Store(ImagesPart, VectorsPart, LabelsPart, ClustersPart, IntegrityPart):
 
     def set_faiss_generation(self, generation: int, info: str | None = None) -> None:
         """Record that the FAISS file holds `generation`; `info` (JSON) says what it is."""
-        with Session(self.engine) as session, session.begin():
-            put_meta(session, "faiss_generation", str(generation))
+        with self.engine.begin() as conn:
+            put_meta(conn, "faiss_generation", str(generation))
             if info is not None:
-                put_meta(session, "faiss_info", info)
+                put_meta(conn, "faiss_info", info)
 
     def faiss_info(self) -> dict:
         """What the saved FAISS file is (kind, factory, ...); {} for files saved before
@@ -159,12 +171,9 @@ class Store(ImagesPart, VectorsPart, LabelsPart, ClustersPart, IntegrityPart):
 
     def generations(self) -> tuple[int, int]:
         """Return (generation, faiss_generation), read together in one consistent snapshot."""
-        # Plain SQL: readers call this on every search, and the ORM would cost ~0.8 ms.
+        # Readers call this on every search: one prebuilt statement, compiled once (cached).
         with self.engine.connect() as conn:
-            rows = conn.exec_driver_sql(
-                "SELECT key, value FROM meta WHERE key IN ('generation', 'faiss_generation')"
-            )
-            values: dict[str, str] = dict(rows.all())
+            values: dict[str, str] = dict(conn.execute(_GENERATIONS).all())
         generation = _generation(values.get("generation"), "generation", self.path.name)
         try:  # which generation the FAISS file (a cache) holds: if unknown, it is stale
             saved = int(values.get("faiss_generation", -1))

@@ -9,13 +9,23 @@ from itertools import chain
 from typing import cast
 
 import numpy as np
-from sqlalchemy import Engine, select
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, Engine, bindparam, func, select
 
 from simsearch.errors import IndexFormatError
-from simsearch.fs.names import from_column
-from simsearch.storage.base import FETCH_ROWS, StoreBase, has_rows
-from simsearch.storage.schema import ImageRow, VectorRow
+from simsearch.storage.base import (
+    CLUSTERS,
+    FETCH_ROWS,
+    IMAGES,
+    LABELS,
+    VECTORS,
+    StoreBase,
+    by_ids,
+    has_rows,
+)
+
+# The reads of stored vectors that searches make, built once.
+_VECTORS_BY_ID = by_ids(select(VECTORS.c.image_id, VECTORS.c.vector), VECTORS.c.image_id)
+_VECTOR = select(VECTORS.c.vector).where(VECTORS.c.image_id == bindparam("image_id"))
 
 
 class VectorsPart(StoreBase):
@@ -24,26 +34,26 @@ class VectorsPart(StoreBase):
     def vector_hashes(self) -> dict[str, int]:
         """Return content hash -> id of an image with that content and a vector."""
         stmt = (
-            select(ImageRow.sha256, ImageRow.id)
-            .join(VectorRow, VectorRow.image_id == ImageRow.id)
-            .where(ImageRow.sha256.is_not(None))
+            select(IMAGES.c.sha256, IMAGES.c.id)
+            .join(VECTORS, VECTORS.c.image_id == IMAGES.c.id)
+            .where(IMAGES.c.sha256.is_not(None))
         )
-        with Session(self.engine) as session:  # (sha256 IS NOT NULL: a str)
-            return {cast(str, sha): i for sha, i in session.execute(stmt)}
+        with self.engine.connect() as conn:  # (sha256 IS NOT NULL: a str)
+            return {cast(str, sha): i for sha, i in conn.execute(stmt)}
 
     def copy_sources(
         self, ids: Iterable[int]
     ) -> dict[int, tuple[np.ndarray, int, int, str | None]]:
         """Return id -> (vector, width, height, sha256) for images whose vector is reused."""
         stmt = (
-            select(ImageRow.id, VectorRow.vector, ImageRow.width, ImageRow.height, ImageRow.sha256)
-            .join(VectorRow, VectorRow.image_id == ImageRow.id)
-            .where(ImageRow.id.in_([int(i) for i in ids]))
+            select(IMAGES.c.id, VECTORS.c.vector, IMAGES.c.width, IMAGES.c.height, IMAGES.c.sha256)
+            .join(VECTORS, VECTORS.c.image_id == IMAGES.c.id)
+            .where(IMAGES.c.id.in_([int(i) for i in ids]))
         )
-        with Session(self.engine) as session:
+        with self.engine.connect() as conn:
             return {
                 i: (self._vector(i, blob).copy(), w or 0, h or 0, sha)
-                for i, blob, w, h, sha in session.execute(stmt)
+                for i, blob, w, h, sha in conn.execute(stmt)
             }
 
     def _vector(self, image_id, blob: bytes) -> np.ndarray:
@@ -52,13 +62,13 @@ class VectorsPart(StoreBase):
 
     def vectors_by_id(self, ids: Sequence[int] | np.ndarray) -> dict[int, np.ndarray]:
         """Return id -> stored vector for each of `ids` that has one."""
-        rows = self._rows_by_id("SELECT image_id, vector FROM vectors", "image_id", ids)
+        rows = self._rows_by_id(_VECTORS_BY_ID, ids)
         return {int(i): self._vector(i, blob) for i, blob in rows}
 
     def vector(self, image_id: int) -> np.ndarray | None:
         """Return the stored vector of an image, or None when it has none."""
-        with Session(self.engine) as session:
-            blob = session.scalar(select(VectorRow.vector).where(VectorRow.image_id == image_id))
+        with self.engine.connect() as conn:
+            blob = conn.scalar(_VECTOR, {"image_id": image_id})
         return None if blob is None else self._vector(image_id, blob).copy()
 
     def iter_vectors(
@@ -79,9 +89,10 @@ class VectorsPart(StoreBase):
         writer may commit meanwhile; this read does not see it)."""
         with self.engine.connect() as conn:
             # pysqlite runs SELECTs outside transactions; an explicit BEGIN pins the snapshot.
+            # (Transaction control has no Core statement: the one use of driver SQL here.)
             conn.exec_driver_sql("BEGIN")
             try:
-                total = conn.exec_driver_sql("SELECT count(*) FROM vectors").scalar_one()
+                total = conn.execute(select(func.count()).select_from(VECTORS)).scalar_one()
                 extras = [
                     column
                     for column, table in (("labels", "labels"), ("cluster", "clusters"))
@@ -92,14 +103,15 @@ class VectorsPart(StoreBase):
                 conn.exec_driver_sql("ROLLBACK")
 
     @staticmethod
-    def _items(conn, dim: int, rows: int, extras: list[str]) -> Iterator[tuple]:
+    def _items(conn: Connection, dim: int, rows: int, extras: list[str]) -> Iterator[tuple]:
         last = -1
         while True:
-            chunk = conn.exec_driver_sql(
-                "SELECT v.image_id, i.path, v.vector FROM vectors v "
-                "JOIN images i ON i.id = v.image_id WHERE v.image_id > ? "
-                "ORDER BY v.image_id LIMIT ?",
-                (last, rows),
+            chunk = conn.execute(
+                select(VECTORS.c.image_id, IMAGES.c.path, VECTORS.c.vector)
+                .join_from(VECTORS, IMAGES, IMAGES.c.id == VECTORS.c.image_id)
+                .where(VECTORS.c.image_id > last)
+                .order_by(VECTORS.c.image_id)
+                .limit(rows)
             ).all()
             if not chunk:
                 return
@@ -109,44 +121,41 @@ class VectorsPart(StoreBase):
             values = {}
             if "labels" in extras:
                 labels: dict[int, list] = {}
-                for image_id, label, score in conn.exec_driver_sql(
-                    "SELECT image_id, label, score FROM labels WHERE image_id BETWEEN ? AND ? "
-                    "ORDER BY image_id, rank",
-                    (first, last),
+                for image_id, label, score in conn.execute(
+                    select(LABELS.c.image_id, LABELS.c.label, LABELS.c.score)
+                    .where(LABELS.c.image_id.between(first, last))
+                    .order_by(LABELS.c.image_id, LABELS.c.rank)
                 ):
                     labels.setdefault(image_id, []).append((label, round(float(score), 6)))
                 values["labels"] = [labels.get(i) for i in ids.tolist()]
             if "cluster" in extras:
                 clusters = dict(
-                    conn.exec_driver_sql(
-                        "SELECT image_id, cluster FROM clusters WHERE image_id BETWEEN ? AND ?",
-                        (first, last),
+                    conn.execute(
+                        select(CLUSTERS.c.image_id, CLUSTERS.c.cluster).where(
+                            CLUSTERS.c.image_id.between(first, last)
+                        )
                     ).all()
                 )
                 values["cluster"] = [clusters.get(i) for i in ids.tolist()]
-            yield ids, [from_column(r[1]) for r in chunk], vecs.astype(np.float32), values
+            yield ids, [r[1] for r in chunk], vecs.astype(np.float32), values
 
     def id_summary(self) -> tuple[int, int | None, int | None]:
         """Return (count, smallest id, largest id) of the stored vectors, from the id index."""
         with self.engine.connect() as conn:
-            row = conn.exec_driver_sql(
-                "SELECT count(*), min(image_id), max(image_id) FROM vectors"
+            row = conn.execute(
+                select(func.count(), func.min(VECTORS.c.image_id), func.max(VECTORS.c.image_id))
             ).one()
         return int(row[0]), row[1], row[2]
 
     def vector_ids(self) -> np.ndarray:
-        """Return the ids of every image with a vector, sorted: from the id index, through
-        the driver's cursor in blocks (10M ids in ~5 s, no Python list of ten million)."""
-        raw = self.engine.raw_connection()
-        try:
-            assert raw.driver_connection is not None  # the sqlite3 connection, open
-            cursor = raw.driver_connection.execute("SELECT image_id FROM vectors ORDER BY image_id")
-            blocks = []
-            while rows := cursor.fetchmany(100_000):
+        """Return the ids of every image with a vector, sorted: from the id index, in blocks
+        (10M ids in seconds, never a Python list of ten million)."""
+        blocks = []
+        with self.engine.connect() as conn:
+            result = conn.execute(select(VECTORS.c.image_id).order_by(VECTORS.c.image_id))
+            for rows in result.partitions(100_000):
                 blocks.append(np.fromiter(chain.from_iterable(rows), np.int64, len(rows)))
-            return np.concatenate(blocks) if blocks else np.empty(0, np.int64)
-        finally:
-            raw.close()
+        return np.concatenate(blocks) if blocks else np.empty(0, np.int64)
 
 
 def iter_vector_chunks(
@@ -154,15 +163,15 @@ def iter_vector_chunks(
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """`Store.iter_vectors` of the database at `engine` (named `where` in errors)."""
     last = -1
-    with Session(engine) as session:
+    with engine.connect() as conn:
         while True:
             stmt = (
-                select(VectorRow.image_id, VectorRow.vector)
-                .where(VectorRow.image_id > last)
-                .order_by(VectorRow.image_id)
+                select(VECTORS.c.image_id, VECTORS.c.vector)
+                .where(VECTORS.c.image_id > last)
+                .order_by(VECTORS.c.image_id)
                 .limit(rows)
             )
-            chunk = session.execute(stmt).all()
+            chunk = conn.execute(stmt).all()
             if not chunk:
                 return
             last = int(chunk[-1][0])
