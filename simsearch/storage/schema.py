@@ -35,8 +35,8 @@ class FsPath(TypeDecorator):
 
     SQLite is dynamically typed, so the one UNIQUE column holds both, and a BLOB never
     equals a TEXT: b"caf\\xe9.jpg" and a file literally named "caf\\xe9.jpg" are two rows.
-    In Python the path is always the os.fsdecode str. ORM statements convert through this
-    type; the plain-SQL readers call `from_column` on the path they select.
+    In Python the path is always the os.fsdecode str: storage/'s statements (SQLAlchemy
+    Core on these tables) convert through this type, min(path) and max(path) included.
     """
 
     impl = Text
