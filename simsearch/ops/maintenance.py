@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from sqlalchemy.exc import DatabaseError
-
 from simsearch.config import DATABASE_FILE, MANIFEST_FILE, VECTORS_FILE, Manifest
-from simsearch.errors import IndexFormatError
+from simsearch.errors import DatabaseError, IndexFormatError
 from simsearch.ops.clustering import clustering
 from simsearch.ops.parts import IndexParts
 from simsearch.records import IndexInfo
