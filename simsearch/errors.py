@@ -54,6 +54,21 @@ class StorageError(SimsearchError):
     """Writing to the index failed (disk full, read-only, I/O error); committed work is kept."""
 
 
+class DatabaseError(SimsearchError):
+    """SQLite could not use the index database: its storage failed (read-only, full, an I/O
+    error, a file size limit, no permission) or the file is damaged; the message says which.
+    `orig` is SQLite's own exception (sqlite3.Error)."""
+
+    def __init__(self, message: str, orig: BaseException | None = None) -> None:
+        super().__init__(message)
+        self.orig = orig
+
+
+class DatabaseOperationalError(DatabaseError):
+    """A DatabaseError that SQLite calls operational (sqlite3.OperationalError): mostly the
+    storage or a lock held past the busy timeout, rather than a malformed file."""
+
+
 class IndexTypeError(SimsearchError, ValueError):
     """An --index-type that is neither a known type nor a FAISS factory string FAISS builds."""
 

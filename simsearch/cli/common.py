@@ -10,7 +10,6 @@ from datetime import datetime
 from pathlib import Path
 
 import click
-from sqlalchemy.exc import DatabaseError
 
 from simsearch._version import __version__
 from simsearch.config import (
@@ -44,25 +43,8 @@ class _Group(click.Group):
         except click.ClickException as exc:
             exc.show()
             sys.exit(exc.exit_code)
-        except SimsearchError as exc:
+        except SimsearchError as exc:  # a database error too (errors.DatabaseError)
             click.echo(f"Error: {exc}", err=True)
-            sys.exit(1)
-        except DatabaseError as exc:
-            from simsearch.storage.folder import STORAGE_ERRORS as _STORAGE_ERRORS
-
-            if any(text in str(exc.orig).lower() for text in _STORAGE_ERRORS):
-                click.echo(
-                    f"Error: cannot use the index database ({exc.orig}): the storage is "
-                    "read-only, full, failing, or limits file sizes, or you lack permission; "
-                    "the index itself may be intact",
-                    err=True,
-                )
-            else:
-                click.echo(
-                    f"Error: the index database is damaged or unreadable ({exc.orig}); restore "
-                    "it from a backup, or index into a new --index",
-                    err=True,
-                )
             sys.exit(1)
         except click.Abort:
             click.echo(

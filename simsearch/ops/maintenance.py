@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from sqlalchemy.exc import DatabaseError
-
-from simsearch.errors import IndexFormatError
+from simsearch.errors import DatabaseError, IndexFormatError
 from simsearch.ops.clustering import clustering
 from simsearch.ops.parts import IndexParts
 from simsearch.records import IndexInfo

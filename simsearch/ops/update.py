@@ -9,10 +9,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from sqlalchemy.exc import OperationalError
-
 from simsearch.config import DEFAULT_LABEL_MODEL, DEFAULT_WORKERS, MAX_IMAGE_PIXELS
-from simsearch.errors import StorageError
+from simsearch.errors import DatabaseOperationalError, StorageError
 from simsearch.ops.export import export as export_items
 from simsearch.ops.ingest import Stopwatch, ingest
 from simsearch.ops.label import Labeller, label_index
@@ -70,7 +68,7 @@ def add(
             # rebuilds it from the database.
             cache.drop()
             cache.mirror_pending = False
-            if isinstance(exc, OperationalError):
+            if isinstance(exc, DatabaseOperationalError):
                 raise StorageError(
                     f"cannot write to {parts.path / DATABASE_FILE}: {exc.orig}. Everything "
                     "committed before this is kept; fix the cause (free disk space?) and "

@@ -14,28 +14,21 @@ import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from sqlalchemy.exc import DatabaseError, OperationalError
-
 from simsearch import config
-from simsearch.errors import IndexExistsError, IndexFormatError, IndexNotFoundError
+from simsearch.errors import (
+    DatabaseError,
+    DatabaseOperationalError,
+    IndexExistsError,
+    IndexFormatError,
+    IndexNotFoundError,
+)
 from simsearch.fs.files import remove_temp_leftovers, replaced_atomically
 from simsearch.fs.lock import WriteLock
 from simsearch.storage.manifest import DATABASE_FILE, MANIFEST_FILE, Manifest
 from simsearch.storage.schema import SCHEMA_VERSION
-from simsearch.storage.store import Store
+from simsearch.storage.store import Store, storage_at_fault
 
 log = logging.getLogger(__name__)
-
-# What SQLite says when the storage, not the database, is at fault.
-STORAGE_ERRORS = (
-    "unable to open",
-    "readonly",
-    "read-only",
-    "disk i/o error",
-    "database or disk is full",
-    "file is too large",
-    "permission",
-)
 
 
 class IndexFolder:
@@ -138,14 +131,16 @@ class IndexFolder:
 def _bring_up_to_date(store: Store, path: Path) -> None:
     """Refuse a database made by a newer simsearch; migrate an older one where it may be
     written. A migration that cannot run now (a read-only file, a writer holding the
-    database past the busy timeout) is left to the next write, which runs it or fails."""
+    database past the busy timeout) is left to the next write, which runs it or fails.
+    (The migration runs on SQLite's own connection, so its errors are sqlite3's; the
+    Store's other reads raise errors.DatabaseError.)"""
     try:
         store.check_schema()
         if not store.read_only and store.schema_version < SCHEMA_VERSION:
             done = store.migrate()
             if done:
                 log.info("%s: schema migrated to version %d", path, done[-1])
-    except (sqlite3.OperationalError, OperationalError) as exc:
+    except (sqlite3.OperationalError, DatabaseOperationalError) as exc:
         reason = getattr(exc, "orig", None) or exc
         log.warning("%s: schema migration deferred to the next write: %s", path, reason)
     except (sqlite3.DatabaseError, DatabaseError) as exc:
@@ -169,7 +164,7 @@ def manifest_file(path: Path) -> Manifest | None:
 def damaged(path: Path, cause) -> str:
     """The message for a database SQLite could not use: the storage's fault, or damage."""
     reason = getattr(cause, "orig", None) or cause
-    if any(text in str(reason).lower() for text in STORAGE_ERRORS):
+    if storage_at_fault(reason):
         return (
             f"cannot use {path / DATABASE_FILE} ({reason}): the storage is read-only, full, "
             "failing, or limits file sizes, or you lack permission; the index itself may be "

@@ -20,8 +20,10 @@ from pathlib import Path
 from urllib.parse import quote
 
 from sqlalchemy import create_engine, event, or_, select
+from sqlalchemy import exc as sql_exc
+from sqlalchemy.engine import ExceptionContext
 
-from simsearch.errors import IndexFormatError
+from simsearch.errors import DatabaseError, DatabaseOperationalError, IndexFormatError
 from simsearch.storage import schema
 from simsearch.storage.base import (
     FETCH_ROWS,
@@ -61,6 +63,17 @@ __all__ = [
     "StoreReport",
 ]
 
+# What SQLite says when the storage, not the database, is at fault.
+STORAGE_ERRORS = (
+    "unable to open",
+    "readonly",
+    "read-only",
+    "disk i/o error",
+    "database or disk is full",
+    "file is too large",
+    "permission",
+)
+
 # Both generation numbers, read together (Store.generations). OR, not IN: an IN list is
 # rendered anew on each execution, and this runs on every search.
 _GENERATIONS = select(META.c.key, META.c.value).where(
@@ -98,6 +111,9 @@ class Store(ImagesPart, WritesPart, VectorsPart, LabelsPart, ClustersPart, Integ
         event.listen(
             self.engine, "connect", _on_connect_read_only if self.read_only else _on_connect
         )
+        # Every database error of this engine (a statement, a fetch, a commit, a connect)
+        # reaches the caller as a simsearch error, never as SQLAlchemy's.
+        event.listen(self.engine, "handle_error", _simsearch_error, retval=True)
         self._version: int | None = None
         if create:
             schema.create(self.engine)
@@ -191,6 +207,37 @@ def _generation(value: str | None, key: str, where: str) -> int:
         raise IndexFormatError(
             f"{where} is damaged: its {key} is {value[:40]!r}, not a number; run `simsearch repair`"
         ) from None
+
+
+def storage_at_fault(reason: object) -> bool:
+    """Whether SQLite's message blames the storage (read-only, full, failing, a file size
+    limit, permission) rather than the database."""
+    return any(text in str(reason).lower() for text in STORAGE_ERRORS)
+
+
+def _simsearch_error(context: ExceptionContext) -> BaseException | None:
+    """SQLAlchemy's handle_error hook: a database error as errors.DatabaseError (or its
+    DatabaseOperationalError, as SQLite classes it), with the one line a user is shown and
+    SQLite's exception as `orig`; any other error is left as it is."""
+    error = context.sqlalchemy_exception
+    if not isinstance(error, sql_exc.DatabaseError):
+        return None
+    reason = error.orig
+    if storage_at_fault(reason):
+        message = (
+            f"cannot use the index database ({reason}): the storage is read-only, full, "
+            "failing, or limits file sizes, or you lack permission; the index itself may be "
+            "intact"
+        )
+    else:
+        message = (
+            f"the index database is damaged or unreadable ({reason}); restore it from a "
+            "backup, or index into a new --index"
+        )
+    kind = (
+        DatabaseOperationalError if isinstance(error, sql_exc.OperationalError) else DatabaseError
+    )
+    return kind(message, reason)
 
 
 def _on_connect_read_only(dbapi_conn, _record) -> None:
