@@ -169,3 +169,24 @@ def test_an_index_from_a_newer_simsearch_is_refused_and_left_alone(old_index):
     with pytest.raises(IndexFormatError, match="schema version 99, made by a newer simsearch"):
         Index.open(old_index)
     assert version_of(db) == 99 and layout(db) == before
+
+
+def test_a_migration_sqlite_refuses_is_deferred_on_open_and_a_clear_error_on_write(
+    old_index, monkeypatch, caplog
+):
+    """A writer holding the database past the busy timeout, a read-only file: opening reads
+    the old schema as it is; a write says why it cannot go on, without a traceback."""
+    from simsearch.errors import DatabaseOperationalError, SimsearchError
+
+    def locked(conn):
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(schema, "MIGRATIONS", [locked])
+    with Index.open(old_index) as index:
+        assert "schema migration deferred" in caplog.text
+        assert version_of(old_index / DATABASE_FILE) == 0
+        assert len(index) == 6 and index.search(1, k=1)[0].id == 1
+        with pytest.raises(DatabaseOperationalError, match="database is locked") as raised:
+            index.cluster(2)
+        assert isinstance(raised.value, SimsearchError)
+    assert version_of(old_index / DATABASE_FILE) == 0

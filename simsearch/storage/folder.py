@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -131,19 +130,17 @@ class IndexFolder:
 def _bring_up_to_date(store: Store, path: Path) -> None:
     """Refuse a database made by a newer simsearch; migrate an older one where it may be
     written. A migration that cannot run now (a read-only file, a writer holding the
-    database past the busy timeout) is left to the next write, which runs it or fails.
-    (The migration runs on SQLite's own connection, so its errors are sqlite3's; the
-    Store's other reads raise errors.DatabaseError.)"""
+    database past the busy timeout) is left to the next write, which runs it or fails."""
     try:
         store.check_schema()
         if not store.read_only and store.schema_version < SCHEMA_VERSION:
             done = store.migrate()
             if done:
                 log.info("%s: schema migrated to version %d", path, done[-1])
-    except (sqlite3.OperationalError, DatabaseOperationalError) as exc:
+    except DatabaseOperationalError as exc:
         reason = getattr(exc, "orig", None) or exc
         log.warning("%s: schema migration deferred to the next write: %s", path, reason)
-    except (sqlite3.DatabaseError, DatabaseError) as exc:
+    except DatabaseError as exc:
         store.close()
         raise IndexFormatError(damaged(path, exc)) from None
     except BaseException:

@@ -122,7 +122,10 @@ class Store(ImagesPart, WritesPart, VectorsPart, LabelsPart, ClustersPart, Integ
         """Bring an index made by an earlier version to the current schema (the first open
         that may write does it, once: seconds on a million images); return the versions it
         stepped through."""
-        done = schema.migrate(self.engine, str(self.path))
+        try:  # on SQLite's own connection: its errors are sqlite3's, made simsearch's here
+            done = schema.migrate(self.engine, str(self.path))
+        except sqlite3.Error as exc:
+            raise database_error(exc, isinstance(exc, sqlite3.OperationalError)) from None
         self._version = schema.SCHEMA_VERSION
         return done
 
@@ -222,7 +225,12 @@ def _simsearch_error(context: ExceptionContext) -> BaseException | None:
     error = context.sqlalchemy_exception
     if not isinstance(error, sql_exc.DatabaseError):
         return None
-    reason = error.orig
+    return database_error(error.orig or error, isinstance(error, sql_exc.OperationalError))
+
+
+def database_error(reason: BaseException, operational: bool) -> DatabaseError:
+    """SQLite's error `reason` as errors.DatabaseError (DatabaseOperationalError where SQLite
+    calls it operational), with the one line a user is shown."""
     if storage_at_fault(reason):
         message = (
             f"cannot use the index database ({reason}): the storage is read-only, full, "
@@ -234,10 +242,7 @@ def _simsearch_error(context: ExceptionContext) -> BaseException | None:
             f"the index database is damaged or unreadable ({reason}); restore it from a "
             "backup, or index into a new --index"
         )
-    kind = (
-        DatabaseOperationalError if isinstance(error, sql_exc.OperationalError) else DatabaseError
-    )
-    return kind(message, reason)
+    return (DatabaseOperationalError if operational else DatabaseError)(message, reason)
 
 
 def _on_connect_read_only(dbapi_conn, _record) -> None:
