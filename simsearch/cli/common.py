@@ -113,13 +113,18 @@ def check_output(as_json: bool, as_csv: bool) -> None:
         raise click.UsageError("--json and --csv are two formats of one output: give one")
 
 
-def csv_rows(header: list[str], rows) -> None:
-    """Print `rows` (sequences of cells) under `header` as CSV on stdout."""
+def csv_table(header: list[str]):
+    """A CSV writer on stdout with `header` written: rows go out as they are written."""
     import csv
 
     out = csv.writer(sys.stdout, lineterminator="\n")
     out.writerow(header)
-    out.writerows(rows)
+    return out
+
+
+def csv_rows(header: list[str], rows) -> None:
+    """Print `rows` (sequences of cells) under `header` as CSV on stdout."""
+    csv_table(header).writerows(rows)
 
 
 html_option = click.option(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import sys
@@ -16,6 +15,7 @@ from simsearch.cli.common import (
     check_output,
     cli,
     csv_option,
+    csv_table,
     device_option,
     json_option,
     precision_option,
@@ -86,9 +86,7 @@ def label(images, model, top, batch_size, device, precision, as_json, as_csv):
     if paths:  # only missing files or empty folders: no need to load the model
         labeller = Labeller(model, device=device, precision=precision, batch_size=batch_size)
         results = labeller.label_files(paths, top)
-    table = csv.writer(sys.stdout, lineterminator="\n") if as_csv else None
-    if table is not None:
-        table.writerow(["path", "rank", "label", "score"])
+    table = csv_table(["path", "rank", "label", "score"]) if as_csv else None
     for result in results:
         if result.error is not None:
             failed += 1
