@@ -2,8 +2,8 @@
 the index's manifest.
 
 The backend (torch or ONNX Runtime) is a setting of its own; an index built with one keeps
-using it unless told otherwise. The embedders are imported only here and only when needed,
-so opening an index to search by id never loads torch.
+using it unless told otherwise. The model itself loads only when something needs it, and
+torch and onnxruntime only with it, so opening an index to search by id never loads them.
 """
 
 from __future__ import annotations
@@ -14,11 +14,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from simsearch.errors import ImageError, LayerError, ModelLoadError, QueryError
 from simsearch.media.decode import decode_image, read_image_file, to_rgb
 from simsearch.media.preprocess import Preprocessing
+from simsearch.models.embed import Embedder, resolve_layer
+from simsearch.models.hub import resolve_model
+from simsearch.models.onnx import OnnxEmbedder, read_export_info
 from simsearch.models.protocol import ImageEmbedder, PixelEmbedder
+from simsearch.models.weights import hash_config, hash_weights
 from simsearch.storage.checks import check_vectors
 from simsearch.storage.manifest import Manifest
 
@@ -42,8 +47,6 @@ def new_embedder(model, layer, pool, device, precision, batch_size, backend: str
     """Load an embedder for a new index: `layer` None is the last, `pool` None "cls"."""
     if backend == "onnx":
         return onnx_embedder(model, layer, pool, device, precision, batch_size)
-    from simsearch.models.embed import Embedder
-
     return Embedder(
         model,
         layer=-1 if layer is None else layer,
@@ -57,9 +60,6 @@ def new_embedder(model, layer, pool, device, precision, batch_size, backend: str
 def onnx_embedder(model, layer, pool, device, precision, batch_size):
     """Return an OnnxEmbedder for the export `model`, checking `layer` and `pool` against
     what the export baked in."""
-    from simsearch.models.embed import resolve_layer
-    from simsearch.models.onnx import OnnxEmbedder
-
     embedder = OnnxEmbedder(model, device=device, precision=precision, batch_size=batch_size)
     if layer is not None and resolve_layer(layer, embedder.num_layers) != embedder.layer:
         raise LayerError(
@@ -102,8 +102,6 @@ class ModelProvider:
     def check_request(self, model, layer: int | None, pool: str | None) -> None:
         """Raise ManifestMismatchError when `model`, `layer` or `pool` (those given) are not
         the index's; `model` is compared by its weights, without loading it."""
-        from simsearch.models.embed import resolve_layer
-
         manifest = self._manifest()
         if self.loaded is not None:
             manifest.check_compatible(self.loaded.manifest())
@@ -113,8 +111,6 @@ class ModelProvider:
         if pool is not None:
             wanted = dataclasses.replace(wanted, pool=pool)
         if model is not None and self.loaded is None and self.backend == "onnx":
-            from simsearch.models.onnx import read_export_info
-
             # The export records its source weights' hash: checked without loading anything.
             source = read_export_info(model)["source"]
             wanted = dataclasses.replace(
@@ -124,9 +120,6 @@ class ModelProvider:
                 config_sha256=source.get("config_sha256"),
             )
         elif model is not None and self.loaded is None:
-            from simsearch.models.hub import resolve_model
-            from simsearch.models.weights import hash_config, hash_weights
-
             folder, _ = resolve_model(str(model))
             wanted = dataclasses.replace(
                 wanted,
@@ -155,8 +148,6 @@ class ModelProvider:
             embedder: ImageEmbedder
             try:
                 if self.backend == "onnx":
-                    from simsearch.models.onnx import OnnxEmbedder
-
                     embedder = OnnxEmbedder(
                         self.model,
                         device=self.device,
@@ -164,8 +155,6 @@ class ModelProvider:
                         batch_size=self.batch_size,
                     )
                 else:
-                    from simsearch.models.embed import Embedder
-
                     embedder = Embedder(
                         self.model,
                         layer=manifest.layer,
@@ -216,8 +205,6 @@ class _ModelOnDemand:
 
 def as_image(image, preprocess):
     """Return a PIL RGB image for a path (decoded as indexing decodes it) or a PIL image."""
-    from PIL import Image
-
     if isinstance(image, Image.Image):
         return to_rgb(image)
     path = Path(image)

@@ -11,6 +11,7 @@ import numpy as np
 from simsearch.config import DEFAULT_K, DEFAULT_LABEL_MODEL
 from simsearch.errors import QueryError
 from simsearch.ops.clustering import check_cluster
+from simsearch.ops.label import matching_labels, no_match_error
 from simsearch.ops.parts import IndexParts
 from simsearch.records import Hit, Label, hit_score
 
@@ -74,8 +75,6 @@ def labels(parts: IndexParts, image: str | os.PathLike | int) -> list[Label]:
 
 def label_ids(parts: IndexParts, label: str) -> np.ndarray:
     """Return the ids of images having `label` among their stored labels (any synonym)."""
-    from simsearch.ops.label import matching_labels, no_match_error
-
     store = parts.store
     source = store.label_source()
     if source is None:
