@@ -171,6 +171,17 @@ def test_an_index_from_a_newer_simsearch_is_refused_and_left_alone(old_index):
     assert version_of(db) == 99 and layout(db) == before
 
 
+def test_a_negative_schema_version_is_refused_and_no_migration_runs(old_index):
+    """An edited database: MIGRATIONS[-1] would have run the last migration on it."""
+    db = old_index / DATABASE_FILE
+    with sqlite3.connect(db) as raw:
+        raw.execute("PRAGMA user_version = -1")
+    before = layout(db)
+    with pytest.raises(IndexFormatError, match="damaged: its schema version is -1"):
+        Index.open(old_index)
+    assert version_of(db) == -1 and layout(db) == before
+
+
 def test_a_migration_sqlite_refuses_is_deferred_on_open_and_a_clear_error_on_write(
     old_index, monkeypatch, caplog
 ):

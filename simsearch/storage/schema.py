@@ -170,7 +170,14 @@ def version(engine: Engine) -> int:
 
 
 def check_version(found: int, where: str) -> None:
-    """Raise IndexFormatError when a database's schema version is newer than this code's."""
+    """Raise IndexFormatError when a database's schema version is newer than this code's,
+    or is no version at all (negative: SQLite never writes one; MIGRATIONS[found] would
+    then run a migration from the end of the list)."""
+    if found < 0:
+        raise IndexFormatError(
+            f"{where} is damaged: its schema version is {found}; restore it from a backup, "
+            "or index into a new --index"
+        )
     if found > SCHEMA_VERSION:
         raise IndexFormatError(
             f"{where} has schema version {found}, made by a newer simsearch (this one reads "
