@@ -1,8 +1,53 @@
-"""The exceptions simsearch raises. The CLI turns any SimsearchError into a one-line message."""
+"""The exceptions simsearch raises. The CLI turns any SimsearchError into a one-line message.
+
+A message is plain language that reads the same from Python and from the terminal: it names
+no command-line flag or command. What a program (or the CLI) needs beyond it is in fields:
+`param` names the setting at fault as the Python API spells it ("output", "threshold"),
+`path` the file or folder concerned, and `fix` what resolves it, one of FIXES. The CLI
+turns `param` into its flag and `fix` into a command line (simsearch.cli.hints).
+"""
+
+from __future__ import annotations
+
+import os
+
+# What resolves an error, where the message alone cannot say it in a neutral way:
+FIXES = {
+    "create-index": "the index does not exist yet: create it by adding images to it",
+    "new-index": "use a new index folder (for another model, or in place of a damaged one)",
+    "calibrate": "calibrate the dedup threshold again",
+    "threshold": "give a dedup threshold instead of calibrating one",
+    "resume": "resume the interrupted fine-tune",
+    "export-onnx": "export the model to ONNX first, or use the torch backend",
+    "add-labels": "label the index's images with an image classification model",
+    "undo": "undo the moves logged in the manifest at `path`",
+    "add-images": "add images to the index (again, where they moved or changed)",
+    "cluster": "cluster the index's images",
+    "repair": "repair the index, which restores its database manifest from manifest.json",
+}
 
 
 class SimsearchError(Exception):
-    """Base class: an error a user can act on, with a message that says how."""
+    """Base class: an error a user can act on, with a message that says how.
+
+    `param`: the setting the error is about, by its Python API name, or None.
+    `path`: the file or folder it is about (a str), or None.
+    `fix`: a key of FIXES, or None."""
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        param: str | None = None,
+        path: str | os.PathLike[str] | None = None,
+        fix: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        if fix is not None and fix not in FIXES:
+            raise ValueError(f"unknown fix {fix!r}")
+        self.param = param
+        self.path = None if path is None else os.fspath(path)
+        self.fix = fix
 
 
 class ModelLoadError(SimsearchError):
@@ -15,7 +60,7 @@ class ModelOutputError(SimsearchError):
 
 
 class LayerError(SimsearchError):
-    """A --layer or --pool that the model cannot provide."""
+    """A layer or pooling (`param` "layer" or "pool") that the model cannot provide."""
 
 
 class IndexNotFoundError(SimsearchError):
@@ -59,8 +104,15 @@ class DatabaseError(SimsearchError):
     error, a file size limit, no permission) or the file is damaged; the message says which.
     `orig` is SQLite's own exception (sqlite3.Error)."""
 
-    def __init__(self, message: str, orig: BaseException | None = None) -> None:
-        super().__init__(message)
+    def __init__(
+        self,
+        message: str,
+        orig: BaseException | None = None,
+        *,
+        path: str | os.PathLike[str] | None = None,
+        fix: str | None = None,
+    ) -> None:
+        super().__init__(message, path=path, fix=fix)
         self.orig = orig
 
 
@@ -70,7 +122,8 @@ class DatabaseOperationalError(DatabaseError):
 
 
 class IndexTypeError(SimsearchError, ValueError):
-    """An --index-type that is neither a known type nor a FAISS factory string FAISS builds."""
+    """An index type (`param` "index_type") that is neither a known type nor a FAISS factory
+    string FAISS builds."""
 
 
 class ReportError(SimsearchError):

@@ -25,7 +25,10 @@ def _isolated_env(monkeypatch, tmp_path):
     monkeypatch.setattr("simsearch.models.hub._hub_reachable", lambda *a, **k: False)
     # fp32 everywhere unless a test asks for a precision: exact comparisons stay exact, and
     # results do not depend on whether this CPU has native bf16 (tests/test_precision.py).
+    # The CLI (in this process and in subprocesses) reads the variable; the library's
+    # "auto" asks the hardware probe.
     monkeypatch.setenv("SIMSEARCH_PRECISION", "fp32")
+    monkeypatch.setattr("simsearch.models.embed.cpu_has_native_bf16", lambda: False)
 
 
 @pytest.fixture(autouse=True)

@@ -269,7 +269,7 @@ def test_copies_already_in_the_collection_do_not_push_the_threshold_past_them(
 
 
 def test_a_calibration_stored_by_the_older_method_is_kept_with_a_warning(
-    tmp_path, thumbnail_vit, planted, caplog
+    tmp_path, thumbnail_vit, planted, caplog, run
 ):
     folder, _ = planted
     with open_index(tmp_path / "idx", thumbnail_vit) as index:
@@ -282,5 +282,8 @@ def test_a_calibration_stored_by_the_older_method_is_kept_with_a_warning(
     with Index.open(tmp_path / "idx") as index:
         assert index.dedup_calibration().threshold == stored["threshold"]
         assert index.dedup_calibration().method == 1
-        assert "older method" in caplog.text and "dedup --calibrate" in caplog.text
+        assert "older method" in caplog.text and "calibrate it again" in caplog.text
         assert index.parts.models.loaded is None
+    result = run("dedup", "--index", tmp_path / "idx")
+    assert result.exit_code == 0, result.output
+    assert "run `simsearch dedup --calibrate` to calibrate it again" in result.stderr

@@ -159,8 +159,9 @@ def test_an_index_never_clustered_says_so(grouped):
     assert index.clustering() is None and index.clusters() == []
     info = index.info()
     assert (info.clustering, info.clustered) == (None, 0)
-    with pytest.raises(QueryError, match="no clusters yet: make them with `simsearch cluster"):
+    with pytest.raises(QueryError, match="no clusters yet") as err:
         index.search(grouped[2][0], cluster=1)
+    assert err.value.fix == "cluster"
 
 
 def test_changed_failed_and_removed_images_lose_their_cluster(grouped):

@@ -193,11 +193,12 @@ def test_resume_continues_from_the_saved_step(tmp_path, base, data):
         if step == 6:
             os.kill(os.getpid(), signal.SIGINT)
 
-    with pytest.raises(TrainingInterrupted, match=r"step 6 .*--resume"):
+    with pytest.raises(TrainingInterrupted, match=r"step 6 .*saved in") as err:
         finetune(data, output, config, on_step=ctrl_c_at_step_6)
+    assert (err.value.fix, err.value.path) == ("resume", str(output))
     assert steps == [1, 2, 3, 4, 5, 6]
     assert not (output / "config.json").exists()  # no model until the run finishes
-    with pytest.raises(FinetuneError, match="interrupted fine-tune: add --resume"):
+    with pytest.raises(FinetuneError, match="interrupted fine-tune: resume it"):
         finetune(data, output, config)
 
     resumed_steps = []
@@ -335,9 +336,12 @@ def test_val_dir(tmp_path, base, data):
         ("one_class", r"has 1 class folder\(s\); fine-tuning needs at least 2"),
         ("empty_class", r"class folder .*square holds no images"),
         ("lonely_image", r"class 'square' has 1 readable image\(s\); it needs at least 2"),
-        ("output_exists", r"exists and is not empty; choose a new folder"),
+        (
+            "output_exists",
+            r"exists and is not empty, and fine-tuning never overwrites a model; choose a new",
+        ),
         ("output_is_file", r"is a file, not a folder"),
-        ("too_many_frozen", r"--freeze-layers 4: this model has only 3 blocks"),
+        ("too_many_frozen", r"cannot freeze 4 layers: this model has only 3 blocks"),
         ("fp16_on_cpu", r"fp16 trains on CUDA only"),
         ("unknown_val_class", r"validation folder .* has classes the training folder lacks: cat"),
     ],
@@ -414,7 +418,8 @@ def test_cli_human_output_and_errors(tmp_path, base, data):
 
     again = run(*args)
     assert again.exit_code == 1
-    assert again.stderr.startswith("Error: --output ") and "not empty" in again.stderr
+    assert again.stderr.startswith(f"Error: {output} exists and is not empty")
+    assert again.stderr.strip().endswith("choose a new folder (--output)")
     both = run(*args, "--val-split", 0.3, "--val-dir", data)
     assert both.exit_code == 2 and "--val-split or --val-dir, not both" in both.stderr
 

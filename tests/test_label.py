@@ -404,8 +404,9 @@ def test_search_for_a_label_no_image_has_suggests_close_ones(run, labelled, shap
 
 
 def test_search_label_on_an_index_without_labels(index_path, photo_dir):
-    with Index.open(index_path) as idx, pytest.raises(QueryError, match="no labels; add them"):
+    with Index.open(index_path) as idx, pytest.raises(QueryError, match="no labels") as err:
         idx.search(photo_dir / "img1.png", label="cat")
+    assert err.value.fix == "add-labels"
 
 
 def test_index_made_before_labels_reads_as_unlabelled(index_path, photo_dir, classifier):

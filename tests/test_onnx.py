@@ -136,7 +136,9 @@ def test_int8_is_smaller_and_ranks_near_copies_first(tmp_path_factory, small_vit
 
 def test_int8_needs_an_export_made_with_int8(tmp_path_factory, tiny_vit):
     out = _export(tmp_path_factory, tiny_vit, "no-int8")
-    with pytest.raises(ModelLoadError, match=r"no model\.int8\.onnx \(export it with --int8\)"):
+    with pytest.raises(
+        ModelLoadError, match=r"no model\.int8\.onnx \(export the model with int8\)"
+    ):
         OnnxEmbedder(out, precision="int8")
     with pytest.raises(ModelLoadError, match="fp32 or int8"):
         OnnxEmbedder(out, precision="bf16")
@@ -205,7 +207,7 @@ def test_failed_validation_leaves_no_output(tmp_path, tiny_vit, monkeypatch):
 def test_int8_that_loses_too_much_fails_the_export(tmp_path, tiny_vit, monkeypatch):
     monkeypatch.setattr("simsearch.config.INT8_MIN_RECALL", 1.01)  # unreachable
     out = tmp_path / "model"
-    wanted = r"every linear layer: .*attention projections: .*export without --int8"
+    wanted = r"every linear layer: .*attention projections: .*export without int8"
     with pytest.raises(ModelExportError, match=wanted):
         export_model(tiny_vit, out, int8=True)
     assert not out.exists()
@@ -259,7 +261,8 @@ def test_cli_export_model_prints_figures_and_refuses_an_existing_output(run, tmp
 
     again = run("export-model", "--model", tiny_vit, "--output", out)
     assert again.exit_code == 1
-    assert f"Error: {out} already exists and is not empty; choose a new --output" in again.output
+    wanted = f"Error: {out} already exists and is not empty; choose a new output folder (--output)"
+    assert wanted in again.output
 
 
 def test_cli_export_model_json(run, tmp_path, tiny_vit):
@@ -309,7 +312,7 @@ def test_onnx_backend_checks_the_export_against_the_index(tmp_path, tiny_vit, ot
         Index.open(tmp_path / "index", model=exported, backend="onnx")
     with (
         Index.open(tmp_path / "index", backend="onnx") as idx,
-        pytest.raises(ModelLoadError, match="--backend onnx needs --model"),
+        pytest.raises(ModelLoadError, match="the onnx backend needs another model"),
     ):
         idx.embed(IMAGES[:1])
     with pytest.raises(LayerError, match="has layer 3 baked in, not 2; export the model again"):

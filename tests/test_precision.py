@@ -70,8 +70,9 @@ def test_auto_picks_by_hardware(monkeypatch):
     assert pick_precision("auto", "cuda") == "fp16"
     monkeypatch.setattr("simsearch.models.embed.cpu_has_native_bf16", lambda: False)
     assert pick_precision("auto", "cpu") == "fp32"
+    # The library reads no environment variable: $SIMSEARCH_PRECISION is the CLI's.
     monkeypatch.setenv("SIMSEARCH_PRECISION", "int8")
-    assert pick_precision(None, "cpu") == "int8"
+    assert pick_precision(None, "cpu") == "fp32"
 
 
 def test_bad_precisions_are_clear_errors():
@@ -79,6 +80,27 @@ def test_bad_precisions_are_clear_errors():
         pick_precision("fp8", "cpu")
     with pytest.raises(ModelLoadError, match="int8 runs on the CPU only"):
         pick_precision("int8", "cuda")
+
+
+def test_the_cli_takes_the_precision_from_the_environment(run, tmp_path, tiny_vit):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    draw_image(420).save(folder / "a.png")
+    env = {"SIMSEARCH_PRECISION": "bf16"}
+    result = run("index", folder, "--index", tmp_path / "ix", "--model", tiny_vit, env=env)
+    assert result.exit_code == 0, result.output
+    with Index.open(tmp_path / "ix") as idx:
+        assert idx.manifest.precision == "bf16"
+    result = run(
+        "index",
+        folder,
+        "--index",
+        tmp_path / "iy",
+        "--model",
+        tiny_vit,
+        env={"SIMSEARCH_PRECISION": "fp8"},
+    )
+    assert result.exit_code == 2 and "fp8" in result.output
 
 
 def test_precisions_share_an_index_and_the_manifest_records_the_first(tmp_path, tiny_vit):

@@ -265,10 +265,10 @@ def test_a_huge_report_is_cut_with_a_note(tmp_path, pictures, monkeypatch):
         DuplicateGroup(i, pictures[i], (Duplicate(i + 3, pictures[i + 3], 0.97),)) for i in range(3)
     ] + [DuplicateGroup(9, pictures[0], (Duplicate(8, pictures[1], 0.97),))]
     page = tmp_path / "dedup.html"
-    assert report.dedup_page(groups, page, threshold=0.9) == 5
+    assert report.dedup_page(groups, page, threshold=0.9, complete="dedup's JSON") == 5
     text = page.read_text("utf-8")
     assert "shows the first 5 of 8 images (3 of 4 groups)" in text
-    assert "simsearch dedup --json" in text
+    assert "use dedup&#x27;s JSON for all of them" in text
     assert text.count("<section>") == 3 and "and 1 more" in text
     assert len(thumbnails(page)) == 5
 

@@ -161,5 +161,5 @@ def cluster(obj, index_path, k, top, seed, show, as_json, as_csv, html_path):
     if html_path is not None:
         from simsearch.ops.report import cluster_page
 
-        shown = cluster_page(clusters, html_path)
+        shown = cluster_page(clusters, html_path, complete="simsearch cluster --show --json")
         _report_written(obj, html_path, shown)

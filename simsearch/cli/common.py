@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from simsearch._version import __version__
+from simsearch.cli.hints import explain
 from simsearch.config import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_INDEX,
@@ -26,6 +27,13 @@ log = logging.getLogger("simsearch")
 
 class _Group(click.Group):
     """A click group whose errors are one line on stderr, never a usage dump or traceback."""
+
+    invoked: str | None = None  # the subcommand this run invoked, for error hints
+
+    def resolve_command(self, ctx, args):
+        name, cmd, rest = super().resolve_command(ctx, args)
+        self.invoked = name
+        return name, cmd, rest
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         for stream in (sys.stdout, sys.stderr):
@@ -44,7 +52,7 @@ class _Group(click.Group):
             exc.show()
             sys.exit(exc.exit_code)
         except SimsearchError as exc:  # a database error too (errors.DatabaseError)
-            click.echo(f"Error: {exc}", err=True)
+            click.echo(f"Error: {explain(exc, self.invoked)}", err=True)
             sys.exit(1)
         except click.Abort:
             click.echo(

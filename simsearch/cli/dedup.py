@@ -22,6 +22,7 @@ from simsearch.cli.common import (
     json_option,
 )
 from simsearch.config import (
+    CALIBRATION_METHOD,
     CALIBRATION_SAMPLE,
     DEDUP_NEIGHBOURS,
 )
@@ -180,14 +181,19 @@ def dedup(
             if not obj["quiet"]:
                 click.echo(found.line(), err=True)
         if threshold is None:
-            threshold = idx.dedup_calibration().threshold
+            stored = idx.dedup_calibration()  # warns when an older method made it
+            if stored.method < CALIBRATION_METHOD and not obj["quiet"]:
+                click.echo("run `simsearch dedup --calibrate` to calibrate it again", err=True)
+            threshold = stored.threshold
         with tqdm(desc="comparing", unit="img", file=sys.stderr, disable=no_bar) as bar:
             groups = idx.duplicates(threshold, neighbours=neighbours, progress=bar)
         _print_groups(groups, threshold, as_csv, as_json)
         if html_path is not None:  # before any move: the page shows the files in place
             from simsearch.ops.report import dedup_page
 
-            shown = dedup_page(groups, html_path, threshold=threshold)
+            shown = dedup_page(
+                groups, html_path, threshold=threshold, complete="simsearch dedup --json"
+            )
             _report_written(obj, html_path, shown)
         done = None
         if move_to is not None:

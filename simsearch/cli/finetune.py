@@ -164,6 +164,7 @@ def finetune(ctx, data_dir, output, resume, device, as_json, **options):
     """
     from tqdm import tqdm
 
+    from simsearch.cli.hints import explain
     from simsearch.errors import TrainingInterrupted
     from simsearch.train.finetune import finetune, read_checkpoint_config
 
@@ -202,7 +203,7 @@ def finetune(ctx, data_dir, output, resume, device, as_json, **options):
             on_epoch=on_epoch,
         )
     except TrainingInterrupted as exc:
-        click.echo(f"Interrupted: {exc}", err=True)
+        click.echo(f"Interrupted: {explain(exc, 'finetune')}", err=True)
         sys.exit(130)
     if as_json:
         click.echo(json.dumps(asdict(result)))

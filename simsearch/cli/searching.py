@@ -164,5 +164,9 @@ def search(
     if html_path is not None:
         from simsearch.ops.report import search_page
 
-        shown = search_page(list(zip(queries, results, strict=True)), html_path)
+        shown = search_page(
+            list(zip(queries, results, strict=True)),
+            html_path,
+            complete="simsearch search --json",
+        )
         _report_written(obj, html_path, shown)

@@ -43,7 +43,8 @@ class Embedder:
     the forward pass: "fp32"; "bf16" or "fp16" (autocast: matrix products in 16 bits, norms
     and softmax in fp32); "int8" (dynamic quantisation of the linear layers, CPU only); or
     "auto", the fastest faithful one here: fp16 on CUDA, bf16 on CPUs with native bf16,
-    else fp32. None takes $SIMSEARCH_PRECISION, else "auto".
+    else fp32. None means "auto" (the CLI reads $SIMSEARCH_PRECISION; the library reads
+    no environment variable).
     """
 
     def __init__(
@@ -142,7 +143,8 @@ class Embedder:
                 if prefix < 1:
                     raise LayerError(
                         f"{self.name} has no [CLS] token (model type {self.config.model_type}); "
-                        "use --pool mean"
+                        "use mean pooling",
+                        param="pool",
                     )
                 vectors = tokens[:, 0]
             else:
@@ -186,8 +188,9 @@ def resolve_layer(layer: int, num_layers: int) -> int:
     """Return the absolute hidden-state index (0..num_layers) for a possibly negative `layer`."""
     if not -(num_layers + 1) <= layer <= num_layers:
         raise LayerError(
-            f"layer {layer} is out of range: this model has {num_layers} layers, so --layer "
-            f"takes 0..{num_layers} (0 = patch embeddings) or -1..-{num_layers + 1} from the end"
+            f"layer {layer} is out of range: this model has {num_layers} layers, so a layer is "
+            f"0..{num_layers} (0 = patch embeddings) or -1..-{num_layers + 1} from the end",
+            param="layer",
         )
     return layer if layer >= 0 else num_layers + 1 + layer
 
@@ -196,26 +199,33 @@ def pick_device(device: str) -> str:
     import torch
 
     if device not in DEVICES:
-        raise ModelLoadError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+        raise ModelLoadError(
+            f"unknown device {device!r}; choose one of {', '.join(DEVICES)}", param="device"
+        )
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("--device cuda was asked for, but torch sees no CUDA device")
+        raise ModelLoadError(
+            "device cuda was asked for, but torch sees no CUDA device", param="device"
+        )
     return device
 
 
 def pick_precision(precision: str | None, device: str) -> str:
-    precision = precision or os.environ.get("SIMSEARCH_PRECISION") or "auto"
+    precision = precision or "auto"
     if precision not in PRECISIONS:
         raise ModelLoadError(
-            f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}"
+            f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}",
+            param="precision",
         )
     if precision == "auto":
         if device == "cuda":
             return "fp16"
         return "bf16" if cpu_has_native_bf16() else "fp32"
     if precision == "int8" and device != "cpu":
-        raise ModelLoadError("--precision int8 runs on the CPU only; use fp16 on CUDA")
+        raise ModelLoadError(
+            "precision int8 runs on the CPU only; use fp16 on CUDA", param="precision"
+        )
     return precision
 
 
@@ -243,7 +253,9 @@ def quantize_linear_layers(model) -> None:
     try:
         from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
     except ImportError:
-        raise ModelLoadError("--precision int8 needs torch.ao.quantization") from None
+        raise ModelLoadError(
+            "precision int8 needs torch.ao.quantization", param="precision"
+        ) from None
     spec = {
         name: per_channel_dynamic_qconfig
         for name, module in model.named_modules()

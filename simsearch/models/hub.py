@@ -59,19 +59,19 @@ def refuse_code(folder: Path) -> None:
             )
 
 
-def resolve_model(name: str, env: str = "SIMSEARCH_MODEL") -> tuple[Path, str | None]:
+def resolve_model(name: str, param: str = "model") -> tuple[Path, str | None]:
     """Return the local folder holding model `name`, and its hub revision when it has one.
 
     A folder is used as it is. A hub id is taken from the Hugging Face cache when it is there;
     otherwise it is downloaded, and if the hub cannot be reached a ModelLoadError says how to
-    pass a local folder instead (`env`: the variable that names it for this command).
+    pass a local folder instead (`param`: the setting that names the model, for the error).
     """
     path = Path(name).expanduser()
     if path.is_dir():
         refuse_code(path.resolve())
         return path.resolve(), None
     if _looks_like_path(name):
-        raise ModelLoadError(f"model folder not found: {name}")
+        raise ModelLoadError(f"model folder not found: {name}", param=param, path=name)
 
     from huggingface_hub import constants, snapshot_download
 
@@ -83,9 +83,9 @@ def resolve_model(name: str, env: str = "SIMSEARCH_MODEL") -> tuple[Path, str | 
         if constants.HF_HUB_OFFLINE or not _hub_reachable(constants.ENDPOINT):
             raise ModelLoadError(
                 f"cannot load model {name!r}: it is not a local folder, not in the Hugging Face "
-                f"cache, and the hub ({constants.ENDPOINT}) cannot be reached. Pass a folder "
-                f"written by save_pretrained instead: --model /path/to/model or "
-                f"{env}=/path/to/model"
+                f"cache, and the hub ({constants.ENDPOINT}) cannot be reached. Give a folder "
+                "written by save_pretrained instead",
+                param=param,
             )
         try:
             folder = Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors"]))

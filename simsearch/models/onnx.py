@@ -64,8 +64,9 @@ def read_export_info(folder: str | os.PathLike) -> dict:
     info_file = folder / ONNX_INFO_FILE
     if not info_file.is_file():
         raise ModelLoadError(
-            f"{folder} is not a simsearch ONNX export (it has no {ONNX_INFO_FILE}); make one "
-            f"with `simsearch export-model --model M --output DIR`, or use --backend torch"
+            f"{folder} is not a simsearch ONNX export (it has no {ONNX_INFO_FILE})",
+            path=folder,
+            fix="export-onnx",
         )
     try:
         info = json.loads(info_file.read_text(encoding="utf-8"))
@@ -103,8 +104,8 @@ class OnnxEmbedder:
     """Embeds images with an exported model in ONNX Runtime: the Embedder's interface.
 
     `folder` is what `simsearch export-model` wrote. `precision` "fp32" runs model.onnx;
-    "int8" runs model.int8.onnx (an export made with --int8); "auto" (or None with
-    $SIMSEARCH_PRECISION unset) is fp32, as the PyTorch backend's auto never picks int8.
+    "int8" runs model.int8.onnx (an export made with int8=True); "auto" (or None) is fp32,
+    as the PyTorch backend's auto never picks int8.
     `device` "auto" uses onnxruntime's CUDA provider when it has one, else the CPU.
     """
 
@@ -118,13 +119,14 @@ class OnnxEmbedder:
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
-        precision = precision or os.environ.get("SIMSEARCH_PRECISION") or "auto"
+        precision = precision or "auto"
         if precision == "auto":
             precision = "fp32"
         if precision not in ONNX_PRECISIONS:
             raise ModelLoadError(
-                f"the ONNX backend runs fp32 or int8 (an export made with --int8), not "
-                f"--precision {precision}"
+                f"the ONNX backend runs fp32 or int8 (an export with int8), not precision "
+                f"{precision}",
+                param="precision",
             )
         self.folder = Path(folder).expanduser().resolve()
         self.name = self.model_id = str(self.folder)
@@ -141,8 +143,8 @@ class OnnxEmbedder:
         path = self.folder / (ONNX_INT8_FILE if precision == "int8" else ONNX_MODEL_FILE)
         recorded = info.get("files", {}).get(path.name)
         if recorded is None or not path.is_file():
-            hint = " (export it with --int8)" if precision == "int8" else ""
-            raise ModelLoadError(f"{self.folder} has no {path.name}{hint}")
+            hint = " (export the model with int8)" if precision == "int8" else ""
+            raise ModelLoadError(f"{self.folder} has no {path.name}{hint}", path=self.folder)
         size = path.stat().st_size
         if size != recorded["bytes"]:
             raise ModelLoadError(
@@ -196,8 +198,9 @@ def _open_session(path: Path, device: str):
         raise ModelLoadError(f"unknown device {device!r}; choose one of auto, cpu, cuda")
     if device == "cuda" and not has_cuda:
         raise ModelLoadError(
-            "--device cuda was asked for, but this onnxruntime has no CUDA provider "
-            "(pip install onnxruntime-gpu)"
+            "device cuda was asked for, but this onnxruntime has no CUDA provider "
+            "(pip install onnxruntime-gpu)",
+            param="device",
         )
     use_cuda = has_cuda and device != "cpu"
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if use_cuda else []

@@ -80,10 +80,15 @@ def export_model(
     start = time.perf_counter()
     output = Path(output).expanduser()
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise ModelExportError(f"{output} already exists and is not empty; choose a new --output")
+        raise ModelExportError(
+            f"{output} already exists and is not empty; choose a new output folder",
+            param="output",
+            path=output,
+        )
     if opset < MIN_OPSET:
         raise ModelExportError(
-            f"--opset {opset} is too old: the attention needs opset {MIN_OPSET} or later"
+            f"opset {opset} is too old: the attention needs opset {MIN_OPSET} or later",
+            param="opset",
         )
     import_onnxruntime()
     try:
@@ -116,7 +121,8 @@ def export_model(
             raise ModelExportError(
                 f"the ONNX model's vectors differ from PyTorch's (lowest cosine "
                 f"{cosine.min():.6f} on {source}, need >= {config.ONNX_MIN_COSINE}); this model's "
-                "architecture does not export faithfully, try another --opset"
+                "architecture does not export faithfully, try another opset",
+                param="opset",
             )
         files[ONNX_MODEL_FILE] = _file_entry(work / ONNX_MODEL_FILE, output=OUTPUT_NAME)
 

@@ -85,7 +85,8 @@ def quantise_int8(work: Path, expected, pixels, batch_size: int, source: str, pr
         f"int8 quantisation changes this model's vectors too much on {source} (need lowest "
         f"cosine >= {config.INT8_MIN_COSINE} and recall@10 >= {config.INT8_MIN_RECALL}; "
         + "; ".join(tried or ["no linear layers to quantise"])
-        + "): export without --int8"
+        + "): export without int8",
+        param="int8",
     )
 
 

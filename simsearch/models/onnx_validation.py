@@ -63,8 +63,10 @@ def validation_images(folder) -> tuple[list, str]:
             break
     if len(images) < VALIDATION_MIN_IMAGES:
         raise ModelExportError(
-            f"--validate-dir {folder} has {len(images)} readable images; validation needs at "
-            f"least {VALIDATION_MIN_IMAGES} (recall@10 compares each image's 10 neighbours)"
+            f"{folder} has {len(images)} readable images; validation needs at "
+            f"least {VALIDATION_MIN_IMAGES} (recall@10 compares each image's 10 neighbours)",
+            param="validate_dir",
+            path=folder,
         )
     return images, f"{len(images)} images of {folder}"
 
@@ -77,8 +79,9 @@ def sample_photos() -> list:
         import skimage.data
     except ImportError:
         raise ModelExportError(
-            f"validation needs real photographs: pass --validate-dir DIR, or {EXPORT_HINT} "
-            "(scikit-image ships sample photos)"
+            f"validation needs real photographs: give a folder of them, or {EXPORT_HINT} "
+            "(scikit-image ships sample photos)",
+            param="validate_dir",
         ) from None
     from PIL import Image, ImageOps
 

@@ -64,12 +64,14 @@ def onnx_embedder(model, layer, pool, device, precision, batch_size):
     if layer is not None and resolve_layer(layer, embedder.num_layers) != embedder.layer:
         raise LayerError(
             f"the ONNX export {model} has layer {embedder.layer} baked in, not {layer}; "
-            "export the model again with --layer"
+            "export the model again with that layer",
+            param="layer",
         )
     if pool is not None and pool != embedder.pool:
         raise LayerError(
             f"the ONNX export {model} has {embedder.pool} pooling baked in, not {pool}; "
-            "export the model again with --pool"
+            "export the model again with that pooling",
+            param="pool",
         )
     return embedder
 
@@ -138,12 +140,13 @@ class ModelProvider:
             if self.backend != built_with and self.model == manifest.model:
                 raise ModelLoadError(
                     f"this index was built with {built_with} from {manifest.model}; "
-                    f"--backend {self.backend} needs --model: "
+                    f"the {self.backend} backend needs another model: "
                     + (
-                        "a folder that `simsearch export-model` made from that model"
+                        "a folder that an ONNX export made from that model"
                         if self.backend == "onnx"
                         else "the model that folder was exported from"
-                    )
+                    ),
+                    param="model",
                 )
             embedder: ImageEmbedder
             try:
@@ -168,7 +171,8 @@ class ModelProvider:
                     raise
                 raise ModelLoadError(
                     f"{exc}. This index was built with that model; if it has moved, say where "
-                    "it is now with --model (or SIMSEARCH_MODEL)"
+                    "it is now",
+                    param="model",
                 ) from None
             manifest.check_compatible(embedder.manifest())
             log.info("loaded %s: %s on %s", self.model, embedder.precision, embedder.device)

@@ -50,7 +50,7 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
 from simsearch.config import CALIBRATION_METHOD, DEDUP_F_BETA
-from simsearch.errors import ImageError
+from simsearch.errors import ImageError, QueryError
 from simsearch.media.decode import decode_image, read_image_file
 from simsearch.progress import Progress, advance, set_total
 from simsearch.records import Calibration
@@ -220,9 +220,10 @@ def calibrate(
     if batch:
         flush()
     if not originals:
-        raise ValueError(
-            f"none of the {skipped} sampled images could be read as they were indexed "
-            "(moved or changed since?); run `simsearch index` first"
+        raise QueryError(
+            f"cannot calibrate the dedup threshold: none of the {skipped} sampled images could "
+            "be read as they were indexed (moved or changed since?)",
+            fix="add-images",
         )
     nearest = _nearest_others(store, search, originals, neighbours)
     other_parts, weight_parts, expected, clear = [], [], 0.0, []

@@ -62,7 +62,7 @@ def check_k(k: int | str, n: int) -> int | Literal["auto"]:
     """Return `k` (an int, or AUTO) if `n` images can be split into that many clusters;
     raise ClusterError saying why not."""
     if n == 0:
-        raise ClusterError("the index holds no images: index some with `simsearch index DIR`")
+        raise ClusterError("the index holds no images", fix="add-images")
     if isinstance(k, str):
         if k.strip().lower() != AUTO:
             try:

@@ -74,7 +74,7 @@ def check_cluster(parts: IndexParts, cluster: int) -> int:
     """Return `cluster` as an int if the last clustering made it, else QueryError."""
     run = clustering(parts)
     if run is None:
-        raise QueryError("this index has no clusters yet: make them with `simsearch cluster -k K`")
+        raise QueryError("this index has no clusters yet", fix="cluster")
     if isinstance(cluster, bool) or not 1 <= int(cluster) <= run.clusters:
         raise QueryError(
             f"no cluster {cluster}: the last clustering made clusters 1 to {run.clusters}"

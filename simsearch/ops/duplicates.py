@@ -69,7 +69,7 @@ def dedup_calibration(parts: IndexParts, *, neighbours: int = DEDUP_NEIGHBOURS) 
         }.get(stored.method, "is no longer used")
         log.warning(
             "the dedup threshold of %s (%.4f) was calibrated by an older method that "
-            "%s; run `simsearch dedup --calibrate` to calibrate it again",
+            "%s; calibrate it again to use the current method",
             parts.path,
             stored.threshold,
             flaw,
@@ -91,7 +91,9 @@ def calibrate_dedup(
     if parts.store.read_only:
         raise QueryError(
             f"cannot calibrate the dedup threshold of {parts.path}: it is on read-only "
-            "storage, where a calibration cannot be kept; pass --threshold"
+            "storage, where a calibration cannot be kept",
+            path=parts.path,
+            fix="threshold",
         )
     try:
         result = calibrate(

@@ -70,7 +70,11 @@ def export(
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if os.path.lexists(output):  # never replaced, not even an empty folder or a link
-        raise ExportError(f"{output} already exists; choose a new --output or remove it")
+        raise ExportError(
+            f"{output} already exists; choose a new output or remove it",
+            param="output",
+            path=output,
+        )
     if not output.parent.is_dir():
         raise ExportError(f"{output.parent} is not a folder")
     writer = {"npy": _npy, "csv": _csv, "parquet": _parquet}[fmt]
@@ -83,7 +87,11 @@ def export(
     try:
         return writer(counted(), total, dim, output, list(extras))
     except FileExistsError:  # made while the export ran
-        raise ExportError(f"{output} already exists; choose a new --output or remove it") from None
+        raise ExportError(
+            f"{output} already exists; choose a new output or remove it",
+            param="output",
+            path=output,
+        ) from None
 
 
 def _npy(chunks: Iterator, total: int, dim: int, output: Path, extras: list[str]) -> int:
@@ -171,7 +179,8 @@ def _parquet(chunks: Iterator, total: int, dim: int, output: Path, extras: list[
     except ImportError:
         raise ExportError(
             "parquet export needs pyarrow: pip install 'simsearch[parquet]' "
-            "(or use --format npy or csv)"
+            "(or export as npy or csv)",
+            param="format",
         ) from None
     label_type = pa.list_(pa.struct([("label", pa.string()), ("score", pa.float32())]))
     fields = [

@@ -67,7 +67,7 @@ class Labeller:
             raise ValueError("batch_size must be at least 1")
         self.name = str(model)
         self.batch_size = batch_size
-        self.folder, self.revision = resolve_model(self.name, env="SIMSEARCH_LABEL_MODEL")
+        self.folder, self.revision = resolve_model(self.name, param="label_model")
         self.model_id = self.name if self.revision else str(self.folder)
         self.device = pick_device(device)
         self.precision = pick_precision(precision, self.device)
@@ -133,7 +133,7 @@ def identify(name: str, folder=None, revision: str | None = None) -> dict:
     """Return the identity of label model `name` (as recorded, weights, revision), without
     loading it: what decides whether stored labels are still this model's."""
     if folder is None:
-        folder, revision = resolve_model(name, env="SIMSEARCH_LABEL_MODEL")
+        folder, revision = resolve_model(name, param="label_model")
     return {
         "model": name if revision else str(folder),
         "weights_sha256": hash_weights(folder),

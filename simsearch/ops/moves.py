@@ -22,7 +22,6 @@ import contextlib
 import errno
 import logging
 import os
-import shlex
 import stat
 import time
 from collections.abc import Sequence
@@ -68,7 +67,7 @@ def move(index: IndexParts, groups: Sequence[DuplicateGroup], target: Path) -> M
     folder that holds all the groups' files; log each move in a manifest there first."""
     target = Path(os.path.abspath(target))
     if target.exists() and not target.is_dir():
-        raise QueryError(f"--move-to {target} is a file, not a folder")
+        raise QueryError(f"{target} is a file, not a folder", param="move_to", path=target)
     root = _root(groups)
     if root is None:
         return MoveReport("move", 0, 0, [], None)
@@ -130,8 +129,9 @@ def move(index: IndexParts, groups: Sequence[DuplicateGroup], target: Path) -> M
                 raise StorageError(
                     f"cannot write to {target}: {stopped.exc.strerror or stopped.exc}; "
                     f"stopped after the last complete move: moved {stopped.done} files "
-                    f"({stopped.size / 2**20:.1f} MB); undo with: simsearch dedup --undo "
-                    f"{shlex.quote(str(manifest))}"
+                    f"({stopped.size / 2**20:.1f} MB), logged in {manifest}",
+                    path=manifest,
+                    fix="undo",
                 ) from None
     finally:
         writer.close()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simsearch.config import DEFAULT_K, DEFAULT_LABEL_MODEL
+from simsearch.config import DEFAULT_K
 from simsearch.errors import QueryError
 from simsearch.ops.clustering import check_cluster
 from simsearch.ops.label import matching_labels, no_match_error
@@ -78,10 +78,7 @@ def label_ids(parts: IndexParts, label: str) -> np.ndarray:
     store = parts.store
     source = store.label_source()
     if source is None:
-        raise QueryError(
-            "this index has no labels; add them with `simsearch index DIRS --label-model "
-            f"{DEFAULT_LABEL_MODEL}` (or any image classification model)"
-        )
+        raise QueryError("this index has no labels", fix="add-labels")
     names = store.label_names()
     matched = matching_labels(label, names)
     ids = store.ids_with_labels(matched) if matched else np.empty(0, np.int64)

@@ -60,6 +60,7 @@ def search_page(
     output: Path,
     *,
     title: str = "simsearch: search results",
+    complete: str = "the JSON output",
 ) -> int:
     """Write a page of search results to `output`; return the number of images shown.
 
@@ -72,7 +73,7 @@ def search_page(
     plan = _fit(rows, sizes)
     k = max((len(hits) for _, _, hits in rows), default=0)
     summary = [f"{_count(len(rows), 'query', 'queries')}, up to {k} results each."]
-    summary += _cut_note(sizes, plan, "queries", "simsearch search --json")
+    summary += _cut_note(sizes, plan, "queries", complete)
     paths = []
     for (_, image, hits), n in plan:
         paths += ([image] if image else []) + [h.path for h in hits][: n - bool(image)]
@@ -106,6 +107,7 @@ def dedup_page(
     *,
     threshold: float | None = None,
     title: str = "simsearch: near-duplicates",
+    complete: str = "the JSON output",
 ) -> int:
     """Write a page of near-duplicate groups to `output`; return the number of images shown.
 
@@ -123,7 +125,7 @@ def dedup_page(
         "encoding, then the largest file, then the oldest date, then the shortest path. "
         "Nothing has been moved or deleted."
     ]
-    summary += _cut_note(sizes, plan, "groups", "simsearch dedup --json")
+    summary += _cut_note(sizes, plan, "groups", complete)
     paths = []
     for g, n in plan:
         paths += [g.keep_path, *(d.path for d in g.duplicates[: n - 1])]
@@ -152,6 +154,7 @@ def cluster_page(
     output: Path,
     *,
     title: str = "simsearch: clusters",
+    complete: str = "the JSON output",
 ) -> int:
     """Write a page of clusters to `output`; return the number of images shown.
 
@@ -165,7 +168,7 @@ def cluster_page(
         f"{_count(len(clusters), 'cluster')} of {_count(total, 'image')}; each shows its most "
         "central images, scored by similarity to the cluster's centre."
     ]
-    summary += _cut_note(sizes, plan, "clusters", "--json")
+    summary += _cut_note(sizes, plan, "clusters", complete)
     paths = [h.path for c, n in plan for h in c.central[:n]]
     thumbs = _Thumbnails(paths)
     with _page(output, title, summary) as out:
@@ -194,7 +197,8 @@ def _fit(rows: Sequence[T], sizes: Sequence[int], budget: int | None = None) -> 
 
 
 def _cut_note(sizes: Sequence[int], plan: Sequence[tuple[object, int]], noun: str, how: str):
-    """Return the line that says the page was cut short, if it was, as a list of 0 or 1."""
+    """Return the line that says the page was cut short, if it was, as a list of 0 or 1;
+    `how` names what lists everything (the CLI: its command with --json)."""
     shown, total = sum(n for _, n in plan), sum(sizes)
     if shown == total:
         return []

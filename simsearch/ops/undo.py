@@ -37,7 +37,9 @@ def undo(index: IndexParts, manifest_path: Path) -> MoveReport:
     if Path(manifest.header["index"]) != index.path.resolve():
         raise QueryError(
             f"{manifest.path} records moves from the index {manifest.header['index']}, not "
-            f"{index.path}; give --index {manifest.header['index']}"
+            f"{index.path}; undo it from that index",
+            param="index",
+            path=manifest.header["index"],
         )
     _check_root(index, manifest)
     done, size, skipped = 0, 0, []

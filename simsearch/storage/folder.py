@@ -25,7 +25,7 @@ from simsearch.fs.files import remove_temp_leftovers, replaced_atomically
 from simsearch.fs.lock import WriteLock
 from simsearch.storage.manifest import DATABASE_FILE, MANIFEST_FILE, Manifest
 from simsearch.storage.schema import SCHEMA_VERSION
-from simsearch.storage.store import Store, storage_at_fault
+from simsearch.storage.store import Store, database_message
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class IndexFolder:
             if manifest is None or "version" in str(exc):
                 store.close()
                 raise
-            log.warning("%s; using %s (`simsearch repair` restores it)", exc, MANIFEST_FILE)
+            log.warning("%s; using %s (repairing the index restores it)", exc, MANIFEST_FILE)
             store.dim = manifest.dim
             self.manifest_from_file = True
         except BaseException:
@@ -71,9 +71,7 @@ class IndexFolder:
     @classmethod
     def open(cls, path: Path) -> IndexFolder:
         if not (path / DATABASE_FILE).is_file():
-            raise IndexNotFoundError(
-                f"no index at {path}; create one with `simsearch index DIR --index {path}`"
-            )
+            raise IndexNotFoundError(f"no index at {path}", path=path, fix="create-index")
         return cls(path, Store(path / DATABASE_FILE))
 
     @classmethod
@@ -105,8 +103,9 @@ class IndexFolder:
             return
         if self.manifest_from_file and not self.repairing:
             raise IndexFormatError(
-                f"the manifest in {self.path / DATABASE_FILE} is damaged; run `simsearch "
-                f"repair` (it restores it from {MANIFEST_FILE}) before changing the index"
+                f"the manifest in {self.path / DATABASE_FILE} is damaged; repair the index "
+                f"(which restores it from {MANIFEST_FILE}) before changing it",
+                fix="repair",
             )
         self.lock.acquire(wait=config.LOCK_WAIT_SECONDS)
         try:
@@ -160,17 +159,7 @@ def manifest_file(path: Path) -> Manifest | None:
 
 def damaged(path: Path, cause) -> str:
     """The message for a database SQLite could not use: the storage's fault, or damage."""
-    reason = getattr(cause, "orig", None) or cause
-    if storage_at_fault(reason):
-        return (
-            f"cannot use {path / DATABASE_FILE} ({reason}): the storage is read-only, full, "
-            "failing, or limits file sizes, or you lack permission; the index itself may be "
-            "intact (`simsearch verify` once that is fixed)"
-        )
-    return (
-        f"{path / DATABASE_FILE} is damaged ({reason}); it cannot be repaired: restore it "
-        "from a backup, or index into a new --index"
-    )
+    return database_message(getattr(cause, "orig", None) or cause, path / DATABASE_FILE)
 
 
 def create_database(path: Path, manifest: Manifest) -> None:

@@ -127,5 +127,6 @@ class Manifest:
             raise ManifestMismatchError(
                 "this index was built with different settings; "
                 + "; ".join(diffs)
-                + ". Use a new --index for a different model, layer or pooling."
+                + ". A different model, layer or pooling needs a new index",
+                fix="new-index",
             )

@@ -176,7 +176,7 @@ def check_version(found: int, where: str) -> None:
     if found < 0:
         raise IndexFormatError(
             f"{where} is damaged: its schema version is {found}; restore it from a backup, "
-            "or index into a new --index"
+            "or build a new index"
         )
     if found > SCHEMA_VERSION:
         raise IndexFormatError(

@@ -208,7 +208,7 @@ def _generation(value: str | None, key: str, where: str) -> int:
     except ValueError:
         assert value is not None  # int(None or 0) is 0: only a value fails
         raise IndexFormatError(
-            f"{where} is damaged: its {key} is {value[:40]!r}, not a number; run `simsearch repair`"
+            f"{where} is damaged: its {key} is {value[:40]!r}, not a number", fix="repair"
         ) from None
 
 
@@ -228,21 +228,26 @@ def _simsearch_error(context: ExceptionContext) -> BaseException | None:
     return database_error(error.orig or error, isinstance(error, sql_exc.OperationalError))
 
 
+def database_message(reason: BaseException, where: object = "the index database") -> str:
+    """The one line a user is shown for SQLite's error `reason` on the database `where`:
+    the storage's fault (the index may be intact), or damage."""
+    if storage_at_fault(reason):
+        return (
+            f"cannot use {where} ({reason}): the storage is read-only, full, failing, or "
+            "limits file sizes, or you lack permission; the index itself may be intact "
+            "(verify it once that is fixed)"
+        )
+    return (
+        f"{where} is damaged or unreadable ({reason}); restore it from a backup, or build "
+        "a new index"
+    )
+
+
 def database_error(reason: BaseException, operational: bool) -> DatabaseError:
     """SQLite's error `reason` as errors.DatabaseError (DatabaseOperationalError where SQLite
-    calls it operational), with the one line a user is shown."""
-    if storage_at_fault(reason):
-        message = (
-            f"cannot use the index database ({reason}): the storage is read-only, full, "
-            "failing, or limits file sizes, or you lack permission; the index itself may be "
-            "intact"
-        )
-    else:
-        message = (
-            f"the index database is damaged or unreadable ({reason}); restore it from a "
-            "backup, or index into a new --index"
-        )
-    return (DatabaseOperationalError if operational else DatabaseError)(message, reason)
+    calls it operational)."""
+    error = DatabaseOperationalError if operational else DatabaseError
+    return error(database_message(reason), reason)
 
 
 def _on_connect_read_only(dbapi_conn, _record) -> None:

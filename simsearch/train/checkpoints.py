@@ -66,16 +66,20 @@ def read_checkpoint(output: Path) -> dict:
 def check_output_free(output: Path) -> None:
     """Raise FinetuneError unless `output` is a new or empty folder."""
     if output.exists() and not output.is_dir():
-        raise FinetuneError(f"--output {output} is a file, not a folder")
+        raise FinetuneError(f"{output} is a file, not a folder", path=output, param="output")
     if output.is_dir() and any(output.iterdir()):
         if (output / CHECKPOINTS / LAST).is_file():
             raise FinetuneError(
-                f"{output} holds an interrupted fine-tune: add --resume to continue it, "
-                "or choose another --output"
+                f"{output} holds an interrupted fine-tune: resume it, or choose another "
+                "output folder",
+                path=output,
+                fix="resume",
             )
         raise FinetuneError(
-            f"--output {output} exists and is not empty; choose a new folder "
-            "(fine-tuning never overwrites a model)"
+            f"{output} exists and is not empty, and fine-tuning never overwrites a model; "
+            "choose a new folder",
+            path=output,
+            param="output",
         )
 
 

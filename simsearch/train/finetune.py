@@ -282,7 +282,9 @@ def _check_same_config(config: FinetuneConfig, saved: FinetuneConfig, output: Pa
     if diffs:
         raise FinetuneError(
             f"cannot resume {output} with other settings (checkpoint vs now: "
-            f"{'; '.join(diffs)}); resume with the same settings, or start a new --output"
+            f"{'; '.join(diffs)}); resume with the same settings, or start in a new output folder",
+            path=output,
+            param="output",
         )
 
 
@@ -294,7 +296,9 @@ def _check_same_data(checkpoint: dict, base_sha256: str, data: TrainingData, out
     if checkpoint["classes"] != data.classes or checkpoint["data_fingerprint"] != data.fingerprint:
         raise FinetuneError(
             f"cannot resume {output}: the training or validation images changed since it "
-            "started (files added, removed or unreadable); start a new --output"
+            "started (files added, removed or unreadable); start in a new output folder",
+            path=output,
+            param="output",
         )
 
 

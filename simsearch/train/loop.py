@@ -309,15 +309,18 @@ def _diverged(what: str, state: TrainingState, lr: float) -> FinetuneError:
     """The error for a run whose weights went non-finite: nothing of it is published."""
     return FinetuneError(
         f"training diverged: {what} at step {state.step + 1} (epoch {state.epoch + 1}, learning "
-        f"rate {lr:.3g}); nothing from this epoch was published. Run again with a lower --lr "
-        "(and --warmup-ratio), or check the model's weights"
+        f"rate {lr:.3g}); nothing from this epoch was published. Run again with a lower learning "
+        "rate (and a longer warmup), or check the model's weights",
+        param="lr",
     )
 
 
 def _interrupted(state: TrainingState, output: Path) -> TrainingInterrupted:
     return TrainingInterrupted(
         f"interrupted at step {state.step} (epoch {state.epoch + 1}); progress is saved in "
-        f"{output / CHECKPOINTS}; continue with the same command and --resume"
+        f"{output / CHECKPOINTS}",
+        path=output,
+        fix="resume",
     )
 
 

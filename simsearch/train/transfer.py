@@ -34,7 +34,9 @@ def pick_training_precision(precision: str, device: str) -> str:
     if precision == "fp16" and device != "cuda":
         # fp16 gradients underflow without loss scaling, and torch scales losses on GPUs;
         # bf16 has fp32's range and needs none.
-        raise FinetuneError("--precision fp16 trains on CUDA only; use bf16 or fp32 on the CPU")
+        raise FinetuneError(
+            "precision fp16 trains on CUDA only; use bf16 or fp32 on the CPU", param="precision"
+        )
     return precision
 
 
@@ -73,7 +75,10 @@ def freeze(model, freeze_layers: int | None) -> int:
     count = len(blocks)
     n = max(count - DEFAULT_TRAINABLE_BLOCKS, 0) if freeze_layers is None else freeze_layers
     if n > count:
-        raise FinetuneError(f"--freeze-layers {n}: this model has only {count} blocks (0..{count})")
+        raise FinetuneError(
+            f"cannot freeze {n} layers: this model has only {count} blocks (0..{count})",
+            param="freeze_layers",
+        )
     blocks_name = next(name for name, module in model.named_modules() if module is blocks)
     # The backbone is the model's first-level module that holds the blocks ("vit", "dinov2",
     # "vision_model"); everything outside it is the head.
@@ -99,8 +104,8 @@ def enable_gradient_checkpointing(model) -> None:
     """Recompute activations in the backward pass instead of keeping them."""
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise FinetuneError(
-            f"{type(model).__name__} does not support gradient checkpointing; "
-            "leave out --gradient-checkpointing"
+            f"{type(model).__name__} does not support gradient checkpointing; train it without",
+            param="gradient_checkpointing",
         )
     # Non-reentrant: the reentrant form computes no gradient for a block whose input does
     # not require one, which is every trainable block above frozen ones.
