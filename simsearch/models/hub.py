@@ -11,9 +11,12 @@ describes a far larger model than its weights hold is refused before anything is
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from simsearch.errors import ModelLoadError, first_line
@@ -33,8 +36,6 @@ CONFIG_READ_LIMIT = 16 << 20
 def refuse_code(folder: Path) -> None:
     """Raise ModelLoadError when a JSON file in model `folder` asks transformers to run the
     folder's own code (an `auto_map` naming classes in its .py files)."""
-    import json
-
     for file in sorted(folder.glob("*.json")):
         try:
             if file.stat().st_size > CONFIG_READ_LIMIT:
@@ -123,9 +124,6 @@ def _looks_like_path(name: str) -> bool:
 
 def _hub_reachable(endpoint: str, timeout: float = 5.0) -> bool:
     """Return True when the hub answers; a quick probe instead of minutes of retries."""
-    import urllib.error
-    import urllib.request
-
     try:
         urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout)
     except urllib.error.HTTPError:

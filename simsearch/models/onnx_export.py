@@ -17,14 +17,17 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 
 from simsearch import config
+from simsearch._version import __version__
 from simsearch.config import DEFAULT_BATCH_SIZE, DEFAULT_OPSET, MIN_OPSET
 from simsearch.errors import ModelExportError
 from simsearch.fs.files import sha256_of
+from simsearch.models.embed import Embedder
 from simsearch.models.onnx import (
     INPUT_NAME,
     ONNX_CLASSIFIER_FILE,
@@ -96,8 +99,6 @@ def export_model(
         import torch  # noqa: F401
     except ImportError as exc:
         raise ModelExportError(f"exporting needs {exc.name}: {EXPORT_HINT}") from None
-
-    from simsearch.models.embed import Embedder
 
     reference = Embedder(
         model, layer=layer, pool=pool, device="cpu", precision="fp32", batch_size=batch_size
@@ -178,12 +179,8 @@ def _file_entry(path: Path, **extra) -> dict:
 
 def _export_info(reference, result: OnnxExport, files: dict, head: dict | None) -> dict:
     """Return simsearch_onnx.json: what the export is, made from what, and how it checked."""
-    from dataclasses import asdict
-
     import onnxruntime
     import torch
-
-    from simsearch._version import __version__
 
     manifest = reference.manifest()
     keys = (
@@ -227,6 +224,5 @@ def _fsync_folder(folder: Path) -> None:
 
 
 def _replace_seconds(result: OnnxExport, seconds: float) -> OnnxExport:
-    from dataclasses import replace
 
     return replace(result, seconds=round(seconds, 1))

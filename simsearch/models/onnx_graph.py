@@ -3,6 +3,7 @@ checkpoint's classification head, and torch's exporter run on each (see onnx_exp
 
 from __future__ import annotations
 
+import inspect
 import logging
 import warnings
 from pathlib import Path
@@ -12,6 +13,7 @@ import numpy as np
 
 from simsearch import config
 from simsearch.errors import ModelExportError, ModelLoadError, first_line
+from simsearch.models.hub import FINAL_NORM_NAMES, load_backbone, load_classifier
 from simsearch.models.onnx import INPUT_NAME, OUTPUT_NAME, _open_session
 from simsearch.models.onnx_validation import run_batches, session_runner
 
@@ -33,8 +35,6 @@ def _embedding_module(reference):
     (the exporter drops the blocks after it, which no output depends on).
     """
     import torch
-
-    from simsearch.models.hub import FINAL_NORM_NAMES, load_backbone
 
     backbone, _ = load_backbone(reference.folder)
     final_norm = None
@@ -68,8 +68,6 @@ def export_classifier(
 ) -> dict | None:
     """Export the checkpoint's classification head, if it has one, and check its logits."""
     import torch
-
-    from simsearch.models.hub import load_classifier
 
     try:
         classifier, model_config = load_classifier(reference.folder, reference.name)
@@ -117,8 +115,6 @@ def _torch_export(module, path: Path, sample: np.ndarray, output_name: str, opse
     (`/encoder/layer.3/attention/q_proj/MatMul`), which is how onnx_int8.INT8_SCOPES pick
     layers.
     """
-    import inspect
-
     import torch
 
     # torch before 2.5 has only the TorchScript exporter, and no `dynamo` argument.

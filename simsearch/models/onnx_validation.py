@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+from PIL import Image, ImageOps
 
 from simsearch.config import VALIDATION_MAX_IMAGES, VALIDATION_MIN_IMAGES
 from simsearch.errors import ImageError, ModelExportError
@@ -83,8 +84,6 @@ def sample_photos() -> list:
             "(scikit-image ships sample photos)",
             param="validate_dir",
         ) from None
-    from PIL import Image, ImageOps
-
     views = []
     for name in SAMPLE_PHOTOS:
         if name == "motorcycle":

@@ -45,6 +45,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from io import BytesIO
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
@@ -73,8 +74,6 @@ def edit(image: Image.Image, name: str, rng: np.random.Generator) -> Image.Image
         f = rng.uniform(0.33, 0.66)
         return image.resize((max(1, round(w * f)), max(1, round(h * f))), Image.Resampling.BILINEAR)
     if name == "jpeg":  # re-saved by a phone or a messenger
-        from io import BytesIO
-
         buf = BytesIO()
         image.save(buf, "JPEG", quality=int(rng.integers(25, 50)))
         buf.seek(0)

@@ -18,6 +18,7 @@ is moved or deleted as the link itself (its target untouched; it is put back as 
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import errno
 import logging
@@ -278,8 +279,6 @@ def _unchanged(facts: dict) -> bool:
 def _entry(index, dup, dest: Path, group, facts: dict) -> dict:
     """The manifest line of a move: enough to put the file back and give the index back
     everything it knew of it (vector, labels, cluster) without the model."""
-    import base64
-
     store = index.store
     entry = {
         "from": dup.path,

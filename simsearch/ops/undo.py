@@ -24,7 +24,7 @@ from simsearch.fs.files import link_below, move_entry
 from simsearch.ops.movelog import Manifest, append_undone, check, entries
 from simsearch.ops.moves import INDEX_UPDATE_EVERY, forget, updating, why
 from simsearch.ops.parts import IndexParts
-from simsearch.records import MoveReport
+from simsearch.records import Label, MoveReport
 from simsearch.storage.store import GoodImage
 
 log = logging.getLogger(__name__)
@@ -157,8 +157,6 @@ def _restore_labels_and_clusters(store, restored: dict[int, dict]) -> None:
     """Give put-back images the labels and cluster they had, where the labels still come
     from the same model and the clustering is still the same run (else the next labelling
     pass or `cluster` run deals with them, as with any new image)."""
-    from simsearch.records import Label
-
     source = store.label_source()
     labels = {
         image_id: [Label(name, float(score)) for name, score in e["labels"]["labels"]]

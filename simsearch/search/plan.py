@@ -13,6 +13,10 @@ from __future__ import annotations
 import logging
 import math
 import re
+import signal
+import subprocess
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,10 +129,6 @@ def try_index_type(requested: str, dim: int, timeout: float = 300.0) -> None:
     searches, saves and loads on TRIAL_VECTORS random vectors; the named types are known
     to. Tried in a child process: FAISS checks some parameters with C++ assertions that
     abort the whole process (HNSW0 did, and every later command on that index too)."""
-    import signal
-    import subprocess
-    import sys
-
     if requested.strip().lower() in INDEX_TYPES:
         return
     check_factory(requested, dim)
@@ -167,9 +167,6 @@ def try_index_type(requested: str, dim: int, timeout: float = 300.0) -> None:
 
 def _trial(factory: str, dim: int) -> None:
     """Put `factory` through what an index does (see try_index_type); in a child process."""
-    import sys
-    import tempfile
-
     rng = np.random.default_rng(0)
     data = rng.standard_normal((TRIAL_VECTORS, dim)).astype(np.float32)
     data /= np.linalg.norm(data, axis=1, keepdims=True)

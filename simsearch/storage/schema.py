@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from sqlalchemy import ForeignKey, Integer, LargeBinary, String, Text, TypeDecorator
 from sqlalchemy import Index as SqlIndex
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.schema import CreateIndex, CreateTable
@@ -155,7 +156,6 @@ MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_to_1]
 
 
 def _dialect():
-    from sqlalchemy.dialects import sqlite
 
     return sqlite.dialect()
 
