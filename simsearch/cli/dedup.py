@@ -21,10 +21,12 @@ from simsearch.cli.common import (
     index_option,
     json_option,
 )
+from simsearch.cli.render import calibration_line, move_line
 from simsearch.config import (
     CALIBRATION_SAMPLE,
     DEDUP_NEIGHBOURS,
 )
+from simsearch.records import facts_text
 
 log = logging.getLogger("simsearch")
 
@@ -175,10 +177,10 @@ def dedup(
                     sample=calibration_sample, neighbours=neighbours, progress=bar
                 )
             if calibrate:
-                click.echo(json.dumps(asdict(found)) if as_json else found.line())
+                click.echo(json.dumps(asdict(found)) if as_json else calibration_line(found))
                 return
             if not obj["quiet"]:
-                click.echo(found.line(), err=True)
+                click.echo(calibration_line(found), err=True)
         if threshold is None:
             threshold = idx.dedup_calibration().threshold
         with tqdm(desc="comparing", unit="img", file=sys.stderr, disable=no_bar) as bar:
@@ -197,7 +199,7 @@ def dedup(
     if done is not None:
         for path, reason in done.skipped:
             click.echo(f"left alone: {path}: {reason}", err=True)
-        click.echo(done.line(), err=True)
+        click.echo(move_line(done), err=True)
 
 
 def _undo_moves(ctx, manifest: Path, index_path: Path, as_json: bool) -> None:
@@ -216,7 +218,7 @@ def _undo_moves(ctx, manifest: Path, index_path: Path, as_json: bool) -> None:
         return
     for path, reason in report.skipped:
         click.echo(f"left alone: {path}: {reason}")
-    click.echo(report.line())
+    click.echo(move_line(report))
 
 
 def _print_groups(groups, threshold: float, as_csv: bool, as_json: bool) -> None:
@@ -269,4 +271,4 @@ def _fact_cells(facts) -> list:
 
 
 def _facts_text(facts, extra: str = "") -> str:
-    return "" if facts is None else f"  ({facts.line()}{extra})"
+    return "" if facts is None else f"  ({facts_text(facts)}{extra})"
