@@ -68,6 +68,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from simsearch import Index
+    from simsearch.cli.render import add_line
 
     work = Path(tempfile.mkdtemp(prefix="simsearch-copies-"))
     try:
@@ -81,7 +82,7 @@ def main() -> None:
         with Index.create(
             work / "index", model=args.model, layer=args.layer, pool=args.pool
         ) as index:
-            print(index.add(originals).line())
+            print(add_line(index.add(originals)))
             results = index.search_many([copy for _, _, copy in queries], k=len(PHOTOS))
             per_kind: dict[str, list[int]] = {}
             for (name, kind, _), hits in zip(queries, results, strict=True):

@@ -159,6 +159,7 @@ def measure(
     kind: str, model: str, sample: int, work: Path, verbose: bool = False, seed: int = 0
 ) -> dict:
     from simsearch import Index
+    from simsearch.cli.render import calibration_line
 
     folder = work / f"{kind}-{seed}"
     files, groups = collection(kind, seed)
@@ -176,7 +177,7 @@ def measure(
         started = time.perf_counter()
         calibration = index.calibrate_dedup(sample=sample)
         seconds = time.perf_counter() - started
-        print(f"{kind} (seed {seed}): {calibration.line()}")
+        print(f"{kind} (seed {seed}): {calibration_line(calibration)}")
         at_calibrated = found()
         sweep = {float(t): score(found(float(t)), truth) for t in SWEEP}
 

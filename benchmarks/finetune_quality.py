@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
 
+    from simsearch.cli.render import epoch_line
     from simsearch.train.finetune import FinetuneConfig, finetune
 
     work = Path(tempfile.mkdtemp(prefix="simsearch-finetune-quality-"))
@@ -102,7 +103,7 @@ def main() -> None:
         result = finetune(train_dir, work / "tuned", config)
         seconds = time.perf_counter() - started
         for record in result.history:
-            print(record.line(result.epochs_run))
+            print(epoch_line(record, result.epochs_run))
         after = vectors(str(work / "tuned"), train_dir), vectors(str(work / "tuned"), val_dir)
         figures = {
             "model": Path(args.model).name,

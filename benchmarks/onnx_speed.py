@@ -45,6 +45,7 @@ def main() -> None:
     import torch
 
     from simsearch import Index
+    from simsearch.cli.render import export_lines
     from simsearch.media.decode import decode_image
     from simsearch.models.embed import Embedder
     from simsearch.models.onnx import OnnxEmbedder
@@ -61,7 +62,7 @@ def main() -> None:
             start = time.perf_counter()
             result = export_model(args.model, export, int8=True, batch_size=args.batch)
             print(f"export-model --int8: {time.perf_counter() - start:.1f} s")
-            print("\n".join(result.lines()))
+            print("\n".join(export_lines(result)))
 
         backends = {
             "PyTorch fp32": lambda: Embedder(args.model, precision="fp32", batch_size=args.batch),

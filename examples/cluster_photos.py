@@ -37,7 +37,10 @@ def main() -> int:
 
     try:
         with Index.open_or_create(args.index, args.model) as index:
-            print(index.add(args.folder).line())
+            summary = index.add(args.folder)
+            print(
+                f"{summary.indexed} indexed, {summary.unchanged} unchanged, {summary.failed} failed"
+            )
             run = index.cluster(args.k)
             clusters = index.clusters(top=args.top)
             members = (
@@ -52,7 +55,10 @@ def main() -> int:
         print(f"cluster {cluster.id}: {cluster.size} photos")
         for hit in cluster.central:
             print(f"  {hit.score:.3f}  {hit.path}")
-    print(run.line())
+    print(
+        f"{run.clusters} clusters of {run.images} images (k={run.k}, "
+        f"silhouette {run.silhouette:.3f}, {run.seconds:.1f} s)"
+    )
     width = len(str(len(clusters)))
     for cluster_id, hits in members.items():
         folder = args.link_into / f"cluster-{cluster_id:0{width}d}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 
 from simsearch import Index, SimsearchError
@@ -34,16 +35,25 @@ def main() -> int:
 
     try:
         with Index.open_or_create(args.index, args.model) as index:
-            print(index.add(args.folder).line())
+            summary = index.add(args.folder)
+            print(
+                f"{summary.indexed} indexed, {summary.unchanged} unchanged, {summary.failed} failed"
+            )
             if args.threshold is None:
-                print(index.dedup_calibration().line())
+                found = index.dedup_calibration()
+                print(
+                    f"dedup threshold {found.threshold:.4f} (expected precision "
+                    f"{found.precision:.3f}, recall {found.recall:.3f})"
+                )
             groups = index.duplicates(args.threshold)
             report(groups)
             if args.move_to:
                 moved = index.move_duplicates(groups, args.move_to)
                 for path, reason in moved.skipped:
                     print(f"left alone: {path}: {reason}")
-                print(moved.line())
+                print(f"moved {moved.files} files ({moved.bytes / 2**20:.1f} MB)")
+                if moved.manifest:  # quoted, to paste into a shell
+                    print(f"undo with: simsearch dedup --undo {shlex.quote(moved.manifest)}")
     except SimsearchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

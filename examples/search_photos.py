@@ -31,7 +31,9 @@ def main() -> int:
     try:
         with Index.open_or_create(args.index, args.model) as index:
             summary = index.add(args.folder)
-            print(summary.line())
+            print(
+                f"{summary.indexed} indexed, {summary.unchanged} unchanged, {summary.failed} failed"
+            )
             for rank, hit in enumerate(index.search(args.query, k=args.k), 1):
                 print(f"{rank:>2}. {hit.score:.3f}  {hit.path}")
     except SimsearchError as exc:

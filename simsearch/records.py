@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
 import time
 from dataclasses import dataclass, field
 
@@ -28,14 +27,15 @@ class FileFacts:
     size: int  # bytes
     mtime_ns: int
 
-    def line(self) -> str:
-        """E.g. "4000x3000 JPEG lossy, 3.1 MB, 2024-05-01"."""
-        encoding = {True: " lossless", False: " lossy", None: ""}[self.lossless]
-        day = time.strftime("%Y-%m-%d", time.localtime(self.mtime_ns / 1e9))
-        return (
-            f"{self.width}x{self.height} {self.format or '?'}{encoding}, "
-            f"{_megabytes(self.size)}, {day}"
-        )
+
+def facts_text(facts: FileFacts) -> str:
+    """A file's facts in words, e.g. "4000x3000 JPEG lossy, 3.1 MB, 2024-05-01"."""
+    encoding = {True: " lossless", False: " lossy", None: ""}[facts.lossless]
+    day = time.strftime("%Y-%m-%d", time.localtime(facts.mtime_ns / 1e9))
+    return (
+        f"{facts.width}x{facts.height} {facts.format or '?'}{encoding}, "
+        f"{_megabytes(facts.size)}, {day}"
+    )
 
 
 def _megabytes(size: int) -> str:
@@ -89,21 +89,6 @@ class Calibration:
     # (stored calibrations from before method 2 read as 1); 2, 3: see simsearch.ops.calibrate
     method: int = 1
 
-    def line(self) -> str:
-        edits = ", ".join(f"{k} {v:.2f}" for k, v in self.recall_by_edit.items())
-        other = ""
-        if self.highest_other is not None:
-            other = f", other images up to {self.highest_other:.3f}"
-        among = ""
-        if self.copies_among_others:
-            among = f"; about {self.copies_among_others:.0f} of those others taken for copies"
-        return (
-            f"dedup threshold {self.threshold:.4f}: expected precision {self.precision:.3f}, "
-            f"recall {self.recall:.3f} (calibrated on {self.copies} edited copies of "
-            f"{self.images} indexed images against their {self.others} nearest others; copies "
-            f"from {self.lowest_copy:.3f}{other}{among}). Recall by edit: {edits}"
-        )
-
 
 @dataclass(frozen=True)
 class Cluster:
@@ -132,14 +117,6 @@ class ClusterRun:
     seconds: float
     candidates: tuple[tuple[int, float], ...] = ()  # auto: (K, silhouette) of each K tried
 
-    def line(self) -> str:
-        how = "given" if self.chosen_by == "given" else "chosen by auto"
-        return (
-            f"{self.clusters} clusters of {self.images} images (k={self.k} {how}, "
-            f"seed {self.seed}, silhouette {self.silhouette:.3f}, "
-            f"mean similarity to centre {self.cohesion:.3f}, {self.seconds:.1f} s)"
-        )
-
 
 @dataclass(frozen=True)
 class MoveReport:
@@ -150,16 +127,6 @@ class MoveReport:
     bytes: int  # their total size
     skipped: list[tuple[str, str]]  # (path, why it was left alone)
     manifest: str | None  # the manifest that logs the moves (move, undo)
-
-    def line(self) -> str:
-        done = {"move": "moved", "delete": "deleted", "undo": "put back"}[self.action]
-        line = f"{done} {self.files} files ({self.bytes / 2**20:.1f} MB)"
-        if self.skipped:
-            line += f"; left {len(self.skipped)} alone"
-        if self.action == "move" and self.manifest:
-            # Quoted, so a folder with spaces can be pasted into a shell as it is.
-            line += f"; undo with: simsearch dedup --undo {shlex.quote(self.manifest)}"
-        return line
 
 
 @dataclass(frozen=True)
@@ -192,15 +159,6 @@ class AddSummary:
     # tombstones swept), or None.
     rebuilt: str | None = None
 
-    def line(self) -> str:
-        reused = f" ({self.reused} copied from identical files)" if self.reused else ""
-        files = "file" if self.seen == 1 else "files"
-        return (
-            f"{self.seen} {files} seen, {self.indexed} indexed{reused}, "
-            f"{self.unchanged} skipped as unchanged, {self.failed} failed, "
-            f"{self.moved} moved, {self.removed} removed ({self.seconds:.1f} s)"
-        )
-
 
 @dataclass(frozen=True)
 class Label:
@@ -231,13 +189,6 @@ class LabelSummary:
     failed: int  # indexed images whose file could not be read again; tried next run
     relabelled: bool = False  # labels of another model (or another top) were replaced
     seconds: float = 0.0
-
-    def line(self) -> str:
-        again = " (replacing the labels of another model or --label-top)" if self.relabelled else ""
-        return (
-            f"{self.labelled} images labelled{again}, {self.already} already labelled, "
-            f"{self.failed} failed, with {self.model} (top {self.top}; {self.seconds:.1f} s)"
-        )
 
 
 @dataclass(frozen=True)
@@ -310,30 +261,6 @@ class OnnxExport:
     classifier_top1_agreement: float | None = None  # share of images with the same top class
     seconds: float = 0.0
 
-    def lines(self) -> list[str]:
-        """Return the export's summary for people, one figure per line."""
-        out = [
-            f"exported {self.output} ({self.seconds:.1f} s): layer {self.layer} of "
-            f"{self.num_layers}, {self.pool} pooling, {self.dim}-dim, "
-            f"{self.input_size[0]}x{self.input_size[1]} px input, opset {self.opset}",
-            f"validated on {self.validated_on}:",
-            f"  model.onnx       {self.fp32_mb:7.1f} MB  cosine to PyTorch: lowest "
-            f"{self.fp32_min_cosine:.7f}, mean {self.fp32_mean_cosine:.7f}",
-        ]
-        if self.int8_mb is not None:
-            out.append(
-                f"  model.int8.onnx  {self.int8_mb:7.1f} MB  cosine to PyTorch fp32: lowest "
-                f"{self.int8_min_cosine:.5f}, mean {self.int8_mean_cosine:.5f}; recall@10 "
-                f"{self.int8_recall_at_10:.3f} ({self.int8_scope} in int8)"
-            )
-        if self.classes is not None:
-            out.append(
-                f"  classifier.onnx  {self.classes} classes; logits cosine to PyTorch: lowest "
-                f"{self.classifier_min_cosine:.7f}; same top class on "
-                f"{self.classifier_top1_agreement:.1%} of the images"
-            )
-        return out
-
 
 @dataclass(frozen=True)
 class EpochRecord:
@@ -347,13 +274,6 @@ class EpochRecord:
     lr: float  # learning rate of the backbone at the epoch's last step
     seconds: float
     best: bool = False  # the best epoch so far: its weights are the ones kept
-
-    def line(self, epochs: int) -> str:
-        best = " (best)" if self.best else ""
-        return (
-            f"epoch {self.epoch}/{epochs}: train loss {self.train_loss:.3f}, val loss "
-            f"{self.val_loss:.3f}, val accuracy {self.val_accuracy:.3f}{best}"
-        )
 
 
 @dataclass(frozen=True)
@@ -377,15 +297,6 @@ class FinetuneResult:
     peak_memory_bytes: int | None = None  # CUDA: peak allocated; CPU: the process's peak RSS
     peak_memory_kind: str | None = None  # "cuda allocated" or "process RSS"
     history: tuple[EpochRecord, ...] = ()
-
-    def line(self) -> str:
-        early = ", stopped early" if self.stopped_early else ""
-        return (
-            f"best epoch {self.best_epoch} of {self.epochs_run}{early}: val accuracy "
-            f"{self.best_accuracy:.3f}, val loss {self.best_loss:.3f} ({self.train_images} "
-            f"training, {self.val_images} validation images, {self.skipped} skipped; "
-            f"{self.steps} steps, {self.seconds:.1f} s)"
-        )
 
 
 def hit_score(s) -> float:

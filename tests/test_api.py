@@ -13,6 +13,7 @@ from conftest import draw_image
 from PIL import Image
 
 from simsearch import Hit, Index
+from simsearch.cli.render import add_line
 from simsearch.errors import (
     IndexExistsError,
     IndexNotFoundError,
@@ -264,4 +265,4 @@ def test_the_readme_snippet_runs_as_written_twice(tmp_path, tiny_vit, monkeypatc
         with Index.open_or_create("indexes/photos", model=tiny_vit) as index:
             summary = index.add(["~/Pictures"])
             assert (summary.seen, summary.indexed) == (3, 3 if run == 0 else 0)
-            assert summary.line().startswith("3 files seen")
+            assert add_line(summary).startswith("3 files seen")

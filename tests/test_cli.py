@@ -245,13 +245,6 @@ def test_the_onnx_only_install_lists_the_core_dependencies_but_torch():
     assert line.strip().endswith("pip install --no-deps .")
 
 
-def test_one_file_is_one_file_in_the_summary():
-    from simsearch.records import AddSummary
-
-    assert AddSummary(1, 1, 0, 0).line().startswith("1 file seen,")
-    assert AddSummary(2, 2, 0, 0).line().startswith("2 files seen,")
-
-
 def test_every_command_that_prints_rows_prints_them_as_csv_with_a_header(run, built, photo_dir):
     import csv
     import io

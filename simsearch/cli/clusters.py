@@ -19,6 +19,7 @@ from simsearch.cli.common import (
     index_option,
     json_option,
 )
+from simsearch.cli.render import cluster_run_line
 from simsearch.config import (
     CLUSTER_AUTO_MAX_K,
     CLUSTER_MAX_K,
@@ -152,7 +153,7 @@ def cluster(obj, index_path, k, top, seed, show, as_json, as_csv, html_path):
         for hit in group.central:
             click.echo(f"  {hit.score:6.4f}  {hit.path}")
     if not as_json and not as_csv:
-        click.echo(run.line())
+        click.echo(cluster_run_line(run))
         if unassigned:
             click.echo(
                 f"{unassigned} images indexed since the run have no cluster; "

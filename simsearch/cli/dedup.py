@@ -21,11 +21,13 @@ from simsearch.cli.common import (
     index_option,
     json_option,
 )
+from simsearch.cli.render import calibration_line, move_line
 from simsearch.config import (
     CALIBRATION_METHOD,
     CALIBRATION_SAMPLE,
     DEDUP_NEIGHBOURS,
 )
+from simsearch.records import facts_text
 
 log = logging.getLogger("simsearch")
 
@@ -176,10 +178,10 @@ def dedup(
                     sample=calibration_sample, neighbours=neighbours, progress=bar
                 )
             if calibrate:
-                click.echo(json.dumps(asdict(found)) if as_json else found.line())
+                click.echo(json.dumps(asdict(found)) if as_json else calibration_line(found))
                 return
             if not obj["quiet"]:
-                click.echo(found.line(), err=True)
+                click.echo(calibration_line(found), err=True)
         if threshold is None:
             stored = idx.dedup_calibration()  # warns when an older method made it
             if stored.method < CALIBRATION_METHOD and not obj["quiet"]:
@@ -203,7 +205,7 @@ def dedup(
     if done is not None:
         for path, reason in done.skipped:
             click.echo(f"left alone: {path}: {reason}", err=True)
-        click.echo(done.line(), err=True)
+        click.echo(move_line(done), err=True)
 
 
 def _undo_moves(ctx, manifest: Path, index_path: Path, as_json: bool) -> None:
@@ -222,7 +224,7 @@ def _undo_moves(ctx, manifest: Path, index_path: Path, as_json: bool) -> None:
         return
     for path, reason in report.skipped:
         click.echo(f"left alone: {path}: {reason}")
-    click.echo(report.line())
+    click.echo(move_line(report))
 
 
 def _print_groups(groups, threshold: float, as_csv: bool, as_json: bool) -> None:
@@ -275,4 +277,4 @@ def _fact_cells(facts) -> list:
 
 
 def _facts_text(facts, extra: str = "") -> str:
-    return "" if facts is None else f"  ({facts.line()}{extra})"
+    return "" if facts is None else f"  ({facts_text(facts)}{extra})"

@@ -12,6 +12,7 @@ import click
 from click.core import ParameterSource
 
 from simsearch.cli.common import cli, device_option, json_option
+from simsearch.cli.render import epoch_line, finetune_line
 from simsearch.train.finetune import FinetuneConfig
 from simsearch.train.transfer import DEFAULT_TRAINABLE_BLOCKS
 from simsearch.train.transfer import PRECISIONS as TRAINING_PRECISIONS
@@ -190,7 +191,7 @@ def finetune(ctx, data_dir, output, resume, device, as_json, **options):
 
     def on_epoch(record):
         if not quiet:
-            click.echo(record.line(config.epochs), err=True)
+            click.echo(epoch_line(record, config.epochs), err=True)
 
     try:
         result = finetune(
@@ -209,7 +210,7 @@ def finetune(ctx, data_dir, output, resume, device, as_json, **options):
         click.echo(json.dumps(asdict(result)))
         return
     click.echo(f"fine-tuned model saved in {result.output}")
-    click.echo(result.line())
+    click.echo(finetune_line(result))
     click.echo(f"classes: {', '.join(result.classes)}")
     if result.peak_memory_bytes is not None:
         click.echo(

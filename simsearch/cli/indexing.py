@@ -21,6 +21,7 @@ from simsearch.cli.common import (
     json_option,
     precision_option,
 )
+from simsearch.cli.render import add_line, label_line
 from simsearch.config import (
     DEFAULT_LABEL_MODEL,
     DEFAULT_LABEL_TOP,
@@ -191,7 +192,7 @@ def index(
         if index_type is not None:
             click.echo(_index_type_line(about))
         if labelled is not None:
-            click.echo(labelled.line())
+            click.echo(label_line(labelled))
         return
     idx = Index.open_or_create(
         index_path,
@@ -252,9 +253,9 @@ def index(
             out["labels"] = asdict(labelled)
         click.echo(json.dumps(out))
     else:
-        click.echo(summary.line())
+        click.echo(add_line(summary))
         if labelled is not None:
-            click.echo(labelled.line())
+            click.echo(label_line(labelled))
     if strict and summary.failed:
         click.echo(
             f"Error: {summary.failed} files failed (--strict); see `simsearch info --errors`",

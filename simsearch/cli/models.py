@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from simsearch.cli.common import batch_option, cli, json_option
+from simsearch.cli.render import export_lines
 from simsearch.config import DEFAULT_MODEL, DEFAULT_OPSET, MIN_OPSET
 from simsearch.models.embed import POOLS
 
@@ -108,4 +109,4 @@ def export_model(obj, model, output, layer, pool, int8, opset, validate_dir, bat
     if as_json:
         click.echo(json.dumps(asdict(result)))
     else:
-        click.echo("\n".join(result.lines()))
+        click.echo("\n".join(export_lines(result)))

@@ -21,7 +21,7 @@ from simsearch.errors import ReportError
 from simsearch.fs.files import replaced_atomically
 from simsearch.fs.names import shown
 from simsearch.media.thumbnail import Thumbnail, make_thumbnail
-from simsearch.records import DuplicateGroup, FileFacts, Hit
+from simsearch.records import DuplicateGroup, FileFacts, Hit, facts_text
 
 # Most thumbnails one page embeds: 1,000 make a page of roughly 15-30 MB, about the most a
 # browser opens without stalling and a person scrolls through; beyond that, a note points to
@@ -266,7 +266,7 @@ def _figure(
         f'<a class=name href="{link}">{_esc(name)}</a><span class=dir>{_esc(folder)}</span>'
     )
     if facts is not None:
-        out.write(f"<span class=facts>{_esc(facts.line())}</span>")
+        out.write(f"<span class=facts>{_esc(facts_text(facts))}</span>")
     if note:
         out.write(f"<span class=facts>{_esc(note)}</span>")
     out.write("</figcaption></figure>\n")
