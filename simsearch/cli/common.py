@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import io
 import logging
 import sys
@@ -123,8 +124,6 @@ def check_output(as_json: bool, as_csv: bool) -> None:
 
 def csv_table(header: list[str]):
     """A CSV writer on stdout with `header` written: rows go out as they are written."""
-    import csv
-
     out = csv.writer(sys.stdout, lineterminator="\n")
     out.writerow(header)
     return out

@@ -10,6 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from simsearch.cli.common import (
     _report_written,
@@ -209,8 +210,6 @@ def dedup(
 
 
 def _undo_moves(ctx, manifest: Path, index_path: Path, as_json: bool) -> None:
-    from click.core import ParameterSource
-
     from simsearch.api import Index
     from simsearch.ops.movelog import read_header
 

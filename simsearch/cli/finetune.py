@@ -12,7 +12,9 @@ import click
 from click.core import ParameterSource
 
 from simsearch.cli.common import cli, device_option, json_option
+from simsearch.cli.hints import explain
 from simsearch.cli.render import epoch_line, finetune_line
+from simsearch.errors import TrainingInterrupted
 from simsearch.train.finetune import FinetuneConfig
 from simsearch.train.transfer import DEFAULT_TRAINABLE_BLOCKS
 from simsearch.train.transfer import PRECISIONS as TRAINING_PRECISIONS
@@ -165,8 +167,6 @@ def finetune(ctx, data_dir, output, resume, device, as_json, **options):
     """
     from tqdm import tqdm
 
-    from simsearch.cli.hints import explain
-    from simsearch.errors import TrainingInterrupted
     from simsearch.train.finetune import finetune, read_checkpoint_config
 
     if options["val_dir"] is not None and options["val_split"] is not None:

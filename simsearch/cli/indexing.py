@@ -26,11 +26,13 @@ from simsearch.config import (
     DEFAULT_LABEL_MODEL,
     DEFAULT_LABEL_TOP,
     DEFAULT_MODEL,
+    DEFAULT_WORKERS,
     MAX_IMAGE_PIXELS,
     OTHER_SUFFIXES,
     RAW_SUFFIXES,
 )
 from simsearch.models.embed import POOLS
+from simsearch.records import stages_line
 
 log = logging.getLogger("simsearch")
 
@@ -159,7 +161,6 @@ def index(
     from tqdm import tqdm
 
     from simsearch.api import Index
-    from simsearch.config import DEFAULT_WORKERS
 
     quiet = quiet or obj["quiet"]
     # disable=None: tqdm draws only when stderr is a terminal.
@@ -236,8 +237,6 @@ def index(
     if summary.skipped_suffixes:  # even with --quiet: a folder of photos gave nothing
         click.echo(_skipped_line(summary.skipped_suffixes), err=True)
     if not quiet:
-        from simsearch.records import stages_line
-
         click.echo(stages_line(summary.stages), err=True)
         if about is not None:
             click.echo(_index_type_line(about), err=True)
@@ -295,8 +294,6 @@ def _label_index(idx, label_model, label_top, workers, no_bar):
     if label_model is None:
         return None
     from tqdm import tqdm
-
-    from simsearch.config import DEFAULT_WORKERS
 
     with tqdm(desc="labelling", unit="img", file=sys.stderr, disable=no_bar) as bar:
         return idx.label_images(
