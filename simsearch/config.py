@@ -270,3 +270,9 @@ VALIDATION_MIN_IMAGES = 20
 # the built-in set has 108): ViT-L embeds ~1.2 images/s in fp32 on two cores, so each of the
 # passes (PyTorch, ONNX fp32, each int8 try) takes up to ~100 s at this cap.
 VALIDATION_MAX_IMAGES = 120
+
+# Most thumbnails one HTML report page embeds: 1,000 make a page of roughly 15-30 MB, about
+# the most a browser opens without stalling and a person scrolls through; beyond that, a
+# note points to the complete listing. Dedup runs over large collections find tens of
+# thousands of groups.
+MAX_PAGE_FIGURES = 1_000

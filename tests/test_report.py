@@ -260,7 +260,7 @@ def test_thumbnails_are_kept_only_while_the_page_needs_them_again(pictures):
 
 
 def test_a_huge_report_is_cut_with_a_note(tmp_path, pictures, monkeypatch):
-    monkeypatch.setattr(report, "MAX_PAGE_FIGURES", 5)
+    monkeypatch.setattr("simsearch.config.MAX_PAGE_FIGURES", 5)
     groups = [
         DuplicateGroup(i, pictures[i], (Duplicate(i + 3, pictures[i + 3], 0.97),)) for i in range(3)
     ] + [DuplicateGroup(9, pictures[0], (Duplicate(8, pictures[1], 0.97),))]

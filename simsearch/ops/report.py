@@ -16,17 +16,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Protocol, TextIO, TypeVar
 
+from simsearch import config
 from simsearch._version import __version__
 from simsearch.errors import ReportError
 from simsearch.fs.files import replaced_atomically
 from simsearch.fs.names import shown
 from simsearch.media.thumbnail import Thumbnail, make_thumbnail
 from simsearch.records import DuplicateGroup, FileFacts, Hit, facts_text
-
-# Most thumbnails one page embeds: 1,000 make a page of roughly 15-30 MB, about the most a
-# browser opens without stalling and a person scrolls through; beyond that, a note points to
-# --json. Dedup runs over large collections find tens of thousands of groups.
-MAX_PAGE_FIGURES = 1_000
 
 T = TypeVar("T")
 
@@ -186,7 +182,7 @@ def cluster_page(
 def _fit(rows: Sequence[T], sizes: Sequence[int], budget: int | None = None) -> list[tuple[T, int]]:
     """Return (row, figures shown) for the rows that fit in `budget` figures, in order: rows
     are shown whole until one no longer fits, which is cut; rows after it are left out."""
-    budget = MAX_PAGE_FIGURES if budget is None else budget  # read late: tests lower it
+    budget = config.MAX_PAGE_FIGURES if budget is None else budget
     plan: list[tuple[T, int]] = []
     for row, size in zip(rows, sizes, strict=True):
         if budget <= 0 and size > 0:
