@@ -45,8 +45,9 @@ class _ThumbnailDraft:
         return self.longest, self.longest
 
 
-def make_thumbnail(path: str | os.PathLike, size: int = THUMBNAIL_PX) -> Thumbnail:
-    """Return the thumbnail of the image at `path`, or one that carries the reason it failed.
+def thumbnail_jpeg(path: str | os.PathLike, size: int = THUMBNAIL_PX) -> tuple[bytes, int, int]:
+    """Return (JPEG bytes, width, height) of the thumbnail of the image at `path`, its
+    longest side `size` at most; ImageError with the reason when there is none.
 
     Reading and decoding go through simsearch.media.decode: non-regular files, files above
     MAX_FILE_BYTES and images above MAX_IMAGE_PIXELS are refused before they cost memory.
@@ -57,9 +58,17 @@ def make_thumbnail(path: str | os.PathLike, size: int = THUMBNAIL_PX) -> Thumbna
         img.thumbnail((size, size), Image.Resampling.LANCZOS)
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=THUMBNAIL_QUALITY, optimize=True)
+    except (OSError, ValueError) as exc:  # e.g. the disk went away mid-read
+        raise ImageError(f"cannot make a thumbnail: {exc}") from None
+    return buf.getvalue(), img.width, img.height
+
+
+def make_thumbnail(path: str | os.PathLike, size: int = THUMBNAIL_PX) -> Thumbnail:
+    """Return the thumbnail of the image at `path` as a data: URI, or one that carries the
+    reason it failed (see thumbnail_jpeg)."""
+    try:
+        jpeg, width, height = thumbnail_jpeg(path, size)
     except ImageError as exc:
         return Thumbnail(None, error=str(exc))
-    except (OSError, ValueError) as exc:  # e.g. the disk went away mid-read
-        return Thumbnail(None, error=f"cannot make a thumbnail: {exc}")
-    uri = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-    return Thumbnail(uri, img.width, img.height)
+    uri = "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
+    return Thumbnail(uri, width, height)
