@@ -14,6 +14,7 @@ from simsearch._version import __version__
 
 _HOMES = {
     "Index": "simsearch.api",
+    "Client": "simsearch.client",
     "SimsearchError": "simsearch.errors",
     "AddSummary": "simsearch.records",
     "Cluster": "simsearch.records",
@@ -27,6 +28,7 @@ _HOMES = {
 
 __all__ = [
     "AddSummary",
+    "Client",
     "Cluster",
     "ClusterRun",
     "Duplicate",
@@ -41,6 +43,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from simsearch.api import Index
+    from simsearch.client import Client
     from simsearch.errors import SimsearchError
     from simsearch.records import (
         AddSummary,

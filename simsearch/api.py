@@ -391,6 +391,10 @@ class Index:
         """Return counts, settings and size on disk."""
         return maintenance.info(self.parts)
 
+    def roots(self) -> list[str]:
+        """The folders and files `add` has been given (absolute paths), first given first."""
+        return self.parts.store.roots()
+
     def failed(self) -> list[records.FailedFile]:
         """Return every file that could not be indexed, with the reason."""
         return self.store.failed()

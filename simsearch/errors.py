@@ -146,6 +146,16 @@ class TrainingInterrupted(SimsearchError):
     """Fine-tuning stopped on request (Ctrl-C); its progress is saved and can be resumed."""
 
 
+class RemoteError(SimsearchError):
+    """An error a simsearch server answered (simsearch.Client): `status` is the HTTP
+    status, `kind` the server's error type; `param` and `fix` as the server gave them."""
+
+    def __init__(self, message: str, *, status: int, kind: str = "", param=None, fix=None) -> None:
+        super().__init__(message, param=param, fix=fix if fix in FIXES else None)
+        self.status = status
+        self.kind = kind
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type's name when it has none): what a
     one-line error quotes of a library's own, often multi-line, message."""

@@ -13,6 +13,7 @@ from simsearch.cli import (  # noqa: F401
     labels,
     models,
     searching,
+    serving,
 )
 from simsearch.cli.common import cli
 

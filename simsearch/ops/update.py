@@ -77,6 +77,7 @@ def add(
             raise
         with stopwatch("faiss"):
             cache.checkpoint()
+        parts.store.add_roots([os.path.abspath(f) for f in folders])
         return dataclasses.replace(
             summary, stages=dict(stopwatch.seconds), rebuilt=cache.last_rebuild
         )

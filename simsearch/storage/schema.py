@@ -155,12 +155,7 @@ def _to_1(conn: sqlite3.Connection) -> None:
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_to_1]
 
 
-def _dialect():
-
-    return sqlite.dialect()
-
-
-_DIALECT = _dialect()
+_DIALECT = sqlite.dialect()
 
 
 def version(engine: Engine) -> int:

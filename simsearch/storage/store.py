@@ -150,6 +150,23 @@ class Store(ImagesPart, WritesPart, VectorsPart, LabelsPart, ClustersPart, Integ
         with self.engine.begin() as conn:
             put_meta(conn, "manifest", manifest.to_json())
 
+    def roots(self) -> list[str]:
+        """The folders and files `add` was given (absolute), in the order first given: what
+        a later run over "the index's folders" goes over. [] for indexes made before."""
+        try:
+            value = json.loads(self._get_meta("roots") or "[]")
+        except ValueError:
+            return []
+        return [p for p in value if isinstance(p, str)] if isinstance(value, list) else []
+
+    def add_roots(self, paths: list[str]) -> None:
+        known = self.roots()
+        new = [p for p in dict.fromkeys(paths) if p not in known]
+        if new:
+            with self.engine.begin() as conn:
+                # json.dumps escapes a non-UTF-8 name's surrogates; loads gives them back.
+                put_meta(conn, "roots", json.dumps(known + new))
+
     def repair_meta(self, manifest: Manifest | None = None) -> bool:
         """Write `manifest` (when given) as the database's, and renew the generation numbers
         if they are not numbers (the FAISS file is then stale and rebuilt); return whether
