@@ -1,11 +1,5 @@
-"""The Python API: `Index`, one object for creating, filling and searching an image index.
-
-from simsearch import Index
-
-with Index.create("indexes/photos", model="/models/vit") as index:
-    index.add(["~/Pictures"])
-    for hit in index.search("query.jpg", k=5):
-        print(hit.score, hit.path)
+"""The Python API: `Index`, one object for creating, filling and searching an image index
+(README, "Python API", shows it in use).
 
 `Index` opens or creates the index folder (storage.folder), holds its model (models.provider)
 and FAISS cache (search.cache), and hands each call to the function of `ops` that does it.
