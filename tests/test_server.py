@@ -13,14 +13,12 @@ import time
 import numpy as np
 import pytest
 from conftest import draw_image
+from fastapi.testclient import TestClient
 
-pytest.importorskip("fastapi")
-from fastapi.testclient import TestClient  # noqa: E402
-
-from simsearch import Index  # noqa: E402
-from simsearch.server.app import create_app  # noqa: E402
-from simsearch.server.batching import EmbedBatcher  # noqa: E402
-from simsearch.server.state import Settings  # noqa: E402
+from simsearch import Index
+from simsearch.server.app import create_app
+from simsearch.server.batching import EmbedBatcher
+from simsearch.server.state import Settings
 
 
 def _png(i: int, size=(96, 72)) -> bytes:
