@@ -327,3 +327,13 @@ def test_roots_are_recorded_once_in_the_order_given(tmp_path, tiny_vit, photo_di
         idx.add(photo_dir)
         idx.add([other, photo_dir])
         assert idx.roots() == [str(photo_dir), str(other)]
+
+
+def test_calibrating_from_the_api_makes_the_default_threshold(served):
+    assert served.get("/api/duplicates").json()["fix"] == "calibrate"
+    found = served.post("/api/duplicates/calibrate")
+    assert found.status_code == 200, found.text
+    threshold = found.json()["threshold"]
+    assert 0 < threshold <= 1
+    page = served.get("/api/duplicates").json()
+    assert page["threshold"] == threshold

@@ -86,6 +86,16 @@ def duplicates(
     )
 
 
+@router.post("/duplicates/calibrate", responses=ERRORS, tags=["duplicates"])
+def calibrate(request: Request) -> dict:
+    """Calibrate the index's dedup threshold on edited copies of its own images (as
+    `dedup --calibrate`; it needs the model and takes seconds to minutes) and keep it."""
+    server = _server(request)
+    with server.model_turn(), server.lock:
+        found = server.index.calibrate_dedup()
+    return dataclasses.asdict(found)
+
+
 @router.post("/duplicates/move", response_model=s.MoveOut, responses=ERRORS, tags=["duplicates"])
 def move_duplicates(request: Request, body: s.MoveIn) -> s.MoveOut:
     """Move the duplicates of the chosen groups (by kept id) to the server's move folder,

@@ -5,12 +5,13 @@ thin translation of requests into calls here."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +56,7 @@ class SharedEmbedder:
 
     def __init__(self, embedder, lock: threading.Lock) -> None:
         self._embedder = embedder
-        self._lock = lock
+        self.lock = lock
         self.batch_size = embedder.batch_size
         self.preprocess = embedder.preprocess
         self.device = embedder.device
@@ -65,11 +66,11 @@ class SharedEmbedder:
         return self._embedder.manifest()
 
     def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        with self._lock:
+        with self.lock:
             return self._embedder.embed_pixels(pixels)
 
     def embed_images(self, images) -> np.ndarray:
-        with self._lock:
+        with self.lock:
             return self._embedder.embed_images(images)
 
 
@@ -140,6 +141,14 @@ class Server:
         if self.shared is None:
             raise QueryError(f"the model could not be loaded: {self.model_error}")
         return self.shared
+
+    @contextlib.contextmanager
+    def model_turn(self) -> Iterator[None]:
+        """Hold the model for a call that reaches it through the reader index itself
+        (calibration), so that it never runs at once with the batcher or the index run."""
+        shared = self.load_model()
+        with shared.lock:
+            yield
 
     def _embed_now(self, images: Sequence) -> np.ndarray:
         return self.load_model().embed_images(images)
