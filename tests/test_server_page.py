@@ -30,8 +30,10 @@ WAIT_S = 15
 TIMES = "\N{MULTIPLICATION SIGN}"  # as the page writes pixel sizes
 
 
-def _chrome_paths() -> tuple[str, str]:
-    """The browser and its driver, or skip (as test_report does for the browser)."""
+@pytest.fixture
+def chrome() -> tuple[str, str]:
+    """The browser and its driver, or skip (as test_report does for the browser): asked
+    for first, so that a machine without them skips before any index is built."""
     browser = next((found for name in BROWSERS if (found := shutil.which(name))), None)
     if browser is None:
         pytest.skip("no Chromium installed (apt-get install chromium); browser test skipped")
@@ -40,6 +42,7 @@ def _chrome_paths() -> tuple[str, str]:
     )
     if driver is None:
         pytest.skip("no chromedriver installed (apt-get install chromium-driver); skipped")
+    pytest.importorskip("selenium")
     return browser, driver
 
 
@@ -111,12 +114,12 @@ def served(tmp_path, collection):
 
 
 @pytest.fixture
-def browser(tmp_path):
+def browser(chrome, tmp_path):
     """Headless Chromium through Selenium, its console log kept."""
-    binary, driver_path = _chrome_paths()
-    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
+    binary, driver_path = chrome
     options = webdriver.ChromeOptions()
     options.binary_location = binary
     profile = tmp_path / "chromium-profile"
@@ -181,7 +184,7 @@ class Page:
         return path
 
 
-def test_page_searches_reviews_duplicates_moves_and_undoes(served, browser, tmp_path):
+def test_page_searches_reviews_duplicates_moves_and_undoes(chrome, served, browser, tmp_path):
     photos, moved = served["photos"], served["moved"]
     page = Page(browser, tmp_path / "screenshots")
     print(f"screenshots folder: {page.folder}")
@@ -343,7 +346,7 @@ def _walk_through(page: Page, served: dict, photos: Path, moved: Path) -> None:
     page.shot("phone-dark")
 
 
-def test_page_says_when_moving_is_off(collection, browser, tmp_path):
+def test_page_says_when_moving_is_off(chrome, collection, browser, tmp_path):
     """A server without --move-to (and without a token): the dry run is refused, and the
     page says why instead of showing an error."""
     from simsearch.server.state import Settings
