@@ -94,10 +94,6 @@ def _serving(settings):
         yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
-        # An event stream the page followed waits in a worker thread for the run's next
-        # change, up to its 15 s keep-alive, and the server's loop ends only once that
-        # thread has: a change (a run of nothing) wakes it now.
-        app.state.server.job.start(lambda progress: None)
         thread.join(timeout=30)
         assert not thread.is_alive(), "the server did not stop"
 

@@ -132,13 +132,16 @@ def create_app(settings: Settings, server: Server | None = None) -> FastAPI:
         job = holder["server"].job
 
         async def stream():
-            version = -1
+            # Waits of a second, so that a closed connection or a stopping server ends
+            # the stream within one (a long wait held shutdown for its length).
+            version, quiet_since = -1, time.monotonic()
             while not await request.is_disconnected():
-                state = await asyncio.to_thread(job.wait, version, 15.0)
+                state = await asyncio.to_thread(job.wait, version, 1.0)
                 if state["version"] != version:
-                    version = state["version"]
+                    version, quiet_since = state["version"], time.monotonic()
                     yield f"data: {json.dumps(state)}\n\n"
-                else:
+                elif time.monotonic() - quiet_since > 15:
+                    quiet_since = time.monotonic()
                     yield ": keep-alive\n\n"
 
         return StreamingResponse(stream(), media_type="text/event-stream")
