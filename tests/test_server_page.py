@@ -357,3 +357,22 @@ def test_page_says_when_moving_is_off(chrome, collection, browser, tmp_path):
         assert page.find("#move-page").get_attribute("disabled") is not None
         assert (collection["photos"] / "img0-small.jpg").exists()
         page.shot("moving-off")
+
+
+def test_page_calibrates_an_index_that_has_no_threshold(chrome, collection, browser, tmp_path):
+    """An uncalibrated index: the duplicates view offers calibration, and after it lists the
+    groups at the threshold it found, which the index keeps."""
+    from simsearch import Index
+    from simsearch.server.state import Settings
+
+    page = Page(browser, tmp_path / "screenshots")
+    with _serving(Settings(index=collection["index"], window=0.0)) as url:
+        browser.get(f"{url}/#duplicates")
+        page.until(lambda p: p.find("#calibrate-note").is_displayed(), "the calibration note")
+        page.find("#calibrate").click()
+        page.until(lambda p: "at threshold" in p.find("#dup-summary").text, "the groups")
+        page.shot("calibrated")
+    with Index.open(collection["index"]) as idx:
+        kept = idx.manifest.dedup_calibration
+    assert kept is not None
+    assert f"threshold {kept['threshold']}" in page.find("#dup-summary").text

@@ -652,6 +652,18 @@ function setUpDuplicates() {
   $("#move-page").addEventListener("click", () => {
     if (duplicatesShown) guarded(() => planMove(duplicatesShown.groups.map((g) => g.keep_id)));
   });
+  $("#calibrate").addEventListener("click", () => guarded(async () => {
+    const button = $("#calibrate");
+    button.disabled = true;
+    button.textContent = "Calibrating…";
+    try {
+      await api("api/duplicates/calibrate", { method: "POST" });
+    } finally {
+      button.disabled = false;
+      button.textContent = "Calibrate it";
+    }
+    go("duplicates", {});
+  }));
 }
 
 // -- failed files ----------------------------------------------------------------------------
