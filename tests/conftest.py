@@ -6,6 +6,7 @@ the same `from_pretrained` path that real checkpoints take.
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -98,7 +99,13 @@ PALETTE = [
 
 
 def draw_image(i: int, size: tuple[int, int] = (96, 72)) -> Image.Image:
-    """Draw the i-th test picture: a distinct background gradient, shape and colour each."""
+    """Draw the i-th test picture: a distinct background gradient, shape and colour each.
+    Each is drawn once per process; callers get their own copy to change."""
+    return _drawn(i, tuple(size)).copy()
+
+
+@functools.lru_cache(maxsize=1024)
+def _drawn(i: int, size: tuple[int, int]) -> Image.Image:
     w, h = size
     rng = np.random.default_rng(i)
     base = np.array(PALETTE[i % len(PALETTE)], dtype=np.float32)
