@@ -6,10 +6,22 @@ the same `from_pretrained` path that real checkpoints take.
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+# Under pytest-xdist (`make test-fast`) each worker is its own process: left alone, torch,
+# FAISS and BLAS each start one thread per core in every worker, and on a 2-core machine the
+# two workers' threads spin-wait on each other (a third of the CPU time went there). Give
+# each worker its share of the cores. Set before numpy and torch are imported, which read
+# it then; simsearch subprocesses that tests start inherit it. A plain `pytest` run keeps
+# the libraries' own default.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, str(_share))
 
 import numpy as np
 import pytest
@@ -90,7 +102,13 @@ PALETTE = [
 
 
 def draw_image(i: int, size: tuple[int, int] = (96, 72)) -> Image.Image:
-    """Draw the i-th test picture: a distinct background gradient, shape and colour each."""
+    """Draw the i-th test picture: a distinct background gradient, shape and colour each.
+    Each is drawn once per process; callers get their own copy to change."""
+    return _drawn(i, tuple(size)).copy()
+
+
+@functools.lru_cache(maxsize=1024)
+def _drawn(i: int, size: tuple[int, int]) -> Image.Image:
     w, h = size
     rng = np.random.default_rng(i)
     base = np.array(PALETTE[i % len(PALETTE)], dtype=np.float32)

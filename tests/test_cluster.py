@@ -5,6 +5,7 @@ the CLI prints what people and scripts expect."""
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -58,13 +59,23 @@ def labels_of(index: Index, ids: np.ndarray) -> np.ndarray:
     return np.array([stored.get(int(i), 0) for i in ids])
 
 
-@pytest.fixture
-def grouped(tmp_path, tiny_vit):
-    """An index of 2,000 vectors in 20 planted groups of 100."""
+@pytest.fixture(scope="module")
+def grouped_template(tmp_path_factory, tiny_vit):
+    """The index `grouped` copies, built once: writing 2,000 rows took 0.4 s a test."""
     data, group = planted(2_000)
-    with Index.create(tmp_path / "idx", tiny_vit) as index:
+    path = tmp_path_factory.mktemp("grouped") / "idx"
+    with Index.create(path, tiny_vit) as index:
         ids = fill(index, data)
-        yield index, ids, data, group
+    return path, ids, data, group
+
+
+@pytest.fixture
+def grouped(tmp_path, grouped_template):
+    """An index of 2,000 vectors in 20 planted groups of 100 (a fresh copy for each test)."""
+    template, ids, data, group = grouped_template
+    shutil.copytree(template, tmp_path / "idx")
+    with Index.open(tmp_path / "idx") as index:
+        yield index, ids.copy(), data.copy(), group.copy()
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

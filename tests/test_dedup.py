@@ -4,6 +4,7 @@ group, the keep policy holds, and the CLI prints what scripts expect."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -25,9 +26,9 @@ def _copy_of(vector: np.ndarray, rng, similarity: float) -> np.ndarray:
     return (similarity * vector + np.sqrt(1 - similarity**2) * noise).astype(np.float32)
 
 
-@pytest.fixture
-def planted(tmp_path, tiny_vit):
-    """2,000 distinct images and 30 of them with 1-3 near copies each (cosine 0.985-0.998)."""
+@pytest.fixture(scope="module")
+def planted_template(tmp_path_factory, tiny_vit):
+    """The index `planted` copies, built once: writing its 2,078 rows took 0.4 s a test."""
     rng = np.random.default_rng(3)
     data = clustered(2_000, seed=4, clusters=400)
     copies, sources = [], []
@@ -35,9 +36,20 @@ def planted(tmp_path, tiny_vit):
         for _ in range(rng.integers(1, 4)):
             copies.append(_copy_of(data[source], rng, rng.uniform(0.985, 0.998)))
             sources.append(int(source))
-    with Index.create(tmp_path / "idx", tiny_vit) as index:
+    path = tmp_path_factory.mktemp("planted") / "idx"
+    with Index.create(path, tiny_vit) as index:
         ids = fill(index, np.concatenate([data, np.stack(copies)]))
-        yield index, ids, data, sources
+    return path, ids, data, sources
+
+
+@pytest.fixture
+def planted(tmp_path, planted_template):
+    """2,000 distinct images and 30 of them with 1-3 near copies each (cosine 0.985-0.998);
+    a fresh copy of the index for each test."""
+    template, ids, data, sources = planted_template
+    shutil.copytree(template, tmp_path / "idx")
+    with Index.open(tmp_path / "idx") as index:
+        yield index, ids.copy(), data.copy(), list(sources)
 
 
 def test_planted_copies_are_found_and_nothing_else(planted):

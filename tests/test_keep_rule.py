@@ -7,6 +7,7 @@ Every test here uses real files on disk, indexed the way a user indexes them.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sqlite3
@@ -37,12 +38,22 @@ def vit224(tmp_path_factory) -> Path:
 
 def camera_photo(size=(4000, 3000)) -> Image.Image:
     """A camera-size photograph: a real photo (scikit-image's astronaut) scaled up, with
-    sensor-like noise so the JPEG is as large as a camera's."""
+    sensor-like noise so the JPEG is as large as a camera's. Made once per process (a copy
+    each call)."""
+    return _camera_photo(tuple(size)).copy()
+
+
+@functools.lru_cache(maxsize=1)
+def _camera_photo(size: tuple[int, int]) -> Image.Image:
     from skimage import data
 
     img = Image.fromarray(data.astronaut()).resize(size, Image.Resampling.BICUBIC)
     noise = np.random.default_rng(0).normal(0, 4, (size[1], size[0], 3))
-    return Image.fromarray(np.clip(np.asarray(img) + noise, 0, 255).astype(np.uint8))
+    # In place: the same pixels as np.clip(img + noise, 0, 255), without two more 288 MB
+    # temporaries (1.3 s -> 0.1 s).
+    noise += np.asarray(img)
+    np.clip(noise, 0, 255, out=noise)
+    return Image.fromarray(noise.astype(np.uint8))
 
 
 def dedup(index: Path, *args: str) -> list[dict]:
