@@ -252,11 +252,11 @@ def test_each_image_is_made_once_per_page(tmp_path, pictures, monkeypatch):
 def test_thumbnails_are_kept_only_while_the_page_needs_them_again(pictures):
     thumbs = report._Thumbnails([pictures[0], pictures[1], pictures[0]])
     first = thumbs.get(pictures[0])
-    assert set(thumbs._kept) == {pictures[0]}
+    assert thumbs.held() == {pictures[0]}
     thumbs.get(pictures[1])
-    assert set(thumbs._kept) == {pictures[0]}  # single-use thumbnails are never held
+    assert thumbs.held() == {pictures[0]}  # single-use thumbnails are never held
     assert thumbs.get(pictures[0]) is first
-    assert thumbs._kept == {}
+    assert thumbs.held() == set()
 
 
 def test_a_huge_report_is_cut_with_a_note(tmp_path, pictures, monkeypatch):

@@ -50,6 +50,10 @@ class _Thumbnails:
             self._kept[path] = thumb
         return thumb
 
+    def held(self) -> set[str]:
+        """The paths whose thumbnails are in memory now."""
+        return set(self._kept)
+
 
 def search_page(
     results: Sequence[tuple[str, Sequence[Hit]]],
