@@ -123,19 +123,28 @@ class Guard:
         if declared is not None and declared.isdigit() and int(declared) > self.max_body:
             return await _send_json(send, 413, self._too_large())
         received = 0
-        started = False
+        started = over = False
 
         async def limited_receive():
-            nonlocal received
+            nonlocal received, over
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body:
+                    over = True
                     raise BodyTooLarge(self.max_body)
             return message
 
         async def tracking_send(message):
             nonlocal started
+            if over:
+                # The body was cut off: whatever the app makes of that (a middleware wraps
+                # the exception in a group, which FastAPI then calls a parse error, 400),
+                # the answer is the 413; the app's own is dropped.
+                if message["type"] == "http.response.start" and not started:
+                    started = True
+                    await _send_json(send, 413, self._too_large())
+                return
             if message["type"] == "http.response.start":
                 started = True
                 if set_cookie:
@@ -145,7 +154,9 @@ class Guard:
 
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except BodyTooLarge:
+        except Exception:  # BodyTooLarge, bare or in an exception group
+            if not over:
+                raise
             if not started:
                 await _send_json(send, 413, self._too_large())
 
