@@ -106,8 +106,9 @@ class Guard:
                                 "type": "Forbidden"},
                 )  # fmt: skip
         origin = headers.get("origin")
-        if scope["method"] not in ("GET", "HEAD", "OPTIONS") and origin and origin != "null":
-            same = urlsplit(origin).netloc == headers.get("host")
+        if scope["method"] not in ("GET", "HEAD", "OPTIONS") and origin:
+            # "null" is no exemption: a sandboxed iframe or a data: page elsewhere sends it
+            same = origin != "null" and urlsplit(origin).netloc == headers.get("host")
             if not same and origin not in self.cors:
                 return await _send_json(
                     send, 403, {"error": f"cross-site request from {origin} refused",
