@@ -91,7 +91,9 @@ class Guard:
         from_query = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token", [])
         given += from_query
         expected = self.token.encode()
-        ok = any(hmac.compare_digest(g.encode(), expected) for g in given)
+        # An empty value is never the token, even where one was configured as "" (the
+        # library's Settings(token=""); the CLI makes that None): fail closed, not open.
+        ok = any(g and hmac.compare_digest(g.encode(), expected) for g in given)
         return ok, ok and bool(from_query)
 
     async def __call__(self, scope, receive, send):
