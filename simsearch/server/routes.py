@@ -29,6 +29,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     422: {"model": s.Error},
 }
 CHUNK = 1 << 16
+MAX_ID = 2**63 - 1  # SQLite's INTEGER: no image has an id outside +-2**63 (asking raised)
 
 
 class NotFound(QueryError):
@@ -166,9 +167,16 @@ def _ids(text: str, what: str) -> list[int]:
     return found
 
 
+def _no_such_id(ids: list[int], param: str | None) -> None:
+    for i in ids:
+        if not -MAX_ID - 1 <= i <= MAX_ID:
+            raise NotFound(f"no indexed image has id {i}", param=param)
+
+
 def _stored(server: Server, ids: list[int]) -> np.ndarray:
     if not ids:
         return np.empty((0, server.index.manifest.dim), np.float32)
+    _no_such_id(ids, "ids")
     try:
         return server.stored_vectors(ids)
     except QueryError as exc:
@@ -220,6 +228,7 @@ def thumbnail(request: Request, image_id: int, size: int = Query(256, ge=32, le=
 
 
 def _path_of(request: Request, image_id: int) -> str:
+    _no_such_id([image_id], None)
     try:
         return _server(request).image_path(image_id)[0]
     except QueryError as exc:
