@@ -41,7 +41,10 @@ def _server(request: Request) -> Server:
 
 
 def _unit(vectors: list[list[float]], dim: int, what: str) -> np.ndarray:
-    matrix = np.asarray(vectors, dtype=np.float64).reshape(len(vectors), -1)
+    try:
+        matrix = np.asarray(vectors, dtype=np.float64).reshape(len(vectors), -1)
+    except ValueError:  # ragged: [[1, 2], [1]]
+        raise QueryError(f"{what} must each have {dim} numbers", param=what) from None
     if matrix.shape[1] != dim:
         raise QueryError(f"{what} must have {dim} numbers, not {matrix.shape[1]}", param=what)
     norms = np.linalg.norm(matrix, axis=1)
