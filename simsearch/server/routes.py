@@ -212,8 +212,10 @@ def original(request: Request, image_id: int) -> StreamingResponse:
     fh = os.fdopen(fd, "rb")
 
     def chunks():
+        left = st.st_size  # never past the size fstat gave: a /proc file says 0, yet reads on
         with fh:
-            while block := fh.read(CHUNK):
+            while left > 0 and (block := fh.read(min(CHUNK, left))):
+                left -= len(block)
                 yield block
 
     kind = mimetypes.guess_type(os.fsdecode(path))[0] or "application/octet-stream"
