@@ -200,7 +200,7 @@ def _decode(upload: UploadFile):
 @router.get("/images/{image_id}", responses=ERRORS, tags=["images"])
 def original(request: Request, image_id: int) -> StreamingResponse:
     """The indexed file behind an id, streamed with its content type."""
-    path = _path_of(request, image_id)
+    path, mtime_ns = _indexed(request, image_id)
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as exc:
@@ -209,6 +209,11 @@ def original(request: Request, image_id: int) -> StreamingResponse:
     if not stat.S_ISREG(st.st_mode):  # a FIFO or a device put where the image was
         os.close(fd)
         raise ImageError(f"image {image_id} is not a regular file any more")
+    if mtime_ns is not None and st.st_mtime_ns != mtime_ns:
+        # Not the file that was indexed: perhaps an edit, perhaps a link to some other file
+        # put in its place (checked on the open file, so it cannot be swapped after this).
+        os.close(fd)
+        raise ImageError(f"image {image_id} changed since it was indexed (index again)")
     fh = os.fdopen(fd, "rb")
 
     def chunks():
@@ -227,15 +232,22 @@ def original(request: Request, image_id: int) -> StreamingResponse:
 @router.get("/images/{image_id}/thumbnail", responses=ERRORS, tags=["images"])
 def thumbnail(request: Request, image_id: int, size: int = Query(256, ge=32, le=512)) -> Response:
     """A JPEG thumbnail of an indexed image, its longest side `size` pixels at most."""
-    _path_of(request, image_id)
+    path, mtime_ns = _indexed(request, image_id)
+    try:
+        changed = mtime_ns is not None and os.stat(path).st_mtime_ns != mtime_ns
+    except OSError:
+        changed = False  # the thumbnail's own read says what is wrong
+    if changed:  # as for the original (a check before the read, where that one is on it)
+        raise ImageError(f"image {image_id} changed since it was indexed (index again)")
     jpeg = _server(request).thumbnail(image_id, size)
     return Response(jpeg, media_type="image/jpeg", headers={"cache-control": "max-age=3600"})
 
 
-def _path_of(request: Request, image_id: int) -> str:
+def _indexed(request: Request, image_id: int) -> tuple[str, int | None]:
+    """The stored path of an id and the mtime the file had when it was indexed."""
     _no_such_id([image_id], None)
     try:
-        return _server(request).image_path(image_id)[0]
+        return _server(request).image_path(image_id)
     except QueryError as exc:
         raise NotFound(str(exc)) from None
 
