@@ -223,9 +223,14 @@ def original(request: Request, image_id: int) -> StreamingResponse:
                 left -= len(block)
                 yield block
 
-    kind = mimetypes.guess_type(os.fsdecode(path))[0] or "application/octet-stream"
+    kind = mimetypes.guess_type(os.fsdecode(path))[0] or ""
+    if not kind.startswith("image/") or "svg" in kind:
+        # A file indexed by name (`simsearch index page.html`, a PNG that is HTML too) must
+        # not run as a page of this origin: only raster image types are sent as themselves.
+        kind = "application/octet-stream"
     headers = {"content-length": str(st.st_size), "x-content-type-options": "nosniff",
-               "content-disposition": "inline"}  # fmt: skip
+               "content-disposition": "inline",
+               "content-security-policy": "default-src 'none'; sandbox"}  # fmt: skip
     return StreamingResponse(chunks(), media_type=kind, headers=headers)
 
 
