@@ -148,8 +148,9 @@ def search_by_upload(
     server = _server(request)
     if len(images) + len(negative_images) > s.MAX_QUERIES:
         raise QueryError(f"at most {s.MAX_QUERIES} images a request", param="images")
-    decoded = [_decode(u) for u in images]
-    decoded_negative = [_decode(u) for u in negative_images]
+    preprocess = server.load_model().preprocess if images or negative_images else None
+    decoded = [_decode(u, preprocess) for u in images]
+    decoded_negative = [_decode(u, preprocess) for u in negative_images]
     vectors = server.embed(decoded + decoded_negative)
     positives = [(f"image:{u.filename or n}", vectors[n]) for n, u in enumerate(images)]
     pos_ids, neg_ids = _ids(ids, "ids"), _ids(negative_ids, "negative_ids")
@@ -186,13 +187,17 @@ def _stored(server: Server, ids: list[int]) -> np.ndarray:
         raise NotFound(str(exc), param=exc.param) from None
 
 
-def _decode(upload: UploadFile):
-    """An uploaded image decoded within the indexer's bounds (pixels, decoded bytes)."""
+def _decode(upload: UploadFile, preprocess):
+    """An uploaded image decoded as the indexer decodes it: within its bounds (pixels,
+    decoded bytes), reduced right after decoding to what the model's `preprocess` needs (a
+    request's images are held until embedded: a 200 KB PNG of 12000x12000 would hold
+    576 MB), and refused here when too thin for its resize (in the shared batch, that
+    error failed every other client's request embedded with it)."""
     data = upload.file.read()
     if not data:
         raise ImageError(f"{upload.filename or 'the upload'}: empty file")
     try:
-        return decode_image(data, name=upload.filename or "upload")
+        return decode_image(data, draft=preprocess, name=upload.filename or "upload")
     except ImageError as exc:
         raise ImageError(f"{upload.filename or 'the upload'}: {exc}") from None
 
