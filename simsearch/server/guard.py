@@ -150,6 +150,9 @@ class Guard:
                 return
             if message["type"] == "http.response.start":
                 started = True
+                if not self.cors:  # no page elsewhere may embed a photo (<img>) or read a byte
+                    corp = (b"cross-origin-resource-policy", b"same-origin")
+                    message["headers"] = [*message["headers"], corp]
                 if set_cookie:
                     value = f"{COOKIE}={self.token}; HttpOnly; SameSite=Strict; Path=/"
                     message["headers"] = [*message["headers"], (b"set-cookie", value.encode())]
