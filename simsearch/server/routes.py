@@ -210,7 +210,16 @@ def _decode(upload: UploadFile, preprocess):
         raise ImageError(f"{upload.filename or 'the upload'}: {exc}") from None
 
 
-@router.get("/images/{image_id}", responses=ERRORS, tags=["images"])
+BINARY = {"schema": {"type": "string", "format": "binary"}}
+
+
+@router.get(
+    "/images/{image_id}",
+    response_class=StreamingResponse,
+    responses={**ERRORS, 200: {"content": {"image/*": BINARY, "application/octet-stream": BINARY},
+                               "description": "The file's bytes"}},
+    tags=["images"],
+)  # fmt: skip
 def original(request: Request, image_id: int) -> StreamingResponse:
     """The indexed file behind an id, streamed with its content type."""
     path, mtime_ns = _indexed(request, image_id)
@@ -247,7 +256,12 @@ def original(request: Request, image_id: int) -> StreamingResponse:
     return StreamingResponse(chunks(), media_type=kind, headers=headers)
 
 
-@router.get("/images/{image_id}/thumbnail", responses=ERRORS, tags=["images"])
+@router.get(
+    "/images/{image_id}/thumbnail",
+    response_class=Response,
+    responses={**ERRORS, 200: {"content": {"image/jpeg": BINARY}, "description": "A JPEG"}},
+    tags=["images"],
+)
 def thumbnail(request: Request, image_id: int, size: int = Query(256, ge=32, le=512)) -> Response:
     """A JPEG thumbnail of an indexed image, its longest side `size` pixels at most."""
     path, mtime_ns = _indexed(request, image_id)
