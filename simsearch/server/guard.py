@@ -6,6 +6,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import re
 from http.cookies import SimpleCookie
 from urllib.parse import parse_qs, urlsplit
 
@@ -37,9 +38,12 @@ def _headers(scope) -> dict[str, str]:
 
 
 def _hostname(host: str) -> str:
-    if host.startswith("["):  # [::1]:8000
-        return host.split("]")[0] + "]"
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    """The name in a Host header, its port left off; a header of another shape whole."""
+    bracketed = re.fullmatch(r"(\[[^\]]*\])(:\d*)?", host)  # [::1]:8000, not [::1].evil
+    if bracketed:
+        return bracketed.group(1)
+    named = re.fullmatch(r"([^:]*)(:\d*)?", host)  # localhost:8000
+    return named.group(1) if named else host  # else ::1, bare
 
 
 async def _send_json(send, status: int, body: dict, headers: list | None = None) -> None:
