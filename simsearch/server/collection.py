@@ -151,6 +151,9 @@ def undo(request: Request, body: s.UndoIn) -> s.MoveOut:
         path = server.manifest_named(body.manifest)
     except QueryError as exc:
         raise NotFound(str(exc), param="manifest") from None
+    # A manifest's header first (a regular file, its first line bounded): counting the lines
+    # of a FIFO named like a manifest waited forever, of a link to /dev/zero filled memory.
+    read_header(path)
     if not body.confirm:
         count = max(0, sum(1 for _ in path.open("rb")) - 1)
         return s.MoveOut(dry_run=True, files=count, bytes=0, manifest=path.name)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import re
 from http.cookies import SimpleCookie
 from urllib.parse import parse_qs, urlsplit
 
@@ -37,9 +38,12 @@ def _headers(scope) -> dict[str, str]:
 
 
 def _hostname(host: str) -> str:
-    if host.startswith("["):  # [::1]:8000
-        return host.split("]")[0] + "]"
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    """The name in a Host header, its port left off; a header of another shape whole."""
+    bracketed = re.fullmatch(r"(\[[^\]]*\])(:\d*)?", host)  # [::1]:8000, not [::1].evil
+    if bracketed:
+        return bracketed.group(1)
+    named = re.fullmatch(r"([^:]*)(:\d*)?", host)  # localhost:8000
+    return named.group(1) if named else host  # else ::1, bare
 
 
 async def _send_json(send, status: int, body: dict, headers: list | None = None) -> None:
@@ -91,7 +95,9 @@ class Guard:
         from_query = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token", [])
         given += from_query
         expected = self.token.encode()
-        ok = any(hmac.compare_digest(g.encode(), expected) for g in given)
+        # An empty value is never the token, even where one was configured as "" (the
+        # library's Settings(token=""); the CLI makes that None): fail closed, not open.
+        ok = any(g and hmac.compare_digest(g.encode(), expected) for g in given)
         return ok, ok and bool(from_query)
 
     async def __call__(self, scope, receive, send):
@@ -106,8 +112,9 @@ class Guard:
                                 "type": "Forbidden"},
                 )  # fmt: skip
         origin = headers.get("origin")
-        if scope["method"] not in ("GET", "HEAD", "OPTIONS") and origin and origin != "null":
-            same = urlsplit(origin).netloc == headers.get("host")
+        if scope["method"] not in ("GET", "HEAD", "OPTIONS") and origin:
+            # "null" is no exemption: a sandboxed iframe or a data: page elsewhere sends it
+            same = origin != "null" and urlsplit(origin).netloc == headers.get("host")
             if not same and origin not in self.cors:
                 return await _send_json(
                     send, 403, {"error": f"cross-site request from {origin} refused",
@@ -123,21 +130,33 @@ class Guard:
         if declared is not None and declared.isdigit() and int(declared) > self.max_body:
             return await _send_json(send, 413, self._too_large())
         received = 0
-        started = False
+        started = over = False
 
         async def limited_receive():
-            nonlocal received
+            nonlocal received, over
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body:
+                    over = True
                     raise BodyTooLarge(self.max_body)
             return message
 
         async def tracking_send(message):
             nonlocal started
+            if over:
+                # The body was cut off: whatever the app makes of that (a middleware wraps
+                # the exception in a group, which FastAPI then calls a parse error, 400),
+                # the answer is the 413; the app's own is dropped.
+                if message["type"] == "http.response.start" and not started:
+                    started = True
+                    await _send_json(send, 413, self._too_large())
+                return
             if message["type"] == "http.response.start":
                 started = True
+                if not self.cors:  # no page elsewhere may embed a photo (<img>) or read a byte
+                    corp = (b"cross-origin-resource-policy", b"same-origin")
+                    message["headers"] = [*message["headers"], corp]
                 if set_cookie:
                     value = f"{COOKIE}={self.token}; HttpOnly; SameSite=Strict; Path=/"
                     message["headers"] = [*message["headers"], (b"set-cookie", value.encode())]
@@ -145,7 +164,9 @@ class Guard:
 
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except BodyTooLarge:
+        except Exception:  # BodyTooLarge, bare or in an exception group
+            if not over:
+                raise
             if not started:
                 await _send_json(send, 413, self._too_large())
 

@@ -8,6 +8,7 @@ import dataclasses
 import mimetypes
 import os
 import stat
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,13 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     422: {"model": s.Error},
 }
 CHUNK = 1 << 16
+# Uploads decoded at once, whatever the number of clients: each decode may take up to
+# MAX_DECODE_BYTES (400 MiB) before it is reduced, and the thread pool runs 40 requests.
+# In threads of their own, not the requests': the C allocator keeps what a thread's
+# decode freed for that thread, so decoding in 40 threads held 40 decodes' memory.
+DECODES_AT_ONCE = 2
+_decoder = ThreadPoolExecutor(DECODES_AT_ONCE, thread_name_prefix="simsearch-decode")
+MAX_ID = 2**63 - 1  # SQLite's INTEGER: no image has an id outside +-2**63 (asking raised)
 
 
 class NotFound(QueryError):
@@ -40,7 +48,10 @@ def _server(request: Request) -> Server:
 
 
 def _unit(vectors: list[list[float]], dim: int, what: str) -> np.ndarray:
-    matrix = np.asarray(vectors, dtype=np.float64).reshape(len(vectors), -1)
+    try:
+        matrix = np.asarray(vectors, dtype=np.float64).reshape(len(vectors), -1)
+    except ValueError:  # ragged: [[1, 2], [1]]
+        raise QueryError(f"{what} must each have {dim} numbers", param=what) from None
     if matrix.shape[1] != dim:
         raise QueryError(f"{what} must have {dim} numbers, not {matrix.shape[1]}", param=what)
     norms = np.linalg.norm(matrix, axis=1)
@@ -144,8 +155,9 @@ def search_by_upload(
     server = _server(request)
     if len(images) + len(negative_images) > s.MAX_QUERIES:
         raise QueryError(f"at most {s.MAX_QUERIES} images a request", param="images")
-    decoded = [_decode(u) for u in images]
-    decoded_negative = [_decode(u) for u in negative_images]
+    preprocess = server.load_model().preprocess if images or negative_images else None
+    decoded = [_decode(u, preprocess) for u in images]
+    decoded_negative = [_decode(u, preprocess) for u in negative_images]
     vectors = server.embed(decoded + decoded_negative)
     positives = [(f"image:{u.filename or n}", vectors[n]) for n, u in enumerate(images)]
     pos_ids, neg_ids = _ids(ids, "ids"), _ids(negative_ids, "negative_ids")
@@ -166,30 +178,51 @@ def _ids(text: str, what: str) -> list[int]:
     return found
 
 
+def _no_such_id(ids: list[int], param: str | None) -> None:
+    for i in ids:
+        if not -MAX_ID - 1 <= i <= MAX_ID:
+            raise NotFound(f"no indexed image has id {i}", param=param)
+
+
 def _stored(server: Server, ids: list[int]) -> np.ndarray:
     if not ids:
         return np.empty((0, server.index.manifest.dim), np.float32)
+    _no_such_id(ids, "ids")
     try:
         return server.stored_vectors(ids)
     except QueryError as exc:
         raise NotFound(str(exc), param=exc.param) from None
 
 
-def _decode(upload: UploadFile):
-    """An uploaded image decoded within the indexer's bounds (pixels, decoded bytes)."""
+def _decode(upload: UploadFile, preprocess):
+    """An uploaded image decoded as the indexer decodes it: within its bounds (pixels,
+    decoded bytes), reduced right after decoding to what the model's `preprocess` needs (a
+    request's images are held until embedded: a 200 KB PNG of 12000x12000 would hold
+    576 MB), and refused here when too thin for its resize (in the shared batch, that
+    error failed every other client's request embedded with it)."""
     data = upload.file.read()
     if not data:
         raise ImageError(f"{upload.filename or 'the upload'}: empty file")
     try:
-        return decode_image(data, name=upload.filename or "upload")
+        name = upload.filename or "upload"
+        return _decoder.submit(decode_image, data, draft=preprocess, name=name).result()
     except ImageError as exc:
         raise ImageError(f"{upload.filename or 'the upload'}: {exc}") from None
 
 
-@router.get("/images/{image_id}", responses=ERRORS, tags=["images"])
+BINARY = {"schema": {"type": "string", "format": "binary"}}
+
+
+@router.get(
+    "/images/{image_id}",
+    response_class=StreamingResponse,
+    responses={**ERRORS, 200: {"content": {"image/*": BINARY, "application/octet-stream": BINARY},
+                               "description": "The file's bytes"}},
+    tags=["images"],
+)  # fmt: skip
 def original(request: Request, image_id: int) -> StreamingResponse:
     """The indexed file behind an id, streamed with its content type."""
-    path = _path_of(request, image_id)
+    path, mtime_ns = _indexed(request, image_id)
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as exc:
@@ -198,30 +231,55 @@ def original(request: Request, image_id: int) -> StreamingResponse:
     if not stat.S_ISREG(st.st_mode):  # a FIFO or a device put where the image was
         os.close(fd)
         raise ImageError(f"image {image_id} is not a regular file any more")
+    if mtime_ns is not None and st.st_mtime_ns != mtime_ns:
+        # Not the file that was indexed: perhaps an edit, perhaps a link to some other file
+        # put in its place (checked on the open file, so it cannot be swapped after this).
+        os.close(fd)
+        raise ImageError(f"image {image_id} changed since it was indexed (index again)")
     fh = os.fdopen(fd, "rb")
 
     def chunks():
+        left = st.st_size  # never past the size fstat gave: a /proc file says 0, yet reads on
         with fh:
-            while block := fh.read(CHUNK):
+            while left > 0 and (block := fh.read(min(CHUNK, left))):
+                left -= len(block)
                 yield block
 
-    kind = mimetypes.guess_type(os.fsdecode(path))[0] or "application/octet-stream"
+    kind = mimetypes.guess_type(os.fsdecode(path))[0] or ""
+    if not kind.startswith("image/") or "svg" in kind:
+        # A file indexed by name (`simsearch index page.html`, a PNG that is HTML too) must
+        # not run as a page of this origin: only raster image types are sent as themselves.
+        kind = "application/octet-stream"
     headers = {"content-length": str(st.st_size), "x-content-type-options": "nosniff",
-               "content-disposition": "inline"}  # fmt: skip
+               "content-disposition": "inline",
+               "content-security-policy": "default-src 'none'; sandbox"}  # fmt: skip
     return StreamingResponse(chunks(), media_type=kind, headers=headers)
 
 
-@router.get("/images/{image_id}/thumbnail", responses=ERRORS, tags=["images"])
+@router.get(
+    "/images/{image_id}/thumbnail",
+    response_class=Response,
+    responses={**ERRORS, 200: {"content": {"image/jpeg": BINARY}, "description": "A JPEG"}},
+    tags=["images"],
+)
 def thumbnail(request: Request, image_id: int, size: int = Query(256, ge=32, le=512)) -> Response:
     """A JPEG thumbnail of an indexed image, its longest side `size` pixels at most."""
-    _path_of(request, image_id)
+    path, mtime_ns = _indexed(request, image_id)
+    try:
+        changed = mtime_ns is not None and os.stat(path).st_mtime_ns != mtime_ns
+    except OSError:
+        changed = False  # the thumbnail's own read says what is wrong
+    if changed:  # as for the original (a check before the read, where that one is on it)
+        raise ImageError(f"image {image_id} changed since it was indexed (index again)")
     jpeg = _server(request).thumbnail(image_id, size)
     return Response(jpeg, media_type="image/jpeg", headers={"cache-control": "max-age=3600"})
 
 
-def _path_of(request: Request, image_id: int) -> str:
+def _indexed(request: Request, image_id: int) -> tuple[str, int | None]:
+    """The stored path of an id and the mtime the file had when it was indexed."""
+    _no_such_id([image_id], None)
     try:
-        return _server(request).image_path(image_id)[0]
+        return _server(request).image_path(image_id)
     except QueryError as exc:
         raise NotFound(str(exc)) from None
 

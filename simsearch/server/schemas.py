@@ -122,7 +122,9 @@ class DuplicatesOut(BaseModel):
 
 
 class MoveIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict: JSON's own types only, as the schema says; pydantic's lax mode took
+    # "confirm": "yes" or 1 for true, "threshold": false for 0.0 (every pair a duplicate).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     # the groups to act on, by their kept image's id; None: every group at the threshold
     keep_ids: list[int] | None = Field(None, max_length=100_000)
@@ -140,7 +142,7 @@ class MoveOut(BaseModel):
 
 
 class UndoIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # as MoveIn
 
     manifest: str = Field(..., max_length=200)
     confirm: bool = False
