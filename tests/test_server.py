@@ -20,6 +20,8 @@ from simsearch.server.app import create_app
 from simsearch.server.batching import EmbedBatcher
 from simsearch.server.state import Settings
 
+LOCAL = "http://localhost"  # the Host a loopback server without a token answers
+
 
 def _png(i: int, size=(96, 72)) -> bytes:
     buf = io.BytesIO()
@@ -31,7 +33,7 @@ def _png(i: int, size=(96, 72)) -> bytes:
 def served(index_path, tmp_path):
     """A test client of a server over index_path, moving duplicates to tmp_path/moved."""
     settings = Settings(index=index_path, precision="fp32", move_to=tmp_path / "moved")
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), base_url=LOCAL) as client:
         yield client
 
 
@@ -200,7 +202,8 @@ def test_duplicates_are_paged_and_move_only_when_confirmed_then_undo(
 
 def test_moving_is_off_without_a_move_folder(index_path, with_copy):
     threshold = with_copy[2]
-    with TestClient(create_app(Settings(index=index_path, precision="fp32"))) as client:
+    app = create_app(Settings(index=index_path, precision="fp32"))
+    with TestClient(app, base_url=LOCAL) as client:
         off = client.post("/api/duplicates/move", json={"threshold": threshold, "confirm": True})
     assert off.status_code == 400 and off.json()["param"] == "move_to"
 
@@ -337,3 +340,28 @@ def test_calibrating_from_the_api_makes_the_default_threshold(served):
     assert 0 < threshold <= 1
     page = served.get("/api/duplicates").json()
     assert page["threshold"] == threshold
+
+
+def test_one_bad_request_does_not_fail_the_others_batched_with_it():
+    def embed(images):
+        time.sleep(0.02)
+        if "poison" in images:
+            raise ValueError("cannot embed poison")
+        return np.array([[float(len(x))] for x in images], np.float32)
+
+    batcher = EmbedBatcher(embed, max_batch=16, window=0.1)
+    outcomes = {}
+
+    def client(name):
+        try:
+            outcomes[name] = batcher.embed([name])[0, 0]
+        except ValueError as exc:
+            outcomes[name] = str(exc)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in ("a", "bb", "poison", "ccc")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    batcher.close()
+    assert outcomes == {"a": 1.0, "bb": 2.0, "poison": "cannot embed poison", "ccc": 3.0}

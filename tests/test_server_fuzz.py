@@ -83,4 +83,4 @@ def map_case(context, case):
 @schema.hooks.apply(map_case)
 @schema.parametrize()
 def test_no_500_and_every_answer_matches_the_schema(case, fuzzed_app):
-    case.call_and_validate(base_url="http://testserver", app=fuzzed_app)
+    case.call_and_validate(base_url="http://localhost", app=fuzzed_app)

@@ -57,11 +57,13 @@ def shared_index(tmp_path_factory, tiny_vit) -> Path:
 
 @contextmanager
 def serving(index: Path, *, raise_errors: bool = True, **options):
-    """A TestClient (lifespan run, so the server is closed after) over `index`; Host is
-    `testserver`, which the guard lets through on loopback."""
+    """A TestClient (lifespan run, so the server is closed after) over `index`, sending
+    Host: localhost as a browser on this machine would."""
     settings = Settings(index=index, precision="fp32", **{"preload": False, **options})
     app = create_app(settings)
-    with TestClient(app, raise_server_exceptions=raise_errors) as client:
+    with TestClient(
+        app, base_url="http://localhost", raise_server_exceptions=raise_errors
+    ) as client:
         yield client
 
 
@@ -447,7 +449,7 @@ def test_cross_site_posts_are_refused_and_same_origin_ones_accepted(index_path, 
             refused(client.post("/api/search", files=upload, headers=headers), 403)
         assert client.get("/api/index").json()["version"] == 0  # no run was started
         assert client.get("/api/info").json()["indexed"] == 8  # nothing moved
-        same = client.post("/api/query", json={"ids": [1]}, headers={"origin": "http://testserver"})
+        same = client.post("/api/query", json={"ids": [1]}, headers={"origin": "http://localhost"})
         assert same.status_code == 200
         assert client.post("/api/query", json={"ids": [1]}).status_code == 200  # no Origin: curl
 

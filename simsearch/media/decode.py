@@ -26,13 +26,16 @@ log = logging.getLogger(__name__)
 BACKGROUND = (255, 255, 255)
 
 
-def read_image_file(path: str | os.PathLike) -> bytes:
+def read_image_file(path: str | os.PathLike, *, mtime_ns: int | None = None) -> bytes:
     """Return the bytes of a regular file, or raise ImageError with the reason.
 
     Anything else (a FIFO, socket or device named like an image) is refused unread, and so
-    is a file above MAX_FILE_BYTES.
+    is a file above MAX_FILE_BYTES, and, given `mtime_ns`, a file (the one opened, links
+    followed) whose modification time is not that one.
     """
     with open_regular(path) as (fh, st):
+        if mtime_ns is not None and st.st_mtime_ns != mtime_ns:
+            raise ImageError("the file changed since it was indexed (index it again)")
         if st.st_size > MAX_FILE_BYTES:
             raise ImageError(f"file is {st.st_size:,} bytes, above the limit of {MAX_FILE_BYTES:,}")
         try:

@@ -45,15 +45,18 @@ class _ThumbnailDraft:
         return self.longest, self.longest
 
 
-def thumbnail_jpeg(path: str | os.PathLike, size: int = THUMBNAIL_PX) -> tuple[bytes, int, int]:
+def thumbnail_jpeg(
+    path: str | os.PathLike, size: int = THUMBNAIL_PX, *, mtime_ns: int | None = None
+) -> tuple[bytes, int, int]:
     """Return (JPEG bytes, width, height) of the thumbnail of the image at `path`, its
-    longest side `size` at most; ImageError with the reason when there is none.
+    longest side `size` at most; ImageError with the reason when there is none (and when,
+    given `mtime_ns`, the file opened has another modification time).
 
     Reading and decoding go through simsearch.media.decode: non-regular files, files above
     MAX_FILE_BYTES and images above MAX_IMAGE_PIXELS are refused before they cost memory.
     """
     try:
-        data = read_image_file(path)
+        data = read_image_file(path, mtime_ns=mtime_ns)
         img = decode_image(data, draft=_ThumbnailDraft(size), name=path)
         img.thumbnail((size, size), Image.Resampling.LANCZOS)
         buf = io.BytesIO()

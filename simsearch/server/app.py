@@ -8,6 +8,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
@@ -29,6 +30,7 @@ from simsearch.errors import (
 )
 from simsearch.server import collection, routes
 from simsearch.server.guard import Guard, is_loopback
+from simsearch.server.metrics import Metrics
 from simsearch.server.state import Server, Settings
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,33 @@ def _error(status: int, exc: BaseException, kind: str | None = None) -> JSONResp
     if isinstance(exc, SimsearchError):
         body.update(param=exc.param, fix=exc.fix)
     return JSONResponse(body, status_code=status)
+
+
+class Measure:
+    """Counts each request and its latency by route template (pure ASGI: the body stream
+    passes through untouched, so the guard's 413 stays a 413)."""
+
+    def __init__(self, app, metrics: Callable[[], Metrics]) -> None:
+        self.app = app
+        self.metrics = metrics  # looked up per request: the server is made after the app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), 500
+
+        async def sending(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")  # set by the router
+            seconds = time.perf_counter() - start
+            self.metrics().request(scope["method"], route, status, seconds)
 
 
 def create_app(settings: Settings, server: Server | None = None) -> FastAPI:
@@ -106,17 +135,7 @@ def create_app(settings: Settings, server: Server | None = None) -> FastAPI:
             status_code=500,
         )
 
-    @app.middleware("http")
-    async def measure(request: Request, call_next):
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        name = getattr(route, "path", "unmatched")
-        holder["server"].metrics.request(
-            request.method, name, response.status_code, time.perf_counter() - start
-        )
-        return response
-
+    app.add_middleware(Measure, metrics=lambda: holder["server"].metrics)
     app.include_router(routes.router)
     app.include_router(collection.router)
 

@@ -89,9 +89,15 @@ class EmbedBatcher:
         images = [image for job in batch for image in job.images]
         try:
             vectors = self._embed(images)
-        except BaseException as exc:  # each waiting request gets the error
+        except BaseException as exc:
+            if len(batch) == 1:
+                batch[0].done.set_exception(exc)
+                return
+            # One request's images must not fail the others batched with them: each is
+            # tried again alone, and only the one at fault gets the error.
+            log.info("a batch of %d requests failed (%s); trying each alone", len(batch), exc)
             for job in batch:
-                job.done.set_exception(exc)
+                self._embed_batch([job], len(job.images))
             return
         if self._on_batch is not None:
             self._on_batch(size)

@@ -105,8 +105,8 @@ class Guard:
             return await self.app(scope, receive, send)
         headers = _headers(scope)
         if self.loopback and self.token is None:
-            host = _hostname(headers.get("host", "localhost"))
-            if host not in LOOPBACK_HOSTS and host != "testserver":
+            host = _hostname(headers.get("host", "localhost")).lower()  # names: any case
+            if host not in LOOPBACK_HOSTS:
                 return await _send_json(
                     send, 403, {"error": f"this server answers only to localhost, not {host}",
                                 "type": "Forbidden"},

@@ -264,14 +264,11 @@ def original(request: Request, image_id: int) -> StreamingResponse:
 )
 def thumbnail(request: Request, image_id: int, size: int = Query(256, ge=32, le=512)) -> Response:
     """A JPEG thumbnail of an indexed image, its longest side `size` pixels at most."""
-    path, mtime_ns = _indexed(request, image_id)
+    _indexed(request, image_id)
     try:
-        changed = mtime_ns is not None and os.stat(path).st_mtime_ns != mtime_ns
-    except OSError:
-        changed = False  # the thumbnail's own read says what is wrong
-    if changed:  # as for the original (a check before the read, where that one is on it)
-        raise ImageError(f"image {image_id} changed since it was indexed (index again)")
-    jpeg = _server(request).thumbnail(image_id, size)
+        jpeg = _server(request).thumbnail(image_id, size)
+    except ImageError as exc:
+        raise ImageError(f"image {image_id}: {exc}") from None
     return Response(jpeg, media_type="image/jpeg", headers={"cache-control": "max-age=3600"})
 
 

@@ -84,12 +84,12 @@ class Thumbnails:
         self._bytes = 0
         self._budget = budget
 
-    def get(self, key: tuple, path: str, size: int) -> bytes:
+    def get(self, key: tuple, path: str, size: int, mtime_ns: int | None = None) -> bytes:
         with self._lock:
             if key in self._kept:
                 self._kept.move_to_end(key)
                 return self._kept[key]
-        jpeg, _, _ = thumbnail_jpeg(path, size)
+        jpeg, _, _ = thumbnail_jpeg(path, size, mtime_ns=mtime_ns)
         with self._lock:
             if key not in self._kept:
                 self._kept[key] = jpeg
@@ -205,7 +205,9 @@ class Server:
 
     def thumbnail(self, image_id: int, size: int = THUMBNAIL_PX) -> bytes:
         path, mtime_ns = self.image_path(image_id)
-        return self.thumbnails.get((image_id, size, mtime_ns), path, size)
+        # The file opened must have the indexed mtime: a file swapped for a link to any
+        # other readable file since (~/.ssh/id_rsa) is refused, checked on the open file.
+        return self.thumbnails.get((image_id, size, mtime_ns), path, size, mtime_ns)
 
     # -- duplicates ------------------------------------------------------------------------
 
