@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import functools
 import os
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 # Under pytest-xdist (`make test-fast`) each worker is its own process: left alone, torch,
@@ -234,3 +236,20 @@ def run():
         return runner.invoke(cli, [str(a) for a in args], env=env, catch_exceptions=False)
 
     return invoke
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    """One PNG chunk: length, type, data, CRC."""
+    crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG of a few bytes whose header says width x height (a decompression bomb)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + png_chunk(b"IEND", b"")
+    )

@@ -7,32 +7,17 @@ import json
 import os
 import signal
 import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import draw_image
+from conftest import draw_image, png_claiming
 from PIL import Image
 
 from simsearch import Index
 from simsearch.cli import cli
 from simsearch.models.embed import Embedder
-
-
-def _png_claiming(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
-    )
 
 
 def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -69,7 +54,7 @@ def html_named_jpg(d: Path):
 
 
 def decompression_bomb(d: Path):
-    (d / "bomb.png").write_bytes(_png_claiming(50_000, 50_000))
+    (d / "bomb.png").write_bytes(png_claiming(50_000, 50_000))
     return "bomb.png", "above the limit"
 
 

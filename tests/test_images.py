@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
 import skimage.data
-from conftest import draw_image
+from conftest import draw_image, png_claiming
 from PIL import Image
 from transformers import (
     AutoImageProcessor,
@@ -132,25 +130,9 @@ def test_exif_orientation_is_applied():
     assert jpeg.size == upright.size
 
 
-def _png_claiming(width: int, height: int) -> bytes:
-    """A tiny valid-looking PNG whose header declares width x height pixels."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data))
-            + kind
-            + data
-            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-        )
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    idat = zlib.compress(b"\0" * 64)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-
-
 def test_decompression_bomb_is_refused_from_its_header():
     with pytest.raises(ImageError, match="2,500,000,000 pixels, above the limit"):
-        decode_image(_png_claiming(50_000, 50_000))
+        decode_image(png_claiming(50_000, 50_000))
 
 
 def test_pixel_limit_is_configurable():

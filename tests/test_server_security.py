@@ -14,7 +14,6 @@ import io
 import json
 import os
 import resource
-import struct
 import threading
 import time
 import zlib
@@ -22,7 +21,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
-from conftest import _save_vit, draw_image
+from conftest import _save_vit, draw_image, png_chunk, png_claiming
 from PIL import Image
 
 pytest.importorskip("fastapi")
@@ -114,23 +113,6 @@ def encoded(img: Image.Image, fmt: str, **options) -> bytes:
     buf = io.BytesIO()
     img.save(buf, fmt, **options)
     return buf.getvalue()
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    crc = zlib.crc32(kind + data) & 0xFFFFFFFF
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A PNG of a few bytes whose header says width x height (a decompression bomb), as
-    tests/test_hostile.py makes them."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + png_chunk(b"IHDR", ihdr)
-        + png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + png_chunk(b"IEND", b"")
-    )
 
 
 def png_with_text_bomb() -> bytes:
