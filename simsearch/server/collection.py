@@ -128,14 +128,22 @@ def move_duplicates(request: Request, body: s.MoveIn) -> s.MoveOut:
     )
 
 
+def _logged_moves(path) -> tuple[dict, int]:
+    """A manifest's checked header and how many moves it logs. The header comes first (a
+    regular file, its first line bounded): counting the lines of a FIFO named like a
+    manifest waited forever, of a link to /dev/zero filled memory."""
+    header = read_header(path)
+    with path.open("rb") as lines:
+        return header, max(0, sum(1 for _ in lines) - 1)
+
+
 @router.get("/moves", response_model=list[s.ManifestOut], tags=["duplicates"])
 def moves(request: Request) -> list[s.ManifestOut]:
     """The manifests of the moves made into the server's move folder, newest first."""
     out = []
     for path in _server(request).manifests():
         try:
-            header = read_header(path)
-            count = max(0, sum(1 for _ in path.open("rb")) - 1)
+            header, count = _logged_moves(path)
         except (QueryError, OSError):
             continue
         out.append(s.ManifestOut(name=path.name, created=header.get("created"), moves=count))
@@ -151,11 +159,8 @@ def undo(request: Request, body: s.UndoIn) -> s.MoveOut:
         path = server.manifest_named(body.manifest)
     except QueryError as exc:
         raise NotFound(str(exc), param="manifest") from None
-    # A manifest's header first (a regular file, its first line bounded): counting the lines
-    # of a FIFO named like a manifest waited forever, of a link to /dev/zero filled memory.
-    read_header(path)
+    _, count = _logged_moves(path)
     if not body.confirm:
-        count = max(0, sum(1 for _ in path.open("rb")) - 1)
         return s.MoveOut(dry_run=True, files=count, bytes=0, manifest=path.name)
     with server.lock:
         report = server.index.undo_moves(path)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -280,11 +279,3 @@ class Server:
         self.job.join(timeout=30)
         with self.lock:
             self.index.close()
-
-
-def file_is_regular(path: str) -> bool:
-    """Whether `path` (links followed) is a regular file: never stream a FIFO or a device."""
-    try:
-        return os.path.isfile(path)
-    except OSError:
-        return False
