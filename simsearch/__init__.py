@@ -24,6 +24,7 @@ _HOMES = {
     "FailedFile": "simsearch.records",
     "Hit": "simsearch.records",
     "IndexInfo": "simsearch.records",
+    "RaySettings": "simsearch.ops.ray_ingest",
 }
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "Hit",
     "Index",
     "IndexInfo",
+    "RaySettings",
     "SimsearchError",
     "__version__",
 ]
@@ -45,6 +47,7 @@ if TYPE_CHECKING:
     from simsearch.api import Index
     from simsearch.client import Client
     from simsearch.errors import SimsearchError
+    from simsearch.ops.ray_ingest import RaySettings
     from simsearch.records import (
         AddSummary,
         Cluster,

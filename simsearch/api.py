@@ -21,6 +21,7 @@ from simsearch.ops import clustering, duplicates, maintenance, moves, undo, upda
 from simsearch.ops import query as searching
 from simsearch.ops.parts import IndexParts, create_parts, open_parts
 from simsearch.ops.query import Query
+from simsearch.ops.ray_ingest import RaySettings
 from simsearch.progress import Progress
 from simsearch.search.vectors import VectorIndex
 from simsearch.storage.manifest import DATABASE_FILE, Manifest
@@ -196,17 +197,19 @@ class Index:
         prune: bool = True,
         max_pixels: int = config.MAX_IMAGE_PIXELS,
         progress: Progress | None = None,
+        ray: RaySettings | None = None,
     ) -> records.AddSummary:
         """Bring the index up to date with the images under `paths` (files or folders).
 
         New and changed files are embedded, unchanged ones skipped unread, renamed and
         identical ones reuse stored vectors, vanished ones removed (unless `prune=False`);
         undecodable files and files over `max_pixels` are recorded (`failed()`). Each batch
-        is committed as it completes. Takes the write lock (IndexLockedError).
+        is committed as it completes. Takes the write lock (IndexLockedError). `ray`:
+        read, decode and embed on a Ray cluster instead (needs simsearch[ray]).
         """
         return update.add(
             self.parts, paths, workers=workers, prune=prune, max_pixels=max_pixels,
-            progress=progress,
+            progress=progress, ray=ray,
         )  # fmt: skip
 
     def label_images(

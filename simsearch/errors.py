@@ -24,6 +24,7 @@ FIXES = {
     "add-images": "add images to the index (again, where they moved or changed)",
     "cluster": "cluster the index's images",
     "repair": "repair the index, which restores its database manifest from manifest.json",
+    "start-ray": "start a Ray cluster, or give the address of a running one",
 }
 
 
@@ -144,6 +145,11 @@ class FinetuneError(SimsearchError):
 
 class TrainingInterrupted(SimsearchError):
     """Fine-tuning stopped on request (Ctrl-C); its progress is saved and can be resumed."""
+
+
+class RayError(SimsearchError):
+    """A Ray run that cannot start: Ray is not installed, the cluster cannot be reached, or
+    it cannot run the settings given (`param` names which)."""
 
 
 class RemoteError(SimsearchError):

@@ -308,20 +308,20 @@ def test_permission_denied_is_recorded(tmp_path, tiny_vit, monkeypatch):
 
 
 def test_file_deleted_between_listing_and_reading(tmp_path, tiny_vit, monkeypatch):
-    import simsearch.ops.ingest
+    import simsearch.ops.prepare
 
     folder = tmp_path / "photos"
     folder.mkdir()
     for i in range(3):
         draw_image(i).save(folder / f"img{i}.png")
-    real_read = simsearch.ops.ingest.read_image_file
+    real_read = simsearch.ops.prepare.read_image_file
 
     def read_after_delete(path):
         if path.endswith("img1.png"):
             os.unlink(path)
         return real_read(path)
 
-    monkeypatch.setattr(simsearch.ops.ingest, "read_image_file", read_after_delete)
+    monkeypatch.setattr(simsearch.ops.prepare, "read_image_file", read_after_delete)
     with Index.create(tmp_path / "index", model=tiny_vit) as index:
         summary = index.add(folder)
         failed = {Path(f.path).name: f.error for f in index.failed()}

@@ -51,12 +51,12 @@ def _ids_by_path(index):
 
 def test_unchanged_files_are_not_read_or_embedded(counted, photo_dir, monkeypatch):
     index, embedder = counted
-    import simsearch.ops.ingest
+    import simsearch.ops.prepare
 
     def no_reads(path):
         raise AssertionError(f"read {path}")
 
-    monkeypatch.setattr(simsearch.ops.ingest, "read_image_file", no_reads)
+    monkeypatch.setattr(simsearch.ops.prepare, "read_image_file", no_reads)
     summary = index.add(photo_dir)
     assert _summary(summary) == dict(indexed=0, unchanged=8, failed=0, moved=0, removed=0, reused=0)
     assert embedder.calls == 0

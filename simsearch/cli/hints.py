@@ -44,6 +44,7 @@ def _fix(exc: SimsearchError) -> str | None:
         "add-images": "run `simsearch index DIR` first",
         "cluster": "make them with `simsearch cluster -k K`",
         "repair": "run `simsearch repair`",
+        "start-ray": "start one with `ray start --head`, or give a running one's: --ray HOST:6379",
     }.get(exc.fix or "")
 
 

@@ -108,6 +108,39 @@ log = logging.getLogger("simsearch")
     default=None,
     help=f"Labels stored per image.  [default: {DEFAULT_LABEL_TOP}, or the index's]",
 )
+@click.option(
+    "--ray",
+    "ray_address",
+    is_flag=False,
+    flag_value="",
+    default=None,
+    metavar="[ADDRESS]",
+    help="Read, decode and embed on a Ray cluster (needs simsearch[ray]): --ray alone joins "
+    "the cluster RAY_ADDRESS or `ray start` on this machine names, else starts one here; "
+    "--ray HOST:6379 joins that one. Files must be at the same paths on every node (shared "
+    "storage) or be object-store URLs. This process still lists, decides and commits.",
+)
+@click.option(
+    "--ray-workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Embedding workers on the cluster, one model each.",
+)
+@click.option(
+    "--ray-gpus-per-worker",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="GPUs each embedding worker asks Ray for (0: it embeds on CPUs; 0.5: two share one).",
+)
+@click.option(
+    "--ray-cpus-per-worker",
+    type=click.FloatRange(min=0.01),
+    default=1.0,
+    show_default=True,
+    help="CPUs each embedding worker reserves (its model's threads); the rest read images.",
+)
 @click.option("--strict", is_flag=True, help="Exit with status 3 if any file failed.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or notices (as simsearch -q).")
 @json_option
@@ -130,6 +163,10 @@ def index(
     index_type,
     label_model,
     label_top,
+    ray_address,
+    ray_workers,
+    ray_gpus_per_worker,
+    ray_cpus_per_worker,
     strict,
     as_json,
 ):
@@ -153,6 +190,7 @@ def index(
       simsearch index --index-type hnsw           # no DIRS: only change the index type
       simsearch index photos/ --label-model google/vit-large-patch16-384
       simsearch index --label-model ./models/convnext --label-top 3   # only (re)label
+      simsearch index /shared/photos --ray --ray-workers 4 --ray-gpus-per-worker 1
 
     With --label-model, every indexed image without labels from that model is labelled
     after indexing (its file is read a second time), in committed batches; a second run
@@ -163,6 +201,16 @@ def index(
     from simsearch.api import Index
 
     quiet = quiet or obj["quiet"]
+    ray = None
+    if ray_address is not None:
+        from simsearch.ops.ray_ingest import RaySettings
+
+        ray = RaySettings(
+            address=ray_address or None,
+            workers=ray_workers,
+            gpus_per_worker=ray_gpus_per_worker,
+            cpus_per_worker=ray_cpus_per_worker,
+        )
     # disable=None: tqdm draws only when stderr is a terminal.
     no_bar = True if quiet else None
     if not dirs:
@@ -225,6 +273,7 @@ def index(
                 prune=prune,
                 max_pixels=max_pixels,
                 progress=bar,
+                ray=ray,
             )
         labelled = _label_index(idx, label_model, label_top, workers, no_bar)
         about = idx.info() if index_type is not None or summary.rebuilt else None

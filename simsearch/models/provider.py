@@ -19,7 +19,7 @@ from PIL import Image
 from simsearch.errors import ImageError, LayerError, ModelLoadError, QueryError
 from simsearch.media.decode import decode_image, read_image_file, to_rgb
 from simsearch.media.preprocess import Preprocessing
-from simsearch.models.embed import Embedder, resolve_layer
+from simsearch.models.embed import PRECISIONS, Embedder, resolve_layer
 from simsearch.models.hub import resolve_model
 from simsearch.models.onnx import OnnxEmbedder, read_export_info
 from simsearch.models.protocol import ImageEmbedder, PixelEmbedder
@@ -148,36 +148,29 @@ class ModelProvider:
                     ),
                     param="model",
                 )
-            embedder: ImageEmbedder
-            try:
-                if self.backend == "onnx":
-                    embedder = OnnxEmbedder(
-                        self.model,
-                        device=self.device,
-                        precision=self.precision,
-                        batch_size=self.batch_size,
-                    )
-                else:
-                    embedder = Embedder(
-                        self.model,
-                        layer=manifest.layer,
-                        pool=manifest.pool,
-                        device=self.device,
-                        precision=self.precision,
-                        batch_size=self.batch_size,
-                    )
-            except ModelLoadError as exc:
-                if self.model != manifest.model:
-                    raise
-                raise ModelLoadError(
-                    f"{exc}. This index was built with that model; if it has moved, say where "
-                    "it is now",
-                    param="model",
-                ) from None
-            manifest.check_compatible(embedder.manifest())
+            embedder = self.spec().load()
             log.info("loaded %s: %s on %s", self.model, embedder.precision, embedder.device)
             self.loaded = embedder
         return self.loaded
+
+    def spec(self, device: str | None = None) -> EmbedderSpec:
+        """What another process (a Ray worker) needs to load this index's model itself;
+        `device` replaces the provider's. With no precision asked for, the worker uses the
+        one this index's vectors were made with, not its own hardware's choice: vectors from
+        a Ray run are then a local run's."""
+        manifest = self._manifest()
+        precision = self.precision
+        if precision in (None, "auto") and self.backend == "torch":
+            made = self.loaded.precision if self.loaded is not None else manifest.precision
+            precision = made if made in PRECISIONS else precision
+        return EmbedderSpec(
+            self.backend,
+            str(self.model),
+            manifest,
+            device or self.device,
+            precision,
+            self.batch_size,
+        )
 
     def embed(self, images: Sequence) -> np.ndarray:
         """Return one unit-norm float32 row per image (file paths or PIL images); a model
@@ -190,6 +183,52 @@ class ModelProvider:
         """The loaded embedder, or a stand-in that loads it when it first embeds (an index
         run that finds nothing new never pays for the model)."""
         return self.loaded or _ModelOnDemand(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedderSpec:
+    """An index's model as settings: picklable, so a Ray worker loads the same model with
+    the same layer, pooling, precision and preprocessing, and checks it against the same
+    manifest (its weights' hash) before it embeds anything."""
+
+    backend: str
+    model: str
+    manifest: Manifest
+    device: str
+    precision: str | None
+    batch_size: int
+
+    def load(self) -> ImageEmbedder:
+        """Load the model; ManifestMismatchError when it is not the index's."""
+        manifest = self.manifest
+        embedder: ImageEmbedder
+        try:
+            if self.backend == "onnx":
+                embedder = OnnxEmbedder(
+                    self.model,
+                    device=self.device,
+                    precision=self.precision,
+                    batch_size=self.batch_size,
+                )
+            else:
+                embedder = Embedder(
+                    self.model,
+                    layer=manifest.layer,
+                    pool=manifest.pool,
+                    device=self.device,
+                    precision=self.precision,
+                    batch_size=self.batch_size,
+                )
+        except ModelLoadError as exc:
+            if self.model != manifest.model:
+                raise
+            raise ModelLoadError(
+                f"{exc}. This index was built with that model; if it has moved, say where "
+                "it is now",
+                param="model",
+            ) from None
+        manifest.check_compatible(embedder.manifest())
+        return embedder
 
 
 class _ModelOnDemand:

@@ -19,12 +19,11 @@ leaves the database at the last committed batch and the next run continues from 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -33,13 +32,10 @@ import numpy as np
 
 from simsearch import config
 from simsearch.config import DEFAULT_WORKERS, MAX_IMAGE_PIXELS, PREFETCH_BATCHES
-from simsearch.errors import ImageError
 from simsearch.fs.faults import crash_point
-from simsearch.media.decode import decode_image, read_image_file
-from simsearch.media.header import header_facts
 from simsearch.media.prefetch import read_ahead
-from simsearch.media.preprocess import Preprocessing
 from simsearch.models.protocol import PixelEmbedder
+from simsearch.ops.prepare import Prepared, prepare
 from simsearch.ops.scan import Scan, by_content, disappeared, refresh, scan
 from simsearch.ops.writer import remove_gone, write_batch
 from simsearch.progress import Progress, advance, set_total
@@ -68,6 +64,10 @@ class Stopwatch:
         return stages_line(self.seconds)
 
 
+# Reads, decodes and embeds a run's files elsewhere: (files to read, content embedded so
+# far, max_pixels) -> each file's Prepared, with its vector (see ingest's `remote`).
+Remote = Callable[[list, dict[str, int], int], Iterator[Prepared]]
+
 # The stages a run's time is reported in. "decoding" is thread time (reading, hashing,
 # decoding and preprocessing, summed over the worker threads); "waiting" is how long the main
 # thread, which runs the model, sat idle waiting for a decoded image.
@@ -89,6 +89,7 @@ def ingest(
     progress: Progress | None = None,
     checkpoint: Callable[[], None] | None = None,
     stopwatch: Stopwatch | None = None,
+    remote: Remote | None = None,
 ) -> AddSummary:
     """Bring `store` and `vectors` up to date with the images under `paths`.
 
@@ -107,7 +108,10 @@ def ingest(
 
     run = _Run(store, vectors, embedder, max_pixels, timed, progress, checkpoint, found, gone)
     with ThreadPoolExecutor(max(1, workers), thread_name_prefix="simsearch-decode") as pool:
-        _read_ahead(run, pool)  # hands each file to the run, which commits full batches
+        if remote is None:
+            _read_ahead(run, pool)  # hands each file to the run, which commits full batches
+        else:
+            _take_all(run, remote(found.todo, run.hashes, max_pixels))
         if len(run.batch):
             run.flush()
         if found.stale.facts or found.stale.devices:
@@ -131,29 +135,9 @@ def ingest(
 
 
 @dataclass
-class _Prepared:
-    """One file after reading and, when its content is new, decoding."""
-
-    real: str  # the path as the file system has it
-    key: str  # the path as stored
-    size: int
-    mtime_ns: int
-    device: int | None = None  # st_dev
-    sha256: str | None = None
-    pixels: np.ndarray | None = None
-    width: int = 0  # from the header: the true size, not the draft-mode decode's
-    height: int = 0
-    format: str | None = None
-    lossless: bool | None = None
-    error: str | None = None
-    known_id: int | None = None  # an image with the same content already has a vector
-    seconds: float = 0.0  # spent reading, hashing, decoding and preprocessing
-
-
-@dataclass
 class _Batch:
-    embed: list[_Prepared] = field(default_factory=list)  # new content: through the model
-    copy: list[_Prepared] = field(default_factory=list)  # known content: vector reused
+    embed: list[Prepared] = field(default_factory=list)  # new content: through the model
+    copy: list[Prepared] = field(default_factory=list)  # known content: vector reused
     moves: list[Moved] = field(default_factory=list)
     bad: list[BadImage] = field(default_factory=list)
 
@@ -187,7 +171,7 @@ class _Run:
         self.gone_by_hash = by_content(self.gone)
         self.hashes = self.found.hashes  # read by the decode threads too
 
-    def take(self, prepared: _Prepared) -> None:
+    def take(self, prepared: Prepared) -> None:
         """Add a prepared file to the batch; embed and write the batch once it is full."""
         _route(prepared, self.batch, self.found.known, self.gone, self.gone_by_hash, self.hashes)
         size = self.embedder.batch_size
@@ -230,6 +214,18 @@ class _Run:
 # -- the reader: read, hash and decode ahead of the model -------------------------------------
 
 
+def _take_all(run: _Run, ready: Iterator[Prepared]) -> None:
+    """Hand each file that `ready` yields to the run (a remote run's files, embedded)."""
+    with contextlib.closing(ready):  # type: ignore[type-var]
+        while True:
+            with run.timed("waiting"):
+                prepared = next(ready, None)
+            if prepared is None:
+                break
+            run.timed.seconds["decoding"] += prepared.seconds
+            run.take(prepared)
+
+
 def _read_ahead(run: _Run, pool: ThreadPoolExecutor) -> None:
     """Prepare the files to read in `pool`'s threads, up to PREFETCH_BATCHES batches ahead
     of the model, and hand each to `run.take` in listing order."""
@@ -237,7 +233,7 @@ def _read_ahead(run: _Run, pool: ThreadPoolExecutor) -> None:
     window = embedder.batch_size * (PREFETCH_BATCHES + 1)
     ready = read_ahead(
         pool,
-        lambda item: _prepare(*item, embedder.preprocess, hashes, max_pixels),
+        lambda item: prepare(*item, embedder.preprocess, hashes, max_pixels),
         run.found.todo,
         window,
     )
@@ -251,44 +247,8 @@ def _read_ahead(run: _Run, pool: ThreadPoolExecutor) -> None:
             run.take(prepared)
 
 
-def _prepare(
-    real: str,
-    key: str,
-    size: int,
-    mtime_ns: int,
-    device: int | None,
-    error: str | None,
-    preprocess: Preprocessing,
-    hashes: dict[str, int],
-    max_pixels: int,
-) -> _Prepared:
-    """Read and hash one file; decode and preprocess it unless its content is known."""
-    start = time.perf_counter()
-    item = _Prepared(real, key, size, mtime_ns, device, error=error)
-    if item.error is not None:
-        return item
-    try:
-        data = read_image_file(real)
-        item.size = len(data)
-        item.sha256 = hashlib.sha256(data).hexdigest()
-        item.known_id = hashes.get(item.sha256)
-        if item.known_id is None:  # new content: decode it (known content needs no model)
-            item.pixels = preprocess(decode_image(data, max_pixels, draft=preprocess, name=real))
-        # From the header: a JPEG decoded in draft mode is smaller than the file.
-        facts = header_facts(data, name=real)
-        item.width, item.height = facts.width, facts.height
-        item.format, item.lossless = facts.format, facts.lossless
-    except ImageError as exc:
-        item.error = str(exc)
-    except Exception as exc:  # a bug in a codec must cost one file, not the run
-        log.debug("unexpected error on %s", real, exc_info=True)
-        item.error = f"{type(exc).__name__}: {exc}"
-    item.seconds = time.perf_counter() - start
-    return item
-
-
 def _route(
-    prepared: _Prepared,
+    prepared: Prepared,
     batch: _Batch,
     known: dict[str, Known],
     gone: dict[str, Known],
@@ -331,7 +291,7 @@ def _embed(run: _Run, batch: _Batch) -> tuple[list[GoodImage], np.ndarray]:
             copies.append((item, source))
             continue
         # The image we meant to copy from changed in this run: embed this one after all.
-        fresh = _prepare(
+        fresh = prepare(
             item.real,
             item.key,
             item.size,
@@ -349,28 +309,29 @@ def _embed(run: _Run, batch: _Batch) -> tuple[list[GoodImage], np.ndarray]:
     batch.copy = [item for item, _ in copies]
 
     # Byte-identical files within the batch go through the model once.
-    firsts: dict[str, _Prepared] = {}
+    firsts: dict[str, Prepared] = {}
     for item in batch.embed:
         firsts.setdefault(cast(str, item.sha256), item)
-    row_of = {sha: i for i, sha in enumerate(firsts)}
+    # A Ray run's files come embedded; the rest (all of a local run's) go through the model.
+    to_model = [item for item in firsts.values() if item.vector is None]
     dim = run.vectors.dim
     with run.timed("model"):
         embedded = (
-            run.embedder.embed_pixels(
-                np.stack([cast(np.ndarray, it.pixels) for it in firsts.values()])
-            )
-            if firsts
+            run.embedder.embed_pixels(np.stack([cast(np.ndarray, it.pixels) for it in to_model]))
+            if to_model
             else np.empty((0, dim), dtype=np.float32)
         )
     crash_point("model")
+    row_of = {cast(str, item.sha256): row for item, row in zip(to_model, embedded, strict=True)}
+    row_of.update({sha: item.vector for sha, item in firsts.items() if item.vector is not None})
     good = [_good(item) for item in (*batch.embed, *batch.copy)]
-    rows = [embedded[row_of[cast(str, item.sha256)]] for item in batch.embed]
+    rows = [row_of[cast(str, item.sha256)] for item in batch.embed]
     rows += [vec for _, (vec, *_) in copies]
     matrix = np.stack(rows) if rows else np.empty((0, dim), dtype=np.float32)
     return good, matrix
 
 
-def _good(item: _Prepared) -> GoodImage:
+def _good(item: Prepared) -> GoodImage:
     return GoodImage(
         item.key,
         item.size,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -15,6 +16,7 @@ from simsearch.ops.export import export as export_items
 from simsearch.ops.ingest import Stopwatch, ingest
 from simsearch.ops.label import Labeller, label_index
 from simsearch.ops.parts import IndexParts
+from simsearch.ops.ray_ingest import RaySettings, embedded_on_ray
 from simsearch.progress import Progress, set_total
 from simsearch.records import AddSummary, LabelSummary
 from simsearch.storage.manifest import DATABASE_FILE
@@ -28,6 +30,7 @@ def add(
     prune: bool = True,
     max_pixels: int = MAX_IMAGE_PIXELS,
     progress: Progress | None = None,
+    ray: RaySettings | None = None,
 ) -> AddSummary:
     """Bring the index up to date with the images under `paths` (see `Index.add`)."""
     if isinstance(paths, (str, os.PathLike)):
@@ -43,6 +46,14 @@ def add(
         cache.writable()
         cache.last_rebuild = None
         stopwatch = Stopwatch()
+        remote = None
+        if ray is not None:
+            # Each worker loads the model itself; on CPUs unless it is given GPUs.
+            device = parts.models.device
+            if not ray.gpus_per_worker and device == "auto":
+                device = "cpu"
+            spec = parts.models.spec(device=device)
+            remote = functools.partial(_on_ray, spec=spec, settings=ray)
         try:
             summary = ingest(
                 folders,
@@ -55,6 +66,7 @@ def add(
                 progress=progress,
                 checkpoint=cache.checkpoint,
                 stopwatch=stopwatch,
+                remote=remote,
             )
         except BaseException as exc:
             if isinstance(exc, KeyboardInterrupt) and not cache.mirror_pending:
@@ -81,6 +93,10 @@ def add(
         return dataclasses.replace(
             summary, stages=dict(stopwatch.seconds), rebuilt=cache.last_rebuild
         )
+
+
+def _on_ray(todo, hashes, max_pixels, *, spec, settings):
+    return embedded_on_ray(todo, spec, hashes, max_pixels, settings)
 
 
 def label_images(
