@@ -253,3 +253,57 @@ def png_claiming(width: int, height: int) -> bytes:
         + png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
         + png_chunk(b"IEND", b"")
     )
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A local S3 server (moto's, in a thread) for the object-storage tests, and the AWS
+    variables that point the AWS SDK (pyarrow's S3) at it; never a real cloud. Yields a
+    function that uploads {key: bytes} into a new bucket and returns its URL."""
+    pytest.importorskip("moto.server", reason="the S3 tests need moto[server] (dev extra)")
+    pafs = pytest.importorskip("pyarrow.fs", reason="the S3 tests need pyarrow")
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    settings = dict(
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_REGION="us-east-1",
+        AWS_EC2_METADATA_DISABLED="true",
+    )
+    saved = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    s3 = pafs.S3FileSystem(
+        endpoint_override=endpoint,
+        scheme="http",
+        access_key="testing",
+        secret_key="testing",
+        region="us-east-1",
+        allow_bucket_creation=True,
+    )
+    made = iter(range(10_000))
+
+    def bucket(objects: dict[str, bytes]) -> str:
+        name = f"photos-{next(made)}"
+        s3.create_dir(name)
+        for key, data in objects.items():
+            with s3.open_output_stream(f"{name}/{key}") as out:
+                out.write(data)
+        return f"s3://{name}"
+
+    bucket.s3 = s3  # type: ignore[attr-defined]
+    yield bucket
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -31,8 +31,9 @@ N_PHOTOS = 36
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """Two Ray nodes on this machine (2 + 2 CPUs), this process connected as a driver."""
+def cluster(s3_server):
+    """Two Ray nodes on this machine (2 + 2 CPUs), this process connected as a driver.
+    Started after the local S3 server: the nodes' workers read its AWS_* settings."""
     from ray.cluster_utils import Cluster
 
     nodes = Cluster(
@@ -121,6 +122,17 @@ def test_a_ray_run_stores_what_a_local_run_stores(cluster, tmp_path, tiny_vit, p
     finally:
         (photos / "renamed.png").rename(photos / "p003.png")
         (photos / "sub" / "copy-of-p004.jpg").unlink()
+
+
+def test_objects_in_s3_are_read_by_the_workers(cluster, s3_server, photos, tmp_path, tiny_vit):
+    names = ["p001.png", "p002.jpg", "sub/p005.png", "bomb.png", "copy-of-p001.png"]
+    bucket = s3_server({f"ray/{n}": (photos / n).read_bytes() for n in names})
+    with Index.create(tmp_path / "local", model=tiny_vit, batch_size=2) as idx:
+        idx.add(f"{bucket}/ray")
+    with Index.create(tmp_path / "ray", model=tiny_vit, batch_size=2) as idx:
+        summary = idx.add(f"{bucket}/ray", ray=RaySettings(workers=2))
+    assert (summary.indexed, summary.failed) == (4, 1)
+    _same(_stored(tmp_path / "local"), _stored(tmp_path / "ray"))
 
 
 def test_settings_the_cluster_cannot_run_are_refused(cluster, tmp_path, tiny_vit, photos):

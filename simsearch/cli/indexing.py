@@ -31,14 +31,24 @@ from simsearch.config import (
     OTHER_SUFFIXES,
     RAW_SUFFIXES,
 )
+from simsearch.media.objects import is_url
 from simsearch.models.embed import POOLS
 from simsearch.records import stages_line
 
 log = logging.getLogger("simsearch")
 
 
+class _FolderOrURL(click.Path):
+    """A folder or file that exists, or an object-store URL (s3://bucket/prefix), as is."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and is_url(value):
+            return value
+        return super().convert(value, param, ctx)
+
+
 @cli.command()
-@click.argument("dirs", nargs=-1, type=click.Path(exists=True, path_type=Path))
+@click.argument("dirs", nargs=-1, type=_FolderOrURL(exists=True, path_type=Path))
 @index_option
 @click.option(
     "--model",
@@ -190,6 +200,7 @@ def index(
       simsearch index --index-type hnsw           # no DIRS: only change the index type
       simsearch index photos/ --label-model google/vit-large-patch16-384
       simsearch index --label-model ./models/convnext --label-top 3   # only (re)label
+      simsearch index s3://bucket/photos          # objects: AWS_* variables say where
       simsearch index /shared/photos --ray --ray-workers 4 --ray-gpus-per-worker 1
 
     With --label-model, every indexed image without labels from that model is labelled

@@ -8,7 +8,7 @@ import importlib
 import logging
 import threading
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import PurePath
 
 from PIL import Image, ImageFile
 
@@ -84,6 +84,6 @@ def image_suffixes() -> frozenset[str]:
     return _registry().suffixes
 
 
-def is_image_name(path: Path) -> bool:
+def is_image_name(path: PurePath) -> bool:
     """Return True when the file name has one of the image suffixes we index."""
     return path.suffix.lower() in image_suffixes()

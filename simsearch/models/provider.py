@@ -18,6 +18,7 @@ from PIL import Image
 
 from simsearch.errors import ImageError, LayerError, ModelLoadError, QueryError
 from simsearch.media.decode import decode_image, read_image_file, to_rgb
+from simsearch.media.objects import is_url, read_object
 from simsearch.media.preprocess import Preprocessing
 from simsearch.models.embed import PRECISIONS, Embedder, resolve_layer
 from simsearch.models.hub import resolve_model
@@ -250,6 +251,11 @@ def as_image(image, preprocess):
     """Return a PIL RGB image for a path (decoded as indexing decodes it) or a PIL image."""
     if isinstance(image, Image.Image):
         return to_rgb(image)
+    if is_url(image):
+        try:
+            return decode_image(read_object(image), draft=preprocess, name=image)
+        except ImageError as exc:
+            raise QueryError(f"{image}: {exc}") from None
     path = Path(image)
     if not path.exists():
         hint = f" (to search with indexed image {image}, write id:{image})"

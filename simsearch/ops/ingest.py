@@ -121,7 +121,7 @@ def ingest(
     with timed("database"):
         removed = remove_gone(gone, store, vectors) if gone else 0
     return AddSummary(
-        seen=len(found.files),
+        seen=len(found.files) + len(found.objects),
         indexed=run.counts["indexed"],
         unchanged=found.unchanged,
         failed=run.counts["failed"],

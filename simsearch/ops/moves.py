@@ -33,6 +33,7 @@ import numpy as np
 
 from simsearch.errors import QueryError, StorageError
 from simsearch.fs.files import LINK_ERRNOS, entry_id, link_below, move_entry, open_folder
+from simsearch.media.objects import is_url
 from simsearch.ops.movelog import MANIFEST_KIND, MANIFEST_VERSION, ManifestWriter
 from simsearch.ops.parts import IndexParts
 from simsearch.records import DuplicateGroup, MoveReport
@@ -236,6 +237,8 @@ def _refusal(dup, facts, keep_ok, root, kept, acted, verb) -> tuple[str | None, 
     """(None, what the duplicate is) if it is safe to act on, else (why not, None)."""
     if facts is None:
         return "no longer in the index", None
+    if is_url(dup.path):
+        return "an object in object storage: simsearch moves and deletes only files", None
     if facts["path"] != dup.path:  # act on what the index knows, never on a caller's string
         return f"the index knows image {dup.id} as {facts['path']}, not as this path", None
     if not _unchanged(facts):

@@ -19,6 +19,7 @@ import numpy as np
 from simsearch.errors import ImageError
 from simsearch.media.decode import decode_image, read_image_file
 from simsearch.media.header import header_facts
+from simsearch.media.objects import is_url, read_object
 from simsearch.media.preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -57,14 +58,18 @@ def prepare(
     max_pixels: int,
     read: Callable[[str], bytes] | None = None,
 ) -> Prepared:
-    """Read (with `read`, default read_image_file) and hash one file; decode and preprocess
-    it unless its content is in `hashes` (embedded already: its vector is reused)."""
+    """Read (with `read`; by default the reader of files or of object URLs) and hash one
+    file; decode and preprocess it unless its content is in `hashes` (embedded already:
+    its vector is reused)."""
     start = time.perf_counter()
     item = Prepared(real, key, size, mtime_ns, device, error=error)
     if item.error is not None:
         return item
     try:
-        data = (read or read_image_file)(real)
+        if read is not None:
+            data = read(real)
+        else:
+            data = read_object(real) if is_url(real) else read_image_file(real)
         item.size = len(data)
         item.sha256 = hashlib.sha256(data).hexdigest()
         item.known_id = hashes.get(item.sha256)

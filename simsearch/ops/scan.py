@@ -25,6 +25,7 @@ from simsearch.errors import ImageError
 from simsearch.fs.faults import crash_point
 from simsearch.media.discover import find_images
 from simsearch.media.header import header_facts
+from simsearch.media.objects import is_url, list_objects
 from simsearch.storage.store import STATUS_OK, Known, Store
 
 log = logging.getLogger(__name__)
@@ -47,9 +48,11 @@ class Scan:
     """What the listing found, sorted against what the index holds."""
 
     roots: list[Path]  # the folders being indexed, absolute
+    prefixes: list[str]  # the object-store URLs being indexed (media.objects)
     unlisted: list[Path]  # folders under them that could not be listed
     passed_over: dict[str, Counter]  # folders with files, none of them images
-    files: list[Path]  # every image listed
+    files: list[Path]  # every image file listed
+    objects: list[str]  # every image object listed, by URL
     known: dict[str, Known]  # every indexed file, by stored path
     hashes: dict[str, int]  # content already embedded: sha256 -> image id
     todo: list[ToRead]  # the files to read
@@ -60,15 +63,46 @@ class Scan:
 
 def scan(paths: Iterable[str | os.PathLike], store: Store) -> Scan:
     """List the images under `paths` and sort them into files to read and unchanged ones."""
-    roots = [Path(os.path.abspath(p)) for p in paths]
+    paths = list(paths)
+    prefixes = [str(p).rstrip("/") for p in paths if is_url(p)]
+    roots = [Path(os.path.abspath(p)) for p in paths if not is_url(p)]
     unlisted: list[Path] = []
     passed_over: dict[str, Counter] = {}
     files = list(find_images(roots, unlisted, passed_over))
+    listing = {url: (size, mtime) for p in prefixes for url, size, mtime in list_objects(p)}
     crash_point("listed")
     known = store.known_files()
     hashes = store.vector_hashes()  # read by the decode threads: content already embedded
     todo, listed, unchanged, stale = _sort(files, known)
-    return Scan(roots, unlisted, passed_over, files, known, hashes, todo, listed, unchanged, stale)
+    for url, (size, mtime_ns) in listing.items():
+        listed.add(url)
+        prior = known.get(url)
+        if (
+            prior is not None
+            and prior.status == STATUS_OK
+            and (prior.size, prior.mtime_ns)
+            == (
+                size,
+                mtime_ns,
+            )
+        ):
+            unchanged += 1
+        else:
+            todo.append((url, url, size, mtime_ns, None, None))
+    return Scan(
+        roots,
+        prefixes,
+        unlisted,
+        passed_over,
+        files,
+        list(listing),
+        known,
+        hashes,
+        todo,
+        listed,
+        unchanged,
+        stale,
+    )
 
 
 def _sort(files: list[Path], known: dict[str, Known]) -> tuple[list[ToRead], set[str], int, Stale]:
@@ -141,6 +175,7 @@ def disappeared(found: Scan) -> dict[str, Known]:
     its files from the index would lose their labels, clusters and vectors.
     """
     known, listed, roots = found.known, found.listed, found.roots
+    # Objects (URLs) are never under a folder: each prefix is looked at below.
     empty_roots = []
     for root in roots:
         prefix = str(root) + os.sep
@@ -164,6 +199,19 @@ def disappeared(found: Scan) -> dict[str, Known]:
             gone[key] = row
         else:
             lost[out_of_reach] = lost.get(out_of_reach, 0) + 1
+    for prefix in found.prefixes:
+        under = [k for k in known if k == prefix or k.startswith(prefix + "/")]
+        missing = [k for k in under if k not in listed]
+        if missing and len(missing) == len(under):
+            # Nothing listed where images were: a wrong endpoint or credentials, a bucket
+            # being restored; an object store that lost everything is not the likely case.
+            log.warning(
+                "not removing %d indexed objects under %s: it lists none of them now",
+                len(missing),
+                prefix,
+            )
+            continue
+        gone.update((k, known[k]) for k in missing)
     for held_root, count in held.items():
         if count:
             log.warning(

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from simsearch.config import DEFAULT_LABEL_MODEL, DEFAULT_WORKERS, MAX_IMAGE_PIXELS
 from simsearch.errors import DatabaseOperationalError, StorageError
+from simsearch.media.objects import is_url
 from simsearch.ops.export import export as export_items
 from simsearch.ops.ingest import Stopwatch, ingest
 from simsearch.ops.label import Labeller, label_index
@@ -37,7 +38,8 @@ def add(
         paths = [paths]
     # "~/Pictures" as a shell would read it: a path starting with ~ is never meant as a
     # folder named "~" in the working directory.
-    folders = [Path(p).expanduser() for p in paths]
+    # Object-store URLs (s3://bucket/prefix) are kept as they are.
+    folders = [p if is_url(p) else Path(p).expanduser() for p in paths]
     cache = parts.cache
     with parts.writing():
         # The model loads when the first file needs it: a run that finds nothing new
@@ -89,7 +91,7 @@ def add(
             raise
         with stopwatch("faiss"):
             cache.checkpoint()
-        parts.store.add_roots([os.path.abspath(f) for f in folders])
+        parts.store.add_roots([f if is_url(f) else os.path.abspath(f) for f in folders])
         return dataclasses.replace(
             summary, stages=dict(stopwatch.seconds), rebuilt=cache.last_rebuild
         )
