@@ -16,6 +16,7 @@ import functools
 import re
 from collections.abc import Iterator
 from pathlib import PurePosixPath
+from typing import Any
 
 from simsearch.config import MAX_FILE_BYTES
 from simsearch.errors import ImageError, InputPathError
@@ -49,7 +50,7 @@ def _filesystem(scheme_and_bucket: str):
         ) from None
 
 
-def _split(url: str) -> tuple[object, str]:
+def _split(url: str) -> tuple[Any, str]:
     """(file system, path inside it) for a URL: s3://bucket/key -> (S3, "bucket/key")."""
     scheme, _, rest = url.partition("://")
     bucket = rest.split("/", 1)[0]

@@ -91,7 +91,7 @@ def add(
             raise
         with stopwatch("faiss"):
             cache.checkpoint()
-        parts.store.add_roots([f if is_url(f) else os.path.abspath(f) for f in folders])
+        parts.store.add_roots([str(f) if is_url(f) else os.path.abspath(f) for f in folders])
         return dataclasses.replace(
             summary, stages=dict(stopwatch.seconds), rebuilt=cache.last_rebuild
         )
