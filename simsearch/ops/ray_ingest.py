@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'simsearch[ray]'"
 FAULT_ENVS = (ONCE_ENV,)
+OBJECT_STORE_ENVS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 
 # Retries are Ray Data's defaults: a read task whose worker died is run again (the tasks
 # are pure: a retry reads the file again), an actor that died is restarted and its batch
@@ -110,8 +111,9 @@ def _connect(ray, settings: RaySettings) -> bool:
     if ray.is_initialized():
         return False
     _check_reachable(settings.address)
-    # The test hooks (fs.faults) reach the workers through the job's environment.
-    hooks = {k: v for k, v in os.environ.items() if k in FAULT_ENVS}
+    # Where the objects are (not who may read them: the nodes have their own credentials)
+    # and the test hooks (fs.faults) go to the workers with the job's environment.
+    hooks = {k: v for k, v in os.environ.items() if k in FAULT_ENVS + OBJECT_STORE_ENVS}
     try:
         ray.init(
             address=settings.address,
