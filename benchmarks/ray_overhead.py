@@ -3,8 +3,9 @@ the same model: the price of the Ray Data pipeline (object store, tasks, actor) 
 and its start-up (connecting, the actor loading the model).
 
 Makes a folder of camera-size JPEGs from scikit-image's photographs (index_speed's), then
-indexes it into fresh indexes, alternating local and Ray runs (--repeat each), and reports
-the median of each:
+indexes half of it and all of it into fresh indexes, alternating local and Ray runs
+(--repeat each), and reports the median of each, and from the two sizes the cost per image
+and the cost per run (start-up: the actor loading the model, the pipeline starting):
 
   local   Index.add: reader threads and the model in this process
   ray     Index.add(ray=...): a Ray cluster of this machine alone (started once, before
@@ -59,37 +60,51 @@ def main() -> None:
 
     w, h = (int(x) for x in args.size.split("x"))
     cores = os.cpu_count() or 1
+    half = args.count // 2
     with tempfile.TemporaryDirectory() as tmp:
         photos = Path(tmp) / "photos"
         make_photos(photos, args.count, (w, h))
+        # The first half in a folder of its own: a run of N/2 and one of N tell the cost
+        # per run (start-up, the actor loading the model) from the cost per image.
+        first = Path(tmp) / "half"
+        first.mkdir()
+        for f in sorted(photos.iterdir())[:half]:
+            os.link(f, first / f.name)
         start = time.perf_counter()
-        # One more logical CPU than the machine has: the actor takes the model's threads and
-        # the read tasks still get one (as a local run's reader threads share the cores).
+        # One more logical CPU than the actor takes: its model gets the threads a local run
+        # gets, and the read tasks still get one (as a local run's reader threads share the
+        # cores).
         ray.init(num_cpus=int(args.actor_cpus) + 1, include_dashboard=False)
         started = time.perf_counter() - start
         settings = RaySettings(workers=1, cpus_per_worker=args.actor_cpus)
-        runs: dict[str, list[dict]] = {"local": [], "ray": []}
+        runs: dict[tuple[str, int], list[dict]] = {}
         for _ in range(args.repeat):
-            runs["local"].append(_run(args.model, photos, Path(tmp) / "a", args.precision))
-            runs["ray"].append(
-                _run(args.model, photos, Path(tmp) / "b", args.precision, settings)
-            )
+            for folder, n in ((first, half), (photos, args.count)):
+                for path, ray_settings in (("local", None), ("ray", settings)):
+                    out = _run(args.model, folder, Path(tmp) / path, args.precision, ray_settings)
+                    runs.setdefault((path, n), []).append(out)
         ray.shutdown()
 
-    median = {k: statistics.median(r["seconds"] for r in v) for k, v in runs.items()}
-    n = runs["local"][0]["images"]
-    per_image_ms = (median["ray"] - median["local"]) / n * 1000
+    median = {key: statistics.median(r["seconds"] for r in v) for key, v in runs.items()}
+    print(f"cores: {cores}, {args.size} JPEGs, {args.precision}, median of {args.repeat}")
+    print("| path | s for N/2 | s for N | img/s at N | ms per image | s per run (fixed) |")
+    print("|---|---|---|---|---|---|")
+    marginal = {}
+    for path in ("local", "ray"):
+        t_half, t_full = median[(path, half)], median[(path, args.count)]
+        marginal[path] = (t_full - t_half) / (args.count - half)
+        fixed = t_full - marginal[path] * args.count
+        print(
+            f"| {path} | {t_half:.2f} | {t_full:.2f} | {args.count / t_full:.2f} | "
+            f"{marginal[path] * 1000:.1f} | {fixed:.2f} |"
+        )
     print(
-        f"| path | images | median s | img/s | (cores: {cores}, {args.size} JPEGs, "
-        f"{args.precision}) |"
+        f"Ray overhead per image: {(marginal['ray'] - marginal['local']) * 1000:+.1f} ms; "
+        f"cluster start {started:.1f} s (once, not in the runs)"
     )
-    print("|---|---|---|---|---|")
-    for k in ("local", "ray"):
-        print(f"| {k} | {n} | {median[k]:.2f} | {n / median[k]:.2f} | |")
-    print(f"Ray overhead: {per_image_ms:+.1f} ms per image; cluster start {started:.1f} s")
-    for k, v in runs.items():
+    for (path, n), v in runs.items():
         for r in v:
-            print(json.dumps({"path": k, **r}))
+            print(json.dumps({"path": path, "count": n, **r}))
 
 
 if __name__ == "__main__":
