@@ -123,10 +123,17 @@ def _connect(ray, settings: RaySettings) -> bool:
         )
     except (ConnectionError, ValueError, RuntimeError) as exc:
         where = settings.address or "the local machine"
+        why = first_line(exc)
+        if settings.address and not os.environ.get("RAY_AUTH_MODE"):
+            # The port answered (_check_reachable): most often the cluster wants a token,
+            # which Ray sends only when told to.
+            why += (
+                ". It answers, so it may want a token (clusters of Ray 2.59 and later do): "
+                "set RAY_AUTH_MODE=token, with the cluster's token in RAY_AUTH_TOKEN or "
+                "~/.ray/auth_token"
+            )
         raise RayError(
-            f"cannot connect to the Ray cluster at {where}: {first_line(exc)}",
-            param="ray",
-            fix="start-ray",
+            f"cannot connect to the Ray cluster at {where}: {why}", param="ray", fix="start-ray"
         ) from None
     return True
 
