@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,29 +66,22 @@ class RaySettings:
     cpus_per_worker: float = 1.0
 
 
-# The columns a read task hands on. Strings are "" and lossless is -1 where unknown.
-_COLUMNS = ("i", "sha256", "size", "width", "height", "format", "lossless", "error", "seconds")
-
-
 def embedded_on_ray(
     todo: Sequence[tuple],
     spec: EmbedderSpec,
     hashes: dict[str, int],
     max_pixels: int,
     settings: RaySettings,
-    read: Callable[[str], bytes] | None = None,
 ) -> Iterator[Prepared]:
     """Yield a Prepared for every file of `todo` (ops.scan's ToRead tuples), embedded on the
     cluster: `vector` set for new content, `known_id` for content in `hashes`, `error` for a
     file that could not be read or decoded. In the order results arrive, each file once.
-
-    `read` (a picklable function of a path) reads a file on the workers; None: the local
-    run's reader, for paths every node sees.
+    The workers read paths (which every node must see) and object URLs as a local run does.
     """
     ray = _import_ray()
     started = _connect(ray, settings)
     try:
-        yield from _run(ray, todo, spec, hashes, max_pixels, settings, read)
+        yield from _run(ray, todo, spec, hashes, max_pixels, settings)
     finally:
         if started:
             ray.shutdown()
@@ -159,7 +152,7 @@ def _check_reachable(address: str | None) -> None:
         ) from None
 
 
-def _run(ray, todo, spec, hashes, max_pixels, settings, read) -> Iterator[Prepared]:
+def _run(ray, todo, spec, hashes, max_pixels, settings) -> Iterator[Prepared]:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the run has its own (tqdm on the driver)
     ctx.print_on_execution_start = False
@@ -187,7 +180,6 @@ def _run(ray, todo, spec, hashes, max_pixels, settings, read) -> Iterator[Prepar
             preprocessing=spec.manifest.preprocessing,
             known=[known],  # in a list: Ray hands a top-level ObjectRef over resolved
             max_pixels=max_pixels,
-            read=read,
         ),
         num_cpus=1,
     )
@@ -211,6 +203,11 @@ def _run(ray, todo, spec, hashes, max_pixels, settings, read) -> Iterator[Prepar
                 continue
             seen.add(i)
             yield _prepared(todo[i], out, j, bool(embedded[j]), hashes)
+    for item in items:  # never silently lost: a file without a result is recorded
+        if item["i"] not in seen:
+            real, key, size, mtime_ns, device, _ = todo[item["i"]]
+            error = "no result from the Ray workers (index it again)"
+            yield Prepared(real, key, size, mtime_ns, device, error=error)
 
 
 def _check_resources(have: dict, settings: RaySettings) -> None:
@@ -268,7 +265,6 @@ def _read_batch(
     preprocessing: dict,
     known: list,
     max_pixels: int,
-    read: Callable[[str], bytes] | None,
 ) -> dict[str, np.ndarray]:
     """A read task: read, hash, decode and preprocess a batch of files (ops.prepare)."""
     import ray
@@ -281,7 +277,7 @@ def _read_batch(
     preprocess = Preprocessing.from_dict(preprocessing)
     known_here = _KnownContent(digests)
     rows = [
-        prepare(str(path), str(path), -1, -1, None, None, preprocess, known_here, max_pixels, read)
+        prepare(str(path), str(path), -1, -1, None, None, preprocess, known_here, max_pixels)
         for path in batch["path"]
     ]
     shape = next((r.pixels.shape for r in rows if r.pixels is not None), None)
