@@ -52,6 +52,11 @@ def test_objects_index_and_search_as_files_do(s3_server, objects, tmp_path, tiny
         summary = idx.add(f"{bucket}/set")
         failed = {f.path: f.error for f in idx.failed()}
         hits = idx.search(f"{bucket}/set/p03.png", k=2)
+        assert idx.parts.models.loaded is not None  # the run loaded the model: drop it
+        idx.parts.models.loaded = None
+        # An indexed object, unchanged, is searched by its stored vector: no model.
+        assert idx.search(f"{bucket}/set/p04.png", k=1)[0].path == f"{bucket}/set/p04.png"
+        assert idx.parts.models.loaded is None
         stored = idx.store.known_files()
         vectors = idx.store.vectors_by_id([k.id for k in stored.values() if k.status == "ok"])
     assert (summary.seen, summary.indexed, summary.failed) == (N + 2, N + 1, 1)

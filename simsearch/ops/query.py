@@ -9,11 +9,13 @@ from pathlib import Path
 import numpy as np
 
 from simsearch.config import DEFAULT_K
-from simsearch.errors import QueryError
+from simsearch.errors import InputPathError, QueryError
+from simsearch.media.objects import is_url, list_objects
 from simsearch.ops.clustering import check_cluster
 from simsearch.ops.label import matching_labels, no_match_error
 from simsearch.ops.parts import IndexParts
 from simsearch.records import Hit, Label, hit_score
+from simsearch.storage.store import STATUS_OK
 
 Query = str | os.PathLike | int | np.ndarray
 
@@ -103,9 +105,25 @@ def stored_query_vector(parts: IndexParts, query: Query) -> np.ndarray | None:
         if vector is None:
             raise QueryError(f"no indexed image has id {image_id}")
         return vector
+    if is_url(query):
+        return _stored_vector_for_object(parts, query)
     if isinstance(query, (str, os.PathLike)):
         return stored_vector_for(parts, Path(query))
     return None
+
+
+def _stored_vector_for_object(parts: IndexParts, url: str) -> np.ndarray | None:
+    """The stored vector of an indexed object whose size and LastModified are unchanged."""
+    known = parts.store.lookup(url)
+    if known is None or known.status != STATUS_OK:
+        return None
+    try:
+        now = next(list_objects(url), None)
+    except InputPathError:
+        return None
+    if now is None or now[0] != url or (known.size, known.mtime_ns) != now[1:]:
+        return None
+    return parts.store.vector(known.id)
 
 
 def stored_vector_for(parts: IndexParts, path: Path) -> np.ndarray | None:
