@@ -127,3 +127,31 @@ def test_a_bucket_that_cannot_be_listed_is_one_clear_error(s3_server, tmp_path, 
         pytest.raises(InputPathError, match="cannot list s3://no-such-bucket"),
     ):
         idx.add("s3://no-such-bucket/photos")
+
+
+def test_hostile_objects_cost_bounded_memory_and_odd_keys_round_trip(
+    s3_server, tmp_path, tiny_vit, monkeypatch
+):
+    import simsearch.media.objects
+
+    photos = {
+        "odd/a photo with spaces & 100%.png": _png(1),
+        "odd/café/日本.png": _png(2),
+        "odd/../dots.png": _png(3),  # a literal key in S3, not a way out of the prefix
+        "odd/big.png": _png(4) + b"\0" * 60_000,
+    }
+    bucket = s3_server(photos)
+    # An object above the size limit is refused unread, as a file is.
+    monkeypatch.setattr(simsearch.media.objects, "MAX_FILE_BYTES", 50_000)
+    with Index.create(tmp_path / "index", model=tiny_vit) as idx:
+        summary = idx.add(f"{bucket}/odd")
+        failed = {f.path: f.error for f in idx.failed()}
+        paths = set(idx.store.known_files())
+        hit = idx.search(f"{bucket}/odd/café/日本.png", k=1)[0]
+    assert failed == {f"{bucket}/odd/big.png": failed[f"{bucket}/odd/big.png"]}
+    assert "above the limit of 50,000" in failed[f"{bucket}/odd/big.png"]
+    assert summary.indexed == len(paths) - 1
+    assert f"{bucket}/odd/a photo with spaces & 100%.png" in paths
+    assert hit.path == f"{bucket}/odd/café/日本.png"
+    for path in paths - {f"{bucket}/odd/big.png"}:
+        assert read_object(path) == photos[path.removeprefix(bucket + "/")]
