@@ -105,7 +105,7 @@ def open_shards(folder: str | os.PathLike) -> ShardSet:
                 "shard must hold vectors of one dimension",
                 path=path,
             )
-        if size is not None:
+        if size is not None and dim is None:
             dim, first = size, path.name
         has_paths = has_paths and ("path" in schema.names or "path_bytes" in schema.names)
         rows = meta.metadata.num_rows
