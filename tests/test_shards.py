@@ -53,9 +53,8 @@ def exact_top(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int 
 
 
 def recall(found, truth) -> float:
-    return float(
-        np.mean([len({h.id for h in f.hits} & set(t)) / len(t) for f, t in zip(found, truth)])
-    )
+    pairs = zip(found, truth, strict=True)
+    return float(np.mean([len({h.id for h in f.hits} & set(t)) / len(t) for f, t in pairs]))
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +118,7 @@ def test_a_stored_vector_finds_itself_with_its_id_and_path(built, data):
 def test_the_merged_index_is_opened_memory_mapped_read_only(built):
     import faiss
 
-    _, folder, report = built
+    _, folder, _ = built
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         [
             ondisk.MANIFEST_FILE,
@@ -191,15 +190,15 @@ def test_a_folder_without_shards_or_columns_is_refused(tmp_path):
     import pyarrow.parquet as pq
 
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ShardError, match="holds no .parquet files"):
+    with pytest.raises(ShardError, match=r"holds no \.parquet files"):
         build(tmp_path / "empty", tmp_path / "index")
     (tmp_path / "cols").mkdir()
     pq.write_table(pa.table({"id": [1], "embedding": [[0.5, 0.5]]}), tmp_path / "cols/a.parquet")
-    with pytest.raises(ShardError, match="a.parquet has no 'vector' column"):
+    with pytest.raises(ShardError, match=r"a\.parquet has no 'vector' column"):
         build(tmp_path / "cols", tmp_path / "index")
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk/a.parquet").write_bytes(b"not parquet at all")
-    with pytest.raises(ShardError, match="a.parquet is not a parquet file"):
+    with pytest.raises(ShardError, match=r"a\.parquet is not a parquet file"):
         build(tmp_path / "junk", tmp_path / "index")
     assert not (tmp_path / "index").exists() and leftovers(tmp_path) == []
 
@@ -253,17 +252,15 @@ def test_cli_build_and_search(tmp_path, built):
     shards, _, _ = built
     runner = CliRunner()
     out = tmp_path / "index"
-    done = runner.invoke(
-        cli, ["-q", "shards", "build", str(shards), "--out", str(out), "--nlist", "64", "--m", "8", "--json"]
-    )  # fmt: skip
+    settings = ["--nlist", "64", "--m", "8", "--json"]
+    done = runner.invoke(cli, ["-q", "shards", "build", str(shards), "--out", str(out), *settings])
     assert done.exit_code == 0, done.output
     report = json.loads(done.output)
     assert report["rows"] == N and report["factory"] == "IVF64,PQ8"
     query = tmp_path / "q.npy"
     np.save(query, clustered(2, seed=9))
-    done = runner.invoke(
-        cli, ["shards", "search", str(out), "--id", "30", "--vector-file", str(query), "-k", "3", "--json"]
-    )  # fmt: skip
+    queries = ["--id", "30", "--vector-file", str(query), "-k", "3", "--json"]
+    done = runner.invoke(cli, ["shards", "search", str(out), *queries])
     assert done.exit_code == 0, done.output
     lines = [json.loads(line) for line in done.output.splitlines()]
     assert [line["query"] for line in lines] == ["id:30", f"{query}:0", f"{query}:1"]
@@ -305,3 +302,22 @@ def test_ray_fills_give_the_same_index_as_local_ones(tmp_path, built, ray_local)
     assert (local / ondisk.IVFDATA_FILE).read_bytes() == (
         tmp_path / "index" / ondisk.IVFDATA_FILE
     ).read_bytes()
+
+
+def test_cli_export_shard_rows_writes_the_shards_build_reads(index_path, tmp_path):
+    from simsearch.search.shards import open_shards
+
+    out = tmp_path / "shards"
+    done = CliRunner().invoke(
+        cli, ["export", "--index", str(index_path), "--format", "parquet", "--shard-rows", "2",
+              "-o", str(out)]
+    )  # fmt: skip
+    assert done.exit_code == 0, done.output
+    found = open_shards(out)
+    assert [s.rows for s in found.shards][:-1] == [2] * (len(found.shards) - 1)
+    assert 1 <= found.shards[-1].rows <= 2 and found.has_paths and found.dim == 32
+    assert min(p.name for p in out.iterdir()) == "part-00000.parquet"
+    done = CliRunner().invoke(
+        cli, ["export", "--index", str(index_path), "--shard-rows", "2", "-o", str(tmp_path / "x")]
+    )
+    assert done.exit_code == 1 and "(--shard-rows)" in done.output
