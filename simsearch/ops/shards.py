@@ -226,7 +226,10 @@ def _fill(jobs: list, batch_rows: int, ray: str | None, done: Callable) -> int:
         ray_module.init(address=address, include_dashboard=False, log_to_driver=False)
     try:
         task = ray_module.remote(num_cpus=1)(ondisk.fill_shard)
-        pending = {task.remote(*job[:4], batch_rows): job[1] for job in jobs}
+        pending = {
+            task.remote(trained, shard, dim, out, batch_rows): shard
+            for trained, shard, dim, out in jobs
+        }
         total = 0
         while pending:
             ready, _ = ray_module.wait(list(pending), num_returns=1)

@@ -24,6 +24,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -89,14 +90,14 @@ def train(factory: str, dim: int, sample: np.ndarray):
             param="nlist",
         )
     index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    ivf: Any = faiss.downcast_index(faiss.extract_index_ivf(index))  # FAISS's stubs lack cp
     ivf.cp.niter = IVF_TRAIN_ITERATIONS
     if isinstance(ivf, faiss.IndexIVFPQ):
         # FAISS's 25 k-means iterations per codebook barely move them; and the factory's
         # polysemous training (for Hamming-filtered search, not used here) took 99 % of
         # the training time at 768 dims.
         ivf.pq.cp.niter = IVF_TRAIN_ITERATIONS
-        ivf.do_polysemous_training = False
+        ivf.do_polysemous_training = False  # type: ignore[attr-defined]
     index.train(np.ascontiguousarray(sample, dtype=np.float32))
     return index
 
