@@ -175,7 +175,7 @@ def phase_search(args) -> dict:
     opened = {"open_and_first_s": round(time.perf_counter() - started, 3), "mb": peak()}
     rows = []
     for nprobe in [int(p) for p in args.nprobe.split(",")]:
-        for rerank in (0, args.rerank):
+        for rerank in (0, *(int(r) for r in args.rerank.split(","))):
             times, found = [], []
             for q in queries:
                 t = time.perf_counter()
@@ -206,7 +206,7 @@ def main() -> None:
     parser.add_argument("--nlist", type=int, default=None)
     parser.add_argument("--m", type=int, default=None)
     parser.add_argument("--nprobe", default="16,32,64")
-    parser.add_argument("--rerank", type=int, default=10)
+    parser.add_argument("--rerank", default="10", help="re-rank factors, besides 0 (none)")
     parser.add_argument("--ray", action="store_true", help="fill the shards in Ray tasks")
     parser.add_argument("--work", default=None, help="default: /tmp/simsearch-shards-N")
     parser.add_argument("--phase", choices=("data", "build", "search"), default=None)
