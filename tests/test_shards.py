@@ -321,3 +321,11 @@ def test_cli_export_shard_rows_writes_the_shards_build_reads(index_path, tmp_pat
         cli, ["export", "--index", str(index_path), "--shard-rows", "2", "-o", str(tmp_path / "x")]
     )
     assert done.exit_code == 1 and "(--shard-rows)" in done.output
+
+
+def test_too_few_vectors_to_train_is_a_clear_error(tmp_path):
+    shards = write_shards(tmp_path / "shards", clustered(100), rows=50)
+    with pytest.raises(ShardError, match=r"IVF2,PQ8 cannot be trained on 100 vectors") as caught:
+        build(shards, tmp_path / "index", nlist=2, m=8)
+    assert caught.value.param == "sample"
+    assert not (tmp_path / "index").exists() and leftovers(tmp_path) == []

@@ -32,6 +32,7 @@ from simsearch.config import DEFAULT_NPROBE, DEFAULT_RERANK, IVF_TRAIN_ITERATION
 from simsearch.errors import ShardError
 from simsearch.records import Hit
 from simsearch.search.plan import ivf_lists, pq_codes
+from simsearch.search.vectors import faiss_message
 
 FORMAT = "simsearch-ondisk-ivfpq"
 FORMAT_VERSION = 1
@@ -51,6 +52,9 @@ HNSW_COARSE_MIN_LISTS = 1024
 # wants for its 256 centroids per sub-quantiser.
 TRAIN_PER_LIST = 40
 TRAIN_MIN = 256 * 39
+# Candidates kept while walking the centroids' graph to pick a query's lists (at least twice
+# nprobe): 4,096 centroids, so a wide walk costs little next to scanning the lists.
+COARSE_EF = 64
 
 
 def choose_factory(n: int, dim: int, nlist: int | None = None, m: int | None = None) -> str:
@@ -98,7 +102,13 @@ def train(factory: str, dim: int, sample: np.ndarray):
         # the training time at 768 dims.
         ivf.pq.cp.niter = IVF_TRAIN_ITERATIONS
         ivf.do_polysemous_training = False  # type: ignore[attr-defined]
-    index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    try:
+        index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    except RuntimeError as exc:  # e.g. fewer than 256 vectors for 8-bit PQ codebooks
+        raise ShardError(
+            f"{factory} cannot be trained on {len(sample):,} vectors: {faiss_message(exc)}",
+            param="sample",
+        ) from None
     return index
 
 
@@ -146,6 +156,10 @@ class OnDiskIndex:
         self.dim = int(manifest["dim"])
         self._index = index
         self._ivf = _extract_ivf(index)
+        import faiss
+
+        quantizer = faiss.downcast_index(self._ivf.quantizer)
+        self._coarse_hnsw = quantizer if isinstance(quantizer, faiss.IndexHNSW) else None
         self.vectors = vectors
         self.ids = ids
         self._paths = paths
@@ -221,6 +235,8 @@ class OnDiskIndex:
             raise ShardError("a query vector is zero or not finite", param="queries")
         queries = np.ascontiguousarray(queries / norms)
         self._ivf.nprobe = max(1, min(nprobe, self._ivf.nlist))
+        if self._coarse_hnsw is not None:  # finding nprobe lists well takes a wider walk
+            self._coarse_hnsw.hnsw.efSearch = max(COARSE_EF, 2 * self._ivf.nprobe)
         wanted = min(len(self), k * max(rerank, 1))
         scores, rows = self._index.search(queries, wanted)
         found = []
