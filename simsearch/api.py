@@ -364,12 +364,18 @@ class Index:
         return clustering.cluster_members(self.parts, cluster)
 
     def export(
-        self, output: str | os.PathLike, format: str = "npy", progress: Progress | None = None
+        self,
+        output: str | os.PathLike,
+        format: str = "npy",
+        progress: Progress | None = None,
+        *,
+        shard_rows: int | None = None,
     ) -> int:
         """Write every indexed image's id, path, vector, labels and cluster to `output`
-        ("npy": a folder, "csv", "parquet"), from one snapshot, renamed into place when
-        complete; return how many."""
-        return update.export(self.parts, output, format, progress)
+        ("npy": a folder, "csv", "parquet"; parquet with `shard_rows`: a folder of files of
+        that many rows), from one snapshot, renamed into place when complete; return how
+        many."""
+        return update.export(self.parts, output, format, progress, shard_rows)
 
     def verify(self) -> list[str]:
         """Return a description of every broken invariant (none: the index is sound) of

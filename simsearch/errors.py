@@ -127,6 +127,12 @@ class IndexTypeError(SimsearchError, ValueError):
     string FAISS builds."""
 
 
+class ShardError(SimsearchError):
+    """Parquet shards that an on-disk index cannot be built from (not parquet, no vector
+    column, dimensions that differ, vectors that are not finite, ids that repeat), or an
+    on-disk index folder that cannot be opened. Nothing is written."""
+
+
 class ReportError(SimsearchError):
     """An HTML report could not be written (missing folder, no permission, disk full)."""
 

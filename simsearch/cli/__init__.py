@@ -14,6 +14,7 @@ from simsearch.cli import (  # noqa: F401
     models,
     searching,
     serving,
+    shards,
 )
 from simsearch.cli.common import cli
 

@@ -37,9 +37,17 @@ log = logging.getLogger("simsearch")
     type=click.Path(path_type=Path),
     help="File (csv, parquet) or new folder (npy) to write; never overwritten.",
 )
+@click.option(
+    "--shard-rows",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="parquet: write OUTPUT as a new folder of files of N rows each (part-00000.parquet, "
+    "...), the shards `simsearch shards build` reads.",
+)
 @json_option
 @click.pass_obj
-def export(obj, index_path, fmt, output, as_json):
+def export(obj, index_path, fmt, output, shard_rows, as_json):
     """Write every indexed image's id, path and vector, for numpy, pandas or another store.
 
     Reads one consistent snapshot (indexing may continue meanwhile) in chunks, so memory
@@ -51,6 +59,7 @@ def export(obj, index_path, fmt, output, as_json):
       simsearch export -o vectors/            # then: np.load("vectors/vectors.npy")
       simsearch export --format parquet -o photos.parquet
       simsearch export --format csv -o photos.csv --index indexes/family
+      simsearch export --format parquet --shard-rows 1000000 -o shards/
     """
     from tqdm import tqdm
 
@@ -61,7 +70,7 @@ def export(obj, index_path, fmt, output, as_json):
         Index.open(index_path) as idx,
         tqdm(desc="exporting", unit="img", file=sys.stderr, disable=no_bar) as bar,
     ):
-        count = idx.export(output, fmt, progress=bar)
+        count = idx.export(output, fmt, progress=bar, shard_rows=shard_rows)
     if as_json:
         click.echo(json.dumps({"count": count, "format": fmt, "output": str(output)}))
     else:

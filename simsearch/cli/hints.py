@@ -16,6 +16,9 @@ FLAGS = {
     (None, "label_model"): "--label-model or SIMSEARCH_LABEL_MODEL",
     ("label", "label_model"): "--model or SIMSEARCH_LABEL_MODEL",
     ("index", "top"): "--label-top",
+    ("shards", "shards"): "SHARDS_DIR",
+    ("shards", "output"): "--out",
+    ("shards", "ray"): "--ray",
 }
 
 

@@ -20,7 +20,9 @@ export never leaves a file that looks whole.
   `os.fsdecode(path_bytes)` names the real file), `vector` (fixed-size list of float32),
   and `labels` (list of {label, score}) and `cluster` (int64, null for none) when present;
   `path` is text, so a name that is not UTF-8 has its bytes escaped there (caf\\xe9.jpg);
-  needs pyarrow (`pip install 'simsearch[parquet]'`).
+  needs pyarrow (`pip install 'simsearch[parquet]'`). With `shard_rows`, a new folder of
+  parquet files of that many rows each (the last one fewer), part-00000.parquet,
+  part-00001.parquet, ...: the shards `simsearch shards build` (and autofaiss) read.
 
 Labels and clusters are exported when the index has any (`index --label-model`,
 `simsearch cluster`).
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import json
 import os
 import shutil
@@ -62,13 +65,17 @@ def export(
     progress: Progress | None = None,
     *,
     extras: Sequence[str] = (),
+    shard_rows: int | None = None,
 ) -> int:
     """Write `total` items from `chunks` (ids, paths, vectors, extras) to `output` in
     format `fmt`; returns how many. `extras`: the extra columns the chunks carry ("labels",
-    "cluster"). `progress`: a tqdm-like object, updated per chunk."""
+    "cluster"). `progress`: a tqdm-like object, updated per chunk. `shard_rows` (parquet
+    only): a folder of parquet files of that many rows each."""
     output = Path(output)
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if shard_rows is not None and (fmt != "parquet" or shard_rows < 1):
+        raise ExportError("shards are parquet files of at least one row each", param="shard_rows")
     if os.path.lexists(output):  # never replaced, not even an empty folder or a link
         raise ExportError(
             f"{output} already exists; choose a new output or remove it",
@@ -78,6 +85,8 @@ def export(
     if not output.parent.is_dir():
         raise ExportError(f"{output.parent} is not a folder")
     writer = {"npy": _npy, "csv": _csv, "parquet": _parquet}[fmt]
+    if shard_rows is not None:
+        writer = functools.partial(_parquet_parts, shard_rows=shard_rows)
 
     def counted():
         for chunk in chunks:
@@ -172,7 +181,7 @@ def _csv(chunks: Iterator, total: int, dim: int, output: Path, extras: list[str]
     return done
 
 
-def _parquet(chunks: Iterator, total: int, dim: int, output: Path, extras: list[str]) -> int:
+def _pyarrow():
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -182,7 +191,14 @@ def _parquet(chunks: Iterator, total: int, dim: int, output: Path, extras: list[
             "(or export as npy or csv)",
             param="format",
         ) from None
-    label_type = pa.list_(pa.struct([("label", pa.string()), ("score", pa.float32())]))
+    return pa, pq
+
+
+_LABEL_FIELDS = [("label", "string"), ("score", "float32")]
+
+
+def _parquet_schema(pa, dim: int, extras: list[str]):
+    label_type = pa.list_(pa.struct([(n, getattr(pa, t)()) for n, t in _LABEL_FIELDS]))
     fields = [
         ("id", pa.int64()),
         ("path", pa.string()),
@@ -190,26 +206,88 @@ def _parquet(chunks: Iterator, total: int, dim: int, output: Path, extras: list[
         ("vector", pa.list_(pa.float32(), dim)),
     ]
     fields += [(c, label_type if c == "labels" else pa.int64()) for c in extras]
-    schema = pa.schema(fields)
+    return pa.schema(fields)
+
+
+def _parquet_table(pa, schema, chunk, dim: int, extras: list[str]):
+    chunk_ids, chunk_paths, chunk_vectors, values = chunk
+    flat = pa.array(np.ascontiguousarray(chunk_vectors, dtype=np.float32).reshape(-1))
+    columns = [
+        pa.array(chunk_ids, pa.int64()),
+        pa.array([shown(p) for p in chunk_paths], pa.string()),
+        pa.array([os.fsencode(p) for p in chunk_paths], pa.binary()),
+        pa.FixedSizeListArray.from_arrays(flat, dim),
+    ]
+    if "labels" in extras:
+        rows = [
+            None if v is None else [{"label": a, "score": b} for a, b in v]
+            for v in values["labels"]
+        ]
+        columns.append(pa.array(rows, schema.field("labels").type))
+    if "cluster" in extras:
+        columns.append(pa.array(values["cluster"], pa.int64()))
+    return pa.table(columns, schema=schema)
+
+
+def _parquet(chunks: Iterator, total: int, dim: int, output: Path, extras: list[str]) -> int:
+    pa, pq = _pyarrow()
+    schema = _parquet_schema(pa, dim, extras)
     done = 0
     with replaced_atomically(output, replace=False) as tmp, pq.ParquetWriter(tmp, schema) as writer:
-        for chunk_ids, chunk_paths, chunk_vectors, values in chunks:
-            flat = pa.array(np.ascontiguousarray(chunk_vectors).reshape(-1))
-            columns = [
-                pa.array(chunk_ids, pa.int64()),
-                pa.array([shown(p) for p in chunk_paths], pa.string()),
-                pa.array([os.fsencode(p) for p in chunk_paths], pa.binary()),
-                pa.FixedSizeListArray.from_arrays(flat, dim),
-            ]
-            if "labels" in extras:
-                rows = [
-                    None if v is None else [{"label": a, "score": b} for a, b in v]
-                    for v in values["labels"]
-                ]
-                columns.append(pa.array(rows, label_type))
-            if "cluster" in extras:
-                columns.append(pa.array(values["cluster"], pa.int64()))
-            table = pa.table(columns, schema=schema)
-            writer.write_table(table)
-            done += len(chunk_ids)
+        for chunk in chunks:
+            writer.write_table(_parquet_table(pa, schema, chunk, dim, extras))
+            done += len(chunk[0])
     return done
+
+
+def _parquet_parts(
+    chunks: Iterator, total: int, dim: int, output: Path, extras: list[str], *, shard_rows: int
+) -> int:
+    """A new folder of parquet files of `shard_rows` rows each, built under a temporary
+    name and renamed into place when complete."""
+    pa, pq = _pyarrow()
+    schema = _parquet_schema(pa, dim, extras)
+    tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX + output.name + ".", dir=output.parent))
+    done, writer, in_part, parts = 0, None, 0, 0
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())
+        for chunk in chunks:
+            start = 0
+            while start < len(chunk[0]):
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp / f"part-{parts:05d}.parquet", schema)
+                    parts += 1
+                end = min(len(chunk[0]), start + shard_rows - in_part)
+                piece = _sliced(chunk, start, end)
+                writer.write_table(_parquet_table(pa, schema, piece, dim, extras))
+                in_part += end - start
+                done += end - start
+                start = end
+                if in_part == shard_rows:
+                    writer.close()
+                    writer, in_part = None, 0
+        if writer is not None:
+            writer.close()
+            writer = None
+        for part in tmp.iterdir():
+            with open(part, "rb") as fh:
+                os.fsync(fh.fileno())
+        if os.path.lexists(output):
+            raise FileExistsError(output)
+        tmp.rename(output)
+    except BaseException:
+        if writer is not None:
+            writer.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return done
+
+
+def _sliced(chunk, start: int, end: int):
+    ids, paths, vectors, values = chunk
+    return (
+        ids[start:end],
+        paths[start:end],
+        vectors[start:end],
+        {k: v[start:end] for k, v in values.items()},
+    )

@@ -140,9 +140,19 @@ def export(
     output: str | os.PathLike,
     format: str = "npy",
     progress: Progress | None = None,
+    shard_rows: int | None = None,
 ) -> int:
     """Write every indexed image's id, path and vector to `output` (see `Index.export`)."""
     dim = parts.manifest.dim
     with parts.store.snapshot_items(dim) as (total, extras, chunks):
         set_total(progress, total)
-        return export_items(chunks, total, dim, Path(output), format, progress, extras=extras)
+        return export_items(
+            chunks,
+            total,
+            dim,
+            Path(output),
+            format,
+            progress,
+            extras=extras,
+            shard_rows=shard_rows,
+        )
