@@ -16,7 +16,7 @@ import functools
 import re
 from collections.abc import Iterator
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, TypeGuard
 
 from simsearch.config import MAX_FILE_BYTES
 from simsearch.errors import ImageError, InputPathError
@@ -28,7 +28,7 @@ _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]+://")
 INSTALL_HINT = "pip install 'simsearch[s3]'"
 
 
-def is_url(path: object) -> bool:
+def is_url(path: object) -> TypeGuard[str]:
     """True for an object-store URL (s3://...), False for a file path."""
     return isinstance(path, str) and _URL.match(path) is not None
 
