@@ -29,9 +29,11 @@ import argparse
 import io
 import itertools
 import json
+import pickle
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -155,49 +157,132 @@ def score(found: set, truth: set) -> tuple[float, float, float]:
     return precision, recall, f1
 
 
-def measure(
-    kind: str, model: str, sample: int, work: Path, verbose: bool = False, seed: int = 0
-) -> dict:
+@dataclass
+class Snapshot:
+    """One indexed collection as dedup and calibration see it, so that a calibration
+    method can be replayed on it in seconds (`--cache`): its stored vectors, what the keep
+    rule compares, its byte-identical sets, its true copy pairs and the calibration's
+    inputs (the edited copies' and the neighbours' scores)."""
+
+    ids: np.ndarray
+    vectors: np.ndarray
+    members: dict  # id -> ops.dedup.Member
+    same_content: list
+    truth: set
+    inputs: object  # ops.calibrate.Inputs
+    seconds: float  # calibration's gather time
+
+    def found(self, threshold: float) -> set[frozenset[str]]:
+        """The pairs dedup groups at `threshold` (exact search, as on a flat index)."""
+        from simsearch.config import DEDUP_NEIGHBOURS
+        from simsearch.ops.dedup import find_groups
+
+        def search(q, k):
+            scores = q @ self.vectors.T
+            order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+            return np.take_along_axis(scores, order, 1), self.ids[order]
+
+        by_id = dict(zip(self.ids.tolist(), self.vectors, strict=True))
+        groups = find_groups(
+            [(self.ids, self.vectors)],
+            search,
+            self.same_content,
+            lambda ids: {i: self.members[i] for i in ids},
+            lambda ids: {i: by_id[i] for i in ids if i in by_id},
+            threshold,
+            DEDUP_NEIGHBOURS,
+        )
+        return pairs([{g.keep_path, *(d.path for d in g.duplicates)} for g in groups])
+
+    def similarity(self, pair) -> float:
+        a, b = (self.vectors[self.paths.index(p)] for p in sorted(pair))
+        return float(a @ b)
+
+    @property
+    def paths(self) -> list[str]:
+        return [self.members[i].path for i in self.ids.tolist()]
+
+
+def snapshot(kind: str, model: str, sample: int, work: Path, seed: int = 0) -> Snapshot:
+    """Index one collection with the model and gather the calibration's inputs."""
     from simsearch import Index
-    from simsearch.cli.render import calibration_line
+    from simsearch.config import DEDUP_NEIGHBOURS
+    from simsearch.media.preprocess import Preprocessing
+    from simsearch.ops.calibrate import gather
+    from simsearch.ops.dedup import describe
 
     folder = work / f"{kind}-{seed}"
     files, groups = collection(kind, seed)
     for name, img in files.items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         img.save(folder / name, quality=92)
-    truth = pairs([{str(folder / f) for f in g} for g in groups])
-
-    def found(threshold=None) -> set[frozenset[str]]:
-        dups = index.duplicates(threshold)
-        return pairs([{g.keep_path, *(d.path for d in g.duplicates)} for g in dups])
-
     with Index.create(work / f"{kind}-{seed}-index", model=model) as index:
         index.add(folder)
+        parts = index.parts
         started = time.perf_counter()
-        calibration = index.calibrate_dedup(sample=sample)
+        inputs = gather(
+            parts.store,
+            lambda vecs, k: parts.cache.search(vecs, k),
+            parts.models.embed,
+            Preprocessing.from_dict(parts.manifest.preprocessing),
+            sample=sample,
+            neighbours=DEDUP_NEIGHBOURS,
+        )
         seconds = time.perf_counter() - started
-        print(f"{kind} (seed {seed}): {calibration_line(calibration)}")
-        at_calibrated = found()
-        sweep = {float(t): score(found(float(t)), truth) for t in SWEEP}
+        chunks = list(parts.store.iter_vectors(parts.manifest.dim))
+        ids = np.concatenate([c[0] for c in chunks])
+        facts = parts.store.keep_facts(ids.tolist())
+        return Snapshot(
+            ids=ids,
+            vectors=np.concatenate([c[1] for c in chunks]),
+            members={i: describe(path, f) for i, (path, _, f) in facts.items()},
+            same_content=parts.store.same_content(),
+            truth=pairs([{str(folder / f) for f in g} for g in groups]),
+            inputs=inputs,
+            seconds=seconds,
+        )
 
-        def similarity(pair) -> float:
-            a, b = sorted(pair)
-            return next((h.score for h in index.search(a, k=len(files)) if h.path == b), -1.0)
 
-        for pair in sorted(at_calibrated - truth, key=sorted):
-            print(f"  false pair {similarity(pair):.3f}:", *(Path(p).name for p in sorted(pair)))
-        missed = sorted(truth - at_calibrated, key=sorted)
-        print(f"  missed {len(missed)} of {len(truth)} pairs")
-        if verbose:
-            for pair in missed:
-                print(f"  missed {similarity(pair):.3f}:", *(Path(p).name for p in sorted(pair)))
+def measure(
+    kind: str,
+    model: str,
+    sample: int,
+    work: Path,
+    verbose: bool = False,
+    seed: int = 0,
+    cache: Path | None = None,
+) -> dict:
+    from simsearch.cli.render import calibration_line
+    from simsearch.ops.calibrate import decide
+
+    kept = cache / f"{kind}-{seed}-{sample}.pickle" if cache else None
+    if kept is not None and kept.exists():
+        snap = pickle.loads(kept.read_bytes())  # a cache this script wrote
+    else:
+        snap = snapshot(kind, model, sample, work, seed)
+        if kept is not None:
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            kept.write_bytes(pickle.dumps(snap))
+    started = time.perf_counter()
+    calibration = decide(snap.inputs)
+    seconds = snap.seconds + time.perf_counter() - started
+    print(f"{kind} (seed {seed}): {calibration_line(calibration)}")
+    truth = snap.truth
+    at_calibrated = snap.found(calibration.threshold)
+    sweep = {float(t): score(snap.found(float(t)), truth) for t in SWEEP}
+    for pair in sorted(at_calibrated - truth, key=sorted):
+        print(f"  false pair {snap.similarity(pair):.3f}:", *(Path(p).name for p in sorted(pair)))
+    missed = sorted(truth - at_calibrated, key=sorted)
+    print(f"  missed {len(missed)} of {len(truth)} pairs")
+    if verbose:
+        for pair in missed:
+            print(f"  missed {snap.similarity(pair):.3f}:", *(Path(p).name for p in sorted(pair)))
     precision, recall, f1 = score(at_calibrated, truth)
     best = max(sweep, key=lambda t: (sweep[t][2], t))
     return {
         "collection": kind,
         "seed": seed,
-        "images": len(files),
+        "images": len(snap.ids),
         "copy_pairs": len(truth),
         "threshold": calibration.threshold,
         "precision": round(precision, 3),
@@ -228,13 +313,19 @@ def main() -> None:
         "have them); one seed's 10-20 copy pairs move F1 by 0.05 a pair",
     )
     parser.add_argument("--verbose", action="store_true", help="list the missed pairs")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        help="folder to keep each collection's vectors and calibration inputs in: a later "
+        "run with it replays the calibration in seconds instead of indexing again",
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="simsearch-dedup-quality-"))
     seeds = [int(s) for s in args.seeds.split(",")]
     try:
         rows = [
-            measure(kind, args.model, args.sample, work, args.verbose, seed)
+            measure(kind, args.model, args.sample, work, args.verbose, seed, args.cache)
             for kind in args.collections.split(",")
             for seed in seeds
         ]

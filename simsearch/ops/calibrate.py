@@ -45,6 +45,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from io import BytesIO
 
 import numpy as np
@@ -163,6 +164,22 @@ def mistake_weights(
     return np.where(known, 0.0, 1.0), float(known.sum())
 
 
+@dataclass(frozen=True)
+class Inputs:
+    """What a calibration decides from: per sampled image (by id), its edited copies'
+    scores against it (`copies`, in EDITS order) and against each other (`siblings`, the
+    upper triangle), its nearest other images' scores (`neighbours`, best first) and their
+    scores against each other (`between`, a square matrix)."""
+
+    originals: list[int]
+    copies: dict[int, np.ndarray]
+    siblings: dict[int, np.ndarray]
+    neighbours: dict[int, np.ndarray]
+    between: dict[int, np.ndarray]
+    k: int  # neighbours asked for per image
+    seed: int
+
+
 def calibrate(
     store,
     search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]],
@@ -177,6 +194,32 @@ def calibrate(
     """Calibrate on up to `sample` indexed images (files unchanged since indexing); each
     original's `neighbours` nearest other images are the negatives. Raises ValueError when
     the index is too small or no sampled file can be read."""
+    inputs = gather(
+        store,
+        search,
+        embed,
+        preprocess,
+        sample=sample,
+        neighbours=neighbours,
+        seed=seed,
+        progress=progress,
+    )
+    return decide(inputs)
+
+
+def gather(
+    store,
+    search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]],
+    embed: Callable[[Sequence[Image.Image]], np.ndarray],
+    preprocess,
+    *,
+    sample: int,
+    neighbours: int,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> Inputs:
+    """Edit and embed up to `sample` indexed images and find their `neighbours` nearest
+    other images: a calibration's inputs (see `calibrate`)."""
     rng = np.random.default_rng(seed)
     ids = store.vector_ids()
     if len(ids) < 2:
@@ -185,8 +228,7 @@ def calibrate(
     candidates = rng.permutation(ids)[: 2 * sample].tolist()
     facts = store.image_facts(candidates)
     set_total(progress, min(sample, len(candidates)))
-    originals, copy_scores, skipped = [], [], 0
-    copy_edits: list[str] = []
+    originals, skipped = [], 0
     own_copies: dict[int, np.ndarray] = {}
     own_siblings: dict[int, np.ndarray] = {}
     batch: list[tuple[int, list[Image.Image]]] = []
@@ -197,11 +239,8 @@ def calibrate(
         rows = iter(vectors)
         for image_id, _ in batch:
             edited = np.stack([next(rows) for _ in EDITS])
-            mine = (edited @ stored[image_id]).astype(np.float64).tolist()
+            own_copies[image_id] = (edited @ stored[image_id]).astype(np.float64)
             own_siblings[image_id] = (edited @ edited.T)[np.triu_indices(len(EDITS), 1)]
-            copy_scores.extend(mine)
-            copy_edits.extend(EDITS)
-            own_copies[image_id] = np.asarray(mine)
             originals.append(image_id)
         advance(progress, len(batch))
         batch.clear()
@@ -225,35 +264,49 @@ def calibrate(
             fix="add-images",
         )
     nearest = _nearest_others(store, search, originals, neighbours)
+    return Inputs(
+        originals=originals,
+        copies=own_copies,
+        siblings=own_siblings,
+        neighbours={i: nearest[i][0] for i in originals},
+        between={i: nearest[i][1] for i in originals},
+        k=neighbours,
+        seed=seed,
+    )
+
+
+def decide(inputs: Inputs) -> Calibration:
+    """Return the calibration (threshold, its expected precision and recall) that
+    `inputs` give; see the module's docstring."""
     other_parts, weight_parts, expected, clear = [], [], 0.0, []
-    for image_id in originals:
-        mine, between = nearest[image_id]
-        w, n = mistake_weights(mine, own_copies[image_id], between, own_siblings[image_id])
+    for image_id in inputs.originals:
+        mine, own = inputs.neighbours[image_id], inputs.copies[image_id]
+        w, n = mistake_weights(mine, own, inputs.between[image_id], inputs.siblings[image_id])
         other_parts.append(mine)
         weight_parts.append(w)
         expected += n
-        clear += mine[mine <= np.median(own_copies[image_id])].tolist()
+        clear += mine[mine <= np.median(own)].tolist()
     others, weights = np.concatenate(other_parts), np.concatenate(weight_parts)
-    copies = np.asarray(copy_scores)
+    copies = np.concatenate([inputs.copies[i] for i in inputs.originals])
     # However few copies the sample's neighbours seem to hold, one is assumed: with none,
     # any cut above the highest other image would do, and the widest gap is taken.
     threshold, precision, recall = choose_threshold(
         copies, others, weights=weights, copies_expected=max(expected, 1.0)
     )
-    edits = np.asarray(copy_edits)
+    edits = np.tile(np.asarray(EDITS), len(inputs.originals))
     by_edit = {name: round(float(np.mean(copies[edits == name] >= threshold)), 4) for name in EDITS}
     return Calibration(
         threshold=threshold,
         precision=round(precision, 4),
         recall=round(recall, 4),
-        images=len(originals),
+        images=len(inputs.originals),
         copies=len(copies),
         others=len(others),
         lowest_copy=round(float(copies.min()), 4),
         highest_other=round(max(clear), 4) if clear else None,
         recall_by_edit=by_edit,
-        neighbours=neighbours,
-        seed=seed,
+        neighbours=inputs.k,
+        seed=inputs.seed,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         copies_among_others=round(expected, 1),
         method=CALIBRATION_METHOD,
