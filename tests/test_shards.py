@@ -329,3 +329,19 @@ def test_too_few_vectors_to_train_is_a_clear_error(tmp_path):
         build(shards, tmp_path / "index", nlist=2, m=8)
     assert caught.value.param == "sample"
     assert not (tmp_path / "index").exists() and leftovers(tmp_path) == []
+
+
+def test_many_lists_use_a_graph_over_the_centroids(tmp_path, built, data):
+    """From 1,024 lists (the factory chosen at scale) the coarse quantiser is HNSW."""
+    import faiss
+
+    shards, _, _ = built
+    report = build(shards, tmp_path / "index", nlist=1024, m=8)
+    assert report.factory == "IVF1024_HNSW32,PQ8"
+    index = OnDiskIndex.open(tmp_path / "index")
+    quantizer = faiss.downcast_index(faiss.extract_index_ivf(index._index).quantizer)
+    assert isinstance(quantizer, faiss.IndexHNSW)
+    queries = clustered(100, seed=6)
+    truth = exact_top(data, np.arange(1, N + 1) * 3, queries)
+    assert recall(index.search(queries, 10, nprobe=64, rerank=10), truth) >= 0.9
+    assert quantizer.hnsw.efSearch >= 128  # twice nprobe, so the walk finds all 64 lists
