@@ -345,3 +345,19 @@ def test_many_lists_use_a_graph_over_the_centroids(tmp_path, built, data):
     truth = exact_top(data, np.arange(1, N + 1) * 3, queries)
     assert recall(index.search(queries, 10, nprobe=64, rerank=10), truth) >= 0.9
     assert quantizer.hnsw.efSearch >= 128  # twice nprobe, so the walk finds all 64 lists
+
+
+@pytest.mark.e2e
+def test_search_json_is_all_that_reaches_stdout(built, tmp_path):
+    """FAISS prints where it found the lists on file descriptor 1 when it opens a moved
+    index: a script reading `--json` must see only JSON there."""
+    from conftest import run_simsearch
+
+    _, folder, _ = built
+    moved = tmp_path / "moved"
+    shutil.copytree(folder, moved)  # the lists' recorded path is not this one
+    first = int(np.load(moved / ondisk.IDS_FILE)[0])
+    done = run_simsearch("shards", "search", moved, "--id", first, "-k", 2, "--json")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["hits"][0]["id"] == first

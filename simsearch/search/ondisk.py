@@ -20,8 +20,10 @@ need no hash table in memory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,6 +141,22 @@ def merge(trained: str, shard_indexes: list[str], folder: Path) -> int:
     return int(index.ntotal)
 
 
+@contextlib.contextmanager
+def _stdout_silenced():
+    """Send what C code writes to file descriptor 1 to /dev/null meanwhile: FAISS prints
+    "IO_FLAG_ONDISK_SAME_DIR: updating ondisk filename ..." there on every open, which
+    would corrupt a command's --json output."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 @dataclass(frozen=True)
 class Found:
     """One query's hits, and the rows they came from."""
@@ -176,7 +194,8 @@ class OnDiskIndex:
         rows, dim = int(manifest["rows"]), int(manifest["dim"])
         flags = faiss.IO_FLAG_READ_ONLY | faiss.IO_FLAG_ONDISK_SAME_DIR
         try:
-            index = faiss.read_index(str(folder / INDEX_FILE), flags)
+            with _stdout_silenced():  # FAISS prints where it found the lists, on stdout
+                index = faiss.read_index(str(folder / INDEX_FILE), flags)
         except RuntimeError as exc:
             raise ShardError(f"{folder / INDEX_FILE} cannot be read: {exc}", path=folder) from None
         lists = faiss.downcast_InvertedLists(_extract_ivf(index).invlists)
