@@ -125,17 +125,16 @@ def build(obj, shards_dir, output, nlist, m, sample, ray_address, as_json):
 @click.option(
     "--nprobe",
     type=click.IntRange(min=1),
-    default=DEFAULT_NPROBE,
-    show_default=True,
-    help="Inverted lists visited per query; more finds more true neighbours, more slowly.",
+    default=None,
+    help="Inverted lists visited per query; more finds more true neighbours, more slowly.  "
+    f"[default: {DEFAULT_NPROBE}; past 2M vectors, a 32nd of the lists (128 of 4,096)]",
 )
 @click.option(
     "--rerank",
     type=click.IntRange(min=0),
-    default=DEFAULT_RERANK,
-    show_default=True,
+    default=None,
     help="Re-rank k x this many candidates by their exact scores on the stored vectors; "
-    "0 = the compressed codes' scores.",
+    f"0 = the compressed codes' scores.  [default: {DEFAULT_RERANK}; past 2M vectors, 20]",
 )
 @json_option
 def search(index_dir, ids, vector_file, k, nprobe, rerank, as_json):

@@ -141,6 +141,22 @@ def merge(trained: str, shard_indexes: list[str], folder: Path) -> int:
     return int(index.ntotal)
 
 
+# Past this many rows the lists hold more near neighbours than 16 of them and 10 x k
+# candidates find: measured (benchmarks/shard_build.py, docs/benchmarks.md) recall@10 0.986
+# at 1M with nprobe 16 and re-rank 10, but 0.861 at 10M, where nprobe 128 and re-rank 20
+# gave 0.969 (p50 13.8 ms).
+LARGE_ROWS = 2_000_000
+LARGE_NPROBE_SHARE = 32  # nprobe = lists / 32 past LARGE_ROWS (128 of 4,096)
+LARGE_RERANK = 20
+
+
+def default_settings(rows: int, nlist: int) -> tuple[int, int]:
+    """(nprobe, rerank) for an index of `rows` vectors in `nlist` lists."""
+    if rows <= LARGE_ROWS:
+        return DEFAULT_NPROBE, DEFAULT_RERANK
+    return max(DEFAULT_NPROBE, nlist // LARGE_NPROBE_SHARE), max(DEFAULT_RERANK, LARGE_RERANK)
+
+
 @contextlib.contextmanager
 def _stdout_silenced():
     """Send what C code writes to file descriptor 1 to /dev/null meanwhile: FAISS prints
@@ -238,12 +254,16 @@ class OnDiskIndex:
         queries: np.ndarray,
         k: int = 10,
         *,
-        nprobe: int = DEFAULT_NPROBE,
-        rerank: int = DEFAULT_RERANK,
+        nprobe: int | None = None,
+        rerank: int | None = None,
     ) -> list[Found]:
         """The `k` nearest rows of each query (unit vectors or not: they are normalised):
         `nprobe` lists visited, then the best k * `rerank` by PQ score re-ranked by exact
-        inner product on the stored vectors (rerank 0: the PQ scores as they are)."""
+        inner product on the stored vectors (rerank 0: the PQ scores as they are). None:
+        by the index's size (`default_settings`)."""
+        auto_nprobe, auto_rerank = default_settings(len(self), self._ivf.nlist)
+        nprobe = auto_nprobe if nprobe is None else nprobe
+        rerank = auto_rerank if rerank is None else rerank
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         if queries.shape[1] != self.dim:
             raise ShardError(
