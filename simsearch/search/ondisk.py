@@ -53,6 +53,7 @@ HNSW_COARSE_MIN_LISTS = 1024
 # Training vectors per inverted list (FAISS warns below 39), and never fewer than 8-bit PQ
 # wants for its 256 centroids per sub-quantiser.
 TRAIN_PER_LIST = 40
+PQ_CENTROIDS = 256  # per sub-quantiser of 8-bit codes: the fewest vectors PQ trains on
 TRAIN_MIN = 256 * 39
 # Candidates kept while walking the centroids' graph to pick a query's lists (at least twice
 # nprobe): 4,096 centroids, so a wide walk costs little next to scanning the lists.
@@ -107,9 +108,14 @@ def train(factory: str, dim: int, sample: np.ndarray):
     try:
         index.train(np.ascontiguousarray(sample, dtype=np.float32))
     except RuntimeError as exc:  # e.g. fewer than 256 vectors for 8-bit PQ codebooks
+        why = faiss_message(exc)
+        if len(sample) < PQ_CENTROIDS:
+            why += (
+                f". Its codes need at least {PQ_CENTROIDS} vectors to train on: a collection "
+                "this small needs no on-disk index (an index searches it exactly)"
+            )
         raise ShardError(
-            f"{factory} cannot be trained on {len(sample):,} vectors: {faiss_message(exc)}",
-            param="sample",
+            f"{factory} cannot be trained on {len(sample):,} vectors: {why}", param="sample"
         ) from None
     return index
 
