@@ -215,7 +215,8 @@ class _Run:
 
 
 def _take_all(run: _Run, ready: Iterator[Prepared]) -> None:
-    """Hand each file that `ready` yields to the run (a remote run's files, embedded)."""
+    """Hand each file that `ready` yields to the run, timing the wait for it; on Ctrl-C or
+    an error, `ready` is closed (what the reader has queued is not decoded)."""
     with contextlib.closing(ready):  # type: ignore[type-var]
         while True:
             with run.timed("waiting"):
@@ -229,7 +230,7 @@ def _take_all(run: _Run, ready: Iterator[Prepared]) -> None:
 def _read_ahead(run: _Run, pool: ThreadPoolExecutor) -> None:
     """Prepare the files to read in `pool`'s threads, up to PREFETCH_BATCHES batches ahead
     of the model, and hand each to `run.take` in listing order."""
-    embedder, hashes, max_pixels, timed = run.embedder, run.hashes, run.max_pixels, run.timed
+    embedder, hashes, max_pixels = run.embedder, run.hashes, run.max_pixels
     window = embedder.batch_size * (PREFETCH_BATCHES + 1)
     ready = read_ahead(
         pool,
@@ -237,14 +238,7 @@ def _read_ahead(run: _Run, pool: ThreadPoolExecutor) -> None:
         run.found.todo,
         window,
     )
-    with contextlib.closing(ready):  # on Ctrl-C or an error, what is queued is not decoded
-        while True:
-            with timed("waiting"):
-                prepared = next(ready, None)
-            if prepared is None:
-                break
-            timed.seconds["decoding"] += prepared.seconds
-            run.take(prepared)
+    _take_all(run, ready)
 
 
 def _route(

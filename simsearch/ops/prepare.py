@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,20 +56,15 @@ def prepare(
     preprocess: Preprocessing,
     hashes: Mapping[str, int],
     max_pixels: int,
-    read: Callable[[str], bytes] | None = None,
 ) -> Prepared:
-    """Read (with `read`; by default the reader of files or of object URLs) and hash one
-    file; decode and preprocess it unless its content is in `hashes` (embedded already:
-    its vector is reused)."""
+    """Read (a file, or an object by its URL) and hash one file; decode and preprocess it
+    unless its content is in `hashes` (embedded already: its vector is reused)."""
     start = time.perf_counter()
     item = Prepared(real, key, size, mtime_ns, device, error=error)
     if item.error is not None:
         return item
     try:
-        if read is not None:
-            data = read(real)
-        else:
-            data = read_object(real) if is_url(real) else read_image_file(real)
+        data = read_object(real) if is_url(real) else read_image_file(real)
         item.size = len(data)
         item.sha256 = hashlib.sha256(data).hexdigest()
         item.known_id = hashes.get(item.sha256)

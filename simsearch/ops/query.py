@@ -15,7 +15,6 @@ from simsearch.ops.clustering import check_cluster
 from simsearch.ops.label import matching_labels, no_match_error
 from simsearch.ops.parts import IndexParts
 from simsearch.records import Hit, Label, hit_score
-from simsearch.storage.store import STATUS_OK
 
 Query = str | os.PathLike | int | np.ndarray
 
@@ -115,13 +114,13 @@ def stored_query_vector(parts: IndexParts, query: Query) -> np.ndarray | None:
 def _stored_vector_for_object(parts: IndexParts, url: str) -> np.ndarray | None:
     """The stored vector of an indexed object whose size and LastModified are unchanged."""
     known = parts.store.lookup(url)
-    if known is None or known.status != STATUS_OK:
+    if known is None:
         return None
     try:
         now = next(list_objects(url), None)
     except InputPathError:
         return None
-    if now is None or now[0] != url or (known.size, known.mtime_ns) != now[1:]:
+    if now is None or now[0] != url or not known.same(*now[1:]):
         return None
     return parts.store.vector(known.id)
 

@@ -77,15 +77,7 @@ def scan(paths: Iterable[str | os.PathLike], store: Store) -> Scan:
     for url, (size, mtime_ns) in listing.items():
         listed.add(url)
         prior = known.get(url)
-        if (
-            prior is not None
-            and prior.status == STATUS_OK
-            and (prior.size, prior.mtime_ns)
-            == (
-                size,
-                mtime_ns,
-            )
-        ):
+        if prior is not None and prior.same(size, mtime_ns):
             unchanged += 1
         else:
             todo.append((url, url, size, mtime_ns, None, None))

@@ -65,10 +65,11 @@ class Known:
 
     def unchanged(self, st: os.stat_result) -> bool:
         """Return True when the file was indexed and still has the size and mtime it had."""
-        return self.status == STATUS_OK and (self.size, self.mtime_ns) == (
-            st.st_size,
-            st.st_mtime_ns,
-        )
+        return self.same(st.st_size, st.st_mtime_ns)
+
+    def same(self, size: int, mtime_ns: int) -> bool:
+        """Return True when the file (or object) was indexed with this size and mtime."""
+        return self.status == STATUS_OK and (self.size, self.mtime_ns) == (size, mtime_ns)
 
 
 @dataclass(frozen=True)
