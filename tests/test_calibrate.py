@@ -157,6 +157,12 @@ def test_choose_threshold_cuts_in_the_middle_of_the_gap_when_the_sets_separate()
     assert (precision, recall) == (1.0, 1.0)
 
 
+def test_choose_threshold_rounds_without_moving_the_cut_across_a_score():
+    # The gap's middle, 0.94243, read to four decimals (0.9424) would let the 0.94241 in.
+    threshold, precision, _ = choose_threshold(np.array([0.94245, 0.99]), np.array([0.94241]))
+    assert 0.94241 < threshold <= 0.94245 and precision == 1.0
+
+
 def test_choose_threshold_trades_precision_for_recall_by_f_beta():
     copies = np.array([0.99, 0.98, 0.97, 0.96, 0.70])  # one hard copy, among the others
     others = np.array([0.90, 0.80, 0.75, 0.72, 0.60, 0.50])

@@ -132,10 +132,12 @@ def choose_threshold(
     best = np.flatnonzero(f >= f.max() - 1e-12)
     cut = best[np.argmax(scores[best] - below[best])]
     threshold = float((scores[cut] + below[cut]) / 2)
+    # Four decimals read well, but must not move the cut across a score.
+    digits = next((d for d in (4, 5, 6) if below[cut] < round(threshold, d) <= scores[cut]), 9)
     kept = tp[cut] + fp[cut]
     precision = float(tp[cut] / kept) if kept > 0 else 1.0
     recall = float(tp[cut] / total) if total > 0 else 0.0
-    return round(threshold, 4), precision, recall
+    return round(threshold, digits), precision, recall
 
 
 def mistake_weights(
