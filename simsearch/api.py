@@ -54,15 +54,18 @@ class Index:
         batch_size: int = config.DEFAULT_BATCH_SIZE,
         embedder=None,
         index_type: str = "auto",
-        backend: str = "torch",
+        backend: str = "auto",
     ) -> Index:
         """Create a new, empty index at `path` for `model`, `layer` (-1: the last block) and
         `pool` ("cls"); loads the model to learn its dimension and preprocessing.
 
         IndexExistsError when an index is there. `embedder`: an Embedder already loaded,
         used instead of `model`, `layer`, `pool`, `device` and `batch_size`. `index_type`:
-        see `set_index_type`. `backend` "onnx": `model` is a folder `simsearch
-        export-model` wrote (its layer and pooling are baked in).
+        see `set_index_type`. `backend` "auto": ONNX Runtime in fp32 on a CPU where
+        onnxruntime and the exporter are installed (the model is exported once and cached,
+        validated against PyTorch; a model that does not export faithfully falls back to
+        torch with a notice), else torch; "torch"; "onnx": `model` is a folder `simsearch
+        export-model` wrote (its layer and pooling are baked in) or a model to export.
         """
         return cls(
             create_parts(
@@ -114,7 +117,7 @@ class Index:
         """Open the index at `path`, or create it there if there is none.
 
         Settings left as None take the existing index's values, or for a new index the
-        defaults (DEFAULT_MODEL, the last layer, cls pooling, auto index type, torch);
+        defaults (DEFAULT_MODEL, the last layer, cls pooling, auto index type and backend);
         settings given must match, except `index_type`, which changes the existing index's
         type, and `backend`, which may embed an index's model with the other runtime.
         """
@@ -125,7 +128,7 @@ class Index:
             try:
                 return cls.create(
                     path, config.DEFAULT_MODEL if model is None else model, **common,
-                    index_type=index_type or "auto", backend=backend or "torch",
+                    index_type=index_type or "auto", backend=backend or "auto",
                 )  # fmt: skip
             except IndexExistsError:  # another process created it meanwhile: open it
                 pass

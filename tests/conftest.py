@@ -30,6 +30,25 @@ import pytest
 from PIL import Image, ImageDraw
 
 
+def _torch_unless_export(model, device, precision) -> str:
+    from simsearch.models.onnx_cache import is_export
+
+    return "onnx" if is_export(model) else "torch"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_env(tmp_path_factory):
+    """For the whole session, module and session fixtures included: a simsearch cache of the
+    tests' own (each tiny model is exported to ONNX once, never into the user's cache), and
+    a new index's "auto" backend torch unless a test asks for ONNX Runtime (or gives an
+    export): the tests of everything else compare vectors with torch's exactly.
+    tests/test_onnx_auto.py tests "auto" itself; subprocesses: subprocess_env."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SIMSEARCH_CACHE_DIR", str(tmp_path_factory.mktemp("simsearch-cache")))
+        patch.setattr("simsearch.models.provider.auto_backend", _torch_unless_export)
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch, tmp_path):
     """Keep tests away from the user's settings and the model hub."""
@@ -171,10 +190,11 @@ def index_command(photos, index, *options) -> list[str]:
 
 
 def subprocess_env(**extra) -> dict[str, str]:
-    """The environment for a simsearch subprocess: offline, unbuffered, no crash point."""
+    """The environment for a simsearch subprocess: offline, unbuffered, no crash point,
+    torch for a new index (as _isolated_env makes "auto" in this process)."""
     env = dict(os.environ)
     env.pop("SIMSEARCH_CRASH_AT", None)
-    env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **extra)
+    env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", SIMSEARCH_BACKEND="torch", **extra)
     return env
 
 

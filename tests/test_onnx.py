@@ -323,9 +323,17 @@ def test_onnx_backend_checks_the_export_against_the_index(tmp_path, tiny_vit, ot
         pass
     with pytest.raises(ManifestMismatchError, match="model: index was built with"):
         Index.open(tmp_path / "index", model=exported, backend="onnx")
+    with Index.open(tmp_path / "index") as idx:
+        by_torch = idx.embed(IMAGES[:2])
+    # The index's own model through ONNX Runtime: its cached export (tests/test_onnx_auto.py).
+    with Index.open(tmp_path / "index", backend="onnx") as idx:
+        assert idx.embedder.precision == "fp32" and idx.embedder.model_id == str(other_vit)
+        assert np.sum(idx.embed(IMAGES[:2]) * by_torch, axis=1).min() > 0.9999
+    with Index.create(tmp_path / "tiny", model=tiny_vit):
+        pass
     with (
-        Index.open(tmp_path / "index", backend="onnx") as idx,
-        pytest.raises(ModelLoadError, match="the onnx backend needs another model"),
+        Index.open(tmp_path / "tiny", model=exported, backend="torch") as idx,
+        pytest.raises(ModelLoadError, match="is an ONNX export, which the torch backend"),
     ):
         idx.embed(IMAGES[:1])
     with pytest.raises(LayerError, match="has layer 3 baked in, not 2; export the model again"):
@@ -348,15 +356,18 @@ runpy.run_module("simsearch", run_name="__main__")
 
 
 @pytest.mark.e2e
-def test_onnx_backend_needs_no_torch(tmp_path, exported):
+def test_onnx_backend_needs_no_torch(tmp_path, exported, tiny_vit):
     photos = _photos(tmp_path / "photos", IMAGES[:10])
     query = tmp_path / "query.png"
     ImageEnhance.Brightness(IMAGES[6]).enhance(1.05).save(query)
     index = tmp_path / "index"
 
+    env = subprocess_env()
+    del env["SIMSEARCH_BACKEND"]  # each command's own choice, as a user's would be
+
     def simsearch(*args):
         argv = [sys.executable, "-c", NO_TORCH, *(str(a) for a in args)]
-        return subprocess.run(argv, env=subprocess_env(), capture_output=True, text=True, cwd=REPO)
+        return subprocess.run(argv, env=env, capture_output=True, text=True, cwd=REPO)
 
     done = simsearch(
         "-q", "index", photos, "--index", index, "--backend", "onnx", "--model", exported
@@ -367,7 +378,10 @@ def test_onnx_backend_needs_no_torch(tmp_path, exported):
     assert found.returncode == 0, found.stderr
     assert Path(json.loads(found.stdout)["hits"][0]["path"]).name == "img06.png"
     # The block is real: the torch backend in the same setting fails on the import.
-    torch_run = simsearch("-q", "index", photos, "--index", tmp_path / "other", "--model", exported)
+    torch_run = simsearch(
+        "-q", "index", photos, "--index", tmp_path / "other", "--model", tiny_vit,
+        "--backend", "torch",
+    )  # fmt: skip
     assert torch_run.returncode != 0 and "blocked in this test" in torch_run.stderr
 
 

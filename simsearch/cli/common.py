@@ -163,8 +163,12 @@ backend_option = click.option(
     "--backend",
     type=click.Choice(BACKENDS),
     default=None,
-    help="Runtime of the model: torch, or onnx (ONNX Runtime, no PyTorch needed) with --model "
-    "a folder that `simsearch export-model` made.  [default: the index's, or torch]",
+    envvar="SIMSEARCH_BACKEND",
+    show_envvar=True,
+    help="Runtime of the model. auto (a new index's default): ONNX Runtime in fp32 on a CPU "
+    "when onnxruntime and the exporter are installed (the model is exported once, checked "
+    "against PyTorch and cached), else torch; torch; onnx: ONNX Runtime, --model an "
+    "export-model folder or a model to export.  [default: the index's, or auto]",
 )
 batch_option = click.option(
     "--batch-size",

@@ -55,8 +55,8 @@ class _FolderOrURL(click.Path):
     envvar="SIMSEARCH_MODEL",
     show_envvar=True,
     help=f"Hub id or local folder of the backbone. New index: defaults to {DEFAULT_MODEL}; "
-    "existing index: its own model (a folder with the same weights may be given). With "
-    "--backend onnx: a folder that `simsearch export-model` made.",
+    "existing index: its own model (a folder with the same weights may be given); an "
+    "`simsearch export-model` folder (runs with ONNX Runtime).",
 )
 @click.option(
     "--layer",
@@ -196,6 +196,7 @@ def index(
       simsearch index photos/ scans/ --index indexes/family
       simsearch index photos/ --model ./models/vit-base --layer -2 --pool mean
       simsearch index photos/ --backend onnx --model ./vit-onnx   # export-model's folder
+      simsearch index photos/ --backend torch     # PyTorch even where ONNX Runtime is
       simsearch index photos/ --strict --json     # for scripts: exit 3 if any file failed
       simsearch index --index-type hnsw           # no DIRS: only change the index type
       simsearch index photos/ --label-model google/vit-large-patch16-384

@@ -46,8 +46,8 @@ log = logging.getLogger("simsearch")
     "--model",
     envvar="SIMSEARCH_MODEL",
     show_envvar=True,
-    help="Where the index's model is now, if its folder moved; with --backend onnx, a "
-    "folder that `simsearch export-model` made from it.",
+    help="Where the index's model is now, if its folder moved; or a folder that "
+    "`simsearch export-model` made from it.",
 )
 @click.option(
     "--nprobe",

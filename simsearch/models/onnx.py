@@ -81,12 +81,13 @@ def read_export_info(folder: str | os.PathLike) -> dict:
     return info
 
 
-def source_manifest(info: dict, folder: Path, precision: str) -> Manifest:
-    """Return the manifest of vectors made with an export: its source model's, with the
-    export's folder as the model (so that the index finds it again) and an onnx precision."""
+def source_manifest(info: dict, model: str, precision: str) -> Manifest:
+    """Return the manifest of vectors made with an export: its source model's, with `model`
+    as the model (the export's folder, or the source model a cached export was made from:
+    what the index finds it by again) and an onnx precision."""
     src = info["source"]
     return Manifest(
-        model=str(folder),
+        model=model,
         weights_sha256=src["weights_sha256"],
         revision=src.get("revision"),
         architecture=src["architecture"],
@@ -107,6 +108,8 @@ class OnnxEmbedder:
     "int8" runs model.int8.onnx (an export made with int8=True); "auto" (or None) is fp32,
     as the PyTorch backend's auto never picks int8.
     `device` "auto" uses onnxruntime's CUDA provider when it has one, else the CPU.
+    `model_id`: what the manifest names as the model, when not `folder` (a cached export
+    names the model it was made from: models/onnx_cache.py).
     """
 
     def __init__(
@@ -116,6 +119,7 @@ class OnnxEmbedder:
         precision: str | None = None,
         device: str = "auto",
         batch_size: int = DEFAULT_BATCH_SIZE,
+        model_id: str | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
@@ -129,12 +133,12 @@ class OnnxEmbedder:
                 param="precision",
             )
         self.folder = Path(folder).expanduser().resolve()
-        self.name = self.model_id = str(self.folder)
+        self.name = self.model_id = model_id or str(self.folder)
         info = read_export_info(self.folder)
         self.info = info
         self.precision = precision
         self.batch_size = batch_size
-        self._manifest = source_manifest(info, self.folder, precision)
+        self._manifest = source_manifest(info, self.model_id, precision)
         self.layer, self.pool = self._manifest.layer, self._manifest.pool
         self.num_layers, self.dim = self._manifest.num_layers, self._manifest.dim
         self.preprocess = Preprocessing.from_dict(self._manifest.preprocessing)

@@ -167,7 +167,9 @@ def export_model(
         try:
             os.replace(work, output)  # an empty folder there is replaced; a full one refuses
         except OSError as exc:
-            raise ModelExportError(f"cannot move the export to {output}: {exc.strerror}") from None
+            raise ModelExportError(
+                f"cannot move the export to {output}: {exc.strerror}", param="output", path=output
+            ) from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return _replace_seconds(result, time.perf_counter() - start)

@@ -16,13 +16,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from simsearch.errors import ImageError, LayerError, ModelLoadError, QueryError
+from simsearch.errors import ImageError, LayerError, ModelExportError, ModelLoadError, QueryError
 from simsearch.media.decode import decode_image, read_image_file, to_rgb
 from simsearch.media.objects import is_url, read_object
 from simsearch.media.preprocess import Preprocessing
 from simsearch.models.embed import PRECISIONS, Embedder, resolve_layer
 from simsearch.models.hub import resolve_model
 from simsearch.models.onnx import OnnxEmbedder, read_export_info
+from simsearch.models.onnx_cache import AUTO_HINT, cached_export, is_export, missing_for_export
 from simsearch.models.protocol import ImageEmbedder, PixelEmbedder
 from simsearch.models.weights import hash_config, hash_weights
 from simsearch.storage.checks import check_vectors
@@ -30,7 +31,12 @@ from simsearch.storage.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "onnx")
+BACKENDS = ("auto", "torch", "onnx")
+
+# The precisions `auto` may take the ONNX Runtime path for: it runs the model in fp32, the
+# fastest faithful arithmetic on a CPU (docs/benchmarks.md); one asked for by name
+# (bf16, fp16, int8) is torch's.
+AUTO_ONNX_PRECISIONS = (None, "auto", "fp32")
 
 
 def check_backend(backend: str) -> str:
@@ -45,7 +51,18 @@ def backend_of(manifest: Manifest) -> str:
 
 
 def new_embedder(model, layer, pool, device, precision, batch_size, backend: str):
-    """Load an embedder for a new index: `layer` None is the last, `pool` None "cls"."""
+    """Load an embedder for a new index: `layer` None is the last, `pool` None "cls".
+    `backend` "auto": ONNX Runtime when it can run here (auto_backend), else torch."""
+    if backend == "auto":
+        backend = auto_backend(model, device, precision)
+        if backend == "onnx":
+            try:
+                return onnx_embedder(model, layer, pool, device, precision, batch_size)
+            except (ModelExportError, ModelLoadError) as exc:
+                # The faster path, not the only one: torch embeds the same model (and says
+                # so itself if the model cannot be found at all).
+                log.warning("%s; embedding with torch instead", exc)
+                backend = "torch"
     if backend == "onnx":
         return onnx_embedder(model, layer, pool, device, precision, batch_size)
     return Embedder(
@@ -58,9 +75,48 @@ def new_embedder(model, layer, pool, device, precision, batch_size, backend: str
     )
 
 
-def onnx_embedder(model, layer, pool, device, precision, batch_size):
-    """Return an OnnxEmbedder for the export `model`, checking `layer` and `pool` against
-    what the export baked in."""
+def auto_backend(model, device: str, precision: str | None) -> str:
+    """What `--backend auto` runs a new index's model with: "onnx" on a CPU, in fp32, where
+    onnxruntime is installed and the model can be exported (or is an export); else "torch",
+    with a notice when only the exporter's packages are missing."""
+    if is_export(model):
+        return "onnx"
+    if precision not in AUTO_ONNX_PRECISIONS or device == "cuda":
+        return "torch"
+    missing = missing_for_export()
+    if "onnxruntime" in missing:
+        return "torch"  # the torch-only install: as before there was a choice
+    if missing:
+        log.warning(
+            "embedding with torch: the faster ONNX Runtime path exports the model once, "
+            "which needs %s (%s)",
+            ", ".join(missing),
+            AUTO_HINT,
+        )
+        return "torch"
+    if device == "auto":
+        import torch
+
+        if torch.cuda.is_available():
+            return "torch"  # a GPU: torch in fp16
+    return "onnx"
+
+
+def onnx_embedder(model, layer, pool, device, precision, batch_size, *, model_id=None):
+    """Return an OnnxEmbedder for `model`: an export's folder, whose `layer` and `pool` are
+    checked against what it baked in, or a transformers model, embedded through its cached
+    export (made the first time: models/onnx_cache.py)."""
+    if not is_export(model):
+        folder = cached_export(
+            model, -1 if layer is None else layer, pool or "cls", batch_size=batch_size
+        )
+        return OnnxEmbedder(
+            folder,
+            device=device,
+            precision=precision,
+            batch_size=batch_size,
+            model_id=model_id or _model_id(model),
+        )
     embedder = OnnxEmbedder(model, device=device, precision=precision, batch_size=batch_size)
     if layer is not None and resolve_layer(layer, embedder.num_layers) != embedder.layer:
         raise LayerError(
@@ -75,6 +131,13 @@ def onnx_embedder(model, layer, pool, device, precision, batch_size):
             param="pool",
         )
     return embedder
+
+
+def _model_id(model) -> str:
+    """What a manifest names `model` by, as the torch Embedder does: a hub id as it is, a
+    folder by its absolute path (the index finds it from any working directory)."""
+    folder, revision = resolve_model(str(model))
+    return str(model) if revision else str(folder)
 
 
 class ModelProvider:
@@ -96,7 +159,9 @@ class ModelProvider:
         self.model = model or manifest().model
         # An index built with ONNX Runtime keeps using it unless told otherwise: its
         # manifest's model is then the export's folder, which torch cannot load.
-        self.backend = check_backend(backend or backend_of(manifest()))
+        if backend in (None, "auto"):  # the index's own, unless the model is an export
+            backend = "onnx" if model is not None and is_export(model) else backend_of(manifest())
+        self.backend = check_backend(backend)
         self.device = device
         self.precision = precision
         self.batch_size = batch_size
@@ -113,7 +178,7 @@ class ModelProvider:
             wanted = dataclasses.replace(wanted, layer=resolve_layer(layer, manifest.num_layers))
         if pool is not None:
             wanted = dataclasses.replace(wanted, pool=pool)
-        if model is not None and self.loaded is None and self.backend == "onnx":
+        if model is not None and self.loaded is None and is_export(model):
             # The export records its source weights' hash: checked without loading anything.
             source = read_export_info(model)["source"]
             wanted = dataclasses.replace(
@@ -136,17 +201,13 @@ class ModelProvider:
     def embedder(self) -> ImageEmbedder:
         """The Embedder for this index's model, loaded on first use and checked against it."""
         if self.loaded is None:
-            manifest = self._manifest()
-            built_with = backend_of(manifest)
-            if self.backend != built_with and self.model == manifest.model:
+            # An index built with an export's folder names that folder as its model: torch
+            # needs the model it was exported from. (One that --backend auto built names
+            # the source model, which both backends load.)
+            if self.backend == "torch" and is_export(self.model):
                 raise ModelLoadError(
-                    f"this index was built with {built_with} from {manifest.model}; "
-                    f"the {self.backend} backend needs another model: "
-                    + (
-                        "a folder that an ONNX export made from that model"
-                        if self.backend == "onnx"
-                        else "the model that folder was exported from"
-                    ),
+                    f"{self.model} is an ONNX export, which the torch backend cannot run: "
+                    "give the model it was exported from, or use the onnx backend",
                     param="model",
                 )
             embedder = self.spec().load()
@@ -205,11 +266,13 @@ class EmbedderSpec:
         embedder: ImageEmbedder
         try:
             if self.backend == "onnx":
-                embedder = OnnxEmbedder(
+                embedder = onnx_embedder(
                     self.model,
-                    device=self.device,
-                    precision=self.precision,
-                    batch_size=self.batch_size,
+                    manifest.layer,
+                    manifest.pool,
+                    self.device,
+                    self.precision,
+                    self.batch_size,
                 )
             else:
                 embedder = Embedder(

@@ -76,10 +76,9 @@ def create_parts(
     backend = check_backend(backend)
     if (path / DATABASE_FILE).exists():
         raise IndexExistsError(f"an index already exists at {path}; open it instead")
-    if embedder is not None:
-        backend = backend_of(embedder.manifest())  # what a later open will use
-    else:
+    if embedder is None:  # "auto" becomes the backend it chose
         embedder = new_embedder(model, layer, pool, device, precision, batch_size, backend)
+    backend = backend_of(embedder.manifest())  # what a later open will use
     manifest = dataclasses.replace(embedder.manifest(), index_type=index_type.strip())
     try_index_type(manifest.index_type, manifest.dim)  # IndexTypeError if it is unusable
     folder = IndexFolder.create(path, manifest)
