@@ -38,6 +38,7 @@ def auto(monkeypatch, tmp_path):
     test's own, so that what it exports is seen."""
     monkeypatch.setattr(provider, "auto_backend", _REAL_AUTO)
     monkeypatch.setenv(onnx_cache.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr("simsearch.models.embed.cpu_has_amx", lambda: False)
     return tmp_path / "cache" / "onnx"
 
 
@@ -213,6 +214,15 @@ def test_torch_is_kept_where_onnx_runtime_is_not_the_faithful_fast_path(
     tmp_path, tiny_vit, exports, monkeypatch, caplog
 ):
     caplog.set_level(logging.WARNING, logger="simsearch")
+    # AMX: torch's bf16 is the faster path, unless fp32 is asked for (ONNX Runtime's is).
+    monkeypatch.setattr("simsearch.models.embed.cpu_has_amx", lambda: True)
+    with Index.create(tmp_path / "amx", tiny_vit) as idx:
+        assert idx.backend == "torch"
+    with Index.create(tmp_path / "amx-fp32", tiny_vit, precision="fp32") as idx:
+        assert idx.backend == "onnx"
+    monkeypatch.setattr("simsearch.models.embed.cpu_has_amx", lambda: False)
+    exports.clear()
+    caplog.clear()
     # An arithmetic asked for by name is torch's.
     with Index.create(tmp_path / "bf16", tiny_vit, precision="bf16") as idx:
         assert idx.backend == "torch" and idx.manifest.precision == "bf16"
@@ -302,8 +312,11 @@ runpy.run_module("simsearch", run_name="__main__")
 def test_the_cli_default_is_onnx_and_searching_it_needs_no_torch(tmp_path, tiny_vit, auto):
     """`simsearch index` with no --backend, as a user runs it; then search and add in a
     process where torch cannot be imported: the cached export is all they need."""
-    env = subprocess_env(SIMSEARCH_CACHE_DIR=str(auto.parent))
+    # The defaults a user has (no backend, no precision), on a CPU without AMX (where it
+    # has AMX, torch's bf16 is the default: test_torch_is_kept_...).
+    env = subprocess_env(SIMSEARCH_CACHE_DIR=str(auto.parent), ONEDNN_MAX_CPU_ISA="AVX512_CORE")
     del env["SIMSEARCH_BACKEND"]
+    env.pop("SIMSEARCH_PRECISION", None)
     photos = _photos(tmp_path / "photos", IMAGES[:8])
     index = tmp_path / "index"
 

@@ -239,6 +239,22 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
+def cpu_has_amx() -> bool:
+    """Return True when this CPU has AMX matrix units that torch's bf16 uses: there bf16
+    autocast ran DINOv2-S ~3x faster than ONNX Runtime's fp32 (docs/benchmarks.md). A
+    ONEDNN_MAX_CPU_ISA that stops below AMX (oneDNN's own setting) turns them off for torch,
+    and so here."""
+    import torch
+
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    if isa not in ("ALL", "DEFAULT") and "AMX" not in isa:
+        return False
+    try:
+        return bool(torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch without the probe: assume not
+        return False
+
+
 def quantize_linear_layers(model) -> None:
     """Quantise the attention projections to int8 (dynamic, per-channel weights), in place.
 

@@ -20,6 +20,7 @@ from simsearch.errors import ImageError, LayerError, ModelExportError, ModelLoad
 from simsearch.media.decode import decode_image, read_image_file, to_rgb
 from simsearch.media.objects import is_url, read_object
 from simsearch.media.preprocess import Preprocessing
+from simsearch.models import embed
 from simsearch.models.embed import PRECISIONS, Embedder, resolve_layer
 from simsearch.models.hub import resolve_model
 from simsearch.models.onnx import OnnxEmbedder, read_export_info
@@ -77,11 +78,16 @@ def new_embedder(model, layer, pool, device, precision, batch_size, backend: str
 
 def auto_backend(model, device: str, precision: str | None) -> str:
     """What `--backend auto` runs a new index's model with: "onnx" on a CPU, in fp32, where
-    onnxruntime is installed and the model can be exported (or is an export); else "torch",
-    with a notice when only the exporter's packages are missing."""
+    onnxruntime is installed and the model can be exported (or is an export); else "torch":
+    on a GPU, for a precision asked by name, and on CPUs with AMX when no precision is asked
+    (torch's bf16 there is the faster path), with a notice when only the exporter's packages
+    are missing."""
     if is_export(model):
         return "onnx"
     if precision not in AUTO_ONNX_PRECISIONS or device == "cuda":
+        return "torch"
+    if precision in (None, "auto") and embed.cpu_has_amx():
+        log.info("AMX: torch's bf16 is this CPU's faster path (ONNX Runtime runs fp32)")
         return "torch"
     missing = missing_for_export()
     if "onnxruntime" in missing:
