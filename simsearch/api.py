@@ -61,10 +61,10 @@ class Index:
 
         IndexExistsError when an index is there. `embedder`: an Embedder already loaded,
         used instead of `model`, `layer`, `pool`, `device` and `batch_size`. `index_type`:
-        see `set_index_type`. `backend` "auto": ONNX Runtime in fp32 on a CPU where
-        onnxruntime and the exporter are installed (the model is exported once and cached,
-        validated against PyTorch; a model that does not export faithfully falls back to
-        torch with a notice), else torch; "torch"; "onnx": `model` is a folder `simsearch
+        see `set_index_type`. `backend` "auto": torch on CPUs with AMX (its bf16) and
+        on GPUs; elsewhere ONNX Runtime in fp32 where onnxruntime and the exporter are
+        installed (the model is exported once and cached, validated against PyTorch; a model
+        that does not export faithfully falls back to torch with a notice), else torch; "torch"; "onnx": `model` is a folder `simsearch
         export-model` wrote (its layer and pooling are baked in) or a model to export.
         """
         return cls(

@@ -196,7 +196,7 @@ def index(
       simsearch index photos/ scans/ --index indexes/family
       simsearch index photos/ --model ./models/vit-base --layer -2 --pool mean
       simsearch index photos/ --backend onnx --model ./vit-onnx   # export-model's folder
-      simsearch index photos/ --backend torch     # PyTorch even where ONNX Runtime is
+      simsearch index photos/ --backend torch     # PyTorch whatever auto would pick
       simsearch index photos/ --strict --json     # for scripts: exit 3 if any file failed
       simsearch index --index-type hnsw           # no DIRS: only change the index type
       simsearch index photos/ --label-model google/vit-large-patch16-384
