@@ -64,8 +64,9 @@ class Index:
         see `set_index_type`. `backend` "auto": torch on CPUs with AMX (its bf16) and
         on GPUs; elsewhere ONNX Runtime in fp32 where onnxruntime and the exporter are
         installed (the model is exported once and cached, validated against PyTorch; a model
-        that does not export faithfully falls back to torch with a notice), else torch; "torch"; "onnx": `model` is a folder `simsearch
-        export-model` wrote (its layer and pooling are baked in) or a model to export.
+        that does not export faithfully falls back to torch with a notice), else torch;
+        "torch"; "onnx": `model` is a folder `simsearch export-model` wrote (its layer and
+        pooling are baked in) or a model to export.
         """
         return cls(
             create_parts(
