@@ -182,7 +182,9 @@ def index(
 ):
     """Bring an index up to date with the images under DIRS, creating it if needed.
 
-    Folders are searched recursively for jpg, jpeg, png, webp, bmp, gif and tiff files.
+    Folders are searched recursively for every image format the installed Pillow reads
+    (HEIC and camera RAW with the heic and raw extras); a folder whose files were all skipped
+    for their suffix says which suffixes and how to include them.
     Unchanged files (same size and mtime) are skipped unread; renamed files and copies of
     indexed files reuse their vectors; files gone from DIRS are removed (--no-prune keeps
     them). Files that cannot be read are recorded with the reason (`simsearch info
