@@ -299,6 +299,8 @@ class DistillResult:
     precision: str
     seconds: float
     history: tuple = ()  # per epoch: {"epoch", "step", "loss", "lr", "seconds"}
+    init: str = "random"  # how the student started: "teacher" (thinned from it) or "random"
+    teacher_blocks: tuple = ()  # a thinned student's: the teacher's blocks it took, 1-based
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,15 @@ def student(tmp_path_factory, teacher_index) -> tuple[Path, object]:
     return out, distill(teacher_index, out, config, device="cpu")
 
 
+@pytest.fixture(scope="module")
+def thinned(tmp_path_factory, teacher_index) -> tuple[Path, object]:
+    """A student thinned from tiny_vit (blocks 2 and 3 of its 3), untrained: lr ~ 0."""
+    out = tmp_path_factory.mktemp("thinned") / "student"
+    config = DistillConfig(layers=2, epochs=1, lr=1e-9, batch_size=16, held_out=0.2, workers=1,
+                           precision="fp32")  # fmt: skip
+    return out, distill(teacher_index, out, config, device="cpu")
+
+
 def tampered(student_dir: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "tampered"
     shutil.copytree(student_dir, copy)
@@ -208,6 +217,59 @@ def test_ctrl_c_saves_and_says_how_to_resume(teacher_index, tmp_path, monkeypatc
     assert caught.value.fix == "resume"
     assert (tmp_path / "s" / "checkpoints" / "last.pt").is_file()
     assert not (tmp_path / "s" / STUDENT_FILE).exists()
+
+
+def test_a_thinned_student_starts_near_its_teacher(thinned, teacher_index, tmp_path):
+    out, result = thinned
+    assert result.init == "teacher" and result.teacher_blocks == (2, 3)
+    assert (result.layers, result.hidden, result.heads) == (2, 32, 4)
+    # untrained, it already agrees with its teacher, as a random student does only trained
+    assert result.mean_cosine > 0.85 and result.recall_at_10 >= 0.7
+    record = json.loads((out / STUDENT_FILE).read_text())
+    assert record["student"]["init"] == "teacher" and record["student"]["teacher_blocks"] == [2, 3]
+    assert record["student"]["architecture"] == "vit" and 2 / 3 < record["flops_ratio"] < 0.75
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 2
+    # all its teacher's blocks: the teacher itself, to the last digit of the measurement
+    whole = distill(
+        teacher_index,
+        tmp_path / "whole",
+        DistillConfig(layers=3, epochs=1, lr=1e-9, batch_size=16, held_out=0.2, workers=1),
+        device="cpu",
+    )
+    assert whole.teacher_blocks == (1, 2, 3) and whole.mean_cosine > 0.9999
+    assert whole.recall_at_10 == 1.0
+
+
+def test_a_thinned_student_loads_indexes_into_the_teachers_index_and_exports(
+    thinned, teacher_index, tmp_path
+):
+    out, _ = thinned
+    embedder = Embedder(out, device="cpu", precision="fp32")
+    assert embedder.num_layers == 2 and embedder.student is not None
+    with Index.open(teacher_index) as idx:
+        idx.manifest.check_compatible(embedder.manifest())
+    index = tmp_path / "index"
+    shutil.copytree(teacher_index, index)
+    new = make_photos(tmp_path / "new", 500, 2)
+    with Index.open(index, model=out) as idx:
+        idx.add(new)
+        assert idx.search(new / "p501.png", k=1)[0].path.endswith("p501.png")
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from simsearch.models.onnx_export import export_model
+
+    exported = export_model(out, tmp_path / "onnx", validate_dir=None)
+    assert exported.fp32_min_cosine >= 0.9999 and exported.dim == 32
+
+
+def test_init_teacher_refuses_what_a_thinned_student_cannot_be(teacher_index, tmp_path):
+    base = dict(init="teacher", epochs=1, batch_size=16, held_out=0.2, workers=1)
+    with pytest.raises(DistillError, match="has the teacher's hidden; leave --hidden out"):
+        distill(teacher_index, tmp_path / "a", DistillConfig(**base, hidden=16), device="cpu")
+    with pytest.raises(DistillError, match="takes 1 to 3 of the teacher's blocks"):
+        distill(teacher_index, tmp_path / "b", DistillConfig(**base, layers=4), device="cpu")
+    with pytest.raises(DistillError, match="init must be one of"):
+        DistillConfig(init="pretrained")
 
 
 # -- using a student ---------------------------------------------------------------------

@@ -13,11 +13,13 @@ from click.core import ParameterSource
 from simsearch.cli.common import cli, device_option, index_option, json_option
 from simsearch.cli.hints import explain
 from simsearch.errors import TrainingInterrupted
-from simsearch.train.distill import DistillConfig
+from simsearch.train.distill import LR_RANDOM, LR_TEACHER, DistillConfig
+from simsearch.train.distill_student import INITS
 from simsearch.train.transfer import PRECISIONS as TRAINING_PRECISIONS
 
 # Command-line options that are DistillConfig fields of the same name.
 CONFIG_OPTIONS = (
+    "init",
     "layers",
     "hidden",
     "heads",
@@ -52,28 +54,37 @@ CONFIG_OPTIONS = (
     "weights; read for its preprocessing, size and speed, never run on the images).",
 )
 @click.option(
+    "--init",
+    type=click.Choice(INITS),
+    default=None,
+    help="How the student starts: teacher = a thinned copy of the teacher (its width, "
+    "--layers of its blocks evenly spaced, ending at the index's layer); random = a ViT of "
+    "--layers x --hidden x --heads from random weights.  [default: teacher where its "
+    "architecture allows and no other width, heads or patch size is asked for]",
+)
+@click.option(
     "--layers",
     type=click.IntRange(min=1),
     default=None,
-    help="Student blocks.  [default: 3/4 of the teacher's]",
+    help="Student blocks.  [default: a quarter of the teacher's when thinned, else 3/4]",
 )
 @click.option(
     "--hidden",
     type=click.IntRange(min=8),
     default=None,
-    help="Student width.  [default: half the teacher's]",
+    help="A random student's width.  [default: half the teacher's]",
 )
 @click.option(
     "--heads",
     type=click.IntRange(min=1),
     default=None,
-    help="Student attention heads.  [default: the teacher's head size kept]",
+    help="A random student's attention heads.  [default: the teacher's head size kept]",
 )
 @click.option(
     "--patch-size",
     type=click.IntRange(min=1),
     default=None,
-    help="Student patch size.  [default: the teacher's]",
+    help="A random student's patch size.  [default: the teacher's]",
 )
 @click.option(
     "--epochs",
@@ -92,9 +103,9 @@ CONFIG_OPTIONS = (
 @click.option(
     "--lr",
     type=click.FloatRange(min=0, min_open=True),
-    default=DistillConfig.lr,
-    show_default=True,
-    help="Peak learning rate (AdamW, warm-up, cosine decay).",
+    default=None,
+    help=f"Peak learning rate (AdamW, warm-up, cosine decay).  [default: {LR_TEACHER:g} "
+    f"thinned, {LR_RANDOM:g} random]",
 )
 @click.option(
     "--similarity-weight",
@@ -214,8 +225,14 @@ def distill(ctx, index_path, output, teacher, resume, device, as_json, **options
         return
     ratio = "" if result.flops_ratio is None else f", {result.flops_ratio:.2f}x the teacher's FLOPs"
     click.echo(f"student saved in {result.output}")
+    start = (
+        f"the teacher's blocks {', '.join(map(str, result.teacher_blocks))}"
+        if result.init == "teacher"
+        else "random weights"
+    )
     click.echo(
-        f"student: {result.layers} blocks, {result.hidden} wide, {result.heads} heads{ratio}; "
+        f"student: {result.layers} blocks, {result.hidden} wide, {result.heads} heads{ratio}, "
+        f"from {start}; "
         f"{result.steps} steps in {result.seconds:.0f} s on {result.device} ({result.precision})"
     )
     click.echo(

@@ -43,17 +43,16 @@ from simsearch.train.distill_setup import (
     DISTILL_CHECKPOINT_FORMAT,
     check_output_free,
     find_teacher,
-    patch_of,
+    make_student,
     read_config,
     read_distill_checkpoint,
     speeds,
-    student_size,
     teacher_record,
 )
 from simsearch.train.distill_student import (
+    INITS,
     StudentNet,
     agreement,
-    build_student,
     embed_all,
     publish_student,
     vit_flops,
@@ -67,27 +66,41 @@ from simsearch.train.transfer import (
 
 log = logging.getLogger(__name__)
 
+# Default peak learning rates. A random student: 5e-4, the usual rate for a small ViT trained
+# from scratch (DeiT-Ti/S at batch 512 scaled down). A thinned one: its weights are trained
+# already and only have to close the gap left by the blocks it lacks, so a fine-tuning rate.
+LR_RANDOM = 5e-4
+LR_TEACHER = 1e-4
+
 
 @dataclass(frozen=True)
 class DistillConfig:
     """How to distill; saved with every checkpoint and in OUTPUT/simsearch_student.json."""
 
-    # the student's blocks, width and attention heads; None: sized from the teacher
-    # (distill_student.default_size: about a fifth of its FLOPs)
+    # how the student starts: "teacher", a thinned copy of the teacher (its embeddings,
+    # `layers` of its blocks evenly spaced and ending at the index's layer, its final norm;
+    # the projection the identity); "random", a ViT of layers x hidden x heads from random
+    # weights. None: "teacher" where the teacher's architecture allows it and no other
+    # width, heads or patch size is asked for, else "random"
+    init: str | None = None
+    # the student's blocks; None: a quarter of the teacher's when thinned (THIN_SHARE), else
+    # distill_student.default_size (about a fifth of its FLOPs)
     layers: int | None = None
+    # width and attention heads of a random student; a thinned one has the teacher's
     hidden: int | None = None
     heads: int | None = None
-    # the MLP's width as a multiple of the student's (4: ViT's own)
+    # the MLP's width as a multiple of a random student's (4: ViT's own)
     mlp_ratio: float = 4.0
-    # the student's patch size; None: the teacher's (its input size is the index's)
+    # a random student's patch size; None: the teacher's (its input size is the index's)
     patch_size: int | None = None
-    # passes over the training images: a student starts from random weights and needs many
+    # passes over the training images: a random student needs many; a thinned one starts
+    # near its teacher and gains most in the first few
     epochs: int = 30
     # images per step; the neighbour loss compares every pair in a batch, so bigger is better
     batch_size: int = 64
-    # AdamW's peak learning rate: 5e-4 is the usual rate for a small ViT trained from scratch
-    # (DeiT-Ti/S at batch 512 scaled down), with a warm-up and a cosine decay
-    lr: float = 5e-4
+    # AdamW's peak learning rate, with a warm-up and a cosine decay; None: LR_RANDOM for a
+    # random student, LR_TEACHER for a thinned one
+    lr: float | None = None
     weight_decay: float = 0.05
     warmup_ratio: float = 0.05
     grad_clip: float = 1.0
@@ -116,7 +129,8 @@ class DistillConfig:
             (self.patch_size is None or self.patch_size >= 1, "patch size must be >= 1"),
             (self.epochs >= 1, "epochs must be at least 1"),
             (self.batch_size >= 2, "batch size must be at least 2 (the neighbour loss)"),
-            (self.lr > 0, "learning rate must be positive"),
+            (self.init in (None, *INITS), f"init must be one of {', '.join(INITS)}"),
+            (self.lr is None or self.lr > 0, "learning rate must be positive"),
             (self.weight_decay >= 0, "weight decay must not be negative"),
             (0 <= self.warmup_ratio < 1, "warmup ratio must be in [0, 1)"),
             (self.grad_clip >= 0, "grad clip must not be negative"),
@@ -214,20 +228,23 @@ def distill(
     manifest = data.manifest
     teacher_folder = find_teacher(teacher, manifest)
     teacher_config = read_config(teacher_folder)
-    size = student_size(config, teacher_config)
     height, width = data.pixels.shape[2:]
-    patch = config.patch_size or patch_of(teacher_config)
 
     device = pick_device(device)
     precision = pick_training_precision(config.precision, device)
     torch.manual_seed(config.seed)
-    backbone, projection = build_student(
-        **size, mlp_ratio=config.mlp_ratio, patch=patch, size=(height, width), dim=manifest.dim
+    student = make_student(config, teacher_folder, teacher_config, manifest, (height, width))
+    backbone, projection, size, patch = (
+        student.backbone,
+        student.projection,
+        student.size,
+        student.patch,
     )
+    lr = config.lr or (LR_TEACHER if student.init == "teacher" else LR_RANDOM)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(backbone)
     net = StudentNet(backbone.to(device), projection.to(device))
-    optimizer = _optimizer(net, config)
+    optimizer = _optimizer(net, config, lr)
     scaler = torch.amp.GradScaler(device, enabled=precision == "fp16")
     state = DistillState()
     if checkpoint is not None:
@@ -238,7 +255,7 @@ def distill(
         torch.set_rng_state(checkpoint["rng"])
         state = DistillState(**checkpoint["state"])
 
-    run = _Run(config, data, net, optimizer, scaler, device, precision, output, state, started)
+    run = _Run(config, lr, data, net, optimizer, scaler, device, precision, output, state, started)
     run.train(progress, on_epoch, on_step)
 
     # Measure: the held-out images' student vectors as queries against the teacher's.
@@ -256,7 +273,10 @@ def distill(
         "simsearch_version": __version__,
         "teacher": teacher_record(manifest),
         "student": {
-            "architecture": "vit",
+            "architecture": str(getattr(backbone.config, "model_type", "vit")),
+            "init": student.init,
+            # the teacher's blocks (1-based) a thinned student started from, in order
+            "teacher_blocks": student.teacher_blocks,
             "hidden_size": size["hidden"],
             "layers": size["layers"],
             "heads": size["heads"],
@@ -266,6 +286,7 @@ def distill(
         "teacher_gflops": None if teacher_flops is None else round(teacher_flops / 1e9, 4),
         "flops_ratio": flops_ratio,
         "config": asdict(config),
+        "lr": lr,
         "index": str(index.resolve()),
         "agreement": measured,
         "speed": speed,
@@ -303,6 +324,8 @@ def distill(
         precision=precision,
         seconds=round(run.elapsed(), 1),
         history=tuple(run.state.history),
+        init=student.init,
+        teacher_blocks=tuple(student.teacher_blocks or ()),
     )
 
 
@@ -311,6 +334,7 @@ class _Run:
     """One distillation in progress: the student, what it learns from, where it stands."""
 
     config: DistillConfig
+    lr: float  # the peak learning rate: config.lr, or the default for the student's init
     data: DistillData
     net: StudentNet
     optimizer: Any
@@ -356,7 +380,7 @@ class _Run:
                 )
                 lr = 0.0
                 while state.batch < len(batches):
-                    lr = learning_rate(state.step, total, warmup, config.lr)
+                    lr = learning_rate(state.step, total, warmup, self.lr)
                     self.step(batches[state.batch], lr)
                     bar.update(1)
                     bar.set_postfix(loss=f"{state.loss_sum / state.loss_count:.4f}", lr=f"{lr:.2e}")
@@ -464,7 +488,7 @@ def distill_loss(student, target, similarity_weight: float):
     return cosine + similarity_weight * neighbours
 
 
-def _optimizer(net: StudentNet, config: DistillConfig):
+def _optimizer(net: StudentNet, config: DistillConfig, lr: float):
     import torch
 
     decay: list = []
@@ -476,7 +500,7 @@ def _optimizer(net: StudentNet, config: DistillConfig):
             {"params": decay, "weight_decay": config.weight_decay},
             {"params": rest, "weight_decay": 0.0},
         ],
-        lr=config.lr,
+        lr=lr,
     )
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from simsearch.errors import DistillError, ModelLoadError
 from simsearch.media.preprocess import Preprocessing
@@ -16,9 +18,12 @@ from simsearch.models.weights import hash_config, hash_weights
 from simsearch.train.checkpoints import CHECKPOINTS, LAST
 from simsearch.train.distill_student import (
     PREPROCESSOR_FILE,
+    THIN_SHARE,
     StudentNet,
+    build_student,
     default_size,
     images_per_second,
+    thin_teacher,
 )
 
 log = logging.getLogger(__name__)
@@ -123,6 +128,66 @@ def student_size(config, teacher: dict) -> dict:
         if getattr(config, name) is not None:
             size[name] = getattr(config, name)
     return size
+
+
+@dataclass
+class StudentStart:
+    """A student before training: its network, its size, and how it was initialised."""
+
+    init: str  # "teacher" (thinned from it) or "random"
+    backbone: Any
+    projection: Any
+    size: dict  # layers, hidden, heads
+    patch: int
+    teacher_blocks: list[int] | None  # a thinned student's: the teacher's blocks, 1-based
+
+
+def make_student(
+    config, teacher_folder: Path, teacher_config: dict, manifest, size
+) -> StudentStart:
+    """The student `config` asks for: thinned from the teacher (`config.init` "teacher", or
+    None where the teacher allows it and no other width, heads or patch size is asked
+    for), else random. DistillError when "teacher" is asked for and cannot be had."""
+    init = config.init
+    teacher_patch = patch_of(teacher_config)
+    asked = {
+        "hidden": (config.hidden, teacher_config.get("hidden_size")),
+        "heads": (config.heads, teacher_config.get("num_attention_heads")),
+        "patch_size": (config.patch_size, teacher_patch),
+    }
+    other = [name for name, (mine, theirs) in asked.items() if mine not in (None, theirs)]
+    if init == "teacher" and other:
+        raise DistillError(
+            f"a student started from its teacher has the teacher's {', '.join(other)}; leave "
+            f"--{other[0].replace('_', '-')} out, or use --init random",
+            param=other[0],
+        )
+    if init != "random" and not other:
+        last = manifest.layer
+        layers = config.layers or max(1, round(last * THIN_SHARE))
+        try:
+            backbone, projection, taken = thin_teacher(teacher_folder, layers, last, manifest.dim)
+        except DistillError as exc:
+            if init == "teacher":
+                raise
+            log.info("%s; the student starts from random weights", exc)
+        else:
+            heads = int(backbone.config.num_attention_heads)
+            hidden = int(backbone.config.hidden_size)
+            return StudentStart(
+                "teacher",
+                backbone,
+                projection,
+                {"layers": layers, "hidden": hidden, "heads": heads},
+                teacher_patch,
+                taken,
+            )
+    size_ = student_size(config, teacher_config)
+    patch = config.patch_size or teacher_patch
+    backbone, projection = build_student(
+        **size_, mlp_ratio=config.mlp_ratio, patch=patch, size=size, dim=manifest.dim
+    )
+    return StudentStart("random", backbone, projection, size_, patch, None)
 
 
 def speeds(net: StudentNet, teacher_folder: Path, manifest, pixels, device: str) -> dict:
