@@ -149,6 +149,11 @@ class FinetuneError(SimsearchError):
     """A fine-tuning run that cannot start or go on (bad data folder, settings, output)."""
 
 
+class DistillError(FinetuneError):
+    """A distillation run that cannot start or go on (the index, the teacher, the settings,
+    the output folder)."""
+
+
 class TrainingInterrupted(SimsearchError):
     """Fine-tuning stopped on request (Ctrl-C); its progress is saved and can be resumed."""
 

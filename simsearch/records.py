@@ -277,6 +277,33 @@ class EpochRecord:
 
 
 @dataclass(frozen=True)
+class DistillResult:
+    """What a finished distillation made: a student of the index's model, saved at `output`."""
+
+    output: str  # the student's folder: --model for `index` and `search` of that index
+    teacher: str  # the index's model, whose space the student embeds into
+    recall_at_10: float  # student-embedded held-out queries against teacher-embedded ones
+    mean_cosine: float  # between a held-out image's student and teacher vectors
+    held_out_images: int
+    train_images: int
+    skipped: int  # images of the index that could not be read
+    layers: int
+    hidden: int
+    heads: int
+    flops_ratio: float | None  # the student's FLOPs over the teacher's (None: not known)
+    student_images_per_second: float
+    teacher_images_per_second: float | None
+    epochs: int
+    steps: int
+    device: str
+    precision: str
+    seconds: float
+    history: tuple = ()  # per epoch: {"epoch", "step", "loss", "lr", "seconds"}
+    init: str = "random"  # how the student started: "teacher" (thinned from it) or "random"
+    teacher_blocks: tuple = ()  # a thinned student's: the teacher's blocks it took, 1-based
+
+
+@dataclass(frozen=True)
 class FinetuneResult:
     """What a finished fine-tuning run made: the best epoch's model, saved at `output`."""
 

@@ -40,6 +40,7 @@ def test_the_top_level_names_resolve_to_their_homes():
         ("simsearch.onnx_backend", "simsearch.models.onnx", ["OnnxEmbedder"]),
         ("simsearch.onnx_export", "simsearch.models.onnx_export", ["export_model", "recall_at_k"]),
         ("simsearch.finetune", "simsearch.train.finetune", ["FinetuneConfig", "finetune"]),
+        ("simsearch.distill", "simsearch.train.distill", ["DistillConfig", "distill"]),
         ("simsearch.label", "simsearch.ops.label", ["Labeller"]),
     ],
 )

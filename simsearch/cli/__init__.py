@@ -6,6 +6,7 @@ One module per group of commands; each registers its commands on the group in `c
 from simsearch.cli import (  # noqa: F401
     clusters,
     dedup,
+    distill,
     exporting,
     finetune,
     indexing,

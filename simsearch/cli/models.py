@@ -45,9 +45,9 @@ log = logging.getLogger("simsearch")
 @click.option(
     "--pool",
     type=click.Choice(POOLS),
-    default="cls",
-    show_default=True,
-    help="Pooling baked into the export: [CLS] token or mean of the patch tokens.",
+    default=None,
+    help="Pooling baked into the export: [CLS] token or mean of the patch tokens.  "
+    "[default: cls; a student: its teacher's]",
 )
 @click.option(
     "--int8",

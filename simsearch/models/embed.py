@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 
@@ -19,6 +20,7 @@ from simsearch.models.hub import (
     load_preprocessing,
     resolve_model,
 )
+from simsearch.models.student import Student, is_student, load_projection, read_student
 from simsearch.models.weights import hash_config, hash_weights
 from simsearch.storage.manifest import Manifest
 
@@ -39,7 +41,10 @@ class Embedder:
     `model` is a hub id or a folder written by `save_pretrained`. `layer` picks the hidden
     state: 0 is the patch embeddings, 1..N the output of each block, negatives count from the
     end; the default -1 is the last block after the model's final norm. `pool` is "cls" (the
-    [CLS] token) or "mean" (the mean of the patch tokens). `precision` is the arithmetic of
+    [CLS] token) or "mean" (the mean of the patch tokens); None is "cls". A student that
+    `simsearch distill` made embeds into its teacher's space: its last block's [CLS] token
+    through its projection, and its manifest is the teacher's (`student`: the student); a
+    `layer` or `pool` other than the teacher's is refused. `precision` is the arithmetic of
     the forward pass: "fp32"; "bf16" or "fp16" (autocast: matrix products in 16 bits, norms
     and softmax in fp32); "int8" (dynamic quantisation of the linear layers, CPU only); or
     "auto", the fastest faithful one here: fp16 on CUDA, bf16 on CPUs with native bf16,
@@ -52,19 +57,24 @@ class Embedder:
         model: str | os.PathLike = DEFAULT_MODEL,
         *,
         layer: int = -1,
-        pool: str = "cls",
+        pool: str | None = None,
         device: str = "auto",
         precision: str | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
     ) -> None:
-        if pool not in POOLS:
+        if pool is not None and pool not in POOLS:
             raise LayerError(f"unknown pooling {pool!r}; choose one of {', '.join(POOLS)}")
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self.name = str(model)
-        self.pool = pool
         self.batch_size = batch_size
         self.folder, self.revision = resolve_model(self.name)
+        self.student: Student | None = None
+        if is_student(self.folder):
+            self.student = read_student(self.folder)
+            check_student_request(self.student, layer, pool)
+            layer, pool = -1, "cls"  # the student's own: what its projection reads
+        self.pool = pool or "cls"
         # What the manifest records: the hub id, or the absolute folder so that the index can
         # find its model again from any working directory.
         self.model_id = self.name if self.revision else str(self.folder)
@@ -76,6 +86,9 @@ class Embedder:
         self.model.to(self.device)
         self.preprocess = load_preprocessing(self.folder)
         self.dim = int(self.config.hidden_size)
+        self.projection = None
+        if self.student is not None:
+            self._load_student(self.student)
         blocks = find_blocks(self.model, self.config)
         self.num_layers = len(blocks)
         self.layer = resolve_layer(layer, self.num_layers)
@@ -104,7 +117,10 @@ class Embedder:
         return self._weights_sha256
 
     def manifest(self) -> Manifest:
-        """Return the manifest an index built with this embedder records."""
+        """Return the manifest an index built with this embedder records (a student's: its
+        teacher's space, naming the student)."""
+        if self.student is not None:
+            return self.student.manifest(self.model_id, self.precision)
         return Manifest(
             model=self.model_id,
             weights_sha256=self.weights_sha256,
@@ -149,8 +165,29 @@ class Embedder:
                 vectors = tokens[:, 0]
             else:
                 vectors = tokens[:, max(prefix, 0) :].mean(dim=1)
+            if self.projection is not None:
+                vectors = self.projection(vectors.float())
             vectors = torch.nn.functional.normalize(vectors.float(), dim=-1)
         return vectors.cpu().numpy()
+
+    def _load_student(self, student: Student) -> None:
+        """Check a student's backbone against its record and load its projection."""
+        if int(self.config.hidden_size) != student.hidden:
+            raise ModelLoadError(
+                f"the student model in {self.folder} cannot be used: its backbone is "
+                f"{self.config.hidden_size} wide, but its record says {student.hidden}; "
+                "distill it again",
+                param="model",
+            )
+        if self.preprocess.to_dict() != student.teacher["preprocessing"]:
+            raise ModelLoadError(
+                f"the student model in {self.folder} cannot be used: its "
+                "preprocessor_config.json is not its teacher's preprocessing; distill it again",
+                param="model",
+            )
+        self.projection = load_projection(student).to(self.device)
+        self.dim = student.dim
+        log.info("%s is %s", self.name, student.describe())
 
     def _autocast(self):
         import torch
@@ -182,6 +219,33 @@ class Embedder:
         if not ph or not pw:
             return 0
         return (height // ph) * (width // pw)
+
+
+def check_student_request(student: Student, layer: int | None, pool: str | None) -> None:
+    """Raise LayerError unless `layer` and `pool` are the default or the teacher's own: a
+    student computes one thing, its teacher's vectors."""
+    teacher = student.teacher
+    layers = (None, -1, teacher["layer"], teacher["layer"] - teacher["num_layers"] - 1)
+    if layer not in layers:
+        raise LayerError(
+            f"{student.folder} is a student: it computes its teacher's layer "
+            f"{teacher['layer']} only, not layer {layer}; leave --layer out",
+            param="layer",
+        )
+    if pool is not None and pool != teacher["pool"]:
+        raise LayerError(
+            f"{student.folder} is a student: it computes its teacher's {teacher['pool']} "
+            f"pooling only, not {pool}; leave --pool out",
+            param="pool",
+        )
+
+
+def default_pool(model: str | os.PathLike) -> str:
+    """The pooling `model` computes when none is asked for: a student's teacher's, else cls."""
+    folder = Path(str(model)).expanduser()
+    if is_student(folder):
+        return read_student(folder.resolve()).teacher["pool"]
+    return "cls"
 
 
 def resolve_layer(layer: int, num_layers: int) -> int:

@@ -98,6 +98,7 @@ def source_manifest(info: dict, model: str, precision: str) -> Manifest:
         preprocessing=src["preprocessing"],
         precision=f"onnx-{precision}",
         config_sha256=src.get("config_sha256"),
+        student=info.get("student") if isinstance(info.get("student"), dict) else None,
     )
 
 

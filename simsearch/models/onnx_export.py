@@ -63,7 +63,7 @@ def export_model(
     output: str | os.PathLike,
     *,
     layer: int = -1,
-    pool: str = "cls",
+    pool: str | None = None,
     int8: bool = False,
     opset: int = DEFAULT_OPSET,
     validate_dir: str | os.PathLike | None = None,
@@ -74,7 +74,8 @@ def export_model(
 
     The graph takes `pixel_values` (batch, 3, H, W), float32, preprocessed as the checkpoint
     says, and gives `embedding` (batch, dim): the hidden state of `layer`, pooled by `pool`,
-    L2-normalised, exactly as `Embedder` computes it. With `int8`, model.int8.onnx is added
+    L2-normalised, exactly as `Embedder` computes it (`pool` None: cls; a student's export
+    computes its teacher's space, its projection included). With `int8`, model.int8.onnx is added
     (onnxruntime dynamic quantisation, int8 weights). Each file is checked against PyTorch on
     `validate_dir`'s images, or on scikit-image's sample photographs; a file that misses the
     bounds in config.py raises ModelExportError and nothing is written. `progress`, if given, is
@@ -138,13 +139,14 @@ def export_model(
         if head is not None:
             files[ONNX_CLASSIFIER_FILE] = _file_entry(work / ONNX_CLASSIFIER_FILE, output="logits")
 
+        space = reference.manifest()  # a student's: its teacher's layer, pooling and dim
         result = OnnxExport(
             output=str(output),
             model=reference.model_id,
-            layer=reference.layer,
-            num_layers=reference.num_layers,
-            pool=reference.pool,
-            dim=reference.dim,
+            layer=space.layer,
+            num_layers=space.num_layers,
+            pool=space.pool,
+            dim=space.dim,
             opset=opset,
             input_size=list(pixels.shape[2:]),
             validated_on=source,
@@ -199,6 +201,8 @@ def _export_info(reference, result: OnnxExport, files: dict, head: dict | None) 
     validation = {k: v for k, v in asdict(result).items() if k not in ("output", "seconds")}
     return {
         "format": ONNX_EXPORT_FORMAT,
+        # A student's export: `source` is the teacher's space, `student` the model exported.
+        **({"student": manifest.student} if manifest.student else {}),
         "source": source,
         "input": {"name": INPUT_NAME, "shape": [None, 3, *result.input_size]},
         "opset": result.opset,

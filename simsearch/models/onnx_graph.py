@@ -3,6 +3,7 @@ checkpoint's classification head, and torch's exporter run on each (see onnx_exp
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import warnings
@@ -40,12 +41,15 @@ def _embedding_module(reference):
     final_norm = None
     if reference.final_norm is not None:
         final_norm = next(getattr(backbone, n) for n in FINAL_NORM_NAMES if hasattr(backbone, n))
+    # A student's projection into its teacher's space (a copy: the reference keeps its own).
+    projection = copy.deepcopy(reference.projection)
 
     class EmbeddingPath(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.backbone = backbone
             self.final_norm = final_norm
+            self.projection = projection
 
         def forward(self, pixel_values):
             out = self.backbone(pixel_values=pixel_values, output_hidden_states=True)
@@ -58,6 +62,8 @@ def _embedding_module(reference):
                 vectors = tokens[:, 0]
             else:
                 vectors = tokens[:, max(prefix, 0) :].mean(dim=1)
+            if self.projection is not None:
+                vectors = self.projection(vectors)
             return torch.nn.functional.normalize(vectors, dim=-1)
 
     return EmbeddingPath().eval()

@@ -21,11 +21,18 @@ from simsearch.media.decode import decode_image, read_image_file, to_rgb
 from simsearch.media.objects import is_url, read_object
 from simsearch.media.preprocess import Preprocessing
 from simsearch.models import embed
-from simsearch.models.embed import PRECISIONS, Embedder, resolve_layer
+from simsearch.models.embed import (
+    PRECISIONS,
+    Embedder,
+    check_student_request,
+    default_pool,
+    resolve_layer,
+)
 from simsearch.models.hub import resolve_model
 from simsearch.models.onnx import OnnxEmbedder, read_export_info
 from simsearch.models.onnx_cache import AUTO_HINT, cached_export, is_export, missing_for_export
 from simsearch.models.protocol import ImageEmbedder, PixelEmbedder
+from simsearch.models.student import is_student, read_student
 from simsearch.models.weights import hash_config, hash_weights
 from simsearch.storage.checks import check_vectors
 from simsearch.storage.manifest import Manifest
@@ -69,7 +76,7 @@ def new_embedder(model, layer, pool, device, precision, batch_size, backend: str
     return Embedder(
         model,
         layer=-1 if layer is None else layer,
-        pool=pool or "cls",
+        pool=pool,
         device=device,
         precision=precision,
         batch_size=batch_size,
@@ -114,7 +121,10 @@ def onnx_embedder(model, layer, pool, device, precision, batch_size, *, model_id
     export (made the first time: models/onnx_cache.py)."""
     if not is_export(model):
         folder = cached_export(
-            model, -1 if layer is None else layer, pool or "cls", batch_size=batch_size
+            model,
+            -1 if layer is None else layer,
+            pool or default_pool(model),
+            batch_size=batch_size,
         )
         return OnnxEmbedder(
             folder,
@@ -137,6 +147,11 @@ def onnx_embedder(model, layer, pool, device, precision, batch_size, *, model_id
             param="pool",
         )
     return embedder
+
+
+def _is_student_model(model) -> bool:
+    folder = Path(str(model)).expanduser()
+    return folder.is_dir() and is_student(folder)
 
 
 def _model_id(model) -> str:
@@ -193,6 +208,12 @@ class ModelProvider:
                 weights_sha256=source["weights_sha256"],
                 config_sha256=source.get("config_sha256"),
             )
+        elif model is not None and self.loaded is None and _is_student_model(model):
+            # A student embeds into its teacher's space: its record (checked against its
+            # weights) says which, without loading it.
+            student = read_student(resolve_model(str(model))[0])
+            check_student_request(student, layer, pool)
+            wanted = student.manifest(str(model), manifest.precision)
         elif model is not None and self.loaded is None:
             folder, _ = resolve_model(str(model))
             wanted = dataclasses.replace(
@@ -218,6 +239,15 @@ class ModelProvider:
                 )
             embedder = self.spec().load()
             log.info("loaded %s: %s on %s", self.model, embedder.precision, embedder.device)
+            student = embedder.manifest().student
+            if student:
+                log.warning(
+                    "embedding with %s, a student of %s (recall@10 %s against it): its "
+                    "vectors approximate the teacher's",
+                    self.model,
+                    student.get("teacher"),
+                    student.get("recall_at_10"),
+                )
             self.loaded = embedder
         return self.loaded
 

@@ -48,9 +48,16 @@ class Manifest:
     # What config.json says the model computes (models.weights.hash_config); None in indexes made
     # before it was recorded, which then compare by weights alone.
     config_sha256: str | None = None
+    # When the vectors of this manifest come from a student (`simsearch distill`) of the
+    # model above: {"model", "weights_sha256", "teacher", "recall_at_10"}. An index keeps the
+    # teacher's identity; a student only ever adds approximations of its vectors.
+    student: dict | None = None
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
+        data = asdict(self)
+        if data["student"] is None:  # as indexes made before students were wrote it
+            del data["student"]
+        return json.dumps(data, indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str, source: str = "the manifest") -> Manifest:
@@ -99,6 +106,7 @@ class Manifest:
                 "dedup_calibration",
                 "an object",
             ),
+            (self.student is None or isinstance(self.student, dict), "student", "an object"),
         ]
         for ok, name, wanted in checks:
             if not ok:
@@ -108,6 +116,14 @@ class Manifest:
     def check_compatible(self, other: Manifest) -> None:
         """Raise ManifestMismatchError naming each setting where `other` differs from this index."""
         diffs = []
+        if other.student and other.weights_sha256 != self.weights_sha256:
+            raise ManifestMismatchError(
+                f"{other.student.get('model')} is a student of another model "
+                f"({other.student.get('teacher')!r}, weights {other.weights_sha256[:12]}), not "
+                f"of this index's {self.model!r} (weights {self.weights_sha256[:12]}): a student "
+                "searches only its teacher's index; distill a student from this index instead",
+                param="model",
+            )
         if other.weights_sha256 != self.weights_sha256:
             diffs.append(
                 f"model: index was built with {self.model!r} "

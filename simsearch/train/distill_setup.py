@@ -1,0 +1,235 @@
+"""Setting a distillation up: its checkpoint and output folder, the teacher's folder
+(checked against the index) and config, and the figures measured at the end."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from simsearch.errors import DistillError, ModelLoadError
+from simsearch.media.preprocess import Preprocessing
+from simsearch.models.embed import Embedder
+from simsearch.models.hub import load_preprocessing, resolve_model
+from simsearch.models.student import STUDENT_FILE
+from simsearch.models.weights import hash_config, hash_weights
+from simsearch.train.checkpoints import CHECKPOINTS, LAST
+from simsearch.train.distill_student import (
+    PREPROCESSOR_FILE,
+    THIN_SHARE,
+    StudentNet,
+    build_student,
+    default_size,
+    images_per_second,
+    thin_teacher,
+)
+
+log = logging.getLogger(__name__)
+
+# Version of a distillation's last.pt; another is refused, not misread.
+DISTILL_CHECKPOINT_FORMAT = 1
+
+
+def read_distill_checkpoint(output: Path) -> dict:
+    """Return OUTPUT/checkpoints/last.pt of an interrupted distillation, or DistillError."""
+    import torch
+
+    path = Path(output) / CHECKPOINTS / LAST
+    if not path.is_file():
+        if (Path(output) / STUDENT_FILE).is_file():
+            raise DistillError(f"{output} holds a finished student; there is nothing to resume")
+        raise DistillError(f"no distillation checkpoint to resume in {output} ({path} is missing)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise DistillError(f"cannot read the checkpoint {path}: {exc}") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("kind") != "distill":
+        raise DistillError(f"{path} is not a distillation checkpoint")
+    if checkpoint.get("format") != DISTILL_CHECKPOINT_FORMAT:
+        raise DistillError(
+            f"{path} is a checkpoint of format {checkpoint.get('format')!r}; this simsearch "
+            f"resumes format {DISTILL_CHECKPOINT_FORMAT} only"
+        )
+    return checkpoint
+
+
+def check_output_free(output: Path) -> None:
+    if output.exists() and not output.is_dir():
+        raise DistillError(f"{output} is a file, not a folder", param="output")
+    if output.is_dir() and any(output.iterdir()):
+        if (output / CHECKPOINTS / LAST).is_file():
+            raise DistillError(
+                f"{output} holds an interrupted distillation: resume it, or choose another "
+                "output folder",
+                fix="resume",
+            )
+        raise DistillError(
+            f"{output} exists and is not empty, and distill never overwrites a model; "
+            "choose a new folder",
+            param="output",
+        )
+
+
+def find_teacher(teacher, manifest) -> Path:
+    """The folder of the index's model (checked by its weights), for its preprocessor
+    config, size and speed."""
+    name = str(teacher) if teacher is not None else manifest.model
+    try:
+        folder, _ = resolve_model(name, param="teacher")
+    except ModelLoadError as exc:
+        raise DistillError(
+            f"cannot find the index's model {name} ({exc}); say where it is with --teacher",
+            param="teacher",
+        ) from None
+    if hash_weights(folder) != manifest.weights_sha256:
+        raise DistillError(
+            f"{name} is not the index's model (its weights differ from the ones the index "
+            "was built with); give the index's own model as --teacher",
+            param="teacher",
+        )
+    if manifest.config_sha256 and hash_config(folder) != manifest.config_sha256:
+        raise DistillError(
+            f"{name} has another config.json than the index's model", param="teacher"
+        )
+    if not (folder / PREPROCESSOR_FILE).is_file():
+        raise DistillError(f"{folder} has no {PREPROCESSOR_FILE} to give the student")
+    wanted = Preprocessing.from_dict(manifest.preprocessing).to_dict()
+    if load_preprocessing(folder).to_dict() != wanted:
+        raise DistillError(
+            f"{folder}'s preprocessing is not the index's; give the index's own model as --teacher",
+            param="teacher",
+        )
+    return folder
+
+
+def read_config(folder: Path) -> dict:
+    try:
+        config = json.loads((folder / "config.json").read_bytes())
+    except (OSError, ValueError):
+        return {}
+    config = config if isinstance(config, dict) else {}
+    return config.get("vision_config") or config
+
+
+def patch_of(config: dict) -> int:
+    patch = config.get("patch_size", 16)
+    return int(patch[0] if isinstance(patch, (list, tuple)) else patch)
+
+
+def student_size(config, teacher: dict) -> dict:
+    size = default_size(teacher or None)
+    if config.hidden is not None and config.heads is None:
+        # keep the default head size
+        head_dim = max(1, size["hidden"] // size["heads"])
+        size["heads"] = max(1, config.hidden // head_dim) if config.hidden % head_dim == 0 else 1
+    for name in ("layers", "hidden", "heads"):
+        if getattr(config, name) is not None:
+            size[name] = getattr(config, name)
+    return size
+
+
+@dataclass
+class StudentStart:
+    """A student before training: its network, its size, and how it was initialised."""
+
+    init: str  # "teacher" (thinned from it) or "random"
+    backbone: Any
+    projection: Any
+    size: dict  # layers, hidden, heads
+    patch: int
+    teacher_blocks: list[int] | None  # a thinned student's: the teacher's blocks, 1-based
+
+
+def make_student(
+    config, teacher_folder: Path, teacher_config: dict, manifest, size
+) -> StudentStart:
+    """The student `config` asks for: thinned from the teacher (`config.init` "teacher", or
+    None where the teacher allows it and no other width, heads or patch size is asked
+    for), else random. DistillError when "teacher" is asked for and cannot be had."""
+    init = config.init
+    teacher_patch = patch_of(teacher_config)
+    asked = {
+        "hidden": (config.hidden, teacher_config.get("hidden_size")),
+        "heads": (config.heads, teacher_config.get("num_attention_heads")),
+        "patch_size": (config.patch_size, teacher_patch),
+    }
+    other = [name for name, (mine, theirs) in asked.items() if mine not in (None, theirs)]
+    if init == "teacher" and other:
+        raise DistillError(
+            f"a student started from its teacher has the teacher's {', '.join(other)}; leave "
+            f"--{other[0].replace('_', '-')} out, or use --init random",
+            param=other[0],
+        )
+    if init != "random" and not other:
+        last = manifest.layer
+        layers = config.layers or max(1, round(last * THIN_SHARE))
+        try:
+            backbone, projection, taken = thin_teacher(teacher_folder, layers, last, manifest.dim)
+        except DistillError as exc:
+            if init == "teacher":
+                raise
+            log.info("%s; the student starts from random weights", exc)
+        else:
+            heads = int(backbone.config.num_attention_heads)
+            hidden = int(backbone.config.hidden_size)
+            return StudentStart(
+                "teacher",
+                backbone,
+                projection,
+                {"layers": layers, "hidden": hidden, "heads": heads},
+                teacher_patch,
+                taken,
+            )
+    size_ = student_size(config, teacher_config)
+    patch = config.patch_size or teacher_patch
+    backbone, projection = build_student(
+        **size_, mlp_ratio=config.mlp_ratio, patch=patch, size=size, dim=manifest.dim
+    )
+    return StudentStart("random", backbone, projection, size_, patch, None)
+
+
+def speeds(net: StudentNet, teacher_folder: Path, manifest, pixels, device: str) -> dict:
+    """img/s of the student and of the teacher (fp32, on `device`), on the same pixels."""
+    import torch
+
+    def student(batch):
+        with torch.inference_mode():
+            return net(torch.from_numpy(batch).to(device))
+
+    net.modules.eval()
+    student_speed = images_per_second(student, pixels)
+    net.modules.train()
+    teacher_speed = None
+    try:
+        teacher = Embedder(
+            teacher_folder,
+            layer=manifest.layer,
+            pool=manifest.pool,
+            device=device,
+            precision="fp32",
+        )
+        teacher_speed = images_per_second(teacher.embed_pixels, pixels)
+    except ModelLoadError as exc:
+        log.warning("cannot time the teacher: %s", exc)
+    return {
+        "student_images_per_second": student_speed,
+        "teacher_images_per_second": teacher_speed,
+        "speedup": round(student_speed / teacher_speed, 2) if teacher_speed else None,
+        "device": device,
+        "precision": "fp32",
+    }
+
+
+def teacher_record(manifest) -> dict:
+    keys = ("model", "weights_sha256", "config_sha256", "revision", "architecture")
+    record = {k: getattr(manifest, k) for k in keys}
+    record.update(
+        layer=manifest.layer,
+        num_layers=manifest.num_layers,
+        pool=manifest.pool,
+        dim=manifest.dim,
+        preprocessing=manifest.preprocessing,
+    )
+    return record

@@ -1,0 +1,366 @@
+"""Distillation: a tiny student learns a tiny teacher index's vectors, resumes where it was
+interrupted, is saved as a folder that `index` and `search` take for that index only, and
+is refused whole when its folder was tampered with (the attack tests come first)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import draw_image
+
+from simsearch import Index
+from simsearch.cli import cli
+from simsearch.errors import (
+    DistillError,
+    LayerError,
+    ManifestMismatchError,
+    ModelLoadError,
+    TrainingInterrupted,
+)
+from simsearch.models.embed import Embedder
+from simsearch.models.student import PROJECTION_FILE, STUDENT_FILE
+from simsearch.train.distill import DistillConfig, distill
+
+N_IMAGES = 60
+# A student a third of tiny_vit's width, two blocks, patches as tiny_vit's: it trains in a
+# few seconds on 32x32 drawings.
+SMALL = dict(layers=2, hidden=16, heads=2, batch_size=16, held_out=0.2, workers=1)
+
+
+def make_photos(folder: Path, start: int, count: int) -> Path:
+    folder.mkdir(parents=True)
+    for i in range(start, start + count):
+        draw_image(i, (48, 40)).save(folder / f"p{i:03d}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def teacher_index(tmp_path_factory, tiny_vit) -> Path:
+    root = tmp_path_factory.mktemp("distill")
+    path = root / "index"
+    with Index.create(path, model=tiny_vit, backend="torch", precision="fp32") as idx:
+        idx.add(make_photos(root / "photos", 0, N_IMAGES))
+    return path
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory, teacher_index) -> tuple[Path, object]:
+    out = tmp_path_factory.mktemp("student") / "student"
+    config = DistillConfig(**SMALL, epochs=40, lr=2e-3, precision="fp32")
+    return out, distill(teacher_index, out, config, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def thinned(tmp_path_factory, teacher_index) -> tuple[Path, object]:
+    """A student thinned from tiny_vit (blocks 2 and 3 of its 3), untrained: lr ~ 0."""
+    out = tmp_path_factory.mktemp("thinned") / "student"
+    config = DistillConfig(layers=2, epochs=1, lr=1e-9, batch_size=16, held_out=0.2, workers=1,
+                           precision="fp32")  # fmt: skip
+    return out, distill(teacher_index, out, config, device="cpu")
+
+
+def tampered(student_dir: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "tampered"
+    shutil.copytree(student_dir, copy)
+    return copy
+
+
+# -- attacks: a student folder is data from outside --------------------------------------
+
+
+def test_a_record_edited_to_claim_another_teacher_is_refused(student, other_vit, tmp_path):
+    from simsearch.models.weights import hash_weights
+
+    folder = tampered(student[0], tmp_path)
+    record = json.loads((folder / STUDENT_FILE).read_text())
+    record["teacher"]["weights_sha256"] = hash_weights(other_vit)
+    (folder / STUDENT_FILE).write_text(json.dumps(record))
+    with pytest.raises(ModelLoadError, match="names another teacher"):
+        Embedder(folder, device="cpu")
+
+
+def test_weights_swapped_after_training_are_refused(student, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = tampered(student[0], tmp_path)
+    weights = load_file(folder / "model.safetensors")
+    save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in weights.items()},
+              folder / "model.safetensors", metadata={"format": "pt"})  # fmt: skip
+    assert torch.is_tensor(next(iter(weights.values())))
+    with pytest.raises(ModelLoadError, match="not the ones it was distilled with"):
+        Embedder(folder, device="cpu")
+
+
+@pytest.mark.parametrize("text", ["{not json", "[]", '{"format": 1}', '{"format": 99}'])
+def test_a_malformed_record_is_refused(student, tmp_path, text):
+    folder = tampered(student[0], tmp_path)
+    (folder / STUDENT_FILE).write_text(text)
+    with pytest.raises(ModelLoadError, match=r"student model in .* cannot be used"):
+        Embedder(folder, device="cpu")
+
+
+def test_a_projection_of_the_wrong_shape_is_refused(student, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from simsearch.models.student import projection_metadata, read_student
+    from simsearch.models.weights import hash_weights
+
+    folder = tampered(student[0], tmp_path)
+    metadata = projection_metadata(folder)
+    save_file({"weight": torch.zeros(32, 8), "bias": torch.zeros(32)},
+              folder / PROJECTION_FILE, metadata=metadata)  # fmt: skip
+    # ... recorded consistently, so that only the shape is wrong
+    record = json.loads((folder / STUDENT_FILE).read_text())
+    record["student"]["weights_sha256"] = hash_weights(folder)
+    (folder / STUDENT_FILE).write_text(json.dumps(record))
+    read_student(folder)  # the record itself is consistent
+    with pytest.raises(ModelLoadError, match=r"holds .* not the"):
+        Embedder(folder, device="cpu")
+
+
+def test_a_tampered_student_adds_nothing_to_the_index(student, teacher_index, tmp_path):
+    folder = tampered(student[0], tmp_path)
+    (folder / STUDENT_FILE).write_text("{}")
+    photos = make_photos(tmp_path / "new", 200, 3)
+    with Index.open(teacher_index) as idx:
+        before = len(idx)
+    with pytest.raises(ModelLoadError), Index.open(teacher_index, model=folder) as idx:
+        idx.add(photos)
+    with Index.open(teacher_index) as idx:
+        assert len(idx) == before
+
+
+# -- training ----------------------------------------------------------------------------
+
+
+def test_a_tiny_student_learns_the_teachers_space(student, teacher_index, tmp_path):
+    out, result = student
+    untrained = distill(
+        teacher_index,
+        tmp_path / "untrained",
+        DistillConfig(**SMALL, epochs=1, lr=1e-9, precision="fp32"),
+        device="cpu",
+    )
+    assert result.mean_cosine > untrained.mean_cosine + 0.3
+    assert result.recall_at_10 > untrained.recall_at_10
+    assert result.held_out_images == 12 and result.train_images == 48
+    record = json.loads((out / STUDENT_FILE).read_text())
+    assert record["agreement"]["recall_at_10"] == result.recall_at_10
+    assert record["teacher"]["dim"] == 32 and record["student"]["hidden_size"] == 16
+    assert 0 < record["flops_ratio"] < 1
+    assert record["speed"]["student_images_per_second"] > 0
+    assert not (out / "checkpoints").exists()
+
+
+def test_the_students_vectors_are_what_distill_measured(student, teacher_index):
+    out, _ = student
+    embedder = Embedder(out, device="cpu", precision="fp32")
+    manifest = embedder.manifest()
+    with Index.open(teacher_index) as idx:
+        teacher = idx.manifest
+    teacher.check_compatible(manifest)  # the teacher's space
+    assert manifest.student["teacher"] == teacher.model and manifest.dim == 32
+    vectors = embedder.embed_images([draw_image(i, (48, 40)) for i in range(4)])
+    assert vectors.shape == (4, 32)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+
+
+def test_resume_continues_from_the_checkpoint_and_ends_as_an_uninterrupted_run(
+    teacher_index, tmp_path
+):
+    config = DistillConfig(**SMALL, epochs=3, checkpoint_every=2, precision="fp32")
+    whole = distill(teacher_index, tmp_path / "whole", config, device="cpu")
+
+    out = tmp_path / "resumed"
+
+    def killed_at_step_5(step):  # before step 5's checkpoint: as a kill would
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        distill(teacher_index, out, config, device="cpu", on_step=killed_at_step_5)
+    assert (out / "checkpoints" / "last.pt").is_file()
+    with pytest.raises(DistillError, match="interrupted distillation"):
+        distill(teacher_index, out, config, device="cpu")
+    with pytest.raises(DistillError, match=r"other settings.*epochs"):
+        distill(teacher_index, out, DistillConfig(**{**SMALL, "epochs": 5}), resume=True)
+    steps = []
+    resumed = distill(teacher_index, out, None, resume=True, device="cpu", on_step=steps.append)
+    # 3 steps an epoch: the checkpoint of step 4 is in the middle of the second epoch
+    assert steps[0] == 5
+    assert resumed.steps == whole.steps == 9
+    assert resumed.mean_cosine == pytest.approx(whole.mean_cosine, abs=1e-4)
+    assert resumed.recall_at_10 == pytest.approx(whole.recall_at_10, abs=0.02)
+
+
+def test_ctrl_c_saves_and_says_how_to_resume(teacher_index, tmp_path, monkeypatch):
+    import simsearch.train.distill as module
+
+    config = DistillConfig(**SMALL, epochs=2, precision="fp32")
+
+    class Requested(module.StopOnCtrlC):
+        def __enter__(self):
+            super().__enter__()
+            self.requested = True  # as if Ctrl-C came during the first step
+            return self
+
+    monkeypatch.setattr(module, "StopOnCtrlC", Requested)
+    with pytest.raises(TrainingInterrupted, match="interrupted at step 1") as caught:
+        distill(teacher_index, tmp_path / "s", config, device="cpu")
+    assert caught.value.fix == "resume"
+    assert (tmp_path / "s" / "checkpoints" / "last.pt").is_file()
+    assert not (tmp_path / "s" / STUDENT_FILE).exists()
+
+
+def test_a_thinned_student_starts_near_its_teacher(thinned, teacher_index, tmp_path):
+    out, result = thinned
+    assert result.init == "teacher" and result.teacher_blocks == (2, 3)
+    assert (result.layers, result.hidden, result.heads) == (2, 32, 4)
+    # untrained, it already agrees with its teacher, as a random student does only trained
+    assert result.mean_cosine > 0.85 and result.recall_at_10 >= 0.7
+    record = json.loads((out / STUDENT_FILE).read_text())
+    assert record["student"]["init"] == "teacher" and record["student"]["teacher_blocks"] == [2, 3]
+    assert record["student"]["architecture"] == "vit" and 2 / 3 < record["flops_ratio"] < 0.75
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 2
+    # all its teacher's blocks: the teacher itself, to the last digit of the measurement
+    whole = distill(
+        teacher_index,
+        tmp_path / "whole",
+        DistillConfig(layers=3, epochs=1, lr=1e-9, batch_size=16, held_out=0.2, workers=1),
+        device="cpu",
+    )
+    assert whole.teacher_blocks == (1, 2, 3) and whole.mean_cosine > 0.9999
+    assert whole.recall_at_10 == 1.0
+
+
+def test_a_thinned_student_loads_indexes_into_the_teachers_index_and_exports(
+    thinned, teacher_index, tmp_path
+):
+    out, _ = thinned
+    embedder = Embedder(out, device="cpu", precision="fp32")
+    assert embedder.num_layers == 2 and embedder.student is not None
+    with Index.open(teacher_index) as idx:
+        idx.manifest.check_compatible(embedder.manifest())
+    index = tmp_path / "index"
+    shutil.copytree(teacher_index, index)
+    new = make_photos(tmp_path / "new", 500, 2)
+    with Index.open(index, model=out) as idx:
+        idx.add(new)
+        assert idx.search(new / "p501.png", k=1)[0].path.endswith("p501.png")
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from simsearch.models.onnx_export import export_model
+
+    exported = export_model(out, tmp_path / "onnx", validate_dir=None)
+    assert exported.fp32_min_cosine >= 0.9999 and exported.dim == 32
+
+
+def test_init_teacher_refuses_what_a_thinned_student_cannot_be(teacher_index, tmp_path):
+    base = dict(init="teacher", epochs=1, batch_size=16, held_out=0.2, workers=1)
+    with pytest.raises(DistillError, match="has the teacher's hidden; leave --hidden out"):
+        distill(teacher_index, tmp_path / "a", DistillConfig(**base, hidden=16), device="cpu")
+    with pytest.raises(DistillError, match="takes 1 to 3 of the teacher's blocks"):
+        distill(teacher_index, tmp_path / "b", DistillConfig(**base, layers=4), device="cpu")
+    with pytest.raises(DistillError, match="init must be one of"):
+        DistillConfig(init="pretrained")
+
+
+# -- using a student ---------------------------------------------------------------------
+
+
+def test_index_and_search_with_the_student_against_the_teachers_index(
+    student, teacher_index, tmp_path
+):
+    out, _ = student
+    index = tmp_path / "index"
+    shutil.copytree(teacher_index, index)
+    new = make_photos(tmp_path / "new", 300, 2)
+    with Index.open(index, model=out) as idx:
+        manifest_before = idx.manifest
+        idx.add(new)
+        assert len(idx) == N_IMAGES + 2
+        hits = idx.search(new / "p300.png", k=3)
+    assert hits[0].path.endswith("p300.png")
+    with Index.open(index) as idx:
+        assert idx.manifest == manifest_before  # the teacher's, not the student's
+    runner = CliRunner()
+    result = runner.invoke(
+        cli, ["search", str(new / "p301.png"), "--index", str(index), "--model", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "p301.png" in result.output.splitlines()[0]
+
+
+def test_the_index_refuses_a_student_of_another_model(student, other_vit, tmp_path):
+    out, _ = student
+    other = tmp_path / "other-index"
+    with Index.create(other, model=other_vit, backend="torch") as idx:
+        idx.add(make_photos(tmp_path / "p", 0, 2))
+    query = make_photos(tmp_path / "q", 10, 1) / "p010.png"
+    with (
+        pytest.raises(ManifestMismatchError, match="is a student of another model"),
+        Index.open(other, model=out) as idx,
+    ):
+        idx.add(query.parent)
+    result = CliRunner().invoke(
+        cli, ["search", str(query), "--index", str(other), "--model", str(out)]
+    )
+    assert result.exit_code != 0 and "student of another model" in result.output
+
+
+def test_a_student_refuses_another_layer_or_pooling(student):
+    out, _ = student
+    with pytest.raises(LayerError, match="leave --layer out"):
+        Embedder(out, layer=1, device="cpu")
+    with pytest.raises(LayerError, match="leave --pool out"):
+        Embedder(out, pool="mean", device="cpu")
+    Embedder(out, layer=3, pool="cls", device="cpu")  # the teacher's own: accepted
+
+
+def test_an_onnx_export_of_the_student_matches_the_torch_student(student, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from simsearch.models.onnx import OnnxEmbedder
+    from simsearch.models.onnx_export import export_model
+
+    out, _ = student
+    result = export_model(out, tmp_path / "onnx", validate_dir=None)
+    assert result.fp32_min_cosine >= 0.9999 and result.dim == 32
+    images = [draw_image(i, (48, 40)) for i in range(5)]
+    torch_vectors = Embedder(out, device="cpu", precision="fp32").embed_images(images)
+    onnx = OnnxEmbedder(tmp_path / "onnx", device="cpu")
+    assert np.allclose(onnx.embed_images(images), torch_vectors, atol=1e-4)
+    assert onnx.manifest().student["teacher"]
+
+
+def test_the_cli_trains_a_student_and_prints_its_agreement(teacher_index, tmp_path):
+    out = tmp_path / "cli-student"
+    args = ["-q", "distill", "--index", str(teacher_index), "--output", str(out)]
+    args += ["--layers", "1", "--hidden", "16", "--epochs", "1", "--batch-size", "16"]
+    result = CliRunner().invoke(cli, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["layers"] == 1 and summary["hidden"] == 16
+    assert 0 <= summary["recall_at_10"] <= 1
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code != 0 and "not empty" in again.output
+
+
+def test_the_onnx_backend_embeds_with_a_students_cached_export(student, teacher_index, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    out, _ = student
+    index = tmp_path / "index"
+    shutil.copytree(teacher_index, index)
+    new = make_photos(tmp_path / "new", 400, 1)
+    with Index.open(index, model=out, backend="onnx") as idx:
+        idx.add(new)
+        assert idx.embedder.manifest().student is not None
+        assert idx.search(new / "p400.png", k=1)[0].path.endswith("p400.png")
