@@ -264,7 +264,7 @@ def test_a_thinned_student_loads_indexes_into_the_teachers_index_and_exports(
 
 def test_init_teacher_refuses_what_a_thinned_student_cannot_be(teacher_index, tmp_path):
     base = dict(init="teacher", epochs=1, batch_size=16, held_out=0.2, workers=1)
-    with pytest.raises(DistillError, match="has the teacher's hidden; leave --hidden out"):
+    with pytest.raises(DistillError, match="has the teacher's hidden; leave hidden out"):
         distill(teacher_index, tmp_path / "a", DistillConfig(**base, hidden=16), device="cpu")
     with pytest.raises(DistillError, match="takes 1 to 3 of the teacher's blocks"):
         distill(teacher_index, tmp_path / "b", DistillConfig(**base, layers=4), device="cpu")
@@ -317,9 +317,9 @@ def test_the_index_refuses_a_student_of_another_model(student, other_vit, tmp_pa
 
 def test_a_student_refuses_another_layer_or_pooling(student):
     out, _ = student
-    with pytest.raises(LayerError, match="leave --layer out"):
+    with pytest.raises(LayerError, match="leave the layer out"):
         Embedder(out, layer=1, device="cpu")
-    with pytest.raises(LayerError, match="leave --pool out"):
+    with pytest.raises(LayerError, match="leave the pooling out"):
         Embedder(out, pool="mean", device="cpu")
     Embedder(out, layer=3, pool="cls", device="cpu")  # the teacher's own: accepted
 

@@ -229,13 +229,13 @@ def check_student_request(student: Student, layer: int | None, pool: str | None)
     if layer not in layers:
         raise LayerError(
             f"{student.folder} is a student: it computes its teacher's layer "
-            f"{teacher['layer']} only, not layer {layer}; leave --layer out",
+            f"{teacher['layer']} only, not layer {layer}; leave the layer out",
             param="layer",
         )
     if pool is not None and pool != teacher["pool"]:
         raise LayerError(
             f"{student.folder} is a student: it computes its teacher's {teacher['pool']} "
-            f"pooling only, not {pool}; leave --pool out",
+            f"pooling only, not {pool}; leave the pooling out",
             param="pool",
         )
 

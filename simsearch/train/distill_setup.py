@@ -80,13 +80,13 @@ def find_teacher(teacher, manifest) -> Path:
         folder, _ = resolve_model(name, param="teacher")
     except ModelLoadError as exc:
         raise DistillError(
-            f"cannot find the index's model {name} ({exc}); say where it is with --teacher",
+            f"cannot find the index's model {name} ({exc}); say where the teacher is",
             param="teacher",
         ) from None
     if hash_weights(folder) != manifest.weights_sha256:
         raise DistillError(
             f"{name} is not the index's model (its weights differ from the ones the index "
-            "was built with); give the index's own model as --teacher",
+            "was built with); give the index's own model as the teacher",
             param="teacher",
         )
     if manifest.config_sha256 and hash_config(folder) != manifest.config_sha256:
@@ -98,7 +98,8 @@ def find_teacher(teacher, manifest) -> Path:
     wanted = Preprocessing.from_dict(manifest.preprocessing).to_dict()
     if load_preprocessing(folder).to_dict() != wanted:
         raise DistillError(
-            f"{folder}'s preprocessing is not the index's; give the index's own model as --teacher",
+            f"{folder}'s preprocessing is not the index's; give the index's own model as the "
+            "teacher",
             param="teacher",
         )
     return folder
@@ -159,7 +160,7 @@ def make_student(
     if init == "teacher" and other:
         raise DistillError(
             f"a student started from its teacher has the teacher's {', '.join(other)}; leave "
-            f"--{other[0].replace('_', '-')} out, or use --init random",
+            f"{other[0].replace('_', ' ')} out, or start the student from random weights",
             param=other[0],
         )
     if init != "random" and not other:

@@ -141,7 +141,9 @@ def thin_teacher(folder: Path, layers: int, last: int, dim: int):
     if not isinstance(teacher, PreTrainedModel) or teacher.config is not config:
         raise DistillError(
             f"cannot start the student from its teacher: {type(teacher).__name__} is the "
-            "vision tower of a two-tower model, which simsearch does not thin; use --init random"
+            "vision tower of a two-tower model, which simsearch does not thin; start the "
+            "student from random weights",
+            param="init",
         )
     if not 1 <= layers <= last:
         raise DistillError(
