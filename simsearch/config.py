@@ -245,6 +245,14 @@ CLUSTER_SILHOUETTE_SAMPLE = 2_000
 # Images shown per cluster: the ones nearest its centre, enough to tell what it holds.
 CLUSTER_TOP = 5
 
+# -- distillation (see train/distill_data.py) ------------------------------------------------
+
+# The most bytes of preprocessed pixels a distillation holds (float16, ~0.3 MB an image at
+# 224 px): with no --max-images, an index with more images trains on a seeded sample of this
+# many (~14,000 at 224 px), with a notice; 4 GiB leaves room for the student's training on a
+# 16 GiB machine. A bigger --max-images is taken as asked.
+DISTILL_MAX_PIXEL_BYTES = 4 << 30
+
 # -- ONNX export (see models/onnx_export.py and models/onnx.py) -----------------------------
 
 # ONNX opset of `simsearch export-model`: 17 is the first with a LayerNormalization op (one

@@ -364,3 +364,24 @@ def test_the_onnx_backend_embeds_with_a_students_cached_export(student, teacher_
         idx.add(new)
         assert idx.embedder.manifest().student is not None
         assert idx.search(new / "p400.png", k=1)[0].path.endswith("p400.png")
+
+
+def test_an_index_too_big_for_memory_trains_on_a_sample_with_a_notice(
+    teacher_index, monkeypatch, caplog
+):
+    """Every image's pixels were held at once (twice, while stacked): an index of a million
+    photos asked for 300 GB. The pixels now fit a budget (config.DISTILL_MAX_PIXEL_BYTES)."""
+    import logging
+
+    from simsearch import config
+    from simsearch.train.distill_data import read_index_data
+
+    per_image = 3 * 32 * 32 * 2  # tiny_vit's 32x32 input in float16
+    monkeypatch.setattr(config, "DISTILL_MAX_PIXEL_BYTES", 30 * per_image)
+    caplog.set_level(logging.WARNING, logger="simsearch")
+    data = read_index_data(teacher_index, held_out=0.2, seed=0, max_images=None, workers=1)
+    assert len(data.ids) == 30 and data.pixels.shape == (30, 3, 32, 32)
+    assert f"training on a sample of 30 of the index's {N_IMAGES} images" in caplog.text
+    # Asked for, more are taken; the pixels are the images' as indexing preprocesses them.
+    data = read_index_data(teacher_index, held_out=0.2, seed=0, max_images=50, workers=1)
+    assert len(data.ids) == 50 and data.pixels.dtype == np.float16

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
+from simsearch import config
 from simsearch.errors import DistillError, ImageError
 from simsearch.media.decode import decode_image, read_image_file
 from simsearch.media.objects import is_url, read_object
@@ -90,11 +92,23 @@ def read_index_data(
         )
     rng = np.random.default_rng([seed, 1])
     chosen = np.arange(len(all_ids))
+    preprocess = Preprocessing.from_dict(manifest.preprocessing)
+    shape = preprocess(Image.new("RGB", (64, 64))).shape
+    if max_images is None:
+        fits = max(MIN_IMAGES, config.DISTILL_MAX_PIXEL_BYTES // (np.prod(shape) * 2))
+        if fits < len(chosen):
+            log.warning(
+                "training on a sample of %d of the index's %d images: their pixels fill "
+                "the %.1f GiB kept in memory (say how many images to train on to choose)",
+                fits,
+                len(chosen),
+                config.DISTILL_MAX_PIXEL_BYTES / (1 << 30),
+            )
+            max_images = int(fits)
     if max_images is not None and max_images < len(chosen):
         chosen = np.sort(rng.choice(chosen, max_images, replace=False))
-    preprocess = Preprocessing.from_dict(manifest.preprocessing)
     set_total(progress, len(chosen))
-    pixels, kept = _read_pixels([paths[i] for i in chosen], preprocess, workers, progress)
+    pixels, kept = _read_pixels([paths[i] for i in chosen], preprocess, shape, workers, progress)
     chosen = chosen[kept]
     skipped = len(kept) - int(kept.sum())
     if len(chosen) < MIN_IMAGES:
@@ -124,9 +138,14 @@ def read_index_data(
 
 
 def _read_pixels(
-    paths: list[str], preprocess: Preprocessing, workers: int, progress: Progress | None
+    paths: list[str],
+    preprocess: Preprocessing,
+    shape: tuple,
+    workers: int,
+    progress: Progress | None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Return (pixels of the readable images, a mask of which of `paths` were read)."""
+    """Return (pixels of the readable images, a mask of which of `paths` were read), in one
+    array allocated up front (a list of images stacked at the end held them twice)."""
 
     def load(path: str) -> np.ndarray | None:
         try:
@@ -137,13 +156,18 @@ def _read_pixels(
             log.warning("skipping %s: %s", path, exc)
             return None
 
-    results: list[np.ndarray | None] = []
+    pixels = np.empty((len(paths), *shape), PIXEL_DTYPE)
+    kept = np.zeros(len(paths), dtype=bool)
+    count = 0
     pool = ThreadPoolExecutor(max_workers=max(1, workers))
     with pool, closing(read_ahead(pool, load, paths, max(1, workers) * 4)) as ready:
-        for result in ready:
-            results.append(result)
+        for i, result in enumerate(ready):
+            if result is not None and result.shape != shape:
+                log.warning("skipping %s: preprocessed to %s, not %s", paths[i], result.shape,
+                            shape)  # fmt: skip
+            elif result is not None:
+                pixels[count] = result
+                kept[i] = True
+                count += 1
             advance(progress)
-    kept = np.array([r is not None for r in results], dtype=bool)
-    good = [r for r in results if r is not None]
-    pixels = np.stack(good) if good else np.empty((0, 3, 1, 1), PIXEL_DTYPE)
-    return pixels, kept
+    return pixels[:count], kept
