@@ -104,6 +104,7 @@ def main() -> None:
     )
     parser.add_argument("--epochs", default="3", help="comma-separated epoch counts")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=None, help="[default: distill's per init]")
     parser.add_argument("--held-out", type=float, default=0.1)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
@@ -129,12 +130,13 @@ def main() -> None:
     try:
         for size in args.sizes.split(","):
             for epochs in (int(e) for e in args.epochs.split(",")):
-                out = work / f"student-{size}-{epochs}"
+                out = work / f"student-{size}-{epochs}-{args.lr or 'lr'}"
                 shutil.rmtree(out, ignore_errors=True)
                 config = DistillConfig(
                     **parse_size(size),
                     epochs=epochs,
                     batch_size=args.batch_size,
+                    lr=args.lr,
                     held_out=args.held_out,
                     seed=args.seed,
                 )
