@@ -18,6 +18,7 @@ from simsearch.models.hub import (
     find_blocks,
     load_backbone,
     load_preprocessing,
+    recorded_name,
     resolve_model,
 )
 from simsearch.models.student import Student, is_student, load_projection, read_student
@@ -75,9 +76,7 @@ class Embedder:
             check_student_request(self.student, layer, pool)
             layer, pool = -1, "cls"  # the student's own: what its projection reads
         self.pool = pool or "cls"
-        # What the manifest records: the hub id, or the absolute folder so that the index can
-        # find its model again from any working directory.
-        self.model_id = self.name if self.revision else str(self.folder)
+        self.model_id = recorded_name(self.name, self.folder, self.revision)
         self.device = pick_device(device)
         self.precision = pick_precision(precision, self.device)
         self._weights_sha256: str | None = None

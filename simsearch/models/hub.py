@@ -60,6 +60,13 @@ def refuse_code(folder: Path) -> None:
             )
 
 
+def recorded_name(name: str, folder: Path, revision: str | None) -> str:
+    """What a manifest (or a label record) names model `name` by, once resolved to `folder`
+    and `revision`: a hub id as it is, a folder by its absolute path (the index finds it
+    again from any working directory)."""
+    return name if revision else str(folder)
+
+
 def resolve_model(name: str, param: str = "model") -> tuple[Path, str | None]:
     """Return the local folder holding model `name`, and its hub revision when it has one.
 

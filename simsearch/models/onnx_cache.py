@@ -31,6 +31,7 @@ from pathlib import Path
 
 from simsearch.config import DEFAULT_BATCH_SIZE, DEFAULT_OPSET
 from simsearch.errors import ModelExportError, ModelLoadError, first_line
+from simsearch.fs.files import replaced_atomically
 from simsearch.models.hub import resolve_model
 from simsearch.models.onnx import ONNX_EXPORT_FORMAT, ONNX_INFO_FILE, read_export_info
 from simsearch.models.weights import hash_config, hash_weights
@@ -221,11 +222,8 @@ def _recorded_failure(path: Path) -> str | None:
 
 def _record_failure(path: Path, exc: ModelExportError) -> None:
     record = {"reason": first_line(exc), "versions": _versions()}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as exc:
-        log.debug("cannot record the failed export in %s: %s", path, exc)
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        with replaced_atomically(path) as tmp:
+            tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    except OSError as error:
+        log.debug("cannot record the failed export in %s: %s", path, error)

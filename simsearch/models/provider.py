@@ -28,7 +28,7 @@ from simsearch.models.embed import (
     default_pool,
     resolve_layer,
 )
-from simsearch.models.hub import resolve_model
+from simsearch.models.hub import recorded_name, resolve_model
 from simsearch.models.onnx import OnnxEmbedder, read_export_info
 from simsearch.models.onnx_cache import AUTO_HINT, cached_export, is_export, missing_for_export
 from simsearch.models.protocol import ImageEmbedder, PixelEmbedder
@@ -149,16 +149,9 @@ def onnx_embedder(model, layer, pool, device, precision, batch_size, *, model_id
     return embedder
 
 
-def _is_student_model(model) -> bool:
-    folder = Path(str(model)).expanduser()
-    return folder.is_dir() and is_student(folder)
-
-
 def _model_id(model) -> str:
-    """What a manifest names `model` by, as the torch Embedder does: a hub id as it is, a
-    folder by its absolute path (the index finds it from any working directory)."""
-    folder, revision = resolve_model(str(model))
-    return str(model) if revision else str(folder)
+    """What a manifest names `model` by, as the torch Embedder does."""
+    return recorded_name(str(model), *resolve_model(str(model)))
 
 
 class ModelProvider:
@@ -178,8 +171,8 @@ class ModelProvider:
     ) -> None:
         self._manifest = manifest
         self.model = model or manifest().model
-        # An index built with ONNX Runtime keeps using it unless told otherwise: its
-        # manifest's model is then the export's folder, which torch cannot load.
+        # An index built with ONNX Runtime keeps using it unless told otherwise (its
+        # manifest's model is an export's folder, or the model of a cached export).
         if backend in (None, "auto"):  # the index's own, unless the model is an export
             backend = "onnx" if model is not None and is_export(model) else backend_of(manifest())
         self.backend = check_backend(backend)
@@ -208,7 +201,7 @@ class ModelProvider:
                 weights_sha256=source["weights_sha256"],
                 config_sha256=source.get("config_sha256"),
             )
-        elif model is not None and self.loaded is None and _is_student_model(model):
+        elif model is not None and self.loaded is None and is_student(str(model)):
             # A student embeds into its teacher's space: its record (checked against its
             # weights) says which, without loading it.
             student = read_student(resolve_model(str(model))[0])

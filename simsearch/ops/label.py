@@ -36,6 +36,7 @@ from simsearch.models.embed import pick_device, pick_precision, quantize_linear_
 from simsearch.models.hub import (
     load_classifier,
     load_preprocessing,
+    recorded_name,
     resolve_model,
 )
 from simsearch.models.weights import hash_weights
@@ -68,7 +69,7 @@ class Labeller:
         self.name = str(model)
         self.batch_size = batch_size
         self.folder, self.revision = resolve_model(self.name, param="label_model")
-        self.model_id = self.name if self.revision else str(self.folder)
+        self.model_id = recorded_name(self.name, self.folder, self.revision)
         self.device = pick_device(device)
         self.precision = pick_precision(precision, self.device)
         self.model, self.config = load_classifier(self.folder, self.name)
@@ -135,7 +136,7 @@ def identify(name: str, folder=None, revision: str | None = None) -> dict:
     if folder is None:
         folder, revision = resolve_model(name, param="label_model")
     return {
-        "model": name if revision else str(folder),
+        "model": recorded_name(name, folder, revision),
         "weights_sha256": hash_weights(folder),
         "revision": revision,
     }
