@@ -198,6 +198,20 @@ def subprocess_env(**extra) -> dict[str, str]:
     return env
 
 
+# `python -c NO_TORCH ARGS...` runs the simsearch command in a process where importing
+# torch or transformers fails (the ONNX Runtime paths need neither).
+NO_TORCH = """
+import runpy, sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "transformers"):
+            raise ImportError(f"{name} is blocked in this test")
+sys.meta_path.insert(0, Block())
+sys.argv = ["simsearch", *sys.argv[1:]]
+runpy.run_module("simsearch", run_name="__main__")
+"""
+
+
 def run_simsearch(*args, **options) -> subprocess.CompletedProcess:
     """Run `simsearch ARGS` in a subprocess (offline), capturing its text output."""
     return subprocess.run(

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import _save_vit, draw_image, subprocess_env
+from conftest import NO_TORCH, _save_vit, draw_image, subprocess_env
 from PIL import ImageEnhance
 
 from simsearch import Index
@@ -340,19 +340,7 @@ def test_onnx_backend_checks_the_export_against_the_index(tmp_path, tiny_vit, ot
         Index.create(tmp_path / "new", model=exported, backend="onnx", layer=2)
 
 
-# -- no PyTorch at run time ---------------------------------------------------------------------
-
-# Runs the command in a process where importing torch or transformers fails.
-NO_TORCH = """
-import runpy, sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("torch", "transformers"):
-            raise ImportError(f"{name} is blocked in this test")
-sys.meta_path.insert(0, Block())
-sys.argv = ["simsearch", *sys.argv[1:]]
-runpy.run_module("simsearch", run_name="__main__")
-"""
+# -- no PyTorch at run time (conftest.NO_TORCH) -------------------------------------------------
 
 
 @pytest.mark.e2e

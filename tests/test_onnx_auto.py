@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import draw_image, subprocess_env
+from conftest import NO_TORCH, draw_image, subprocess_env
 
 from simsearch import Index
 from simsearch.errors import ModelLoadError
@@ -294,18 +294,6 @@ def test_two_processes_exporting_one_model_make_one_export(tmp_path, tiny_vit, a
     assert said.count("to ONNX once") == 1 and "waiting for it" in said, said
     assert [p.name for p in auto.iterdir() if p.is_dir()] == [Path(entries.pop()).name]
     assert not [p for p in auto.iterdir() if ".export-" in p.name]  # no work folder left
-
-
-NO_TORCH = """
-import runpy, sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("torch", "transformers"):
-            raise ImportError(f"{name} is blocked in this test")
-sys.meta_path.insert(0, Block())
-sys.argv = ["simsearch", *sys.argv[1:]]
-runpy.run_module("simsearch", run_name="__main__")
-"""
 
 
 @pytest.mark.e2e
