@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
-from simsearch.errors import FinetuneError
+from simsearch.errors import FinetuneError, SimsearchError
 from simsearch.fs.files import FILE_MODE, replaced_atomically
 from simsearch.models.hub import quiet_transformers
 
@@ -41,42 +42,68 @@ def save_atomic(obj, path: Path) -> None:
         torch.save(obj, tmp)
 
 
-def read_checkpoint(output: Path) -> dict:
-    """Return the contents of OUTPUT/checkpoints/last.pt, or raise FinetuneError saying why
+@dataclass(frozen=True)
+class RunKind:
+    """What the checks of a training run's output folder say of one kind of run: the error
+    it raises, the names it gives the run, the file a finished run leaves, its checkpoint
+    format, and the `kind` its checkpoints record (None: they record none)."""
+
+    error: type[SimsearchError]
+    run: str  # "an interrupted fine-tune"
+    checkpoint: str  # "no fine-tuning checkpoint to resume", "not a ... checkpoint"
+    finished_file: str
+    finished: str  # "holds a finished fine-tune"
+    writer: str  # "fine-tuning never overwrites a model"
+    format: int
+    kind: str | None = None
+
+
+FINETUNE = RunKind(
+    FinetuneError, "fine-tune", "fine-tuning", TRAINING_FILE, "fine-tune", "fine-tuning",
+    CHECKPOINT_FORMAT,
+)  # fmt: skip
+
+
+def read_checkpoint(output: Path, run: RunKind = FINETUNE) -> dict:
+    """Return the contents of OUTPUT/checkpoints/last.pt, or raise `run`'s error saying why
     there is nothing to resume."""
     import torch
 
-    path = output / CHECKPOINTS / LAST
+    path = Path(output) / CHECKPOINTS / LAST
     if not path.is_file():
-        if (output / TRAINING_FILE).is_file():
-            raise FinetuneError(f"{output} holds a finished fine-tune; there is nothing to resume")
-        raise FinetuneError(f"no fine-tuning checkpoint to resume in {output} ({path} is missing)")
+        if (Path(output) / run.finished_file).is_file():
+            raise run.error(f"{output} holds a finished {run.finished}; there is nothing to resume")
+        raise run.error(f"no {run.checkpoint} checkpoint to resume in {output} ({path} is missing)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise FinetuneError(f"cannot read the checkpoint {path}: {exc}") from None
-    if checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise FinetuneError(
+        raise run.error(f"cannot read the checkpoint {path}: {exc}") from None
+    if run.kind is not None and (
+        not isinstance(checkpoint, dict) or checkpoint.get("kind") != run.kind
+    ):
+        raise run.error(f"{path} is not a {run.checkpoint} checkpoint")
+    if checkpoint.get("format") != run.format:
+        raise run.error(
             f"{path} is a checkpoint of format {checkpoint.get('format')!r}; this simsearch "
-            f"resumes format {CHECKPOINT_FORMAT} only"
+            f"resumes format {run.format} only"
         )
     return checkpoint
 
 
-def check_output_free(output: Path) -> None:
-    """Raise FinetuneError unless `output` is a new or empty folder."""
+def check_output_free(output: Path, run: RunKind = FINETUNE) -> None:
+    """Raise `run`'s error unless `output` is a new or empty folder."""
     if output.exists() and not output.is_dir():
-        raise FinetuneError(f"{output} is a file, not a folder", path=output, param="output")
+        raise run.error(f"{output} is a file, not a folder", path=output, param="output")
     if output.is_dir() and any(output.iterdir()):
         if (output / CHECKPOINTS / LAST).is_file():
-            raise FinetuneError(
-                f"{output} holds an interrupted fine-tune: resume it, or choose another "
+            raise run.error(
+                f"{output} holds an interrupted {run.run}: resume it, or choose another "
                 "output folder",
                 path=output,
                 fix="resume",
             )
-        raise FinetuneError(
-            f"{output} exists and is not empty, and fine-tuning never overwrites a model; "
+        raise run.error(
+            f"{output} exists and is not empty, and {run.writer} never overwrites a model; "
             "choose a new folder",
             path=output,
             param="output",

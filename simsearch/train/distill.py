@@ -37,15 +37,20 @@ from simsearch.config import DEFAULT_WORKERS
 from simsearch.errors import DistillError, TrainingInterrupted
 from simsearch.models.embed import pick_device
 from simsearch.records import DistillResult
-from simsearch.train.checkpoints import CHECKPOINTS, LAST, save_atomic
+from simsearch.train.checkpoints import (
+    CHECKPOINTS,
+    LAST,
+    check_output_free,
+    read_checkpoint,
+    save_atomic,
+)
 from simsearch.train.distill_data import DistillData, read_index_data
 from simsearch.train.distill_setup import (
+    DISTILL,
     DISTILL_CHECKPOINT_FORMAT,
-    check_output_free,
     find_teacher,
     make_student,
     read_config,
-    read_distill_checkpoint,
     speeds,
     teacher_record,
 )
@@ -192,12 +197,12 @@ def distill(
 
     started = time.monotonic()
     index, output = Path(index), Path(output)
-    checkpoint = read_distill_checkpoint(output) if resume else None
+    checkpoint = read_checkpoint(output, DISTILL) if resume else None
     if checkpoint is not None and config is None:
         config = DistillConfig(**checkpoint["config"])
     config = config or DistillConfig()
     if checkpoint is None:
-        check_output_free(output)
+        check_output_free(output, DISTILL)
     else:
         diffs = DistillConfig(**checkpoint["config"]).differences(config)
         if diffs:
@@ -507,4 +512,4 @@ def _optimizer(net: StudentNet, config: DistillConfig, lr: float):
 
 def read_distill_config(output: str | os.PathLike) -> DistillConfig:
     """Return the DistillConfig of the interrupted distillation in `output`."""
-    return DistillConfig(**read_distill_checkpoint(Path(output))["config"])
+    return DistillConfig(**read_checkpoint(Path(output), DISTILL)["config"])

@@ -15,7 +15,7 @@ from simsearch.models.embed import Embedder
 from simsearch.models.hub import load_preprocessing, resolve_model
 from simsearch.models.student import STUDENT_FILE
 from simsearch.models.weights import hash_config, hash_weights
-from simsearch.train.checkpoints import CHECKPOINTS, LAST
+from simsearch.train.checkpoints import RunKind
 from simsearch.train.distill_student import (
     PREPROCESSOR_FILE,
     THIN_SHARE,
@@ -32,44 +32,11 @@ log = logging.getLogger(__name__)
 DISTILL_CHECKPOINT_FORMAT = 1
 
 
-def read_distill_checkpoint(output: Path) -> dict:
-    """Return OUTPUT/checkpoints/last.pt of an interrupted distillation, or DistillError."""
-    import torch
-
-    path = Path(output) / CHECKPOINTS / LAST
-    if not path.is_file():
-        if (Path(output) / STUDENT_FILE).is_file():
-            raise DistillError(f"{output} holds a finished student; there is nothing to resume")
-        raise DistillError(f"no distillation checkpoint to resume in {output} ({path} is missing)")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise DistillError(f"cannot read the checkpoint {path}: {exc}") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("kind") != "distill":
-        raise DistillError(f"{path} is not a distillation checkpoint")
-    if checkpoint.get("format") != DISTILL_CHECKPOINT_FORMAT:
-        raise DistillError(
-            f"{path} is a checkpoint of format {checkpoint.get('format')!r}; this simsearch "
-            f"resumes format {DISTILL_CHECKPOINT_FORMAT} only"
-        )
-    return checkpoint
-
-
-def check_output_free(output: Path) -> None:
-    if output.exists() and not output.is_dir():
-        raise DistillError(f"{output} is a file, not a folder", param="output")
-    if output.is_dir() and any(output.iterdir()):
-        if (output / CHECKPOINTS / LAST).is_file():
-            raise DistillError(
-                f"{output} holds an interrupted distillation: resume it, or choose another "
-                "output folder",
-                fix="resume",
-            )
-        raise DistillError(
-            f"{output} exists and is not empty, and distill never overwrites a model; "
-            "choose a new folder",
-            param="output",
-        )
+# What an interrupted or finished distillation's output folder says (train/checkpoints.py).
+DISTILL = RunKind(
+    DistillError, "distillation", "distillation", STUDENT_FILE, "student", "distill",
+    DISTILL_CHECKPOINT_FORMAT, kind="distill",
+)  # fmt: skip
 
 
 def find_teacher(teacher, manifest) -> Path:
