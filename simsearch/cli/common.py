@@ -243,3 +243,29 @@ def _human_bytes(n: int) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{size:.1f} TB"
+
+
+# -- training commands (finetune, distill) -------------------------------------------------
+
+
+def typed(ctx: click.Context, name: str) -> bool:
+    """Return True when option `name` was typed on the command line."""
+    from click.core import ParameterSource
+
+    return ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
+
+
+def resumed_settings(ctx: click.Context, settings: dict, saved: dict) -> dict:
+    """The settings of a resumed run: what the command line typed, else the interrupted
+    run's own (`saved`)."""
+    return {**saved, **{name: value for name, value in settings.items() if typed(ctx, name)}}
+
+
+def training_bars(quiet: bool):
+    """The progress-bar factory a training run takes (tqdm on stderr, gone when done)."""
+    from tqdm import tqdm
+
+    def progress(**kwargs):
+        return tqdm(file=sys.stderr, leave=False, disable=quiet, dynamic_ncols=True, **kwargs)
+
+    return progress

@@ -8,9 +8,15 @@ from dataclasses import asdict
 from pathlib import Path
 
 import click
-from click.core import ParameterSource
 
-from simsearch.cli.common import cli, device_option, index_option, json_option
+from simsearch.cli.common import (
+    cli,
+    device_option,
+    index_option,
+    json_option,
+    resumed_settings,
+    training_bars,
+)
 from simsearch.cli.hints import explain
 from simsearch.errors import TrainingInterrupted
 from simsearch.train.distill import LR_RANDOM, LR_TEACHER, DistillConfig
@@ -184,20 +190,13 @@ def distill(ctx, index_path, output, teacher, resume, device, as_json, **options
       simsearch search query.jpg --index indexes/photos --model models/photos-student
       simsearch export-model --model models/photos-student -o student-onnx --int8
     """
-    from tqdm import tqdm
-
     from simsearch.train.distill import distill, read_distill_config
 
     settings = {name: options[name] for name in CONFIG_OPTIONS}
     if resume:  # what the command line does not say, the interrupted run decides
-        saved = asdict(read_distill_config(output))
-        given = {name: value for name, value in settings.items() if _given(ctx, name)}
-        settings = {**saved, **given}
+        settings = resumed_settings(ctx, settings, asdict(read_distill_config(output)))
     config = DistillConfig(**settings)
     quiet = ctx.obj["quiet"]
-
-    def progress(**kwargs):
-        return tqdm(file=sys.stderr, leave=False, disable=quiet, dynamic_ncols=True, **kwargs)
 
     def on_epoch(record):
         if not quiet:
@@ -215,7 +214,7 @@ def distill(ctx, index_path, output, teacher, resume, device, as_json, **options
             teacher=teacher,
             resume=resume,
             device=device,
-            progress=progress,
+            progress=training_bars(quiet),
             on_epoch=on_epoch,
         )
     except TrainingInterrupted as exc:
@@ -251,8 +250,3 @@ def distill(ctx, index_path, output, teacher, resume, device, as_json, **options
     click.echo("use it for this index:")
     click.echo(f"  simsearch index DIR --index {index_path} --model {result.output}")
     click.echo(f"  simsearch search IMAGE --index {index_path} --model {result.output}")
-
-
-def _given(ctx: click.Context, name: str) -> bool:
-    """Return True when option `name` was typed on the command line."""
-    return ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE

@@ -9,9 +9,15 @@ from dataclasses import asdict
 from pathlib import Path
 
 import click
-from click.core import ParameterSource
 
-from simsearch.cli.common import cli, device_option, json_option
+from simsearch.cli.common import (
+    cli,
+    device_option,
+    json_option,
+    resumed_settings,
+    training_bars,
+    typed,
+)
 from simsearch.cli.hints import explain
 from simsearch.cli.render import epoch_line, finetune_line
 from simsearch.errors import TrainingInterrupted
@@ -165,13 +171,11 @@ def finetune(ctx, data_dir, output, resume, device, as_json, **options):
       simsearch label new.jpg --model models/kinds
       simsearch index ~/Pictures --index indexes/kinds --model models/kinds
     """
-    from tqdm import tqdm
-
     from simsearch.train.finetune import finetune, read_checkpoint_config
 
     if options["val_dir"] is not None and options["val_split"] is not None:
         raise click.UsageError("give --val-split or --val-dir, not both")
-    if _given(ctx, "warmup_steps") and _given(ctx, "warmup_ratio"):
+    if typed(ctx, "warmup_steps") and typed(ctx, "warmup_ratio"):
         raise click.UsageError("give --warmup-steps or --warmup-ratio, not both")
     if options["val_split"] is None:
         options["val_split"] = FinetuneConfig.val_split
@@ -179,15 +183,10 @@ def finetune(ctx, data_dir, output, resume, device, as_json, **options):
         options["val_dir"] = str(options["val_dir"])
     settings = {name: options[name] for name in CONFIG_OPTIONS}
     if resume:  # what the command line does not say, the interrupted run decides
-        saved = asdict(read_checkpoint_config(output))
-        given = {name: value for name, value in settings.items() if _given(ctx, name)}
-        settings = {**saved, **given}
+        settings = resumed_settings(ctx, settings, asdict(read_checkpoint_config(output)))
     config = FinetuneConfig(**settings)
 
     quiet = ctx.obj["quiet"]
-
-    def progress(**kwargs):
-        return tqdm(file=sys.stderr, leave=False, disable=quiet, dynamic_ncols=True, **kwargs)
 
     def on_epoch(record):
         if not quiet:
@@ -200,7 +199,7 @@ def finetune(ctx, data_dir, output, resume, device, as_json, **options):
             config,
             resume=resume,
             device=device,
-            progress=progress,
+            progress=training_bars(quiet),
             on_epoch=on_epoch,
         )
     except TrainingInterrupted as exc:
@@ -219,8 +218,3 @@ def finetune(ctx, data_dir, output, resume, device, as_json, **options):
     click.echo("use it:")
     click.echo(f"  simsearch label IMAGE --model {result.output}")
     click.echo(f"  simsearch index DIR --index INDEX --model {result.output}")
-
-
-def _given(ctx: click.Context, name: str) -> bool:
-    """Return True when option `name` was typed on the command line."""
-    return ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
