@@ -81,8 +81,15 @@ def make_images(folder: Path, count: int, seed: int) -> None:
 
 def parse_size(text: str) -> dict:
     """DistillConfig settings of a student: "default" (distill's own: thinned from the
-    teacher where it can be), "teacher-N" (thinned, N of the teacher's blocks), "random"
-    (distill's random default size) or LAYERSxHIDDENxHEADS (random)."""
+    teacher where it can be, all its blocks at half its image size), "teacher-N" (thinned,
+    N of the teacher's blocks), "random" (distill's random default size) or
+    LAYERSxHIDDENxHEADS (random); any of them "@SIDE" for SIDE-px images ("teacher@112":
+    every block up to the index's layer at 112 px)."""
+    if "@" in text:
+        text, side = text.split("@")
+        return {**parse_size(text), "image_size": int(side)}
+    if text == "teacher":
+        return {"init": "teacher"}
     if text == "default":
         return {}
     if text == "random":
@@ -149,6 +156,7 @@ def main() -> None:
                     "hidden": result.hidden,
                     "heads": result.heads,
                     "epochs": epochs,
+                    "image_size": result.image_size,
                     "flops_ratio": result.flops_ratio,
                     "recall_at_10": result.recall_at_10,
                     "mean_cosine": result.mean_cosine,

@@ -301,6 +301,8 @@ class DistillResult:
     history: tuple = ()  # per epoch: {"epoch", "step", "loss", "lr", "seconds"}
     init: str = "random"  # how the student started: "teacher" (thinned from it) or "random"
     teacher_blocks: tuple = ()  # a thinned student's: the teacher's blocks it took, 1-based
+    image_size: int | None = None  # the side of the images the student sees, in px
+    teacher_image_size: int | None = None  # the teacher's
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,15 @@ def thinned(tmp_path_factory, teacher_index) -> tuple[Path, object]:
     return out, distill(teacher_index, out, config, device="cpu")
 
 
+@pytest.fixture(scope="module")
+def half_size(tmp_path_factory, teacher_index) -> tuple[Path, object]:
+    """distill's default student of tiny_vit: all its blocks, at 16 px where it sees 32."""
+    out = tmp_path_factory.mktemp("half") / "student"
+    config = DistillConfig(epochs=20, lr=2e-3, batch_size=16, held_out=0.2, workers=1,
+                           precision="fp32")  # fmt: skip
+    return out, distill(teacher_index, out, config, device="cpu")
+
+
 def tampered(student_dir: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "tampered"
     shutil.copytree(student_dir, copy)
@@ -123,6 +132,26 @@ def test_a_projection_of_the_wrong_shape_is_refused(student, tmp_path):
     read_student(folder)  # the record itself is consistent
     with pytest.raises(ModelLoadError, match=r"holds .* not the"):
         Embedder(folder, device="cpu")
+
+
+def test_a_half_size_students_preprocessing_or_image_size_edited_is_refused(half_size, tmp_path):
+    # its preprocessor config put back to the teacher's 32 px: the record says 16
+    folder = tampered(half_size[0], tmp_path)
+    settings = json.loads((folder / "preprocessor_config.json").read_text())
+    (folder / "preprocessor_config.json").write_text(
+        json.dumps({**settings, "size": {"height": 32, "width": 32}})
+    )
+    with pytest.raises(ModelLoadError, match="not its teacher's preprocessing"):
+        Embedder(folder, device="cpu")
+    # the record's image size edited to match no preprocessing, or to nonsense
+    for side, match in [(24, "not its teacher's preprocessing"), (True, "image_size"),
+                        (10**6, "image_size")]:  # fmt: skip
+        folder = tampered(half_size[0], tmp_path / str(side))
+        record = json.loads((folder / STUDENT_FILE).read_text())
+        record["student"]["image_size"] = side
+        (folder / STUDENT_FILE).write_text(json.dumps(record))
+        with pytest.raises(ModelLoadError, match=match):
+            Embedder(folder, device="cpu")
 
 
 def test_a_tampered_student_adds_nothing_to_the_index(student, teacher_index, tmp_path):
@@ -262,6 +291,63 @@ def test_a_thinned_student_loads_indexes_into_the_teachers_index_and_exports(
     assert exported.fp32_min_cosine >= 0.9999 and exported.dim == 32
 
 
+def test_the_default_student_sees_half_size_images_with_all_the_teachers_blocks(
+    half_size, teacher_index, tmp_path
+):
+    out, result = half_size
+    assert result.init == "teacher" and result.teacher_blocks == (1, 2, 3)
+    assert (result.image_size, result.teacher_image_size) == (16, 32)
+    # a quarter of the patches: about a quarter of the FLOPs, with the [CLS] token's share
+    assert 0.2 < result.flops_ratio < 0.35
+    settings = json.loads((out / "preprocessor_config.json").read_text())
+    assert settings["size"] == {"height": 16, "width": 16}
+    assert json.loads((out / "config.json").read_text())["image_size"] == 16
+    record = json.loads((out / STUDENT_FILE).read_text())
+    assert record["student"]["image_size"] == 16
+    # trained, it agrees with its teacher better than it did untrained
+    untrained = distill(
+        teacher_index,
+        tmp_path / "untrained",
+        DistillConfig(epochs=1, lr=1e-9, batch_size=16, held_out=0.2, workers=1),
+        device="cpu",
+    )
+    assert untrained.image_size == 16
+    assert result.mean_cosine > untrained.mean_cosine + 0.01
+    assert result.recall_at_10 >= untrained.recall_at_10
+    # it adds to and searches the teacher's index, from 16-px input
+    embedder = Embedder(out, device="cpu", precision="fp32")
+    assert embedder.preprocess.input_side() == 16 and embedder.student is not None
+    with Index.open(teacher_index) as idx:
+        idx.manifest.check_compatible(embedder.manifest())
+    index = tmp_path / "index"
+    shutil.copytree(teacher_index, index)
+    new = make_photos(tmp_path / "new", 700, 2)
+    with Index.open(index, model=out) as idx:
+        idx.add(new)
+        assert idx.search(new / "p701.png", k=1)[0].path.endswith("p701.png")
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from simsearch.models.onnx_export import export_model
+
+    exported = export_model(out, tmp_path / "onnx", validate_dir=None)
+    assert exported.fp32_min_cosine >= 0.9999 and exported.dim == 32
+
+
+def test_an_image_size_the_patches_do_not_tile_is_refused(teacher_index, tmp_path):
+    base = dict(epochs=1, batch_size=16, held_out=0.2, workers=1)
+    with pytest.raises(DistillError, match="not a multiple of its 8-px patches; try 16"):
+        distill(teacher_index, tmp_path / "a", DistillConfig(**base, image_size=20), device="cpu")
+    assert not (tmp_path / "a").exists() or not any((tmp_path / "a").iterdir())
+    # a random student at another size takes it as its own input size
+    result = distill(
+        teacher_index,
+        tmp_path / "b",
+        DistillConfig(**base, init="random", layers=1, hidden=16, image_size=24),
+        device="cpu",
+    )
+    assert result.image_size == 24 and result.init == "random"
+
+
 def test_init_teacher_refuses_what_a_thinned_student_cannot_be(teacher_index, tmp_path):
     base = dict(init="teacher", epochs=1, batch_size=16, held_out=0.2, workers=1)
     with pytest.raises(DistillError, match="has the teacher's hidden; leave hidden out"):
@@ -344,10 +430,10 @@ def test_the_cli_trains_a_student_and_prints_its_agreement(teacher_index, tmp_pa
     out = tmp_path / "cli-student"
     args = ["-q", "distill", "--index", str(teacher_index), "--output", str(out)]
     args += ["--layers", "1", "--hidden", "16", "--epochs", "1", "--batch-size", "16"]
-    result = CliRunner().invoke(cli, [*args, "--json"])
+    result = CliRunner().invoke(cli, [*args, "--image-size", "16", "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
-    assert summary["layers"] == 1 and summary["hidden"] == 16
+    assert summary["layers"] == 1 and summary["hidden"] == 16 and summary["image_size"] == 16
     assert 0 <= summary["recall_at_10"] <= 1
     again = CliRunner().invoke(cli, args)
     assert again.exit_code != 0 and "not empty" in again.output

@@ -243,6 +243,37 @@ def test_preprocessing_is_rebuilt_from_its_manifest_form(proc_name):
     assert Preprocessing.from_dict(pre.to_dict()) == pre
 
 
+@pytest.mark.parametrize(
+    "proc_name, side, size, crop",
+    [
+        ("bit-shortest-edge-crop-bicubic", 112, (128,), (112, 112)),
+        ("vit-exact-bilinear", 112, (112, 112), None),
+        ("clip-small-upscale-crop", 320, (350,), (320, 320)),
+    ],
+)
+def test_a_students_smaller_input_is_the_same_preprocessing_scaled(
+    proc_name, side, size, crop, tmp_path
+):
+    """A distilled student that sees smaller images preprocesses as the checkpoint's image
+    processor does at that size: the same crop of the picture, fewer pixels."""
+    pre = Preprocessing.from_processor(PROCESSORS[proc_name]())
+    small = pre.scaled_to(side)
+    assert (small.size, small.crop, small.input_side()) == (size, crop, side)
+    assert (small.resample, small.mean, small.std) == (pre.resample, pre.mean, pre.std)
+    img = Image.fromarray(PHOTOS["coffee"]()).convert("RGB")
+    assert small(img).shape == (3, side, side)
+    # as transformers does it at that size
+    proc = PROCESSORS[proc_name]()
+    proc.size = {"shortest_edge": size[0]} if crop else {"height": side, "width": side}
+    if crop:
+        proc.crop_size = {"height": side, "width": side}
+    expected = proc(images=[img], return_tensors="np")["pixel_values"][0]
+    np.testing.assert_allclose(small(img), expected, atol=1e-5)
+    unscaled = Preprocessing("none", (), 2, (32, 32), None, None, None)
+    with pytest.raises(ValueError, match="not a resized square"):
+        unscaled.scaled_to(16)
+
+
 # -- every format the installed Pillow opens -------------------------------------------------
 
 

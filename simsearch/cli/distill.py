@@ -30,6 +30,7 @@ CONFIG_OPTIONS = (
     "hidden",
     "heads",
     "patch_size",
+    "image_size",
     "epochs",
     "batch_size",
     "lr",
@@ -72,7 +73,8 @@ CONFIG_OPTIONS = (
     "--layers",
     type=click.IntRange(min=1),
     default=None,
-    help="Student blocks.  [default: a quarter of the teacher's when thinned, else 3/4]",
+    help="Student blocks.  [default: thinned, all of the teacher's up to the index's layer "
+    "at a smaller --image-size, a quarter at the teacher's; random, 3/4]",
 )
 @click.option(
     "--hidden",
@@ -91,6 +93,15 @@ CONFIG_OPTIONS = (
     type=click.IntRange(min=1),
     default=None,
     help="A random student's patch size.  [default: the teacher's]",
+)
+@click.option(
+    "--image-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Side in px of the images the student sees, a multiple of its patch size; its "
+    "preprocessing is the index's scaled to it. Half the side is about a quarter of the "
+    "FLOPs.  [default: half the teacher's for a thinned student given no --layers, else "
+    "the teacher's]",
 )
 @click.option(
     "--epochs",
@@ -230,9 +241,14 @@ def distill(ctx, index_path, output, teacher, resume, device, as_json, **options
         if result.init == "teacher"
         else "random weights"
     )
+    side = (
+        f", {result.image_size} px images (the teacher's: {result.teacher_image_size})"
+        if result.image_size and result.image_size != result.teacher_image_size
+        else ""
+    )
     click.echo(
-        f"student: {result.layers} blocks, {result.hidden} wide, {result.heads} heads{ratio}, "
-        f"from {start}; "
+        f"student: {result.layers} blocks, {result.hidden} wide, {result.heads} heads{side}"
+        f"{ratio}, from {start}; "
         f"{result.steps} steps in {result.seconds:.0f} s on {result.device} ({result.precision})"
     )
     click.echo(

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 from PIL import Image
@@ -69,6 +69,27 @@ class Preprocessing:
     def to_dict(self) -> dict:
         """Return a JSON-friendly dict (lists, not tuples) for the manifest."""
         return json_ready(asdict(self))
+
+    def input_side(self) -> int | None:
+        """The side of the square the model sees (the crop, or an exact square resize), or
+        None when its input is not one fixed square."""
+        if self.crop is not None and self.crop[0] == self.crop[1]:
+            return int(self.crop[0])
+        if self.crop is None and self.resize == "exact" and self.size[0] == self.size[1]:
+            return int(self.size[0])
+        return None
+
+    def scaled_to(self, side: int) -> Preprocessing:
+        """The same preprocessing for a model that sees `side` x `side` px: every size scaled
+        by side / input_side() (a shortest edge of 256 before a 224 crop becomes 128 before
+        a 112 crop), the filter, rescale and normalisation unchanged. ValueError when the
+        input is not one fixed square."""
+        own = self.input_side()
+        if own is None or self.resize == "none":
+            raise ValueError("the model's input is not a resized square, so it cannot be scaled")
+        size = (side, side) if self.resize == "exact" else (round(self.size[0] * side / own),)
+        crop = None if self.crop is None else (side, side)
+        return replace(self, size=size, crop=crop)
 
     def output_size(self, width: int, height: int) -> tuple[int, int]:
         """Return the (width, height) the image will have after resizing, before cropping."""

@@ -178,10 +178,11 @@ class Embedder:
                 "distill it again",
                 param="model",
             )
-        if self.preprocess.to_dict() != student.teacher["preprocessing"]:
+        if self.preprocess.to_dict() != student.preprocessing():
             raise ModelLoadError(
                 f"the student model in {self.folder} cannot be used: its "
-                "preprocessor_config.json is not its teacher's preprocessing; distill it again",
+                "preprocessor_config.json is not its teacher's preprocessing (scaled to the "
+                "image size its record names); distill it again",
                 param="model",
             )
         self.projection = load_projection(student).to(self.device)

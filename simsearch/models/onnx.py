@@ -18,7 +18,8 @@ import numpy as np
 from simsearch.config import DEFAULT_BATCH_SIZE
 from simsearch.errors import ModelLoadError, first_line
 from simsearch.fs.files import sha256_of
-from simsearch.media.preprocess import Preprocessing, embed_in_batches
+from simsearch.media.preprocess import embed_in_batches
+from simsearch.models.student import input_preprocessing
 from simsearch.storage.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -142,7 +143,8 @@ class OnnxEmbedder:
         self._manifest = source_manifest(info, self.model_id, precision)
         self.layer, self.pool = self._manifest.layer, self._manifest.pool
         self.num_layers, self.dim = self._manifest.num_layers, self._manifest.dim
-        self.preprocess = Preprocessing.from_dict(self._manifest.preprocessing)
+        # A student's export takes the student's input (smaller images, perhaps).
+        self.preprocess = input_preprocessing(self._manifest.preprocessing, self._manifest.student)
         self.input_shape = tuple(info["input"]["shape"][1:])  # (3, H, W); the batch is free
 
         path = self.folder / (ONNX_INT8_FILE if precision == "int8" else ONNX_MODEL_FILE)

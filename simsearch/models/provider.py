@@ -32,7 +32,12 @@ from simsearch.models.hub import recorded_name, resolve_model
 from simsearch.models.onnx import OnnxEmbedder, read_export_info
 from simsearch.models.onnx_cache import AUTO_HINT, cached_export, is_export, missing_for_export
 from simsearch.models.protocol import ImageEmbedder, PixelEmbedder
-from simsearch.models.student import is_student, read_student
+from simsearch.models.student import (
+    input_preprocessing,
+    is_student,
+    read_student,
+    student_image_size,
+)
 from simsearch.models.weights import hash_config, hash_weights
 from simsearch.storage.checks import check_vectors
 from simsearch.storage.manifest import Manifest
@@ -324,17 +329,45 @@ class EmbedderSpec:
         return embedder
 
 
+def model_input(model, manifest: Manifest) -> Preprocessing:
+    """The preprocessing `model`'s input takes in an index with `manifest`: the index's, or
+    a student's (of the index's model) that sees smaller images, scaled to its size. Read
+    from the student's record or its export's, without loading the model (which checks)."""
+    folder = Path(str(model)).expanduser()
+    side = None
+    if is_student(folder):
+        side = student_image_size(folder)
+    elif is_export(folder):
+        try:
+            summary = read_export_info(folder).get("student")
+        except ModelLoadError:
+            summary = None
+        side = summary.get("image_size") if isinstance(summary, dict) else None
+    try:
+        return input_preprocessing(manifest.preprocessing, {"image_size": side} if side else None)
+    except (ValueError, TypeError):
+        return Preprocessing.from_dict(manifest.preprocessing)  # loading says what is wrong
+
+
 class _ModelOnDemand:
     """What ingest needs of an Embedder, loading the index's model only when it is used."""
 
     def __init__(self, provider: ModelProvider) -> None:
         self._provider = provider
         self.batch_size = provider.batch_size
-        # The manifest's preprocessing is the model's: the check on loading guarantees it.
-        self.preprocess = Preprocessing.from_dict(provider._manifest().preprocessing)
+        # The manifest's preprocessing is the model's (a student's scaled to its size): the
+        # check on loading guarantees it, and embed_pixels checks the loaded model's.
+        self.preprocess = model_input(provider.model, provider._manifest())
 
     def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        vectors = self._provider.embedder.embed_pixels(pixels)
+        embedder = self._provider.embedder
+        if embedder.preprocess != self.preprocess:
+            raise ModelLoadError(
+                f"the model {self._provider.model} takes other input than its record said "
+                "when the run started; run again",
+                param="model",
+            )
+        vectors = embedder.embed_pixels(pixels)
         dim = self._provider._manifest().dim
         return check_vectors(vectors, dim, f"the model {self._provider.model}")
 

@@ -3,7 +3,8 @@ vectors, so that it embeds into its teacher's space and searches the teacher's i
 
     STUDENT/
       config.json, model.safetensors   the student backbone (save_pretrained)
-      preprocessor_config.json         the teacher's, unchanged: the index's preprocessing
+      preprocessor_config.json         the teacher's: the index's preprocessing, its sizes
+                                       scaled when the student sees smaller images
       projection.safetensors           `weight` (dim, hidden) and `bias` (dim,): the student's
                                        [CLS] into the teacher's dimension; its metadata names
                                        the teacher's weights and config hashes
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from simsearch.errors import ModelLoadError
+from simsearch.media.preprocess import Preprocessing
 from simsearch.models.weights import SAFETENSORS_HEADER_LIMIT, hash_weights
 from simsearch.storage.manifest import MAX_DIM, Manifest
 
@@ -38,6 +40,10 @@ PROJECTION_FILE = "projection.safetensors"
 
 # Version of simsearch_student.json's layout; another version is refused, not misread.
 STUDENT_FORMAT = 1
+
+# The largest image side a student record may name (a ViT at 8,192 px already has 262,144
+# patches of 16 px): a larger number is an edited record, not a model.
+MAX_IMAGE_SIDE = 8192
 
 # A student record is a few kilobytes; a larger one is not read.
 STUDENT_READ_LIMIT = 1 << 20
@@ -66,6 +72,15 @@ class Student:
     hidden: int  # the student backbone's width: the projection's input
     agreement: dict  # recall_at_10, mean_cosine, ... as distill measured them
     record: dict  # the whole simsearch_student.json
+    image_size: int | None = None  # the side of the images it sees; None: its teacher's
+
+    def preprocessing(self) -> dict:
+        """The preprocessing the student's own folder must have: its teacher's, scaled to
+        the student's image size when that is smaller or larger."""
+        teacher = Preprocessing.from_dict(self.teacher["preprocessing"])
+        if self.image_size is None or self.image_size == teacher.input_side():
+            return self.teacher["preprocessing"]
+        return teacher.scaled_to(self.image_size).to_dict()
 
     @property
     def dim(self) -> int:
@@ -92,18 +107,42 @@ class Student:
         )
 
     def summary(self) -> dict:
-        """What a manifest and `info` say about the student: it, its teacher, its agreement."""
-        return {
+        """What a manifest and `info` say about the student: it, its teacher, its agreement,
+        and the side of the images it sees where that is not its teacher's."""
+        summary = {
             "model": str(self.folder),
             "weights_sha256": self.weights_sha256,
             "teacher": self.teacher["model"],
             "recall_at_10": self.agreement.get("recall_at_10"),
         }
+        if self.preprocessing() != self.teacher["preprocessing"]:
+            summary["image_size"] = self.image_size
+        return summary
 
     def describe(self) -> str:
         recall = self.agreement.get("recall_at_10")
         measured = f", recall@10 {recall:.3f} against it" if isinstance(recall, float) else ""
         return f"a student of {self.teacher['model']}{measured}"
+
+
+def input_preprocessing(preprocessing: dict, student: dict | None) -> Preprocessing:
+    """The preprocessing a model's input takes, from a manifest's (the space its vectors
+    live in) and its `student` summary: a student that sees smaller images than its
+    teacher scales the teacher's to its `image_size`."""
+    pre = Preprocessing.from_dict(preprocessing)
+    side = (student or {}).get("image_size")
+    return pre if side is None else pre.scaled_to(int(side))
+
+
+def student_image_size(folder: str | Path) -> int | None:
+    """The image size a student folder's record names (None: its teacher's, or not a
+    student), read without checking the folder (loading it checks)."""
+    try:
+        record = json.loads((Path(folder) / STUDENT_FILE).read_bytes()[:STUDENT_READ_LIMIT])
+        side = record["student"].get("image_size")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return side if isinstance(side, int) and not isinstance(side, bool) else None
 
 
 def is_student(folder: str | Path) -> bool:
@@ -149,6 +188,18 @@ def read_student(folder: Path) -> Student:
     hidden = student.get("hidden_size")
     if not isinstance(hidden, int) or isinstance(hidden, bool) or not 1 <= hidden <= MAX_DIM:
         raise _bad(folder, f"the student's hidden_size in {STUDENT_FILE} is {hidden!r}")
+    side = student.get("image_size")
+    if side is not None and (
+        not isinstance(side, int) or isinstance(side, bool) or not 1 <= side <= MAX_IMAGE_SIDE
+    ):
+        raise _bad(folder, f"the student's image_size in {STUDENT_FILE} is {side!r}")
+    try:
+        if side is not None:
+            Preprocessing.from_dict(teacher["preprocessing"]).scaled_to(side)
+    except (KeyError, TypeError, ValueError):
+        raise _bad(
+            folder, f"the teacher's preprocessing in {STUDENT_FILE} cannot be scaled to {side} px"
+        ) from None
     agreement = record.get("agreement") or {}
     if not isinstance(agreement, dict):
         raise _bad(folder, f"the agreement in {STUDENT_FILE} is not an object")
@@ -175,6 +226,7 @@ def read_student(folder: Path) -> Student:
         hidden=hidden,
         agreement=agreement,
         record=record,
+        image_size=side,
     )
 
 

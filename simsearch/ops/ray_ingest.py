@@ -34,7 +34,7 @@ import numpy as np
 from simsearch.errors import RayError, first_line
 from simsearch.fs.faults import ONCE_ENV, crash_once
 from simsearch.media.preprocess import Preprocessing
-from simsearch.models.provider import EmbedderSpec
+from simsearch.models.provider import EmbedderSpec, model_input
 from simsearch.ops.prepare import Prepared, prepare
 from simsearch.storage.checks import check_vectors
 
@@ -177,7 +177,7 @@ def _run(ray, todo, spec, hashes, max_pixels, settings) -> Iterator[Prepared]:
         _read_batch,
         batch_size=batch,
         fn_kwargs=dict(
-            preprocessing=spec.manifest.preprocessing,
+            preprocessing=model_input(spec.model, spec.manifest).to_dict(),
             known=[known],  # in a list: Ray hands a top-level ObjectRef over resolved
             max_pixels=max_pixels,
         ),

@@ -35,6 +35,7 @@ import numpy as np
 from simsearch._version import __version__
 from simsearch.config import DEFAULT_WORKERS
 from simsearch.errors import DistillError, TrainingInterrupted
+from simsearch.media.preprocess import Preprocessing
 from simsearch.models.embed import pick_device
 from simsearch.records import DistillResult
 from simsearch.train.checkpoints import (
@@ -44,7 +45,7 @@ from simsearch.train.checkpoints import (
     read_checkpoint,
     save_atomic,
 )
-from simsearch.train.distill_data import DistillData, read_index_data
+from simsearch.train.distill_data import DistillData, read_index_data, read_index_manifest
 from simsearch.train.distill_setup import (
     DISTILL,
     DISTILL_CHECKPOINT_FORMAT,
@@ -52,6 +53,7 @@ from simsearch.train.distill_setup import (
     make_student,
     read_config,
     speeds,
+    student_side,
     teacher_record,
 )
 from simsearch.train.distill_student import (
@@ -88,9 +90,17 @@ class DistillConfig:
     # weights. None: "teacher" where the teacher's architecture allows it and no other
     # width, heads or patch size is asked for, else "random"
     init: str | None = None
-    # the student's blocks; None: a quarter of the teacher's when thinned (THIN_SHARE), else
-    # distill_student.default_size (about a fifth of its FLOPs)
+    # the student's blocks; None: a thinned student at a smaller image size takes all the
+    # teacher's blocks up to the index's layer, one at the teacher's size a quarter of them
+    # (THIN_SHARE); a random one distill_student.default_size (about a fifth of its FLOPs)
     layers: int | None = None
+    # the side in px of the square images the student sees (a multiple of its patch size);
+    # the student's preprocessing is the index's scaled to it. FLOPs fall with the square of
+    # the side: at half the teacher's side a student with all its blocks costs about a
+    # quarter (DINOv2-S: recall@10 0.58 where 3 of its 12 blocks at full size reach 0.22;
+    # docs/benchmarks.md). None: half the teacher's side (rounded down to its patch size)
+    # for a thinned student given no --layers, else the teacher's side
+    image_size: int | None = None
     # width and attention heads of a random student; a thinned one has the teacher's
     hidden: int | None = None
     heads: int | None = None
@@ -133,6 +143,7 @@ class DistillConfig:
             (self.heads is None or self.heads >= 1, "heads must be at least 1"),
             (self.mlp_ratio > 0, "mlp ratio must be positive"),
             (self.patch_size is None or self.patch_size >= 1, "patch size must be >= 1"),
+            (self.image_size is None or self.image_size >= 1, "image size must be >= 1"),
             (self.epochs >= 1, "epochs must be at least 1"),
             (self.batch_size >= 2, "batch size must be at least 2 (the neighbour loss)"),
             (self.init in (None, *INITS), f"init must be one of {', '.join(INITS)}"),
@@ -213,6 +224,11 @@ def distill(
                 param="output",
             )
 
+    manifest = read_index_manifest(index)
+    teacher_folder = find_teacher(teacher, manifest)
+    teacher_config = read_config(teacher_folder)
+    teacher_side = Preprocessing.from_dict(manifest.preprocessing).input_side()
+    side = student_side(config, teacher_config, teacher_side)
     bar = progress(total=0, desc="reading images") if progress else NoBar()
     try:
         data = read_index_data(
@@ -221,6 +237,7 @@ def distill(
             seed=config.seed,
             max_images=config.max_images,
             workers=config.workers,
+            image_size=side,
             progress=bar,
         )
     finally:
@@ -232,14 +249,14 @@ def distill(
             param="output",
         )
     manifest = data.manifest
-    teacher_folder = find_teacher(teacher, manifest)
-    teacher_config = read_config(teacher_folder)
     height, width = data.pixels.shape[2:]
 
     device = pick_device(device)
     precision = pick_training_precision(config.precision, device)
     torch.manual_seed(config.seed)
-    student = make_student(config, teacher_folder, teacher_config, manifest, (height, width))
+    student = make_student(
+        config, teacher_folder, teacher_config, manifest, (height, width), teacher_side
+    )
     backbone, projection, size, patch = (
         student.backbone,
         student.projection,
@@ -269,9 +286,10 @@ def distill(
     student_vectors = embed_all(net, data.pixels[held], device)
     row_of = np.searchsorted(data.all_ids, data.ids)
     measured = agreement(student_vectors, data.targets[held], held, data.all_vectors, row_of)
+    teacher_hw = (teacher_side, teacher_side) if teacher_side else (height, width)
     student_flops = vit_flops(backbone.config.to_dict(), height, width)
-    teacher_flops = vit_flops(teacher_config, height, width) if teacher_config else None
-    speed = speeds(net, teacher_folder, manifest, data.pixels[held], device)
+    teacher_flops = vit_flops(teacher_config, *teacher_hw) if teacher_config else None
+    speed = speeds(net, teacher_folder, manifest, data.pixels[held], device, teacher_hw)
     flops_ratio = (
         round(student_flops / teacher_flops, 4) if student_flops and teacher_flops else None
     )
@@ -287,6 +305,8 @@ def distill(
             "layers": size["layers"],
             "heads": size["heads"],
             "patch_size": patch,
+            # the side of the images it sees; its preprocessing is the index's scaled to it
+            "image_size": int(height),
             "gflops": None if student_flops is None else round(student_flops / 1e9, 4),
         },
         "teacher_gflops": None if teacher_flops is None else round(teacher_flops / 1e9, 4),
@@ -332,6 +352,8 @@ def distill(
         history=tuple(run.state.history),
         init=student.init,
         teacher_blocks=tuple(student.teacher_blocks or ()),
+        image_size=int(height),
+        teacher_image_size=teacher_hw[0],
     )
 
 

@@ -60,6 +60,15 @@ class DistillData:
         return np.random.default_rng([seed, epoch]).permutation(self.train)
 
 
+def read_index_manifest(index: Path) -> Manifest:
+    """The manifest of the index at `index` (which model made its vectors, and how)."""
+    folder = IndexFolder.open(index)
+    try:
+        return folder.manifest
+    finally:
+        folder.close()
+
+
 def read_index_data(
     index: Path,
     *,
@@ -67,10 +76,12 @@ def read_index_data(
     seed: int,
     max_images: int | None,
     workers: int,
+    image_size: int | None = None,
     progress: Progress | None = None,
 ) -> DistillData:
     """Read `index`'s manifest, its stored vectors and (up to `max_images`, a seeded choice)
-    its images, preprocessed with its preprocessing; split off the `held_out` share."""
+    its images, preprocessed with its preprocessing (scaled to `image_size` px a side when
+    given: the student's); split off the `held_out` share."""
     folder = IndexFolder.open(index)
     try:
         manifest = folder.manifest
@@ -93,6 +104,14 @@ def read_index_data(
     rng = np.random.default_rng([seed, 1])
     chosen = np.arange(len(all_ids))
     preprocess = Preprocessing.from_dict(manifest.preprocessing)
+    if image_size is not None and image_size != preprocess.input_side():
+        try:
+            preprocess = preprocess.scaled_to(image_size)
+        except ValueError as exc:
+            raise DistillError(
+                f"cannot give the student {image_size}-px images: {exc}; leave the image size out",
+                param="image_size",
+            ) from None
     shape = preprocess(Image.new("RGB", (64, 64))).shape
     if max_images is None:
         fits = max(MIN_IMAGES, config.DISTILL_MAX_PIXEL_BYTES // (np.prod(shape) * 2))

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from simsearch.errors import DistillError, ModelLoadError
 from simsearch.media.preprocess import Preprocessing
 from simsearch.models.embed import Embedder
@@ -22,6 +24,7 @@ from simsearch.train.distill_student import (
     StudentNet,
     build_student,
     default_size,
+    fit_position_embeddings,
     images_per_second,
     thin_teacher,
 )
@@ -110,20 +113,50 @@ class StudentStart:
     teacher_blocks: list[int] | None  # a thinned student's: the teacher's blocks, 1-based
 
 
+def would_thin(config, teacher_config: dict) -> bool:
+    """Whether `config` asks for (or, by default, gets) a student thinned from its teacher:
+    not "random", and no width, heads or patch size other than the teacher's."""
+    return config.init != "random" and not _other_than_teacher(config, teacher_config)
+
+
+def _other_than_teacher(config, teacher_config: dict) -> list[str]:
+    asked = {
+        "hidden": (config.hidden, teacher_config.get("hidden_size")),
+        "heads": (config.heads, teacher_config.get("num_attention_heads")),
+        "patch_size": (config.patch_size, patch_of(teacher_config)),
+    }
+    return [name for name, (mine, theirs) in asked.items() if mine not in (None, theirs)]
+
+
+def student_side(config, teacher_config: dict, teacher_side: int | None) -> int | None:
+    """The side of the images the student sees (None: the teacher's, whatever it is):
+    config.image_size; by default half the teacher's, rounded down to a multiple of its
+    patch size, for a thinned student given no layer count. DistillError when the asked
+    side is not a multiple of the patch size."""
+    patch = config.patch_size or patch_of(teacher_config)
+    if config.image_size is not None:
+        if config.image_size % patch or config.image_size < patch:
+            raise DistillError(
+                f"the student's image size {config.image_size} px is not a multiple of its "
+                f"{patch}-px patches; try {max(patch, config.image_size // patch * patch)}",
+                param="image_size",
+            )
+        return config.image_size
+    if teacher_side is None or config.layers is not None or not would_thin(config, teacher_config):
+        return None
+    half = teacher_side // 2 // patch * patch
+    return half if half >= patch else None
+
+
 def make_student(
-    config, teacher_folder: Path, teacher_config: dict, manifest, size
+    config, teacher_folder: Path, teacher_config: dict, manifest, size, teacher_side=None
 ) -> StudentStart:
     """The student `config` asks for: thinned from the teacher (`config.init` "teacher", or
     None where the teacher allows it and no other width, heads or patch size is asked
     for), else random. DistillError when "teacher" is asked for and cannot be had."""
     init = config.init
     teacher_patch = patch_of(teacher_config)
-    asked = {
-        "hidden": (config.hidden, teacher_config.get("hidden_size")),
-        "heads": (config.heads, teacher_config.get("num_attention_heads")),
-        "patch_size": (config.patch_size, teacher_patch),
-    }
-    other = [name for name, (mine, theirs) in asked.items() if mine not in (None, theirs)]
+    other = _other_than_teacher(config, teacher_config)
     if init == "teacher" and other:
         raise DistillError(
             f"a student started from its teacher has the teacher's {', '.join(other)}; leave "
@@ -132,9 +165,13 @@ def make_student(
         )
     if init != "random" and not other:
         last = manifest.layer
-        layers = config.layers or max(1, round(last * THIN_SHARE))
+        smaller = teacher_side is not None and size[0] < teacher_side
+        # Smaller images cut the FLOPs already: then every block up to the index's layer.
+        layers = config.layers or (last if smaller else max(1, round(last * THIN_SHARE)))
         try:
             backbone, projection, taken = thin_teacher(teacher_folder, layers, last, manifest.dim)
+            if teacher_side is not None and size[0] != teacher_side:
+                backbone = fit_position_embeddings(backbone, size[0], teacher_patch)
         except DistillError as exc:
             if init == "teacher":
                 raise
@@ -158,8 +195,11 @@ def make_student(
     return StudentStart("random", backbone, projection, size_, patch, None)
 
 
-def speeds(net: StudentNet, teacher_folder: Path, manifest, pixels, device: str) -> dict:
-    """img/s of the student and of the teacher (fp32, on `device`), on the same pixels."""
+def speeds(
+    net: StudentNet, teacher_folder: Path, manifest, pixels, device: str, teacher_hw=None
+) -> dict:
+    """img/s of the student on `pixels` and of the teacher (fp32, on `device`) on pixels of
+    its own size `teacher_hw` (None: the same pixels)."""
     import torch
 
     def student(batch):
@@ -178,6 +218,10 @@ def speeds(net: StudentNet, teacher_folder: Path, manifest, pixels, device: str)
             device=device,
             precision="fp32",
         )
+        if teacher_hw is not None and tuple(pixels.shape[2:]) != tuple(teacher_hw):
+            # Speed does not depend on what the pixels show: noise of the teacher's size.
+            shape = (len(pixels), pixels.shape[1], *teacher_hw)
+            pixels = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
         teacher_speed = images_per_second(teacher.embed_pixels, pixels)
     except ModelLoadError as exc:
         log.warning("cannot time the teacher: %s", exc)

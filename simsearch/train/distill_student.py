@@ -174,6 +174,40 @@ def thin_teacher(folder: Path, layers: int, last: int, dim: int):
     return student.train(), projection, taken
 
 
+def fit_position_embeddings(backbone, side: int, patch: int):
+    """Return a thinned ViT-like `backbone` rebuilt to take `side` x `side` px: the same
+    weights, its config's image_size set to `side`, and its position embeddings resampled
+    (bicubic, as transformers interpolates them) to the new grid of patches. DistillError
+    when the backbone keeps its position embeddings in a form simsearch does not know."""
+    import torch
+
+    grid = side // patch
+    key = "embeddings.position_embeddings"
+    weights = backbone.state_dict()
+    embeddings = weights.get(key)
+    old = 0 if embeddings is None else math.isqrt(max(0, embeddings.shape[1] - 1))
+    if embeddings is None or embeddings.ndim != 3 or embeddings.shape[1] != old * old + 1:
+        raise DistillError(
+            f"cannot run a {type(backbone).__name__} started from its teacher at another "
+            "input size: its position embeddings are not one [CLS] and a square grid; leave "
+            "the image size out, or start the student from random weights",
+            param="image_size",
+        )
+    if old != grid:
+        hidden = embeddings.shape[-1]
+        rest = embeddings[:, 1:].reshape(1, old, old, hidden).permute(0, 3, 1, 2).float()
+        rest = torch.nn.functional.interpolate(
+            rest, size=(grid, grid), mode="bicubic", align_corners=False
+        )
+        rest = rest.permute(0, 2, 3, 1).reshape(1, grid * grid, hidden).to(embeddings.dtype)
+        weights[key] = torch.cat([embeddings[:, :1], rest], dim=1)
+    config = type(backbone.config).from_dict({**backbone.config.to_dict(), "image_size": side})
+    with quiet_transformers():
+        rebuilt = type(backbone)(config)
+    rebuilt.load_state_dict(weights, strict=True)
+    return rebuilt.train(backbone.training)
+
+
 class StudentNet:
     """The backbone and projection as one callable: pixels in, unit vectors out."""
 
@@ -252,6 +286,33 @@ def images_per_second(embed, pixels: np.ndarray) -> float:
     return round(SPEED_BATCH * SPEED_BATCHES / (time.perf_counter() - start), 1)
 
 
+def write_preprocessor(teacher_folder: Path, folder: Path, side: int | None) -> None:
+    """Write the student's preprocessor_config.json into `folder`: the teacher's, with its
+    resize and crop scaled to `side` when the student sees smaller images (None: the
+    teacher's own, unchanged). The written file is read back and must give exactly the
+    teacher's preprocessing scaled to `side`."""
+    from simsearch.models.hub import load_preprocessing
+
+    if side is None or side == load_preprocessing(teacher_folder).input_side():
+        shutil.copy2(teacher_folder / PREPROCESSOR_FILE, folder / PREPROCESSOR_FILE)
+        return
+    settings = json.loads((teacher_folder / PREPROCESSOR_FILE).read_text())
+    want = load_preprocessing(teacher_folder).scaled_to(side)
+    if want.resize == "exact":
+        settings["size"] = {"height": side, "width": side}
+    else:
+        settings["size"] = {"shortest_edge": want.size[0]}
+    if want.crop is not None:
+        settings["crop_size"] = {"height": side, "width": side}
+    (folder / PREPROCESSOR_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+    if load_preprocessing(folder) != want:
+        raise DistillError(
+            f"cannot write a {side}-px preprocessor config from the teacher's in "
+            f"{teacher_folder}: read back, it does not scale as asked; leave the image size out",
+            param="image_size",
+        )
+
+
 def publish_student(
     net: StudentNet, teacher_folder: Path, output: Path, staging: Path, record: dict
 ) -> None:
@@ -270,7 +331,7 @@ def publish_student(
     save_file(
         projection, staging / PROJECTION_FILE, metadata=projection_metadata_for(record["teacher"])
     )
-    shutil.copy2(teacher_folder / PREPROCESSOR_FILE, staging / PREPROCESSOR_FILE)
+    write_preprocessor(teacher_folder, staging, record["student"].get("image_size"))
     record = {
         **record,
         "format": STUDENT_FORMAT,
