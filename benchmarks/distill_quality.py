@@ -112,6 +112,7 @@ def main() -> None:
     parser.add_argument("--epochs", default="3", help="comma-separated epoch counts")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=None, help="[default: distill's per init]")
+    parser.add_argument("--noise", type=float, default=None, help="[default: distill's]")
     parser.add_argument("--held-out", type=float, default=0.1)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
@@ -120,7 +121,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from simsearch import Index
-    from simsearch.train.distill import DistillConfig, distill
+    from simsearch.train.distill import LR_RANDOM, LR_TEACHER, DistillConfig, distill
 
     work = args.work or Path(tempfile.mkdtemp(prefix="distill-bench-"))
     photos, index = work / "photos", work / "index"
@@ -137,13 +138,15 @@ def main() -> None:
     try:
         for size in args.sizes.split(","):
             for epochs in (int(e) for e in args.epochs.split(",")):
-                out = work / f"student-{size}-{epochs}-{args.lr or 'lr'}"
+                noise = {} if args.noise is None else {"noise": args.noise}
+                out = work / f"student-{size}-{epochs}-{args.lr or 'lr'}-{args.noise}"
                 shutil.rmtree(out, ignore_errors=True)
                 config = DistillConfig(
                     **parse_size(size),
                     epochs=epochs,
                     batch_size=args.batch_size,
                     lr=args.lr,
+                    **noise,
                     held_out=args.held_out,
                     seed=args.seed,
                 )
@@ -156,6 +159,8 @@ def main() -> None:
                     "hidden": result.hidden,
                     "heads": result.heads,
                     "epochs": epochs,
+                    "lr": config.lr or (LR_TEACHER if result.init == "teacher" else LR_RANDOM),
+                    "noise": config.noise,
                     "image_size": result.image_size,
                     "flops_ratio": result.flops_ratio,
                     "recall_at_10": result.recall_at_10,

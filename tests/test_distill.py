@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -227,6 +228,43 @@ def test_resume_continues_from_the_checkpoint_and_ends_as_an_uninterrupted_run(
     assert resumed.steps == whole.steps == 9
     assert resumed.mean_cosine == pytest.approx(whole.mean_cosine, abs=1e-4)
     assert resumed.recall_at_10 == pytest.approx(whole.recall_at_10, abs=0.02)
+
+
+def test_noise_is_drawn_afresh_each_step_the_same_on_every_run_and_recorded(
+    teacher_index, tmp_path
+):
+    """--noise trains on noisy pixels against the clean images' vectors: the draws are the
+    seed's (two runs give the same student, a clean run another), the student's record says
+    so, and a run interrupted with noise cannot resume without it."""
+    noisy = DistillConfig(**SMALL, epochs=2, noise=0.5, precision="fp32")
+    first = distill(teacher_index, tmp_path / "a", noisy, device="cpu")
+    again = distill(teacher_index, tmp_path / "b", noisy, device="cpu")
+    clean = distill(teacher_index, tmp_path / "c", DistillConfig(**{**SMALL, "epochs": 2},
+                    precision="fp32"), device="cpu")  # fmt: skip
+    assert first.mean_cosine == again.mean_cosine
+    assert first.mean_cosine != clean.mean_cosine
+    record = json.loads((tmp_path / "a" / STUDENT_FILE).read_text())
+    assert record["config"]["noise"] == 0.5
+
+    def killed_at_step_2(step):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        distill(teacher_index, tmp_path / "d", replace(noisy, checkpoint_every=1), device="cpu",
+                on_step=killed_at_step_2)  # fmt: skip
+    with pytest.raises(DistillError, match=r"other settings.*noise: 0.5 vs 0.0"):
+        distill(teacher_index, tmp_path / "d", replace(noisy, checkpoint_every=1, noise=0.0),
+                resume=True)  # fmt: skip
+    with pytest.raises(DistillError, match="noise must not be negative"):
+        DistillConfig(noise=-0.1)
+
+
+def test_a_checkpoint_from_before_noise_existed_resumes_without_noise():
+    from simsearch.train.distill import checkpoint_config
+
+    old = {"config": {k: v for k, v in DistillConfig(noise=0.3).__dict__.items() if k != "noise"}}
+    assert checkpoint_config(old).noise == 0.0
 
 
 def test_ctrl_c_saves_and_says_how_to_resume(teacher_index, tmp_path, monkeypatch):

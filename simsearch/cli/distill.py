@@ -38,6 +38,7 @@ CONFIG_OPTIONS = (
     "held_out",
     "max_images",
     "augment",
+    "noise",
     "precision",
     "gradient_checkpointing",
     "checkpoint_every",
@@ -149,6 +150,15 @@ CONFIG_OPTIONS = (
     "--augment",
     is_flag=True,
     help="Flip training images at random (the targets are of the unflipped images).",
+)
+@click.option(
+    "--noise",
+    type=click.FloatRange(min=0),
+    default=DistillConfig.noise,
+    show_default=True,
+    help="Std of Gaussian noise added to the training images' normalised pixels, drawn "
+    "afresh each step (the targets stay the clean images' vectors): less overfitting on "
+    "small collections.",
 )
 @click.option(
     "--precision",

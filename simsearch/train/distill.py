@@ -129,6 +129,10 @@ class DistillConfig:
     # a random horizontal flip of the training images; off by default because the target
     # is the teacher's vector of the unflipped image
     augment: bool = False
+    # std of Gaussian noise added to the training images' normalised pixels (a fresh draw
+    # each step): the targets stay the clean images' vectors, so the student learns to
+    # ignore what the teacher ignores instead of memorising a few thousand images
+    noise: float = 0.0
     precision: str = "auto"
     gradient_checkpointing: bool = False
     # optimiser steps between checkpoints (besides one after every epoch)
@@ -152,6 +156,7 @@ class DistillConfig:
             (0 <= self.warmup_ratio < 1, "warmup ratio must be in [0, 1)"),
             (self.grad_clip >= 0, "grad clip must not be negative"),
             (self.similarity_weight >= 0, "similarity weight must not be negative"),
+            (self.noise >= 0, "noise must not be negative"),
             (0 < self.held_out < 1, "held out must be between 0 and 1 (exclusive)"),
             (self.max_images is None or self.max_images >= 1, "max images must be >= 1"),
             (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
@@ -210,12 +215,12 @@ def distill(
     index, output = Path(index), Path(output)
     checkpoint = read_checkpoint(output, DISTILL) if resume else None
     if checkpoint is not None and config is None:
-        config = DistillConfig(**checkpoint["config"])
+        config = checkpoint_config(checkpoint)
     config = config or DistillConfig()
     if checkpoint is None:
         check_output_free(output, DISTILL)
     else:
-        diffs = DistillConfig(**checkpoint["config"]).differences(config)
+        diffs = checkpoint_config(checkpoint).differences(config)
         if diffs:
             raise DistillError(
                 f"cannot resume {output} with other settings (checkpoint vs now: "
@@ -449,10 +454,12 @@ class _Run:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         pixels = self.data.pixels[positions].astype(np.float32)
+        rng = np.random.default_rng([config.seed, state.epoch, state.batch])
         if config.augment:
-            rng = np.random.default_rng([config.seed, state.epoch, state.batch])
             flip = rng.random(len(pixels)) < 0.5
             pixels[flip] = pixels[flip][..., ::-1]
+        if config.noise:
+            pixels += config.noise * rng.standard_normal(pixels.shape, dtype=np.float32)
         x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device)
         target = torch.from_numpy(self.data.targets[positions]).to(self.device)
         with self.autocast():
@@ -534,4 +541,10 @@ def _optimizer(net: StudentNet, config: DistillConfig, lr: float):
 
 def read_distill_config(output: str | os.PathLike) -> DistillConfig:
     """Return the DistillConfig of the interrupted distillation in `output`."""
-    return DistillConfig(**read_checkpoint(Path(output), DISTILL)["config"])
+    return checkpoint_config(read_checkpoint(Path(output), DISTILL))
+
+
+def checkpoint_config(checkpoint: dict) -> DistillConfig:
+    """The DistillConfig a checkpoint was trained with; one written before a setting existed
+    ran without it (noise: none), whatever that setting's default is now."""
+    return DistillConfig(**{"noise": 0.0, **checkpoint["config"]})
