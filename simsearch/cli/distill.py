@@ -157,8 +157,8 @@ CONFIG_OPTIONS = (
     default=DistillConfig.noise,
     show_default=True,
     help="Std of Gaussian noise added to the training images' normalised pixels, drawn "
-    "afresh each step (the targets stay the clean images' vectors): less overfitting on "
-    "small collections.",
+    "afresh each step (the targets stay the clean images' vectors), against a student "
+    "memorising a small collection; 0: none.",
 )
 @click.option(
     "--precision",
