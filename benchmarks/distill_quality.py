@@ -121,7 +121,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from simsearch import Index
-    from simsearch.train.distill import LR_RANDOM, LR_TEACHER, DistillConfig, distill
+    from simsearch.train.distill import DistillConfig, distill, peak_lr
 
     work = args.work or Path(tempfile.mkdtemp(prefix="distill-bench-"))
     photos, index = work / "photos", work / "index"
@@ -159,7 +159,7 @@ def main() -> None:
                     "hidden": result.hidden,
                     "heads": result.heads,
                     "epochs": epochs,
-                    "lr": config.lr or (LR_TEACHER if result.init == "teacher" else LR_RANDOM),
+                    "lr": peak_lr(config, result.init),
                     "noise": config.noise,
                     "image_size": result.image_size,
                     "flops_ratio": result.flops_ratio,

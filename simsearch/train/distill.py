@@ -269,7 +269,7 @@ def distill(
         student.size,
         student.patch,
     )
-    lr = config.lr or (LR_TEACHER if student.init == "teacher" else LR_RANDOM)
+    lr = peak_lr(config, student.init)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(backbone)
     net = StudentNet(backbone.to(device), projection.to(device))
@@ -538,6 +538,11 @@ def _optimizer(net: StudentNet, config: DistillConfig, lr: float):
         ],
         lr=lr,
     )
+
+
+def peak_lr(config: DistillConfig, init: str) -> float:
+    """The peak learning rate a student of `init` trains at: config.lr, else the init's."""
+    return config.lr or (LR_TEACHER if init == "teacher" else LR_RANDOM)
 
 
 def read_distill_config(output: str | os.PathLike) -> DistillConfig:
