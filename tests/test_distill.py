@@ -266,6 +266,127 @@ def test_a_checkpoint_from_before_noise_existed_resumes_without_noise():
     assert checkpoint_config(old).noise == 0.0
 
 
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory, teacher_index) -> Path:
+    """An output folder holding the checkpoint of a run killed at step 2."""
+    out = tmp_path_factory.mktemp("interrupted") / "student"
+
+    def killed_at_step_2(step):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    config = DistillConfig(**SMALL, epochs=2, checkpoint_every=1, precision="fp32")
+    with pytest.raises(KeyboardInterrupt):
+        distill(teacher_index, out, config, device="cpu", on_step=killed_at_step_2)
+    return out
+
+
+def _edit_config(key, value):
+    return lambda c: c["config"].__setitem__(key, value)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        _edit_config("noise", "abc"),
+        _edit_config("epochs", "3"),
+        _edit_config("epochs", 2.5),
+        _edit_config("lr", float("nan")),
+        _edit_config("augment", "yes"),
+        _edit_config("init", 7),
+        _edit_config("invented", 1),
+        lambda c: c.__setitem__("config", [1, 2]),
+        lambda c: c.__setitem__("lr", "fast"),
+        lambda c: c.__setitem__("lr", -1.0),
+        lambda c: c["state"].__setitem__("step", "four"),
+        lambda c: c["state"].__setitem__("invented", 0),
+        lambda c: c.__setitem__("state", None),
+        lambda c: c.__setitem__("model", {"nonsense": c["rng"]}),
+        lambda c: c.__setitem__("optimizer", {"state": 1}),
+        lambda c: c.__setitem__("rng", c["rng"][:3]),
+        lambda c: c.pop("fingerprint"),
+    ],
+    ids=[
+        "noise-str", "epochs-str", "epochs-float", "lr-nan", "augment-str", "init-int",
+        "unknown-setting", "config-list", "lr-str", "lr-negative", "state-step-str",
+        "state-unknown", "state-none", "model-other", "optimizer-garbage", "rng-short",
+        "no-fingerprint",
+    ],
+)  # fmt: skip
+def test_an_edited_checkpoint_is_refused_with_one_line_and_left_as_it_was(
+    interrupted, teacher_index, tmp_path, edit
+):
+    """A checkpoint is a file anyone can edit: a value of the wrong type, an unknown setting
+    or weights of another shape is a DistillError naming the checkpoint, never a traceback,
+    and resuming leaves the folder as it was."""
+    import torch
+
+    out = tampered(interrupted, tmp_path)
+    last = out / "checkpoints" / "last.pt"
+    checkpoint = torch.load(last, weights_only=True)
+    edit(checkpoint)
+    torch.save(checkpoint, last)
+    before = last.read_bytes()
+    with pytest.raises(DistillError, match="checkpoint") as caught:
+        distill(teacher_index, out, None, resume=True, device="cpu")
+    assert "\n" not in str(caught.value)
+    assert last.read_bytes() == before
+    assert not (out / STUDENT_FILE).exists()
+
+
+def test_the_untouched_checkpoint_resumes(interrupted, teacher_index, tmp_path):
+    """The attacks above edit this checkpoint: unedited, it resumes and finishes."""
+    result = distill(teacher_index, tampered(interrupted, tmp_path), None, resume=True,
+                     device="cpu")  # fmt: skip
+    assert result.steps == 6
+
+
+def test_the_default_learning_rate_follows_how_the_student_starts():
+    """A random student trains at LR_RANDOM; a thinned one at LR_TEACHER, or at LR_WHOLE when
+    it keeps every block up to the index's layer (the default, half-size student: measured
+    best at the lower rate); an asked-for rate wins."""
+    from simsearch.train.distill import LR_RANDOM, LR_TEACHER, LR_WHOLE, peak_lr
+
+    assert LR_WHOLE < LR_TEACHER < LR_RANDOM
+    config = DistillConfig()
+    assert peak_lr(config, "random") == LR_RANDOM
+    assert peak_lr(config, "teacher", [1, 2, 3]) == LR_WHOLE
+    assert peak_lr(config, "teacher", [2, 3]) == LR_TEACHER
+    assert peak_lr(config, "teacher", [1, 3]) == LR_TEACHER
+    assert peak_lr(DistillConfig(lr=0.01), "teacher", [1, 2, 3]) == 0.01
+
+
+def test_a_resume_keeps_the_rate_its_run_started_at(teacher_index, tmp_path):
+    """The default rate may change between versions; a resumed run keeps its own: the one
+    its checkpoint saved, or, from before the rate was saved, the default then (LR_TEACHER
+    for any thinned student)."""
+    import torch
+
+    from simsearch.train.distill import LR_TEACHER, LR_WHOLE
+
+    out = tmp_path / "s"
+
+    def killed_at_step_2(step):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    # the default student of tiny_vit: all its blocks at half size
+    config = DistillConfig(epochs=2, batch_size=16, held_out=0.2, workers=1, precision="fp32",
+                           checkpoint_every=1)  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        distill(teacher_index, out, config, device="cpu", on_step=killed_at_step_2)
+    last = out / "checkpoints" / "last.pt"
+    checkpoint = torch.load(last, weights_only=True)
+    assert checkpoint["lr"] == LR_WHOLE
+    old = tampered(out, tmp_path)
+    del checkpoint["lr"]
+    torch.save(checkpoint, old / "checkpoints" / "last.pt")
+    distill(teacher_index, out, None, resume=True, device="cpu")
+    distill(teacher_index, old, None, resume=True, device="cpu")
+    assert json.loads((out / STUDENT_FILE).read_text())["lr"] == LR_WHOLE
+    assert json.loads((old / STUDENT_FILE).read_text())["lr"] == LR_TEACHER
+
+
 def test_ctrl_c_saves_and_says_how_to_resume(teacher_index, tmp_path, monkeypatch):
     import simsearch.train.distill as module
 

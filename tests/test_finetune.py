@@ -234,6 +234,70 @@ def test_resume_refuses_other_settings_and_finished_runs(tmp_path, base, data):
         finetune(data, tmp_path / "never", config, resume=True)
 
 
+@pytest.fixture(scope="module")
+def interrupted_run(tmp_path_factory, base, data) -> Path:
+    """An output folder holding the checkpoint of a fine-tune stopped at step 2."""
+    output = tmp_path_factory.mktemp("interrupted") / "out"
+
+    def stop(step):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted):
+        finetune(data, output, quick(base, epochs=2), on_step=stop)
+    return output
+
+
+def _set(key, value, inner=None):
+    def edit(checkpoint):
+        (checkpoint[inner] if inner else checkpoint)[key] = value
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        _set("epochs", "2", "config"),
+        _set("lr", True, "config"),
+        _set("invented", 1, "config"),
+        _set("config", "x"),
+        _set("step", 1.5, "state"),
+        _set("state", []),
+        _set("trainable", {}),
+        lambda c: c["trainable"].popitem(),
+        lambda c: c["trainable"].__setitem__("invented.weight", c["rng"]),
+        _set("optimizer", {"state": {}}),
+        lambda c: c.__setitem__("rng", c["rng"][:2]),
+    ],
+    ids=[
+        "epochs-str", "lr-bool", "unknown-setting", "config-str", "step-float", "state-list",
+        "no-weights", "a-weight-missing", "an-unknown-weight", "optimizer-garbage", "rng-short",
+    ],
+)  # fmt: skip
+def test_an_edited_checkpoint_is_refused_with_one_line(interrupted_run, base, data, tmp_path,
+                                                       edit):  # fmt: skip
+    """A checkpoint is a file anyone can edit: a value of the wrong type, an unknown setting
+    or weights missing (which would resume from the base model's, silently) is one
+    FinetuneError naming the checkpoint, and the folder stays as it was."""
+    import shutil
+
+    import torch
+
+    output = tmp_path / "out"
+    shutil.copytree(interrupted_run, output)
+    last = output / "checkpoints" / "last.pt"
+    checkpoint = torch.load(last, weights_only=True)
+    edit(checkpoint)
+    torch.save(checkpoint, last)
+    before = last.read_bytes()
+    with pytest.raises(FinetuneError, match="checkpoint") as caught:
+        finetune(data, output, resume=True)
+    assert "\n" not in str(caught.value)
+    assert last.read_bytes() == before
+    assert not (output / "config.json").exists()
+
+
 def test_resume_refuses_changed_data(tmp_path, base, data):
     import shutil
 

@@ -19,7 +19,7 @@ from simsearch.cli.common import (
 )
 from simsearch.cli.hints import explain
 from simsearch.errors import TrainingInterrupted
-from simsearch.train.distill import LR_RANDOM, LR_TEACHER, DistillConfig
+from simsearch.train.distill import LR_RANDOM, LR_TEACHER, LR_WHOLE, DistillConfig
 from simsearch.train.distill_student import INITS
 from simsearch.train.transfer import PRECISIONS as TRAINING_PRECISIONS
 
@@ -122,8 +122,9 @@ CONFIG_OPTIONS = (
     "--lr",
     type=click.FloatRange(min=0, min_open=True),
     default=None,
-    help=f"Peak learning rate (AdamW, warm-up, cosine decay).  [default: {LR_TEACHER:g} "
-    f"thinned, {LR_RANDOM:g} random]",
+    help=f"Peak learning rate (AdamW, warm-up, cosine decay).  [default: {LR_WHOLE:g} for a "
+    f"student with all the teacher's blocks (the default), {LR_TEACHER:g} for one thinned "
+    f"to fewer, {LR_RANDOM:g} random]",
 )
 @click.option(
     "--similarity-weight",

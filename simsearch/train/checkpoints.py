@@ -4,9 +4,12 @@ leaves (see simsearch/train/finetune.py for the layout)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
-from dataclasses import dataclass
+import types
+import typing
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from simsearch.errors import FinetuneError, SimsearchError
@@ -64,6 +67,11 @@ FINETUNE = RunKind(
 )  # fmt: skip
 
 
+def checkpoint_path(output: Path) -> Path:
+    """Where a run in `output` keeps the checkpoint it resumes from."""
+    return Path(output) / CHECKPOINTS / LAST
+
+
 def read_checkpoint(output: Path, run: RunKind = FINETUNE) -> dict:
     """Return the contents of OUTPUT/checkpoints/last.pt, or raise `run`'s error saying why
     there is nothing to resume."""
@@ -88,6 +96,71 @@ def read_checkpoint(output: Path, run: RunKind = FINETUNE) -> dict:
             f"resumes format {run.format} only"
         )
     return checkpoint
+
+
+def saved_settings(cls, saved, run: RunKind, path: Path, what: str = "settings"):
+    """Return `cls(**saved)`, a dataclass read back from a checkpoint, or raise `run`'s error
+    naming the first value that is not of its field's type, a name `cls` does not have, or
+    a value its own checks refuse. A checkpoint is a file: it may have been edited, or
+    written by another version, and a TypeError deep in training is no answer to that."""
+    where = f"the checkpoint {path}"
+    again = "start in a new output folder"
+    if not isinstance(saved, dict):
+        raise run.error(f"{where} is damaged (its {what}: a {type(saved).__name__}); {again}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    for name, value in saved.items():
+        if name not in known:
+            raise run.error(f"{where} holds {what} this simsearch does not know ({name}); {again}")
+        if not _is_a(value, hints[name]):
+            raise run.error(
+                f"{where} is damaged (its {what}: {name} = {value!r} is not "
+                f"{_hint_name(hints[name])}); {again}"
+            )
+    try:
+        return cls(**saved)
+    except SimsearchError as exc:
+        raise run.error(f"{where} is damaged (its {what}: {exc}); {again}") from None
+
+
+def _is_a(value, hint) -> bool:
+    """Whether `value` fits the type hint `hint` (the scalars settings use; any other hint
+    is left to the class's own checks). A bool is not a number."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_is_a(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:  # inf is a float (a best loss before the first epoch), NaN is not
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return number and not math.isnan(value)
+    if hint in (str, list, dict, tuple):
+        return isinstance(value, hint)
+    return True
+
+
+def _hint_name(hint) -> str:
+    """'an integer', 'a number or None': what a type hint asks for, in words."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_hint_name(arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return "None"
+    name = {"int": "integer", "float": "number", "str": "string", "bool": "true/false"}.get(
+        getattr(hint, "__name__", ""), getattr(hint, "__name__", str(hint))
+    )
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+def unfit_reason(exc: BaseException) -> str:
+    """One line, at most 200 characters, of why torch would not load a checkpoint's part."""
+    return " ".join(str(exc).split())[:200] or type(exc).__name__
+
+
+# What torch's load_state_dict and set_rng_state raise on parts that do not fit
+UNFIT = (RuntimeError, ValueError, KeyError, TypeError, IndexError)
 
 
 def check_output_free(output: Path, run: RunKind = FINETUNE) -> None:

@@ -34,7 +34,14 @@ from simsearch.models.embed import pick_device
 from simsearch.models.hub import load_preprocessing, resolve_model
 from simsearch.models.weights import hash_weights
 from simsearch.records import EpochRecord, FinetuneResult
-from simsearch.train.checkpoints import check_output_free, publish, read_checkpoint
+from simsearch.train.checkpoints import (
+    FINETUNE,
+    check_output_free,
+    checkpoint_path,
+    publish,
+    read_checkpoint,
+    saved_settings,
+)
 from simsearch.train.dataset import TrainingData
 from simsearch.train.loop import NoBar, Trainer, train
 from simsearch.train.transfer import (
@@ -154,13 +161,14 @@ def finetune(
     started = time.monotonic()
     output = Path(output)
     checkpoint = read_checkpoint(output) if resume else None
-    if checkpoint is not None and config is None:
-        config = FinetuneConfig(**checkpoint["config"])
+    if checkpoint is not None:
+        saved = _saved_config(checkpoint, output)
+        config = config or saved
     config = config or FinetuneConfig()
     if checkpoint is None:
         check_output_free(output)
     else:
-        _check_same_config(config, FinetuneConfig(**checkpoint["config"]), output)
+        _check_same_config(config, saved, output)
 
     folder, _ = resolve_model(config.model)
     base_sha256 = hash_weights(folder)
@@ -274,7 +282,14 @@ def _result(trainer: Trainer, started: float) -> FinetuneResult:
 
 def read_checkpoint_config(output: str | os.PathLike) -> FinetuneConfig:
     """Return the FinetuneConfig of the interrupted fine-tune in `output`."""
-    return FinetuneConfig(**read_checkpoint(Path(output))["config"])
+    return _saved_config(read_checkpoint(Path(output)), Path(output))
+
+
+def _saved_config(checkpoint: dict, output: Path) -> FinetuneConfig:
+    """The FinetuneConfig a checkpoint holds; FinetuneError when it is not one (edited)."""
+    return saved_settings(
+        FinetuneConfig, checkpoint.get("config"), FINETUNE, checkpoint_path(output)
+    )
 
 
 def _check_same_config(config: FinetuneConfig, saved: FinetuneConfig, output: Path) -> None:
@@ -289,11 +304,14 @@ def _check_same_config(config: FinetuneConfig, saved: FinetuneConfig, output: Pa
 
 
 def _check_same_data(checkpoint: dict, base_sha256: str, data: TrainingData, output) -> None:
-    if checkpoint["base_weights_sha256"] != base_sha256:
+    if checkpoint.get("base_weights_sha256") != base_sha256:
         raise FinetuneError(
             f"cannot resume {output}: the base model's weights are not the ones it started from"
         )
-    if checkpoint["classes"] != data.classes or checkpoint["data_fingerprint"] != data.fingerprint:
+    if (
+        checkpoint.get("classes") != data.classes
+        or checkpoint.get("data_fingerprint") != data.fingerprint
+    ):
         raise FinetuneError(
             f"cannot resume {output}: the training or validation images changed since it "
             "started (files added, removed or unreadable); start in a new output folder",

@@ -26,9 +26,14 @@ from simsearch.train.checkpoints import (
     BEST,
     CHECKPOINT_FORMAT,
     CHECKPOINTS,
+    FINETUNE,
     LAST,
+    UNFIT,
+    checkpoint_path,
     save_atomic,
+    saved_settings,
     trainable_state,
+    unfit_reason,
 )
 from simsearch.train.dataset import TrainingData
 
@@ -203,14 +208,37 @@ class Trainer:
         optimiser, the loss scale, the random state and where training stood."""
         import torch
 
-        self.model.load_state_dict(checkpoint["trainable"], strict=False)
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        if self.scaler.is_enabled() and checkpoint["scaler"]:
-            self.scaler.load_state_dict(checkpoint["scaler"])
-        torch.set_rng_state(checkpoint["rng"])
-        if self.device == "cuda" and checkpoint["cuda_rng"]:
-            torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])
-        self.state = TrainingState(**checkpoint["state"])
+        path = checkpoint_path(self.output)
+        state = saved_settings(TrainingState, checkpoint.get("state"), FINETUNE, path,
+                               "training state")  # fmt: skip
+        weights = checkpoint.get("trainable")
+        # strict=False below (the frozen weights are not saved): check the names here, or a
+        # checkpoint short of a weight would resume from the base model's without a word
+        names = set(weights) if isinstance(weights, dict) else set()
+        if names != set(self.trainable):
+            wrong = sorted(set(self.trainable) ^ names)
+            raise FinetuneError(
+                f"the checkpoint {path} does not fit this model: its trained weights are not "
+                f"the ones it trains ({len(wrong)} differ, first {wrong[0]}); start in a new "
+                "output folder",
+                param="output",
+            )
+        try:
+            self.model.load_state_dict(weights, strict=False)
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            if self.scaler.is_enabled() and checkpoint["scaler"]:
+                self.scaler.load_state_dict(checkpoint["scaler"])
+            torch.set_rng_state(checkpoint["rng"])
+            if self.device == "cuda" and checkpoint["cuda_rng"]:
+                torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])
+        except UNFIT as exc:
+            reason = unfit_reason(exc)
+            raise FinetuneError(
+                f"the checkpoint {path} does not fit this model ({reason}); start in a new "
+                "output folder",
+                param="output",
+            ) from None
+        self.state = state
 
     def load_best(self) -> None:
         """Put the best epoch's weights (best.pt) into the model."""
