@@ -113,6 +113,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=None, help="[default: distill's per init]")
     parser.add_argument("--noise", type=float, default=None, help="[default: distill's]")
+    parser.add_argument("--index-weight", type=float, default=None, help="[default: distill's]")
     parser.add_argument("--held-out", type=float, default=0.1)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
@@ -138,15 +139,19 @@ def main() -> None:
     try:
         for size in args.sizes.split(","):
             for epochs in (int(e) for e in args.epochs.split(",")):
-                noise = {} if args.noise is None else {"noise": args.noise}
-                out = work / f"student-{size}-{epochs}-{args.lr or 'lr'}-{args.noise}"
+                extra = {} if args.noise is None else {"noise": args.noise}
+                if args.index_weight is not None:
+                    extra["index_weight"] = args.index_weight
+                out = work / (
+                    f"student-{size}-{epochs}-{args.lr or 'lr'}-{args.noise}-{args.index_weight}"
+                )
                 shutil.rmtree(out, ignore_errors=True)
                 config = DistillConfig(
                     **parse_size(size),
                     epochs=epochs,
                     batch_size=args.batch_size,
                     lr=args.lr,
-                    **noise,
+                    **extra,
                     held_out=args.held_out,
                     seed=args.seed,
                 )
@@ -161,6 +166,7 @@ def main() -> None:
                     "epochs": epochs,
                     "lr": peak_lr(config, result.init),
                     "noise": config.noise,
+                    "index_weight": config.index_weight,
                     "image_size": result.image_size,
                     "flops_ratio": result.flops_ratio,
                     "recall_at_10": result.recall_at_10,

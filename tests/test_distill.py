@@ -262,8 +262,65 @@ def test_noise_is_drawn_afresh_each_step_the_same_on_every_run_and_recorded(
 def test_a_checkpoint_from_before_noise_existed_resumes_without_noise():
     from simsearch.train.distill import checkpoint_config
 
-    old = {"config": {k: v for k, v in DistillConfig(noise=0.3).__dict__.items() if k != "noise"}}
+    newer = ("noise", "index_weight")
+    config = DistillConfig(noise=0.3, index_weight=0.5)
+    old = {"config": {k: v for k, v in config.__dict__.items() if k not in newer}}
     assert checkpoint_config(old).noise == 0.0
+    assert checkpoint_config(old).index_weight == 0.0
+
+
+def _run_on(targets: np.ndarray, train: np.ndarray, temperature: float = 0.05):
+    from types import SimpleNamespace
+
+    from simsearch.train.distill import _Run
+
+    data = SimpleNamespace(targets=targets, train=train, ids=np.arange(len(targets)))
+    config = DistillConfig(index_weight=1.0, index_temperature=temperature)
+    return _Run(config, 1e-4, data, None, None, None, "cpu", "fp32", Path("."), None, 0.0)
+
+
+def _unit(rows: np.ndarray) -> np.ndarray:
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_the_index_loss_is_zero_only_where_the_student_ranks_the_index_as_its_teacher():
+    """The index loss compares how a student vector and its target rank the training
+    images' stored vectors: zero for the target itself or a vector that ranks them the
+    same, larger the more the order moves; the image's own stored vector is left out."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    targets = _unit(rng.standard_normal((40, 16)))
+    run = _run_on(targets, np.arange(30))  # the last 10 held out: never anchors
+    batch = np.array([0, 5, 35])
+    target = torch.from_numpy(targets[batch])
+    assert run.index_loss(target, target, batch).item() == pytest.approx(0.0, abs=1e-6)
+    near = torch.from_numpy(_unit(targets[batch] + 0.05 * rng.standard_normal((3, 16))))
+    far = torch.from_numpy(_unit(targets[batch] + 0.5 * rng.standard_normal((3, 16))))
+    assert 0 < run.index_loss(near, target, batch) < run.index_loss(far, target, batch)
+    # image 0's own stored vector is left out: replacing it changes nothing
+    shifted = targets.copy()
+    shifted[0] = _unit(rng.standard_normal((1, 16)))[0]
+    other = _run_on(shifted, np.arange(30))
+    first = run.index_loss(near[:1], target[:1], batch[:1]).item()
+    assert other.index_loss(near[:1], target[:1], batch[:1]).item() == pytest.approx(first)
+    # another image's does
+    shifted[1] = _unit(rng.standard_normal((1, 16)))[0]
+    moved = _run_on(shifted, np.arange(30))
+    assert moved.index_loss(near[:1], target[:1], batch[:1]).item() != pytest.approx(first)
+    assert len(run.anchors) == 30
+
+
+def test_a_student_trained_with_the_index_loss_learns_and_records_it(teacher_index, tmp_path):
+    config = DistillConfig(**SMALL, epochs=20, lr=2e-3, index_weight=1.0, precision="fp32")
+    untrained = distill(teacher_index, tmp_path / "u", replace(config, epochs=1, lr=1e-9),
+                        device="cpu")  # fmt: skip
+    result = distill(teacher_index, tmp_path / "s", config, device="cpu")
+    assert result.mean_cosine > untrained.mean_cosine + 0.05
+    record = json.loads((tmp_path / "s" / STUDENT_FILE).read_text())
+    assert record["config"]["index_weight"] == 1.0
+    with pytest.raises(DistillError, match="index temperature must be positive"):
+        DistillConfig(index_temperature=0)
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,8 @@ CONFIG_OPTIONS = (
     "batch_size",
     "lr",
     "similarity_weight",
+    "index_weight",
+    "index_temperature",
     "held_out",
     "max_images",
     "augment",
@@ -132,6 +134,21 @@ CONFIG_OPTIONS = (
     default=DistillConfig.similarity_weight,
     show_default=True,
     help="Weight of the neighbour-similarity loss beside the cosine loss.",
+)
+@click.option(
+    "--index-weight",
+    type=click.FloatRange(min=0),
+    default=DistillConfig.index_weight,
+    show_default=True,
+    help="Weight of the index loss: the student's vector should rank the training images' "
+    "stored vectors as the image's own stored vector does (KL of the softmaxed cosines).",
+)
+@click.option(
+    "--index-temperature",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DistillConfig.index_temperature,
+    show_default=True,
+    help="Temperature of the index loss's softmax: lower looks at the nearest neighbours only.",
 )
 @click.option(
     "--held-out",
