@@ -122,6 +122,18 @@ PALETTE = [
 ]
 
 
+def edited_checkpoint(output: Path, edit) -> Path:
+    """Apply `edit` (a function of the loaded dict) to output/checkpoints/last.pt, as an
+    attacker or a damaged disk would; return its path."""
+    import torch
+
+    last = output / "checkpoints" / "last.pt"
+    checkpoint = torch.load(last, weights_only=True)
+    edit(checkpoint)
+    torch.save(checkpoint, last)
+    return last
+
+
 def draw_image(i: int, size: tuple[int, int] = (96, 72)) -> Image.Image:
     """Draw the i-th test picture: a distinct background gradient, shape and colour each.
     Each is drawn once per process; callers get their own copy to change."""

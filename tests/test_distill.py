@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import draw_image
+from conftest import draw_image, edited_checkpoint
 
 from simsearch import Index
 from simsearch.cli import cli
@@ -376,13 +376,8 @@ def test_an_edited_checkpoint_is_refused_with_one_line_and_left_as_it_was(
     """A checkpoint is a file anyone can edit: a value of the wrong type, an unknown setting
     or weights of another shape is a DistillError naming the checkpoint, never a traceback,
     and resuming leaves the folder as it was."""
-    import torch
-
     out = tampered(interrupted, tmp_path)
-    last = out / "checkpoints" / "last.pt"
-    checkpoint = torch.load(last, weights_only=True)
-    edit(checkpoint)
-    torch.save(checkpoint, last)
+    last = edited_checkpoint(out, edit)
     before = last.read_bytes()
     with pytest.raises(DistillError, match="checkpoint") as caught:
         distill(teacher_index, out, None, resume=True, device="cpu")

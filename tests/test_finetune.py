@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import _save_vit
+from conftest import _save_vit, edited_checkpoint
 from PIL import Image, ImageDraw
 
 from simsearch.cli import cli
@@ -282,14 +282,9 @@ def test_an_edited_checkpoint_is_refused_with_one_line(interrupted_run, base, da
     FinetuneError naming the checkpoint, and the folder stays as it was."""
     import shutil
 
-    import torch
-
     output = tmp_path / "out"
     shutil.copytree(interrupted_run, output)
-    last = output / "checkpoints" / "last.pt"
-    checkpoint = torch.load(last, weights_only=True)
-    edit(checkpoint)
-    torch.save(checkpoint, last)
+    last = edited_checkpoint(output, edit)
     before = last.read_bytes()
     with pytest.raises(FinetuneError, match="checkpoint") as caught:
         finetune(data, output, resume=True)
