@@ -308,6 +308,13 @@ def test_the_index_loss_is_zero_only_where_the_student_ranks_the_index_as_its_te
     shifted[1] = _unit(rng.standard_normal((1, 16)))[0]
     moved = _run_on(shifted, np.arange(30))
     assert moved.index_loss(near[:1], target[:1], batch[:1]).item() != pytest.approx(first)
+    # a held-out image (35) has no vector among the anchors: none of theirs is left out
+    held = run.index_loss(near[2:], target[2:], batch[2:]).item()
+    shifted = targets.copy()
+    shifted[29] = _unit(rng.standard_normal((1, 16)))[0]
+    assert _run_on(shifted, np.arange(30)).index_loss(
+        near[2:], target[2:], batch[2:]
+    ).item() != pytest.approx(held)
     assert len(run.anchors) == 30
 
 

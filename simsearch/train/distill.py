@@ -539,9 +539,12 @@ class _Run:
             self.anchor_row = np.full(len(self.data.ids), -1, dtype=np.int64)
             self.anchor_row[train] = np.arange(len(train))
         scale = 1.0 / self.config.index_temperature
-        own = torch.from_numpy(self.anchor_row[positions]).to(self.device)
+        rows = self.anchor_row[positions]
+        has = np.flatnonzero(rows >= 0)  # a held-out image has no vector among the anchors
         mask = torch.zeros(len(positions), len(self.anchors), dtype=torch.bool, device=self.device)
-        mask[torch.arange(len(positions), device=self.device), own] = True
+        mask[torch.from_numpy(has).to(self.device), torch.from_numpy(rows[has]).to(self.device)] = (
+            True
+        )
         teacher = (target @ self.anchors.T * scale).masked_fill(mask, float("-inf"))
         mine = (student @ self.anchors.T * scale).masked_fill(mask, float("-inf"))
         p = torch.softmax(teacher, dim=-1)
