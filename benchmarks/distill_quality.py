@@ -122,7 +122,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from simsearch import Index
-    from simsearch.train.distill import DistillConfig, distill, peak_lr
+    from simsearch.train.distill import DistillConfig, distill
 
     work = args.work or Path(tempfile.mkdtemp(prefix="distill-bench-"))
     photos, index = work / "photos", work / "index"
@@ -164,7 +164,8 @@ def main() -> None:
                     "hidden": result.hidden,
                     "heads": result.heads,
                     "epochs": epochs,
-                    "lr": peak_lr(config, result.init),
+                    # the rate it trained at, as the student's record says
+                    "lr": json.loads((out / "simsearch_student.json").read_text())["lr"],
                     "noise": config.noise,
                     "index_weight": config.index_weight,
                     "image_size": result.image_size,

@@ -326,8 +326,8 @@ def test_a_student_trained_with_the_index_loss_learns_and_records_it(teacher_ind
     assert result.mean_cosine > untrained.mean_cosine + 0.05
     record = json.loads((tmp_path / "s" / STUDENT_FILE).read_text())
     assert record["config"]["index_weight"] == 1.0
-    with pytest.raises(DistillError, match="index temperature must be positive"):
-        DistillConfig(index_temperature=0)
+    with pytest.raises(DistillError, match=r"index temperature must be at least 0\.001"):
+        DistillConfig(index_temperature=1e-40)  # cosines over it overflow to inf
 
 
 @pytest.fixture(scope="module")
@@ -347,6 +347,16 @@ def interrupted(tmp_path_factory, teacher_index) -> Path:
 
 def _edit_config(key, value):
     return lambda c: c["config"].__setitem__(key, value)
+
+
+def _first_moment(change):
+    """An edit of the optimiser's first moment (exp_avg) of its first parameter."""
+
+    def edit(checkpoint):
+        state = next(iter(checkpoint["optimizer"]["state"].values()))
+        state["exp_avg"] = change(state["exp_avg"])
+
+    return edit
 
 
 @pytest.mark.parametrize(
@@ -369,12 +379,29 @@ def _edit_config(key, value):
         lambda c: c.__setitem__("optimizer", {"state": 1}),
         lambda c: c.__setitem__("rng", c["rng"][:3]),
         lambda c: c.pop("fingerprint"),
+        _edit_config("seed", -1),
+        _edit_config("mlp_ratio", float("inf")),
+        lambda c: c.__setitem__("lr", 1e300),
+        lambda c: (c["config"].__setitem__("lr", 1e-3), c.__setitem__("lr", 5e-4)),
+        lambda c: c["state"].__setitem__("epoch", -1),
+        lambda c: c["state"].__setitem__("batch", -3),
+        lambda c: c["state"].__setitem__("step", -(10**6)),
+        lambda c: c["state"].__setitem__("epoch", 99),
+        lambda c: c["state"].__setitem__("batch", 10**6),
+        lambda c: c["state"].__setitem__("history", [1]),
+        lambda c: c["state"].__setitem__("seconds", float("inf")),
+        _first_moment(lambda m: m.reshape(-1)[1:]),
+        _first_moment(lambda m: m * float("nan")),
+        lambda c: c["optimizer"]["param_groups"][0].__setitem__("betas", "x"),
     ],
     ids=[
         "noise-str", "epochs-str", "epochs-float", "lr-nan", "augment-str", "init-int",
         "unknown-setting", "config-list", "lr-str", "lr-negative", "state-step-str",
         "state-unknown", "state-none", "model-other", "optimizer-garbage", "rng-short",
-        "no-fingerprint",
+        "no-fingerprint", "seed-negative", "mlp-ratio-inf", "lr-huge", "lr-not-the-settings'",
+        "epoch-negative", "batch-negative", "step-negative", "epoch-past-the-end",
+        "batch-past-the-end", "history-garbage", "seconds-inf", "moment-shape", "moment-nan",
+        "betas-str",
     ],
 )  # fmt: skip
 def test_an_edited_checkpoint_is_refused_with_one_line_and_left_as_it_was(

@@ -269,10 +269,21 @@ def _set(key, value, inner=None):
         lambda c: c["trainable"].__setitem__("invented.weight", c["rng"]),
         _set("optimizer", {"state": {}}),
         lambda c: c.__setitem__("rng", c["rng"][:2]),
+        _set("seed", -1, "config"),
+        _set("batch", -3, "state"),  # looped forever
+        _set("epoch", 99, "state"),
+        _set("stopped_early", True, "state"),
+        _set("history", [1], "state"),
+        lambda c: c["optimizer"]["param_groups"][0].pop("lr_scale"),
+        lambda c: next(iter(c["optimizer"]["state"].values())).__setitem__(
+            "exp_avg", next(iter(c["optimizer"]["state"].values()))["exp_avg"][:1]
+        ),
     ],
     ids=[
         "epochs-str", "lr-bool", "unknown-setting", "config-str", "step-float", "state-list",
         "no-weights", "a-weight-missing", "an-unknown-weight", "optimizer-garbage", "rng-short",
+        "seed-negative", "batch-negative", "epoch-past-the-end", "stopped-early-without-best",
+        "history-garbage", "group-without-lr-scale", "moment-shape",
     ],
 )  # fmt: skip
 def test_an_edited_checkpoint_is_refused_with_one_line(interrupted_run, base, data, tmp_path,
@@ -291,6 +302,15 @@ def test_an_edited_checkpoint_is_refused_with_one_line(interrupted_run, base, da
     assert "\n" not in str(caught.value)
     assert last.read_bytes() == before
     assert not (output / "config.json").exists()
+
+
+def test_a_checkpoint_that_is_not_a_dict_is_refused(tmp_path, base, data):
+    import torch
+
+    (tmp_path / "out" / "checkpoints").mkdir(parents=True)
+    torch.save([1, 2], tmp_path / "out" / "checkpoints" / "last.pt")
+    with pytest.raises(FinetuneError, match="is not a fine-tuning checkpoint"):
+        finetune(data, tmp_path / "out", resume=True)
 
 
 def test_resume_refuses_changed_data(tmp_path, base, data):

@@ -145,7 +145,7 @@ CONFIG_OPTIONS = (
 )
 @click.option(
     "--index-temperature",
-    type=click.FloatRange(min=0, min_open=True),
+    type=click.FloatRange(min=0.001),
     default=DistillConfig.index_temperature,
     show_default=True,
     help="Temperature of the index loss's softmax: lower looks at the nearest neighbours only.",

@@ -86,8 +86,8 @@ def read_checkpoint(output: Path, run: RunKind = FINETUNE) -> dict:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise run.error(f"cannot read the checkpoint {path}: {exc}") from None
-    if run.kind is not None and (
-        not isinstance(checkpoint, dict) or checkpoint.get("kind") != run.kind
+    if not isinstance(checkpoint, dict) or (
+        run.kind is not None and checkpoint.get("kind") != run.kind
     ):
         raise run.error(f"{path} is not a {run.checkpoint} checkpoint")
     if checkpoint.get("format") != run.format:
@@ -108,11 +108,15 @@ def saved_settings(cls, saved, run: RunKind, path: Path, what: str = "settings")
     if not isinstance(saved, dict):
         raise run.error(f"{where} is damaged (its {what}: a {type(saved).__name__}); {again}")
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in fields(cls)}
+    defaults = {f.name: f.default for f in fields(cls)}
     for name, value in saved.items():
-        if name not in known:
+        if name not in defaults:
             raise run.error(f"{where} holds {what} this simsearch does not know ({name}); {again}")
-        if not _is_a(value, hints[name]):
+        # a float is finite, unless the field starts infinite (a best loss before any epoch)
+        infinite_ok = isinstance(defaults[name], float) and math.isinf(defaults[name])
+        if not _is_a(value, hints[name]) or (
+            isinstance(value, float) and math.isinf(value) and not infinite_ok
+        ):
             raise run.error(
                 f"{where} is damaged (its {what}: {name} = {value!r} is not "
                 f"{_hint_name(hints[name])}); {again}"
@@ -134,7 +138,7 @@ def _is_a(value, hint) -> bool:
         return isinstance(value, bool)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:  # inf is a float (a best loss before the first epoch), NaN is not
+    if hint is float:
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         return number and not math.isnan(value)
     if hint in (str, list, dict, tuple):
@@ -152,6 +156,77 @@ def _hint_name(hint) -> str:
         getattr(hint, "__name__", ""), getattr(hint, "__name__", str(hint))
     )
     return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+def check_resume_point(state, epochs: int, batches: int, run: RunKind, path: Path) -> None:
+    """Raise `run`'s error unless a checkpoint's training state (`epoch`, `batch`, `step`,
+    `history`) can be where a run of `epochs` epochs of `batches` steps stood: negative
+    counts, an epoch past the last, a batch past the epoch's end or history entries that
+    are not records would crash, loop or skip training."""
+    counts = {k: getattr(state, k) for k in ("epoch", "batch", "step", "loss_count")}
+    problem = next((f"{k} = {v} is negative" for k, v in counts.items() if v < 0), None)
+    if problem is None and state.epoch > epochs:
+        problem = f"epoch {state.epoch} is past the run's {epochs}"
+    if problem is None and state.batch > batches:
+        problem = f"batch {state.batch} is past an epoch's {batches}"
+    if problem is None and state.step > epochs * batches:
+        problem = f"step {state.step} is past the run's {epochs * batches}"
+    if problem is None and len(state.history) != state.epoch:
+        problem = f"{len(state.history)} epoch records for {state.epoch} epochs"
+    if problem is None and not all(isinstance(h, dict) for h in state.history):
+        problem = "an epoch record that is not one"
+    if problem is None and (not math.isfinite(state.seconds) or state.seconds < 0):
+        problem = f"seconds = {state.seconds}"
+    if problem is not None:
+        raise run.error(
+            f"the checkpoint {path} is damaged (its training state: {problem}); start in a "
+            "new output folder"
+        )
+
+
+def check_optimizer(optimizer, fresh_groups: list[dict], run: RunKind, path: Path) -> None:
+    """Raise `run`'s error unless the optimiser state loaded from a checkpoint is one this
+    run's optimiser makes: each group with the keys and kinds of value a fresh one has
+    (`fresh_groups`: its param_groups before loading), each state tensor finite and of its
+    parameter's shape. torch checks only the counts; the rest failed at the first step."""
+    problem = next(_optimizer_problems(optimizer, fresh_groups), None)
+    if problem is not None:
+        raise run.error(
+            f"the checkpoint {path} does not fit this run (its optimiser state: {problem}); "
+            "start in a new output folder"
+        )
+
+
+def _optimizer_problems(optimizer, fresh_groups: list[dict]):
+    import torch
+
+    groups = zip(optimizer.param_groups, fresh_groups, strict=True)
+    for number, (group, fresh) in enumerate(groups, 1):
+        keys = set(fresh) - {"params"}
+        if set(group) - {"params"} != keys:
+            yield f"group {number} has the settings {sorted(set(group) - {'params'})}"
+        for key in sorted(keys & set(group)):
+            if _kind(group[key]) != _kind(fresh[key]):
+                yield f"group {number}'s {key} is {group[key]!r}"
+        for param in group["params"]:
+            for name, value in optimizer.state.get(param, {}).items():
+                if not isinstance(value, torch.Tensor):
+                    continue
+                if value.ndim and value.shape != param.shape:
+                    yield f"a {name} of shape {tuple(value.shape)} for {tuple(param.shape)}"
+                elif not torch.isfinite(value).all():
+                    yield f"a {name} that is not finite"
+
+
+def _kind(value):
+    """What an optimiser setting's value must stay: numbers are numbers, tuples tuples."""
+    if isinstance(value, bool) or value is None:
+        return type(value)
+    if isinstance(value, (int, float)):
+        return float
+    if isinstance(value, (tuple, list)):
+        return (tuple, tuple(_kind(v) for v in value))
+    return type(value)
 
 
 def unfit_reason(exc: BaseException) -> str:

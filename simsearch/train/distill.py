@@ -44,7 +44,9 @@ from simsearch.train.checkpoints import (
     CHECKPOINTS,
     LAST,
     UNFIT,
+    check_optimizer,
     check_output_free,
+    check_resume_point,
     checkpoint_path,
     read_checkpoint,
     save_atomic,
@@ -170,6 +172,7 @@ class DistillConfig:
             (self.patch_size is None or self.patch_size >= 1, "patch size must be >= 1"),
             (self.image_size is None or self.image_size >= 1, "image size must be >= 1"),
             (self.epochs >= 1, "epochs must be at least 1"),
+            (self.seed >= 0, "seed must not be negative"),
             (self.batch_size >= 2, "batch size must be at least 2 (the neighbour loss)"),
             (self.init in (None, *INITS), f"init must be one of {', '.join(INITS)}"),
             (self.lr is None or self.lr > 0, "learning rate must be positive"),
@@ -178,7 +181,7 @@ class DistillConfig:
             (self.grad_clip >= 0, "grad clip must not be negative"),
             (self.similarity_weight >= 0, "similarity weight must not be negative"),
             (self.index_weight >= 0, "index weight must not be negative"),
-            (self.index_temperature > 0, "index temperature must be positive"),
+            (self.index_temperature >= 1e-3, "index temperature must be at least 0.001"),
             (self.noise >= 0, "noise must not be negative"),
             (0 < self.held_out < 1, "held out must be between 0 and 1 (exclusive)"),
             (self.max_images is None or self.max_images >= 1, "max images must be >= 1"),
@@ -308,6 +311,7 @@ def distill(
     scaler = torch.amp.GradScaler(device, enabled=precision == "fp16")
     state = DistillState()
     if checkpoint is not None:
+        fresh_groups = [dict(group) for group in optimizer.param_groups]
         try:
             net.modules.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
@@ -321,6 +325,16 @@ def distill(
                 "output folder",
                 param="output",
             ) from None
+        check_optimizer(optimizer, fresh_groups, DISTILL, last)
+        steps_per_epoch = math.ceil(len(data.train) / config.batch_size)
+        check_resume_point(saved_state, config.epochs, steps_per_epoch, DISTILL, last)
+        if saved_state.step != saved_state.epoch * steps_per_epoch + saved_state.batch:
+            raise DistillError(
+                f"the checkpoint {last} is damaged (its training state: step "
+                f"{saved_state.step} is not where epoch {saved_state.epoch} and batch "
+                f"{saved_state.batch} put it); start in a new output folder",
+                param="output",
+            )
         state = saved_state
 
     run = _Run(config, lr, data, net, optimizer, scaler, device, precision, output, state, started)
@@ -658,10 +672,14 @@ def _checked_checkpoint(checkpoint: dict, path: Path) -> DistillState:
                 param="output",
             )
     lr = checkpoint.get("lr")
-    if lr is not None and not (isinstance(lr, float) and math.isfinite(lr) and lr > 0):
+    number = isinstance(lr, (int, float)) and not isinstance(lr, bool)
+    config_lr = checkpoint["config"].get("lr")
+    if lr is not None and not (
+        number and math.isfinite(lr) and 0 < lr <= 1 and config_lr in (None, lr)
+    ):
         raise DistillError(
-            f"the checkpoint {path} is damaged: its learning rate is {lr!r}, not a positive "
-            "number; start in a new output folder",
+            f"the checkpoint {path} is damaged: its learning rate is {lr!r}, not a rate in "
+            f"(0, 1] that its settings' ({config_lr!r}) allow; start in a new output folder",
             param="output",
         )
     return saved_settings(DistillState, checkpoint.get("state"), DISTILL, path, "training state")

@@ -108,6 +108,7 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         checks = [
             (self.epochs >= 1, "epochs must be at least 1"),
+            (self.seed >= 0, "seed must not be negative"),
             (self.batch_size >= 1, "batch size must be at least 1"),
             (self.grad_accum >= 1, "grad accum must be at least 1"),
             (self.lr > 0, "learning rate must be positive"),

@@ -29,6 +29,8 @@ from simsearch.train.checkpoints import (
     FINETUNE,
     LAST,
     UNFIT,
+    check_optimizer,
+    check_resume_point,
     checkpoint_path,
     save_atomic,
     saved_settings,
@@ -223,6 +225,17 @@ class Trainer:
                 "output folder",
                 param="output",
             )
+        config = self.config
+        n_batches = math.ceil(len(self.data.train) / config.batch_size)
+        check_resume_point(state, config.epochs, n_batches, FINETUNE, path)
+        best = state.best_epoch > 0 or state.stopped_early
+        if state.best_epoch > state.epoch or (best and not (path.parent / BEST).is_file()):
+            raise FinetuneError(
+                f"the checkpoint {path} is damaged (its training state names a best epoch "
+                f"{state.best_epoch} that it does not hold); start in a new output folder",
+                param="output",
+            )
+        fresh_groups = [dict(group) for group in self.optimizer.param_groups]
         try:
             self.model.load_state_dict(weights, strict=False)
             self.optimizer.load_state_dict(checkpoint["optimizer"])
@@ -238,6 +251,7 @@ class Trainer:
                 "output folder",
                 param="output",
             ) from None
+        check_optimizer(self.optimizer, fresh_groups, FINETUNE, path)
         self.state = state
 
     def load_best(self) -> None:
