@@ -674,12 +674,12 @@ def _checked_checkpoint(checkpoint: dict, path: Path) -> DistillState:
     lr = checkpoint.get("lr")
     number = isinstance(lr, (int, float)) and not isinstance(lr, bool)
     config_lr = checkpoint["config"].get("lr")
-    if lr is not None and not (
-        number and math.isfinite(lr) and 0 < lr <= 1 and config_lr in (None, lr)
-    ):
+    # the settings' rate when they name one, else a default: in (0, 1]
+    fits = lr == config_lr if config_lr is not None else number and 0 < lr <= 1
+    if lr is not None and not (number and math.isfinite(lr) and fits):
         raise DistillError(
-            f"the checkpoint {path} is damaged: its learning rate is {lr!r}, not a rate in "
-            f"(0, 1] that its settings' ({config_lr!r}) allow; start in a new output folder",
+            f"the checkpoint {path} is damaged: its learning rate is {lr!r}, not the rate its "
+            f"settings name ({config_lr!r}) or a default in (0, 1]; start in a new output folder",
             param="output",
         )
     return saved_settings(DistillState, checkpoint.get("state"), DISTILL, path, "training state")
