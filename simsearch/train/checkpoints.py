@@ -67,7 +67,7 @@ FINETUNE = RunKind(
 )  # fmt: skip
 
 
-def checkpoint_path(output: Path) -> Path:
+def checkpoint_path(output: str | os.PathLike) -> Path:
     """Where a run in `output` keeps the checkpoint it resumes from."""
     return Path(output) / CHECKPOINTS / LAST
 
@@ -113,7 +113,8 @@ def saved_settings(cls, saved, run: RunKind, path: Path, what: str = "settings")
         if name not in defaults:
             raise run.error(f"{where} holds {what} this simsearch does not know ({name}); {again}")
         # a float is finite, unless the field starts infinite (a best loss before any epoch)
-        infinite_ok = isinstance(defaults[name], float) and math.isinf(defaults[name])
+        default = defaults[name]
+        infinite_ok = isinstance(default, float) and math.isinf(default)
         if not _is_a(value, hints[name]) or (
             isinstance(value, float) and math.isinf(value) and not infinite_ok
         ):

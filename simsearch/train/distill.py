@@ -650,6 +650,14 @@ def checkpoint_config(checkpoint: dict, path: Path | str = LAST) -> DistillConfi
     return saved_settings(DistillConfig, saved, DISTILL, Path(path))
 
 
+def _fits_lr(lr: object, config_lr: object) -> bool:
+    """Whether a checkpoint's saved rate is the one its settings name or, naming none, a
+    default: a finite number in (0, 1]."""
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr):
+        return False
+    return lr == config_lr if config_lr is not None else 0 < lr <= 1
+
+
 def _checked_checkpoint(checkpoint: dict, path: Path) -> DistillState:
     """Check that the checkpoint at `path` holds what a resume reads, of the right kinds,
     before anything is loaded from it; return its DistillState. DistillError names what is
@@ -672,11 +680,8 @@ def _checked_checkpoint(checkpoint: dict, path: Path) -> DistillState:
                 param="output",
             )
     lr = checkpoint.get("lr")
-    number = isinstance(lr, (int, float)) and not isinstance(lr, bool)
     config_lr = checkpoint["config"].get("lr")
-    # the settings' rate when they name one, else a default: in (0, 1]
-    fits = lr == config_lr if config_lr is not None else number and 0 < lr <= 1
-    if lr is not None and not (number and math.isfinite(lr) and fits):
+    if lr is not None and not _fits_lr(lr, config_lr):
         raise DistillError(
             f"the checkpoint {path} is damaged: its learning rate is {lr!r}, not the rate its "
             f"settings name ({config_lr!r}) or a default in (0, 1]; start in a new output folder",
