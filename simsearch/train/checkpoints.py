@@ -98,34 +98,39 @@ def read_checkpoint(output: Path, run: RunKind = FINETUNE) -> dict:
     return checkpoint
 
 
+def checkpoint_error(run: RunKind, path: Path, problem: str, verdict: str = "is damaged"):
+    """`run`'s error for the checkpoint at `path` that cannot be resumed, and why."""
+    return run.error(
+        f"the checkpoint {path} {verdict} ({problem}); start in a new output folder",
+        param="output",
+    )
+
+
 def saved_settings(cls, saved, run: RunKind, path: Path, what: str = "settings"):
     """Return `cls(**saved)`, a dataclass read back from a checkpoint, or raise `run`'s error
     naming the first value that is not of its field's type, a name `cls` does not have, or
     a value its own checks refuse. A checkpoint is a file: it may have been edited, or
     written by another version, and a TypeError deep in training is no answer to that."""
-    where = f"the checkpoint {path}"
-    again = "start in a new output folder"
     if not isinstance(saved, dict):
-        raise run.error(f"{where} is damaged (its {what}: a {type(saved).__name__}); {again}")
+        raise checkpoint_error(run, path, f"its {what}: a {type(saved).__name__}")
     hints = typing.get_type_hints(cls)
     defaults = {f.name: f.default for f in fields(cls)}
     for name, value in saved.items():
         if name not in defaults:
-            raise run.error(f"{where} holds {what} this simsearch does not know ({name}); {again}")
+            raise checkpoint_error(run, path, name, f"holds {what} this simsearch does not know")
         # a float is finite, unless the field starts infinite (a best loss before any epoch)
         default = defaults[name]
         infinite_ok = isinstance(default, float) and math.isinf(default)
         if not _is_a(value, hints[name]) or (
             isinstance(value, float) and math.isinf(value) and not infinite_ok
         ):
-            raise run.error(
-                f"{where} is damaged (its {what}: {name} = {value!r} is not "
-                f"{_hint_name(hints[name])}); {again}"
+            raise checkpoint_error(
+                run, path, f"its {what}: {name} = {value!r} is not {_hint_name(hints[name])}"
             )
     try:
         return cls(**saved)
     except SimsearchError as exc:
-        raise run.error(f"{where} is damaged (its {what}: {exc}); {again}") from None
+        raise checkpoint_error(run, path, f"its {what}: {exc}") from None
 
 
 def _is_a(value, hint) -> bool:
@@ -179,22 +184,23 @@ def check_resume_point(state, epochs: int, batches: int, run: RunKind, path: Pat
     if problem is None and (not math.isfinite(state.seconds) or state.seconds < 0):
         problem = f"seconds = {state.seconds}"
     if problem is not None:
-        raise run.error(
-            f"the checkpoint {path} is damaged (its training state: {problem}); start in a "
-            "new output folder"
-        )
+        raise checkpoint_error(run, path, f"its training state: {problem}")
 
 
-def check_optimizer(optimizer, fresh_groups: list[dict], run: RunKind, path: Path) -> None:
-    """Raise `run`'s error unless the optimiser state loaded from a checkpoint is one this
-    run's optimiser makes: each group with the keys and kinds of value a fresh one has
-    (`fresh_groups`: its param_groups before loading), each state tensor finite and of its
-    parameter's shape. torch checks only the counts; the rest failed at the first step."""
+def load_optimizer(optimizer, saved, run: RunKind, path: Path) -> None:
+    """Load a checkpoint's optimiser state into `optimizer`, or raise `run`'s error unless
+    it is one this run's optimiser makes: each group with the keys and kinds of value a
+    fresh one has, each state tensor finite and of its parameter's shape (torch checks only
+    the counts; the rest failed at the first step)."""
+    fresh_groups = [dict(group) for group in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(saved)
+    except UNFIT as exc:
+        raise checkpoint_error(run, path, unfit_reason(exc), "does not fit this run") from None
     problem = next(_optimizer_problems(optimizer, fresh_groups), None)
     if problem is not None:
-        raise run.error(
-            f"the checkpoint {path} does not fit this run (its optimiser state: {problem}); "
-            "start in a new output folder"
+        raise checkpoint_error(
+            run, path, f"its optimiser state: {problem}", "does not fit this run"
         )
 
 

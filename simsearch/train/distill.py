@@ -44,10 +44,11 @@ from simsearch.train.checkpoints import (
     CHECKPOINTS,
     LAST,
     UNFIT,
-    check_optimizer,
     check_output_free,
     check_resume_point,
+    checkpoint_error,
     checkpoint_path,
+    load_optimizer,
     read_checkpoint,
     save_atomic,
     saved_settings,
@@ -311,33 +312,29 @@ def distill(
     scaler = torch.amp.GradScaler(device, enabled=precision == "fp16")
     state = DistillState()
     if checkpoint is not None:
-        fresh_groups = [dict(group) for group in optimizer.param_groups]
         try:
             net.modules.load_state_dict(checkpoint["model"])
-            optimizer.load_state_dict(checkpoint["optimizer"])
             if scaler.is_enabled() and checkpoint["scaler"]:
                 scaler.load_state_dict(checkpoint["scaler"])
             torch.set_rng_state(checkpoint["rng"])
         except UNFIT as exc:
-            reason = unfit_reason(exc)
-            raise DistillError(
-                f"the checkpoint {last} does not fit this student ({reason}); start in a new "
-                "output folder",
-                param="output",
+            raise checkpoint_error(
+                DISTILL, last, unfit_reason(exc), "does not fit this student"
             ) from None
-        check_optimizer(optimizer, fresh_groups, DISTILL, last)
-        steps_per_epoch = math.ceil(len(data.train) / config.batch_size)
-        check_resume_point(saved_state, config.epochs, steps_per_epoch, DISTILL, last)
-        if saved_state.step != saved_state.epoch * steps_per_epoch + saved_state.batch:
-            raise DistillError(
-                f"the checkpoint {last} is damaged (its training state: step "
-                f"{saved_state.step} is not where epoch {saved_state.epoch} and batch "
-                f"{saved_state.batch} put it); start in a new output folder",
-                param="output",
-            )
+        load_optimizer(optimizer, checkpoint["optimizer"], DISTILL, last)
         state = saved_state
 
     run = _Run(config, lr, data, net, optimizer, scaler, device, precision, output, state, started)
+    if checkpoint is not None:
+        per_epoch = run.steps_per_epoch
+        check_resume_point(state, config.epochs, per_epoch, DISTILL, last)
+        if state.step != state.epoch * per_epoch + state.batch:
+            raise checkpoint_error(
+                DISTILL,
+                last,
+                f"its training state: step {state.step} is not where epoch {state.epoch} "
+                f"and batch {state.batch} put it",
+            )
     run.train(progress, on_epoch, on_step)
 
     # Measure: the held-out images' student vectors as queries against the teacher's.
@@ -520,9 +517,10 @@ class _Run:
         target = torch.from_numpy(self.data.targets[positions]).to(self.device)
         with self.autocast():
             vectors = self.net(x)
-        loss = distill_loss(vectors.float(), target, config.similarity_weight)
+        vectors = vectors.float()
+        loss = distill_loss(vectors, target, config.similarity_weight)
         if config.index_weight:
-            loss = loss + config.index_weight * self.index_loss(vectors.float(), target, positions)
+            loss = loss + config.index_weight * self.index_loss(vectors, target, positions)
         if not torch.isfinite(loss):
             raise DistillError(
                 f"training diverged: the loss is {loss.item()} at step {state.step + 1}; run "
@@ -674,17 +672,14 @@ def _checked_checkpoint(checkpoint: dict, path: Path) -> DistillState:
     for key, kind in kinds.items():
         if not isinstance(checkpoint.get(key), kind):
             got = type(checkpoint.get(key)).__name__ if key in checkpoint else "nothing"
-            raise DistillError(
-                f"the checkpoint {path} is damaged: its {key} is {got}, not a {kind.__name__}; "
-                "start in a new output folder",
-                param="output",
-            )
+            raise checkpoint_error(DISTILL, path, f"its {key} is {got}, not a {kind.__name__}")
     lr = checkpoint.get("lr")
     config_lr = checkpoint["config"].get("lr")
     if lr is not None and not _fits_lr(lr, config_lr):
-        raise DistillError(
-            f"the checkpoint {path} is damaged: its learning rate is {lr!r}, not the rate its "
-            f"settings name ({config_lr!r}) or a default in (0, 1]; start in a new output folder",
-            param="output",
+        raise checkpoint_error(
+            DISTILL,
+            path,
+            f"its learning rate is {lr!r}, not the rate its settings name ({config_lr!r}) "
+            "or a default in (0, 1]",
         )
     return saved_settings(DistillState, checkpoint.get("state"), DISTILL, path, "training state")

@@ -29,9 +29,10 @@ from simsearch.train.checkpoints import (
     FINETUNE,
     LAST,
     UNFIT,
-    check_optimizer,
     check_resume_point,
+    checkpoint_error,
     checkpoint_path,
+    load_optimizer,
     save_atomic,
     saved_settings,
     trainable_state,
@@ -79,6 +80,7 @@ class Trainer:
     base_sha256: str  # the base model's weights, checked on resume
     started: float  # time.monotonic() when this process started the run
     state: TrainingState = field(default_factory=TrainingState)
+    batches_per_epoch: int = field(init=False)  # forward passes
     total_steps: int = field(init=False)
     warmup: int = field(init=False)
 
@@ -86,8 +88,8 @@ class Trainer:
         # One optimiser step per grad_accum forward passes; the last step of an epoch may take
         # fewer. The schedule is a function of the step alone, so a resumed run continues it.
         config = self.config
-        n_batches = math.ceil(len(self.data.train) / config.batch_size)
-        self.total_steps = math.ceil(n_batches / config.grad_accum) * config.epochs
+        self.batches_per_epoch = math.ceil(len(self.data.train) / config.batch_size)
+        self.total_steps = math.ceil(self.batches_per_epoch / config.grad_accum) * config.epochs
         self.warmup = (
             config.warmup_steps
             if config.warmup_steps is not None
@@ -219,39 +221,33 @@ class Trainer:
         names = set(weights) if isinstance(weights, dict) else set()
         if names != set(self.trainable):
             wrong = sorted(set(self.trainable) ^ names)
-            raise FinetuneError(
-                f"the checkpoint {path} does not fit this model: its trained weights are not "
-                f"the ones it trains ({len(wrong)} differ, first {wrong[0]}); start in a new "
-                "output folder",
-                param="output",
+            raise checkpoint_error(
+                FINETUNE,
+                path,
+                f"its trained weights are not the ones this model trains: {len(wrong)} "
+                f"differ, first {wrong[0]}",
+                "does not fit this model",
             )
-        config = self.config
-        n_batches = math.ceil(len(self.data.train) / config.batch_size)
-        check_resume_point(state, config.epochs, n_batches, FINETUNE, path)
+        check_resume_point(state, self.config.epochs, self.batches_per_epoch, FINETUNE, path)
         best = state.best_epoch > 0 or state.stopped_early
         if state.best_epoch > state.epoch or (best and not (path.parent / BEST).is_file()):
-            raise FinetuneError(
-                f"the checkpoint {path} is damaged (its training state names a best epoch "
-                f"{state.best_epoch} that it does not hold); start in a new output folder",
-                param="output",
+            raise checkpoint_error(
+                FINETUNE,
+                path,
+                f"its training state names a best epoch {state.best_epoch} it does not hold",
             )
-        fresh_groups = [dict(group) for group in self.optimizer.param_groups]
         try:
             self.model.load_state_dict(weights, strict=False)
-            self.optimizer.load_state_dict(checkpoint["optimizer"])
             if self.scaler.is_enabled() and checkpoint["scaler"]:
                 self.scaler.load_state_dict(checkpoint["scaler"])
             torch.set_rng_state(checkpoint["rng"])
             if self.device == "cuda" and checkpoint["cuda_rng"]:
                 torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])
         except UNFIT as exc:
-            reason = unfit_reason(exc)
-            raise FinetuneError(
-                f"the checkpoint {path} does not fit this model ({reason}); start in a new "
-                "output folder",
-                param="output",
+            raise checkpoint_error(
+                FINETUNE, path, unfit_reason(exc), "does not fit this model"
             ) from None
-        check_optimizer(self.optimizer, fresh_groups, FINETUNE, path)
+        load_optimizer(self.optimizer, checkpoint["optimizer"], FINETUNE, path)
         self.state = state
 
     def load_best(self) -> None:
