@@ -378,3 +378,38 @@ def test_page_calibrates_an_index_that_has_no_threshold(chrome, collection, brow
         kept = idx.manifest.dedup_calibration
     assert kept is not None
     assert f"threshold {kept['threshold']}" in page.find("#dup-summary").text
+
+
+def test_a_run_that_ends_before_its_start_is_answered_shows_as_ended(
+    chrome, collection, browser, tmp_path, monkeypatch
+):
+    """The answer to "start a run" carries the state when the run started; a short run can
+    end, and its last event reach the page, before that answer does. The page must not let
+    the older answer paint the run as still going (the button disabled, no summary), since
+    no later event would correct it: the answer is held here until the run has ended."""
+    from simsearch.server import collection as routes
+    from simsearch.server.state import Settings
+
+    status = routes._status
+
+    def answered_late(request):
+        state = status(request)
+        if request.method == "POST":
+            server = routes._server(request)
+            server.job.join(WAIT_S)  # the run ends, and its events go out, first
+            time.sleep(1.0)
+        return state
+
+    monkeypatch.setattr(routes, "_status", answered_late)
+    settings = Settings(index=collection["index"], token=TOKEN, window=0.0)
+    with _serving(settings) as url:
+        page = Page(browser, tmp_path / "screenshots")
+        browser.get(f"{url}/?token={TOKEN}")
+        page.until(lambda p: "8 images" in p.find("#info").text, "the index info")
+        page.find("nav a[data-view=index]").click()
+        page.visible("#index-start").click()
+        page.until(lambda p: "seen" in p.find("#index-summary").text, "the run's summary")
+        time.sleep(2.0)  # the late answer has come by now
+        assert "seen" in page.find("#index-summary").text
+        assert not page.find("#index-start").get_attribute("disabled")
+        assert "finished" in page.find("#index-state").text

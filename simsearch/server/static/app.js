@@ -687,12 +687,14 @@ async function showFailed(params) {
 let events = null;
 let polling = null;
 let indexRunning = false;
+let shownVersion = -1; // the version of the run state on screen
 
 async function showIndex() {
   renderIndex(await api("api/index"));
 }
 
 function renderIndex(state) {
+  shownVersion = state.version;
   const wasRunning = indexRunning;
   indexRunning = state.running;
   const badge = $("#index-badge");
@@ -767,7 +769,11 @@ function setUpIndex() {
   $("#index-start").addEventListener("click", () => guarded(async () => {
     $("#index-start").disabled = true;
     try {
-      renderIndex(await api("api/index", { method: "POST" }));
+      const state = await api("api/index", { method: "POST" });
+      // A short run can finish, and its events arrive, before this answer does: an answer
+      // older than the state on screen would show the run still going, with no event left
+      // to correct it.
+      if (state.version >= shownVersion) renderIndex(state);
     } catch (error) {
       $("#index-start").disabled = false;
       throw error;
