@@ -12,6 +12,12 @@ Methods (onnxruntime.quantization, MatMul weights per output channel):
                      collection itself (MinMax), every linear layer
   static-percentile  the same, ranges at the 99.999th percentile (outliers clipped)
   static-no-mlp-out  static MinMax, MLP output projections left in fp32
+  smooth-all         SmoothQuant-scaled (simsearch/models/smoothing.py, alpha --alpha) by the
+                     activations on the --calibrate images, then dynamic, every linear layer
+  smooth-no-mlp-out  the same, MLP output projections left in fp32
+  smooth-all-views   smooth-all scaled by scikit-image's 108 validation views instead, as
+                     `export-model --int8` makes it (no image of the collection seen)
+  smooth-no-mlp-out-views
 
 The issue's bar for `--backend auto` to take int8: recall@10 >= 0.97 against fp32.
 
@@ -38,6 +44,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True, help="folder of JPEGs")
     parser.add_argument("--images", type=int, default=240, help="images to measure on")
     parser.add_argument("--calibrate", type=int, default=48, help="images to calibrate on")
+    parser.add_argument("--alpha", type=float, default=None, help="SmoothQuant's alpha")
+    parser.add_argument("--only", help="comma-separated methods to run (default: all)")
     args = parser.parse_args()
 
     from onnxruntime.quantization import (
@@ -49,12 +57,22 @@ def main() -> None:
         quantize_static,
     )
 
+    from simsearch.config import DEFAULT_OPSET
     from simsearch.media.decode import decode_image
+    from simsearch.models.embed import Embedder
     from simsearch.models.onnx import INPUT_NAME, OUTPUT_NAME, _open_session
     from simsearch.models.onnx_cache import cached_export
+    from simsearch.models.onnx_graph import _embedding_module, _torch_export
     from simsearch.models.onnx_int8 import ATTENTION, MLP_OUTPUT, _weight_matmuls
-    from simsearch.models.onnx_validation import recall_at_k, run_batches, session_runner
+    from simsearch.models.onnx_validation import (
+        recall_at_k,
+        run_batches,
+        session_runner,
+        stack_pixels,
+        validation_images,
+    )
     from simsearch.models.provider import onnx_embedder
+    from simsearch.models.smoothing import SMOOTH_ALPHA, smooth
 
     fp32 = onnx_embedder(args.model, None, None, "cpu", "fp32", 16)
     files = sorted(args.data.glob("*.jpg"))
@@ -105,6 +123,36 @@ def main() -> None:
 
             return make
 
+        alpha = SMOOTH_ALPHA if args.alpha is None else args.alpha
+        reference = Embedder(args.model, device="cpu", precision="fp32", batch_size=16)
+        views = stack_pixels(validation_images(None)[0], reference.preprocess)
+        smoothed_files: dict[str, Path] = {}
+
+        def smoothed(on: str) -> Path:
+            if on not in smoothed_files:
+                module = _embedding_module(reference)
+                smooth(module, module.backbone, calib if on == "own" else views, 16, alpha)
+                smoothed_files[on] = work / f"smoothed-{on}.onnx"
+                _torch_export(module, smoothed_files[on], calib[:2], OUTPUT_NAME, DEFAULT_OPSET)
+            return smoothed_files[on]
+
+        def smooth_dynamic(on: str, scope: str):
+            def make(out):
+                source = smoothed(on)
+                names = _weight_matmuls(onnx.load(str(source), load_external_data=False))
+                if scope == "no-mlp-out":
+                    names = [n for n in names if ATTENTION.search(n) or not MLP_OUTPUT.search(n)]
+                quantize_dynamic(
+                    source,
+                    out,
+                    weight_type=QuantType.QInt8,
+                    per_channel=True,
+                    op_types_to_quantize=["MatMul"],
+                    nodes_to_quantize=names,
+                )
+
+            return make
+
         methods = {
             "dynamic-all": dynamic(weighted),
             "dynamic-no-mlp-out": dynamic(no_mlp_out),
@@ -112,7 +160,13 @@ def main() -> None:
             "static-minmax": static(CalibrationMethod.MinMax, weighted),
             "static-percentile": static(CalibrationMethod.Percentile, weighted),
             "static-no-mlp-out": static(CalibrationMethod.MinMax, no_mlp_out),
+            "smooth-all": smooth_dynamic("own", "all"),
+            "smooth-no-mlp-out": smooth_dynamic("own", "no-mlp-out"),
+            "smooth-all-views": smooth_dynamic("views", "all"),
+            "smooth-no-mlp-out-views": smooth_dynamic("views", "no-mlp-out"),
         }
+        if args.only:
+            methods = {k: v for k, v in methods.items() if k in args.only.split(",")}
         print("| method | recall@10 vs fp32 | lowest cosine | mean cosine | model only img/s |")
         print("|---|---|---|---|---|")
         session, _ = _open_session(model_file, "cpu")
@@ -132,7 +186,8 @@ def main() -> None:
             rate = _speed(run, pixels[:32])
             print(f"| {name} | {recall:.3f} | {cosine.min():.4f} | {cosine.mean():.5f} | "
                   f"{rate:.1f} |", flush=True)  # fmt: skip
-            print(json.dumps({"method": name, "recall_at_10": round(recall, 4),
+            print(json.dumps({"method": name, "alpha": alpha if "smooth" in name else None,
+                              "recall_at_10": round(recall, 4),
                               "min_cosine": round(float(cosine.min()), 5),
                               "mean_cosine": round(float(cosine.mean()), 6),
                               "img_s": round(rate, 2), "made_s": round(made_s, 1)}),

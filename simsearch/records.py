@@ -253,6 +253,7 @@ class OnnxExport:
     fp32_mb: float  # model.onnx, megabytes
     int8_mb: float | None = None  # model.int8.onnx, when made with --int8
     int8_scope: str | None = None  # which linear layers are int8
+    int8_smoothing: float | None = None  # SmoothQuant's alpha, None if not smoothed
     int8_min_cosine: float | None = None  # int8 vs PyTorch fp32, per image
     int8_mean_cosine: float | None = None
     int8_recall_at_10: float | None = None  # of PyTorch fp32's 10 nearest among the images

@@ -114,6 +114,7 @@ def test_export_records_what_it_is_and_how_it_checked(exported, tiny_vit):
     assert v["images"] == 108 and "scikit-image" in v["validated_on"]
     assert v["fp32_min_cosine"] >= ONNX_MIN_COSINE
     assert v["int8_min_cosine"] >= INT8_MIN_COSINE and v["int8_recall_at_10"] >= INT8_MIN_RECALL
+    assert v["int8_smoothing"] == 0.8  # quantised from the SmoothQuant-scaled model
     for name, entry in info["files"].items():
         assert (exported / name).stat().st_size == entry["bytes"]
 

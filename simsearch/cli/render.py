@@ -91,7 +91,9 @@ def export_lines(result: OnnxExport) -> list[str]:
         out.append(
             f"  model.int8.onnx  {result.int8_mb:7.1f} MB  cosine to PyTorch fp32: lowest "
             f"{result.int8_min_cosine:.5f}, mean {result.int8_mean_cosine:.5f}; recall@10 "
-            f"{result.int8_recall_at_10:.3f} ({result.int8_scope} in int8)"
+            f"{result.int8_recall_at_10:.3f} ({result.int8_scope} in int8"
+            + (", SmoothQuant-scaled" if result.int8_smoothing is not None else "")
+            + ")"
         )
     if result.classes is not None:
         out.append(

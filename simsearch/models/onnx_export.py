@@ -40,7 +40,7 @@ from simsearch.models.onnx import (
     import_onnxruntime,
 )
 from simsearch.models.onnx_graph import export_classifier, export_embedding
-from simsearch.models.onnx_int8 import quantise_int8
+from simsearch.models.onnx_int8 import SMOOTHED_FILE, export_smoothed, quantise_int8
 from simsearch.models.onnx_validation import (
     EXPORT_HINT,
     recall_at_k,
@@ -76,7 +76,8 @@ def export_model(
     says, and gives `embedding` (batch, dim): the hidden state of `layer`, pooled by `pool`,
     L2-normalised, exactly as `Embedder` computes it (`pool` None: cls; a student's export
     computes its teacher's space, its projection included). With `int8`, model.int8.onnx is added
-    (onnxruntime dynamic quantisation, int8 weights). Each file is checked against PyTorch on
+    (onnxruntime dynamic quantisation, int8 weights, of the model SmoothQuant-scaled by its
+    activations on the validation images). Each file is checked against PyTorch on
     `validate_dir`'s images, or on scikit-image's sample photographs; a file that misses the
     bounds in config.py raises ModelExportError and nothing is written. `progress`, if given, is
     a tqdm-like bar advanced per image embedded.
@@ -106,7 +107,7 @@ def export_model(
     )
     images, source = validation_images(validate_dir)
     pixels = stack_pixels(images, reference.preprocess)
-    set_total(progress, len(pixels) * (3 if int8 else 2))
+    set_total(progress, len(pixels) * (4 if int8 else 2))
     expected = run_batches(reference.embed_pixels, pixels, batch_size, progress)
 
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -130,7 +131,12 @@ def export_model(
 
         int8_figures = {}
         if int8:
-            int8_figures = quantise_int8(work, expected, pixels, batch_size, source, progress)
+            smoothed = export_smoothed(reference, work / SMOOTHED_FILE, pixels, opset, batch_size,
+                                       progress)  # fmt: skip
+            int8_figures = quantise_int8(
+                work, expected, pixels, batch_size, source, progress, smoothed=smoothed
+            )
+            (work / SMOOTHED_FILE).unlink(missing_ok=True)
             files[ONNX_INT8_FILE] = _file_entry(
                 work / ONNX_INT8_FILE, output=OUTPUT_NAME, quantised=int8_figures["int8_scope"]
             )

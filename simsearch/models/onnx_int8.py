@@ -1,5 +1,6 @@
-"""The int8 file of an ONNX export: onnxruntime's dynamic quantisation, over the widest set
-of linear layers whose vectors still meet the bounds (see onnx_export)."""
+"""The int8 file of an ONNX export: onnxruntime's dynamic quantisation of the SmoothQuant-scaled
+model (smoothing.py), over the widest set of linear layers whose vectors still meet the bounds
+(see onnx_export)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import numpy as np
 from simsearch import config
 from simsearch.errors import ModelExportError
 from simsearch.models.onnx import ONNX_INT8_FILE, ONNX_MODEL_FILE, OUTPUT_NAME, _open_session
+from simsearch.models.onnx_graph import _embedding_module, _torch_export
 from simsearch.models.onnx_validation import recall_at_k, run_batches, session_runner
+from simsearch.models.smoothing import SMOOTH_ALPHA, smooth
 
 log = logging.getLogger(__name__)
 
@@ -29,14 +32,50 @@ INT8_SCOPES = ("every linear layer", "all but the MLP output", "attention projec
 MLP_OUTPUT = re.compile(r"mlp/fc2/|/output/dense/")
 ATTENTION = re.compile(r"attention|attn")
 
+# The SmoothQuant-scaled fp32 export the int8 file is quantised from; removed once it is.
+SMOOTHED_FILE = "smoothed.onnx"
 
-def quantise_int8(work: Path, expected, pixels, batch_size: int, source: str, progress) -> dict:
+
+def export_smoothed(reference, path: Path, pixels, opset: int, batch_size: int, progress) -> bool:
+    """Export `reference`'s embedding path SmoothQuant-scaled (smoothing.py) to `path`, the
+    fp32 file the int8 one is quantised from; False (nothing written) when the model's
+    blocks have no layout smoothing knows, or the scaled model does not compute what the
+    original does."""
+    import torch
+
+    module = _embedding_module(reference)
+    sample = torch.from_numpy(np.ascontiguousarray(pixels[: min(len(pixels), batch_size)]))
+    with torch.no_grad():
+        before = module(sample).numpy()
+    scaled = smooth(module, module.backbone, pixels, batch_size, progress=progress)
+    if not scaled:
+        log.info("int8 without smoothing: no transformer block of a layout smoothing knows")
+        return False
+    with torch.no_grad():
+        after = module(sample).numpy()
+    cosine = np.sum(before * after, axis=1)
+    if cosine.min() < config.ONNX_MIN_COSINE:
+        log.warning(
+            "int8 without smoothing: the scaled model's vectors differ from the original's "
+            "(lowest cosine %.6f)",
+            cosine.min(),
+        )
+        return False
+    _torch_export(module, path, pixels[:2], OUTPUT_NAME, opset)
+    return True
+
+
+def quantise_int8(
+    work: Path, expected, pixels, batch_size: int, source: str, progress, smoothed: bool = False
+) -> dict:
     """Write model.int8.onnx with the widest INT8_SCOPES scope that stays faithful, and
-    return its figures; raise ModelExportError when none does."""
+    return its figures; raise ModelExportError when none does. It is quantised from
+    SMOOTHED_FILE (export_smoothed) when `smoothed`, else from the fp32 export."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    weighted = _weight_matmuls(onnx.load(str(work / ONNX_MODEL_FILE), load_external_data=False))
+    model_file = work / (SMOOTHED_FILE if smoothed else ONNX_MODEL_FILE)
+    weighted = _weight_matmuls(onnx.load(str(model_file), load_external_data=False))
     tried: list[str] = []
     seen: set[frozenset] = set()
     for scope in INT8_SCOPES:
@@ -47,7 +86,7 @@ def quantise_int8(work: Path, expected, pixels, batch_size: int, source: str, pr
         target = work / ONNX_INT8_FILE
         with _quiet_quantiser():
             quantize_dynamic(
-                work / ONNX_MODEL_FILE,
+                model_file,
                 target,
                 weight_type=QuantType.QInt8,
                 per_channel=True,  # a scale per output channel: fewer weights clipped
@@ -64,6 +103,7 @@ def quantise_int8(work: Path, expected, pixels, batch_size: int, source: str, pr
         recall = recall_at_k(expected, got, 10)
         figures = {
             "int8_scope": scope,
+            "int8_smoothing": SMOOTH_ALPHA if smoothed else None,
             "int8_min_cosine": round(float(cosine.min()), 5),
             "int8_mean_cosine": round(float(cosine.mean()), 5),
             "int8_recall_at_10": round(recall, 3),
