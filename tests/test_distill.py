@@ -318,6 +318,26 @@ def test_the_index_loss_is_zero_only_where_the_student_ranks_the_index_as_its_te
     assert len(run.anchors) == 30
 
 
+def test_the_index_loss_keeps_at_most_its_cap_of_anchors(monkeypatch):
+    """A large index: the loss ranks against a seeded sample of the training vectors, the
+    same one on every run (a resume), so memory stays bounded."""
+    import torch
+
+    monkeypatch.setattr("simsearch.train.distill.INDEX_LOSS_ANCHORS", 8)
+    rng = np.random.default_rng(1)
+    targets = _unit(rng.standard_normal((40, 16)))
+    runs = [_run_on(targets, np.arange(30)) for _ in range(2)]
+    batch = np.array([0, 5, 35])
+    near = torch.from_numpy(_unit(targets[batch] + 0.1 * rng.standard_normal((3, 16))))
+    target = torch.from_numpy(targets[batch])
+    losses = [r.index_loss(near, target, batch).item() for r in runs]
+    assert len(runs[0].anchors) == 8 and losses[0] == pytest.approx(losses[1]) and losses[0] > 0
+    assert torch.equal(runs[0].anchors, runs[1].anchors)
+    kept = np.flatnonzero(runs[0].anchor_row >= 0)
+    assert len(kept) == 8 and kept.max() < 30  # training images only
+    np.testing.assert_array_equal(runs[0].anchors.numpy(), targets[kept])
+
+
 def test_a_student_trained_with_the_index_loss_learns_and_records_it(teacher_index, tmp_path):
     config = DistillConfig(**SMALL, epochs=20, lr=2e-3, index_weight=1.0, precision="fp32")
     untrained = distill(teacher_index, tmp_path / "u", replace(config, epochs=1, lr=1e-9),

@@ -93,6 +93,12 @@ LR_RANDOM = 5e-4
 LR_TEACHER = 1e-4
 LR_WHOLE = 3e-5
 
+# The index loss ranks each batch against at most this many training images' stored vectors
+# (a seeded choice when there are more): they stay on the device, and each step makes a
+# batch x anchors matrix, so memory is bounded whatever the index's size (16,384 x 1,024-dim
+# fp32 is 64 MB; a million would be 4 GB).
+INDEX_LOSS_ANCHORS = 16_384
+
 
 @dataclass(frozen=True)
 class DistillConfig:
@@ -428,7 +434,7 @@ class _Run:
     output: Path
     state: DistillState
     started: float
-    anchors: Any = None  # the training images' stored vectors, on the device (index loss)
+    anchors: Any = None  # training images' stored vectors, on the device (index loss)
     anchor_row: Any = None  # an image's position -> its row in anchors
 
     @property
@@ -546,7 +552,10 @@ class _Run:
         import torch
 
         if self.anchors is None:
-            train = self.data.train
+            train = np.asarray(self.data.train)
+            if len(train) > INDEX_LOSS_ANCHORS:  # the same choice on every resume
+                rng = np.random.default_rng([self.config.seed, len(train)])
+                train = np.sort(rng.choice(train, INDEX_LOSS_ANCHORS, replace=False))
             self.anchors = torch.from_numpy(self.data.targets[train]).to(self.device)
             self.anchor_row = np.full(len(self.data.ids), -1, dtype=np.int64)
             self.anchor_row[train] = np.arange(len(train))
