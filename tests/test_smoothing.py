@@ -105,7 +105,8 @@ def test_smoothing_stays_finite_on_dead_channels_and_zero_weights(tiny_vit):
         for block in module.backbone.layers:
             block.layernorm_before.weight[5] = 0.0
             block.layernorm_before.bias[5] = 0.0  # channel 5 of its output: always 0
-            for linear in (block.attention.q_proj, block.attention.k_proj, block.mlp.fc1):
+            attention = block.attention
+            for linear in (attention.q_proj, attention.k_proj, attention.v_proj, block.mlp.fc1):
                 linear.weight[:, 9] = 0.0  # nothing reads channel 9
     before = _run(module, pixels)
     smooth(module, module.backbone, pixels, batch_size=8)
@@ -154,13 +155,17 @@ def test_int8_export_of_a_model_with_outlier_channels_is_more_faithful_smoothed(
     )  # fmt: skip
 
 
-def test_a_scaling_that_changes_the_vectors_is_not_used(tmp_path, tiny_vit, monkeypatch, caplog):
+@pytest.mark.parametrize("fault", ["changes the vectors", "raises"])
+def test_a_scaling_that_goes_wrong_is_not_used(tmp_path, tiny_vit, monkeypatch, caplog, fault):
+    """The int8 file is then quantised from the plain export, with a notice."""
     from simsearch.models import onnx_int8
 
     real = onnx_int8.smooth
 
     def broken(module, backbone, *args, **kwargs):
         n = real(module, backbone, *args, **kwargs)
+        if fault == "raises":
+            raise KeyError(3)
         with torch.no_grad():
             backbone.layers[0].mlp.fc1.weight.mul_(3.0)  # no longer the same function
         return n

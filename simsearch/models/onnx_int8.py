@@ -32,36 +32,50 @@ INT8_SCOPES = ("every linear layer", "all but the MLP output", "attention projec
 MLP_OUTPUT = re.compile(r"mlp/fc2/|/output/dense/")
 ATTENTION = re.compile(r"attention|attn")
 
-# The SmoothQuant-scaled fp32 export the int8 file is quantised from; removed once it is.
-SMOOTHED_FILE = "smoothed.onnx"
+# The SmoothQuant-scaled fp32 export the int8 file is quantised from, in the export's work
+# folder; removed once it is.
+SMOOTHED_DIR = "smoothed"
+SMOOTHED_FILE = f"{SMOOTHED_DIR}/model.onnx"
 
 
-def export_smoothed(reference, path: Path, pixels, opset: int, batch_size: int, progress) -> bool:
-    """Export `reference`'s embedding path SmoothQuant-scaled (smoothing.py) to `path`, the
-    fp32 file the int8 one is quantised from; False (nothing written) when the model's
-    blocks have no layout smoothing knows, or the scaled model does not compute what the
-    original does."""
+def export_smoothed(work: Path, reference, pixels, opset: int, batch_size: int, progress) -> bool:
+    """Export `reference`'s embedding path SmoothQuant-scaled (smoothing.py) to
+    work/SMOOTHED_FILE, the fp32 file the int8 one is quantised from; False (the int8 file is
+    then quantised from the plain export) when the model's blocks have no layout smoothing
+    knows, or the scaled model does not compute what the original does, or scaling failed."""
     import torch
 
     module = _embedding_module(reference)
     sample = torch.from_numpy(np.ascontiguousarray(pixels[: min(len(pixels), batch_size)]))
-    with torch.no_grad():
-        before = module(sample).numpy()
-    scaled = smooth(module, module.backbone, pixels, batch_size, progress=progress)
+    try:
+        with torch.no_grad():
+            before = module(sample).numpy()
+        scaled = smooth(module, module.backbone, pixels, batch_size, progress=progress)
+        if scaled:
+            with torch.no_grad():
+                after = module(sample).numpy()
+    except Exception as exc:  # a model smoothing does not know; int8 is still made
+        log.warning("int8 without smoothing: scaling the model failed (%s)", exc)
+        return False
     if not scaled:
         log.info("int8 without smoothing: no transformer block of a layout smoothing knows")
+        if progress is not None:  # the calibration pass that was counted did not run
+            progress.total -= len(pixels)
+            progress.refresh()
         return False
-    with torch.no_grad():
-        after = module(sample).numpy()
     cosine = np.sum(before * after, axis=1)
-    if cosine.min() < config.ONNX_MIN_COSINE:
+    # An exact fold keeps cosine >= 0.9999998; NaN fails too.
+    if not cosine.min() >= 1 - 1e-5:
         log.warning(
             "int8 without smoothing: the scaled model's vectors differ from the original's "
             "(lowest cosine %.6f)",
             cosine.min(),
         )
         return False
-    _torch_export(module, path, pixels[:2], OUTPUT_NAME, opset)
+    # In a folder of its own: a model over 2 GB is written with its weights in files named
+    # after them, which would overwrite model.onnx's.
+    (work / SMOOTHED_DIR).mkdir()
+    _torch_export(module, work / SMOOTHED_FILE, pixels[:2], OUTPUT_NAME, opset)
     return True
 
 

@@ -110,6 +110,8 @@ def smooth(
             hook.remove()
     with torch.no_grad():
         for n, (_, _, source, readers) in enumerate(plan):
+            if n not in peaks:  # a layer the forward pass never reached: left as it is
+                continue
             weight = torch.cat([r.weight for r in readers]).abs().amax(0).float()
             # Clamped both ways: a channel never seen (0) or a weight column of zeros must
             # give a finite factor; the function stays the same whatever the factor.

@@ -690,7 +690,15 @@ let indexRunning = false;
 let shownVersion = -1; // the version of the run state on screen
 
 async function showIndex() {
-  renderIndex(await api("api/index"));
+  renderIfNewer(await api("api/index"));
+}
+
+/** Render a one-off answer (a GET, the POST that starts a run) unless the events or polls
+ * have already shown a newer state: a short run can end, and its last event arrive, before
+ * such an answer does, and an older answer would show the run still going with no event
+ * left to correct it. Events and polls always render (a restarted server counts from 0). */
+function renderIfNewer(state) {
+  if (state.version >= shownVersion) renderIndex(state);
 }
 
 function renderIndex(state) {
@@ -769,11 +777,7 @@ function setUpIndex() {
   $("#index-start").addEventListener("click", () => guarded(async () => {
     $("#index-start").disabled = true;
     try {
-      const state = await api("api/index", { method: "POST" });
-      // A short run can finish, and its events arrive, before this answer does: an answer
-      // older than the state on screen would show the run still going, with no event left
-      // to correct it.
-      if (state.version >= shownVersion) renderIndex(state);
+      renderIfNewer(await api("api/index", { method: "POST" }));
     } catch (error) {
       $("#index-start").disabled = false;
       throw error;
@@ -809,7 +813,7 @@ function start() {
   setUpIndex();
   window.addEventListener("hashchange", onRoute);
   refreshCollection();
-  guarded(async () => renderIndex(await api("api/index"))); // a run already going shows in the nav
+  guarded(async () => renderIfNewer(await api("api/index"))); // a run already going shows in the nav
   onRoute();
   document.documentElement.dataset.ready = "true";
 }
