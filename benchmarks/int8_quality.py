@@ -100,10 +100,13 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="simsearch-int8-"))
     try:
 
-        def dynamic(nodes):
+        def dynamic(nodes, smoothed_on: str | None = None):
+            """Dynamic int8 of `nodes`, from the export smoothed on "own" or "views" if
+            asked (the smoothed export's nodes have the same names)."""
+
             def make(out):
                 quantize_dynamic(
-                    model_file,
+                    model_file if smoothed_on is None else smoothed(smoothed_on),
                     out,
                     weight_type=QuantType.QInt8,
                     per_channel=True,
@@ -136,23 +139,6 @@ def main() -> None:
                 _torch_export(module, smoothed_files[on], calib[:2], OUTPUT_NAME, DEFAULT_OPSET)
             return smoothed_files[on]
 
-        def smooth_dynamic(on: str, scope: str):
-            def make(out):
-                source = smoothed(on)
-                names = _weight_matmuls(onnx.load(str(source), load_external_data=False))
-                if scope == "no-mlp-out":
-                    names = [n for n in names if ATTENTION.search(n) or not MLP_OUTPUT.search(n)]
-                quantize_dynamic(
-                    source,
-                    out,
-                    weight_type=QuantType.QInt8,
-                    per_channel=True,
-                    op_types_to_quantize=["MatMul"],
-                    nodes_to_quantize=names,
-                )
-
-            return make
-
         methods = {
             "dynamic-all": dynamic(weighted),
             "dynamic-no-mlp-out": dynamic(no_mlp_out),
@@ -160,10 +146,10 @@ def main() -> None:
             "static-minmax": static(CalibrationMethod.MinMax, weighted),
             "static-percentile": static(CalibrationMethod.Percentile, weighted),
             "static-no-mlp-out": static(CalibrationMethod.MinMax, no_mlp_out),
-            "smooth-all": smooth_dynamic("own", "all"),
-            "smooth-no-mlp-out": smooth_dynamic("own", "no-mlp-out"),
-            "smooth-all-views": smooth_dynamic("views", "all"),
-            "smooth-no-mlp-out-views": smooth_dynamic("views", "no-mlp-out"),
+            "smooth-all": dynamic(weighted, "own"),
+            "smooth-no-mlp-out": dynamic(no_mlp_out, "own"),
+            "smooth-all-views": dynamic(weighted, "views"),
+            "smooth-no-mlp-out-views": dynamic(no_mlp_out, "views"),
         }
         if args.only:
             methods = {k: v for k, v in methods.items() if k in args.only.split(",")}
