@@ -62,8 +62,13 @@ def main() -> None:
     from simsearch.models.embed import Embedder
     from simsearch.models.onnx import INPUT_NAME, OUTPUT_NAME, _open_session
     from simsearch.models.onnx_cache import cached_export
-    from simsearch.models.onnx_graph import _embedding_module, _torch_export
-    from simsearch.models.onnx_int8 import ATTENTION, MLP_OUTPUT, _weight_matmuls
+    from simsearch.models.onnx_int8 import (
+        ATTENTION,
+        MLP_OUTPUT,
+        SMOOTHED_FILE,
+        _weight_matmuls,
+        export_smoothed,
+    )
     from simsearch.models.onnx_validation import (
         recall_at_k,
         run_batches,
@@ -72,7 +77,7 @@ def main() -> None:
         validation_images,
     )
     from simsearch.models.provider import onnx_embedder
-    from simsearch.models.smoothing import SMOOTH_ALPHA, smooth
+    from simsearch.models.smoothing import SMOOTH_ALPHA
 
     fp32 = onnx_embedder(args.model, None, None, "cpu", "fp32", 16)
     files = sorted(args.data.glob("*.jpg"))
@@ -133,10 +138,12 @@ def main() -> None:
 
         def smoothed(on: str) -> Path:
             if on not in smoothed_files:
-                module = _embedding_module(reference)
-                smooth(module, module.backbone, calib if on == "own" else views, 16, alpha)
-                smoothed_files[on] = work / f"smoothed-{on}.onnx"
-                _torch_export(module, smoothed_files[on], calib[:2], OUTPUT_NAME, DEFAULT_OPSET)
+                folder = work / f"smoothed-{on}"
+                folder.mkdir()
+                images = calib if on == "own" else views
+                if not export_smoothed(folder, reference, images, DEFAULT_OPSET, 16, None, alpha):
+                    raise SystemExit(f"{args.model} cannot be smoothed (see the log)")
+                smoothed_files[on] = folder / SMOOTHED_FILE
             return smoothed_files[on]
 
         methods = {

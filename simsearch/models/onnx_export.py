@@ -40,7 +40,7 @@ from simsearch.models.onnx import (
     import_onnxruntime,
 )
 from simsearch.models.onnx_graph import export_classifier, export_embedding
-from simsearch.models.onnx_int8 import SMOOTHED_DIR, export_smoothed, quantise_int8
+from simsearch.models.onnx_int8 import quantise_int8
 from simsearch.models.onnx_validation import (
     EXPORT_HINT,
     recall_at_k,
@@ -131,11 +131,9 @@ def export_model(
 
         int8_figures = {}
         if int8:
-            smoothed = export_smoothed(work, reference, pixels, opset, batch_size, progress)
             int8_figures = quantise_int8(
-                work, expected, pixels, batch_size, source, progress, smoothed=smoothed
+                work, reference, expected, pixels, opset, batch_size, source, progress
             )
-            shutil.rmtree(work / SMOOTHED_DIR, ignore_errors=True)
             files[ONNX_INT8_FILE] = _file_entry(
                 work / ONNX_INT8_FILE, output=OUTPUT_NAME, quantised=int8_figures["int8_scope"]
             )

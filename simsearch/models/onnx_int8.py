@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -38,11 +39,14 @@ SMOOTHED_DIR = "smoothed"
 SMOOTHED_FILE = f"{SMOOTHED_DIR}/model.onnx"
 
 
-def export_smoothed(work: Path, reference, pixels, opset: int, batch_size: int, progress) -> bool:
-    """Export `reference`'s embedding path SmoothQuant-scaled (smoothing.py) to
-    work/SMOOTHED_FILE, the fp32 file the int8 one is quantised from; False (the int8 file is
-    then quantised from the plain export) when the model's blocks have no layout smoothing
-    knows, or the scaled model does not compute what the original does, or scaling failed."""
+def export_smoothed(
+    work: Path, reference, pixels, opset: int, batch_size: int, progress, alpha=SMOOTH_ALPHA
+) -> bool:
+    """Export `reference`'s embedding path SmoothQuant-scaled (smoothing.py) by its
+    activations on `pixels` to work/SMOOTHED_FILE, the fp32 file the int8 one is quantised
+    from; False (the int8 file is then quantised from the plain export) when the model's
+    blocks have no layout smoothing knows, or the scaled model does not compute what the
+    original does, or scaling failed."""
     import torch
 
     module = _embedding_module(reference)
@@ -50,7 +54,7 @@ def export_smoothed(work: Path, reference, pixels, opset: int, batch_size: int, 
     try:
         with torch.no_grad():
             before = module(sample).numpy()
-        scaled = smooth(module, module.backbone, pixels, batch_size, progress=progress)
+        scaled = smooth(module, module.backbone, pixels, batch_size, alpha, progress)
         if scaled:
             with torch.no_grad():
                 after = module(sample).numpy()
@@ -80,15 +84,26 @@ def export_smoothed(work: Path, reference, pixels, opset: int, batch_size: int, 
 
 
 def quantise_int8(
-    work: Path, expected, pixels, batch_size: int, source: str, progress, smoothed: bool = False
+    work: Path, reference, expected, pixels, opset: int, batch_size: int, source: str, progress
 ) -> dict:
     """Write model.int8.onnx with the widest INT8_SCOPES scope that stays faithful, and
     return its figures; raise ModelExportError when none does. It is quantised from
-    SMOOTHED_FILE (export_smoothed) when `smoothed`, else from the fp32 export."""
+    `reference` SmoothQuant-scaled (export_smoothed) where that keeps its vectors, else from
+    the fp32 export in `work`."""
+    smoothed = export_smoothed(work, reference, pixels, opset, batch_size, progress)
+    model_file = work / (SMOOTHED_FILE if smoothed else ONNX_MODEL_FILE)
+    try:
+        return _quantise(model_file, work, expected, pixels, batch_size, source, progress, smoothed)
+    finally:
+        shutil.rmtree(work / SMOOTHED_DIR, ignore_errors=True)
+
+
+def _quantise(
+    model_file: Path, work: Path, expected, pixels, batch_size, source, progress, smoothed
+) -> dict:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    model_file = work / (SMOOTHED_FILE if smoothed else ONNX_MODEL_FILE)
     weighted = _weight_matmuls(onnx.load(str(model_file), load_external_data=False))
     tried: list[str] = []
     seen: set[frozenset] = set()
